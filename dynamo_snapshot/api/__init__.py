@@ -1,0 +1,77 @@
+"""Typed shapes of the CRDs and the operator configuration (msgspec structs), and the wire names."""
+
+from dynamo_snapshot.api import names
+from dynamo_snapshot.api.checkpoint import (
+    BACKEND_FRAMEWORKS,
+    COND_JOB_COMPLETED,
+    COND_JOB_CREATED,
+    TERMINAL_PHASES,
+    CheckpointJob,
+    DynamoCheckpoint,
+    DynamoCheckpointSpec,
+    DynamoCheckpointStatus,
+    Identity,
+    Phase,
+)
+from dynamo_snapshot.api.config import (
+    CheckpointConfig,
+    OperatorConfig,
+    PVCStorage,
+    StorageAccessMode,
+    StorageConfig,
+    load_config,
+    parse_config,
+)
+from dynamo_snapshot.api.decode import InvalidObject, convert, decode_json, to_dict
+from dynamo_snapshot.api.dgd import (
+    CheckpointMode,
+    ComponentCheckpointStatus,
+    DeletionPolicy,
+    DynamoGraphDeployment,
+    DynamoGraphDeploymentSpec,
+    DynamoGraphDeploymentStatus,
+    EnvVar,
+    Service,
+    ServiceCheckpoint,
+    StartupPolicy,
+)
+from dynamo_snapshot.api.meta import Condition, ObjectMeta, OwnerReference, find_condition
+
+__all__ = [
+    "BACKEND_FRAMEWORKS",
+    "COND_JOB_COMPLETED",
+    "COND_JOB_CREATED",
+    "TERMINAL_PHASES",
+    "CheckpointConfig",
+    "CheckpointJob",
+    "CheckpointMode",
+    "ComponentCheckpointStatus",
+    "Condition",
+    "DeletionPolicy",
+    "DynamoCheckpoint",
+    "DynamoCheckpointSpec",
+    "DynamoCheckpointStatus",
+    "DynamoGraphDeployment",
+    "DynamoGraphDeploymentSpec",
+    "DynamoGraphDeploymentStatus",
+    "EnvVar",
+    "Identity",
+    "InvalidObject",
+    "ObjectMeta",
+    "OperatorConfig",
+    "OwnerReference",
+    "PVCStorage",
+    "Phase",
+    "Service",
+    "ServiceCheckpoint",
+    "StartupPolicy",
+    "StorageAccessMode",
+    "StorageConfig",
+    "convert",
+    "decode_json",
+    "find_condition",
+    "load_config",
+    "names",
+    "parse_config",
+    "to_dict",
+]

@@ -1,0 +1,78 @@
+"""DynamoCheckpoint (nvidia.com/v1alpha1, short name dckpt): SPEC section 2."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from dynamo_snapshot.api import names
+from dynamo_snapshot.api.meta import Base, Condition, JSONObject, ObjectMeta
+
+BackendFramework = Literal["vllm", "sglang", "trtllm"]
+BACKEND_FRAMEWORKS: tuple[str, ...] = ("vllm", "sglang", "trtllm")
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+DNSLabel = Annotated[str, Meta(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    CREATING = "Creating"
+    READY = "Ready"
+    FAILED = "Failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.READY, Phase.FAILED})
+
+# Condition types and reasons on DynamoCheckpoint.status.conditions
+COND_JOB_CREATED = "JobCreated"
+COND_JOB_COMPLETED = "JobCompleted"
+
+
+class Identity(Base):
+    """Legacy identity: required by the schema, immutable; decides the ID of standalone checkpoints only."""
+
+    model: str
+    backend_framework: BackendFramework
+    dynamo_version: str = ""
+    tensor_parallel_size: PositiveInt = 1
+    pipeline_parallel_size: PositiveInt = 1
+    dtype: str = ""
+    max_model_len: PositiveInt | None = None
+    extra_parameters: dict[str, str] = {}
+
+
+class CheckpointJob(Base):
+    pod_template_spec: JSONObject
+    target_container_name: DNSLabel = "main"
+    active_deadline_seconds: PositiveInt = 3600
+    shared_memory: str = "8Gi"
+    # Accepted for compatibility and ignored: checkpoint Jobs are always single-attempt.
+    backoff_limit: int | None = None
+
+
+class DynamoCheckpointSpec(Base):
+    identity: Identity
+    job: CheckpointJob
+
+
+class DynamoCheckpointStatus(Base):
+    phase: Phase | None = None
+    checkpoint_id: str = msgspec.field(default="", name="checkpointID")
+    identity_hash: str = ""  # deprecated alias, always equal to checkpoint_id
+    job_name: str = ""
+    created_at: str | None = None
+    message: str = ""
+    conditions: list[Condition] = []
+    observed_generation: int = 0
+
+
+class DynamoCheckpoint(Base):
+    metadata: ObjectMeta
+    spec: DynamoCheckpointSpec
+    status: DynamoCheckpointStatus = msgspec.field(default_factory=DynamoCheckpointStatus)
+    api_version: str = names.API_VERSION
+    kind: str = names.CHECKPOINT_KIND

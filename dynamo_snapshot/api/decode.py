@@ -1,0 +1,98 @@
+"""Decoding Kubernetes objects into the api structs, with errors that name the field."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+__all__ = ["InvalidObject", "convert", "decode_json", "to_dict"]
+
+
+class InvalidObject(ValueError):
+    """An object that does not fit its schema. `path` is the dotted field path (`spec.identity.model`)."""
+
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+_AT = re.compile(r"^(?P<problem>.*?) - at `\$(?P<path>[^`]*)`$", re.S)
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+
+
+def _path_from(raw_path: str) -> str:
+    # msgspec writes `$.spec.identity` and `$.spec.items[0]`; we write `spec.identity`, `spec.items[0]`.
+    return raw_path.lstrip(".")
+
+
+def _problem_from(text: str) -> str:
+    # "Expected `int` >= 1, got `0`" -> "expected >= 1, got 0"
+    text = text.replace("`", "")
+    match = re.match(r"Expected (?P<type>\S+) (?P<rest>[<>=!]+ .*)$", text)
+    if match:
+        return "expected " + match["rest"]
+    return text[:1].lower() + text[1:]
+
+
+def _allowed_values(type_: Any, path: str) -> list[str] | None:
+    """The values an enum/Literal field at `path` accepts, found by walking the struct types."""
+    info = msgspec.inspect.type_info(type_)
+    for part in re.findall(r"[^.\[\]]+|\[[^\]]*\]", path):
+        while isinstance(info, msgspec.inspect.UnionType):
+            info = next((t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)), info)
+        if part.startswith("["):
+            info = getattr(info, "item_type", None) or getattr(info, "value_type", None)
+        elif isinstance(info, msgspec.inspect.StructType):
+            info = next((f.type for f in info.fields if f.encode_name == part), None)
+        else:
+            return None
+        if info is None:
+            return None
+    while isinstance(info, msgspec.inspect.UnionType):
+        info = next((t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)), info)
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return [str(v) for v in info.values]
+    if isinstance(info, msgspec.inspect.EnumType):
+        return [str(m.value) for m in info.cls]
+    return None
+
+
+def _translate(err: msgspec.ValidationError, type_: Any) -> InvalidObject:
+    text = str(err)
+    match = _AT.match(text)
+    path, problem = (_path_from(match["path"]), match["problem"]) if match else ("", text)
+    missing = _MISSING.match(problem)
+    if missing:
+        field = missing["field"]
+        return InvalidObject(f"{path}.{field}" if path else field, "required field is missing")
+    problem = _problem_from(problem)
+    if problem.startswith("invalid enum value"):
+        allowed = _allowed_values(type_, path)
+        if allowed:
+            problem += f" (expected one of: {', '.join(allowed)})"
+    return InvalidObject(path, problem)
+
+
+def convert(obj: Any, type_: type[T]) -> T:
+    """Convert a plain dict (as read from the API server) into `type_`, raising InvalidObject."""
+    try:
+        return msgspec.convert(obj, type_)
+    except msgspec.ValidationError as err:
+        raise _translate(err, type_) from None
+
+
+def decode_json(data: bytes | str, type_: type[T]) -> T:
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except msgspec.ValidationError as err:
+        raise _translate(err, type_) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """The CRD-shaped plain value of an api struct (camelCase keys, defaults omitted)."""
+    return msgspec.to_builtins(obj)

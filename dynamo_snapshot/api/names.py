@@ -1,0 +1,67 @@
+"""Wire names: labels, annotations, files and environment variables.
+
+These are part of the API (SPEC section 10): manifests written for the upstream system use them
+unchanged, so never rename one.
+"""
+
+GROUP = "nvidia.com"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+CHECKPOINT_KIND = "DynamoCheckpoint"
+CHECKPOINT_PLURAL = "dynamocheckpoints"
+DGD_KIND = "DynamoGraphDeployment"
+DGD_PLURAL = "dynamographdeployments"
+
+# Labels
+LABEL_CHECKPOINT_ID = "nvidia.com/snapshot-checkpoint-id"
+LABEL_IS_CHECKPOINT_SOURCE = "nvidia.com/snapshot-is-checkpoint-source"
+LABEL_DGD_NAME = "nvidia.com/dynamo-graph-deployment-name"
+LABEL_COMPONENT = "nvidia.com/dynamo-component"
+LABEL_WORKER_HASH = "nvidia.com/dynamo-worker-hash"
+LABEL_APP_COMPONENT = "app.kubernetes.io/component"
+AGENT_COMPONENT = "snapshot-agent"
+STORAGE_COMPONENT = "checkpoint-storage"
+
+# Annotations
+ANN_ARTIFACT_VERSION = "nvidia.com/snapshot-artifact-version"
+ANN_TARGET_CONTAINERS = "nvidia.com/snapshot-target-containers"
+ANN_CHECKPOINT_STATUS = "nvidia.com/snapshot-checkpoint-status"
+ANN_RESTORE_STATUS_PREFIX = "nvidia.com/snapshot-restore-status."
+ANN_RESTORE_CONTAINER_ID_PREFIX = "nvidia.com/snapshot-restore-container-id."
+ANN_AUTO_CHECKPOINT = "nvidia.com/dynamo-auto-checkpoint"
+ANN_DELETION_POLICY = "nvidia.com/dynamo-checkpoint-deletion-policy"
+ANN_STORAGE_TYPE = "nvidia.com/snapshot-storage-type"
+ANN_STORAGE_BASE_PATH = "nvidia.com/snapshot-storage-base-path"
+
+DEFAULT_ARTIFACT_VERSION = "1"
+
+# Values of ANN_CHECKPOINT_STATUS / ANN_RESTORE_STATUS_PREFIX + container
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+STATUS_IN_PROGRESS = "in_progress"
+
+
+def restore_status_annotation(container: str) -> str:
+    return ANN_RESTORE_STATUS_PREFIX + container
+
+
+def restore_container_id_annotation(container: str) -> str:
+    return ANN_RESTORE_CONTAINER_ID_PREFIX + container
+
+
+# The /snapshot-control contract (SPEC section 8)
+CONTROL_VOLUME = "snapshot-control"
+CONTROL_DIR = "/snapshot-control"
+ENV_CONTROL_DIR = "DYN_SNAPSHOT_CONTROL_DIR"
+ENV_RESTORE_STANDBY = "DYN_SNAPSHOT_RESTORE_STANDBY"
+FILE_READY_FOR_SNAPSHOT = "ready-for-snapshot"
+FILE_SNAPSHOT_COMPLETE = "snapshot-complete"
+FILE_RESTORE_COMPLETE = "restore-complete"
+
+# Artifact layout (SPEC section 6): <basePath>/<checkpointID>/versions/<artifactVersion>/
+VERSIONS_DIR = "versions"
+STAGING_DIR = "tmp"
+MANIFEST_FILE = "manifest.json"
+DUMP_LOG_FILE = "dump.log"
+DELETED_FILES_FILE = "deleted-files.json"

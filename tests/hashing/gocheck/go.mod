@@ -1,0 +1,3 @@
+module dynamo-snapshot/gocheck
+
+go 1.22
