@@ -1,0 +1,46 @@
+# dynamo-snapshot developer entry points. `make run` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup k8s node run test test-unit lint bench stop clean
+
+.venv/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $@
+
+# The local control plane binaries (built from the Go module proxy, cached in ~/.cache/dynamo-snapshot).
+k8s:
+	hack/build-k8s.sh >/dev/null
+
+# containerd, runc and CRIU for the node tests (needs root; skipped with a note otherwise).
+node:
+	@if [ "$$(id -u)" = 0 ]; then hack/ci/containers.sh; else echo "not root: skipping containerd/CRIU setup (their tests will skip)"; fi
+
+setup: $(BIN)/.installed k8s
+
+run: setup
+	$(BIN)/dynamo-snapshot demo
+
+test: setup node
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: $(BIN)/.installed
+	$(BIN)/pytest -m "not integration and not containers and not e2e and not gpu" $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check dynamo_snapshot tests bench
+
+bench: setup
+	$(BIN)/pip install -q -e '.[test,dev,bench]'
+	$(BIN)/python bench/informer.py
+
+stop:
+	-pkill -f "$(CURDIR)/.local/cluster" || true
+
+clean:
+	rm -rf .local build dist *.egg-info

@@ -1,0 +1,37 @@
+"""`dynamo-snapshot`: the operator process and the local demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dynamo_snapshot import __version__
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dynamo_snapshot.cli.demo import run_demo
+
+    return run_demo(keep=args.keep, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamo-snapshot", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dynamo-snapshot {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="bring up the embedded local control plane and run the checkpoint flow on it"
+    )
+    demo.add_argument("--keep", action="store_true", help="leave the cluster running and print its kubeconfig")
+    demo.add_argument("--workdir", default=".local/cluster", help="where the cluster keeps its state")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
