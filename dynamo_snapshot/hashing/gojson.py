@@ -9,8 +9,8 @@ no whitespace; `<`, `>`, `&`, U+2028 and U+2029 escaped as `\\u003c`...; other n
 from __future__ import annotations
 
 import math
-from decimal import Decimal
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 __all__ = ["GoStruct", "marshal"]

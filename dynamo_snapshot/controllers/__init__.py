@@ -1,0 +1,1 @@
+"""The operator: checkpoint, PVC and DynamoGraphDeployment controllers in one leader-elected process."""

@@ -1,0 +1,1 @@
+"""The checkpoint controller (SPEC section 4): DynamoCheckpoint -> checkpoint Job -> Ready | Failed."""

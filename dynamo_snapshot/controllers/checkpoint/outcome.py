@@ -1,0 +1,125 @@
+"""What a checkpoint Job means for its DynamoCheckpoint: the agent-confirmation table of SPEC section 4.
+
+Completion is confirmed by the snapshot agent, never by the Job alone: the agent annotates the Job
+`completed` or `failed`, and holds a Lease named after the Job while it finalizes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from dynamo_snapshot.api import Phase, names
+
+LEASE_RECHECK_SECONDS = 1.0
+
+REASON_READY = "CheckpointReady"
+REASON_JOB_FAILED = "JobFailed"
+REASON_VERIFICATION_FAILED = "CheckpointVerificationFailed"
+REASON_UNCONFIRMED = "AgentConfirmationMissing"
+REASON_JOB_DELETED = "JobDeleted"
+REASON_WAITING_FOR_AGENT = "WaitingForAgent"
+REASON_JOB_RUNNING = "JobRunning"
+
+UNCONFIRMED_MESSAGE = "completed without snapshot-agent completion confirmation"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """`phase` None: nothing decided yet (keep Creating, maybe recheck after `requeue_after`)."""
+
+    phase: Phase | None
+    reason: str
+    message: str
+    requeue_after: float | None = None
+
+
+def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for condition in job.get("status", {}).get("conditions", []) or []:
+        if condition.get("type") == type_ and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def lease_remaining(lease: dict[str, Any] | None, now: dt.datetime) -> float:
+    """Seconds until the Lease expires; 0 when absent, released or expired."""
+    if not lease:
+        return 0.0
+    spec = lease.get("spec", {})
+    renewed = _parse_time(spec.get("renewTime")) or _parse_time(spec.get("acquireTime"))
+    if not spec.get("holderIdentity") or renewed is None:
+        return 0.0
+    expires = renewed + dt.timedelta(seconds=spec.get("leaseDurationSeconds") or 0)
+    return max(0.0, (expires - now).total_seconds())
+
+
+def describe_pod_failure(pods: list[dict[str, Any]], target: str) -> str:
+    """The most useful reason a checkpoint pod gave: the target container's termination or wait reason,
+    else the pod's own reason."""
+    details = []
+    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or ""):
+        status = pod.get("status", {})
+        name = pod.get("metadata", {}).get("name", "?")
+        for cs in status.get("containerStatuses", []) or []:
+            if cs.get("name") != target:
+                continue
+            state = cs.get("state", {})
+            terminated = state.get("terminated") or cs.get("lastState", {}).get("terminated")
+            waiting = state.get("waiting")
+            if terminated:
+                text = f"container {target} terminated: {terminated.get('reason') or 'Error'}"
+                text += f" (exit code {terminated.get('exitCode')})"
+                if terminated.get("message"):
+                    text += f": {terminated['message'].strip()}"
+                details.append(f"pod {name}: {text}")
+            elif waiting and waiting.get("reason"):
+                text = f"container {target} waiting: {waiting['reason']}"
+                if waiting.get("message"):
+                    text += f": {waiting['message'].strip()}"
+                details.append(f"pod {name}: {text}")
+        if status.get("reason"):
+            details.append(f"pod {name}: {status['reason']}: {status.get('message', '').strip()}".rstrip(": "))
+    return "; ".join(details)
+
+
+def decide(
+    job: dict[str, Any],
+    *,
+    lease: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    target: str,
+    now: dt.datetime,
+) -> Outcome:
+    name = job["metadata"]["name"]
+    verdict = job.get("metadata", {}).get("annotations", {}).get(names.ANN_CHECKPOINT_STATUS)
+    complete = job_condition(job, "Complete")
+    failed = job_condition(job, "Failed")
+
+    if verdict == names.STATUS_FAILED:
+        reason = REASON_VERIFICATION_FAILED if complete else REASON_JOB_FAILED
+        message = f"snapshot-agent reported the checkpoint of Job {name} as failed"
+        pod_detail = describe_pod_failure(pods, target)
+        return Outcome(Phase.FAILED, reason, f"{message}: {pod_detail}" if pod_detail else message)
+    if failed:
+        message = f"checkpoint Job {name} failed: {failed.get('reason', 'Failed')}"
+        if failed.get("message"):
+            message += f": {failed['message']}"
+        pod_detail = describe_pod_failure(pods, target)
+        return Outcome(Phase.FAILED, REASON_JOB_FAILED, f"{message}; {pod_detail}" if pod_detail else message)
+    if complete:
+        if verdict == names.STATUS_COMPLETED:
+            return Outcome(Phase.READY, REASON_READY, f"checkpoint confirmed by snapshot-agent (Job {name})")
+        remaining = lease_remaining(lease, now)
+        if remaining > 0:
+            return Outcome(None, REASON_WAITING_FOR_AGENT,
+                           f"Job {name} completed; waiting for snapshot-agent to finish the checkpoint",
+                           requeue_after=min(LEASE_RECHECK_SECONDS, remaining))
+        return Outcome(Phase.FAILED, REASON_UNCONFIRMED, UNCONFIRMED_MESSAGE)
+    return Outcome(None, REASON_JOB_RUNNING, f"checkpoint Job {name} is running")
