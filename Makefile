@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup k8s node run test test-unit lint bench stop clean
+.PHONY: setup k8s helm node run test test-unit lint bench stop clean
 
 .venv/bin/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,15 @@ PYTEST_ARGS ?=
 k8s:
 	hack/build-k8s.sh >/dev/null
 
+# A real helm binary for the chart tests (built from the Go module proxy, cached).
+helm:
+	hack/build-helm.sh >/dev/null
+
 # containerd, runc and CRIU for the node tests (needs root; skipped with a note otherwise).
 node:
 	@if [ "$$(id -u)" = 0 ]; then hack/ci/containers.sh; else echo "not root: skipping containerd/CRIU setup (their tests will skip)"; fi
 
-setup: $(BIN)/.installed k8s
+setup: $(BIN)/.installed k8s helm
 
 run: setup
 	$(BIN)/dynamo-snapshot demo

@@ -28,7 +28,8 @@ def cleanup_target(base_path: str, checkpoint_id: str) -> str:
         raise UnsafeCleanupPath(f"refusing to clean up checkpoint ID {checkpoint_id!r}: not a plain ID")
     base = posixpath.normpath(base_path)
     if not base.startswith("/") or base == "/":
-        raise UnsafeCleanupPath(f"refusing to clean up under base path {base_path!r}: must be an absolute, non-root path")
+        raise UnsafeCleanupPath(
+            f"refusing to clean up under base path {base_path!r}: must be an absolute, non-root path")
     target = posixpath.normpath(posixpath.join(base, checkpoint_id))
     if posixpath.dirname(target) != base:
         raise UnsafeCleanupPath(f"refusing to clean up {target!r}: outside {base}")

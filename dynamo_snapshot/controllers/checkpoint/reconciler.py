@@ -1,0 +1,366 @@
+"""The checkpoint controller: reads the informer caches, decides, writes the difference (SPEC section 4).
+
+Idempotent and restart-safe: the Job has a fixed name (so a second create is AlreadyExists, never a second
+Job), status writes carry the resourceVersion they were decided on (a stale cache loses with Conflict and
+reconciles again), and a decided phase is never revisited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from dynamo_snapshot.api import (
+    COND_JOB_COMPLETED,
+    COND_JOB_CREATED,
+    TERMINAL_PHASES,
+    DynamoCheckpoint,
+    InvalidObject,
+    OperatorConfig,
+    Phase,
+    convert,
+    names,
+)
+from dynamo_snapshot.controllers.checkpoint import outcome as outcomes
+from dynamo_snapshot.controllers.checkpoint.ids import (
+    MissingAutoCheckpointID,
+    artifact_version,
+    job_name,
+    resolve_checkpoint_id,
+)
+from dynamo_snapshot.controllers.checkpoint.job import JOB_NAME_LABEL, OUTCOME_FINALIZER, build_checkpoint_job
+from dynamo_snapshot.controllers.common import (
+    DAEMONSETS,
+    FIELD_MANAGER,
+    is_deleting,
+    metadata,
+    owned_by,
+    timestamp,
+    utcnow,
+    with_condition,
+)
+from dynamo_snapshot.controllers.podshape import MissingContainer
+from dynamo_snapshot.controllers.storage import StorageNotReady, StorageUnavailable, resolve_storage
+from dynamo_snapshot.kube import (
+    DYNAMO_CHECKPOINTS,
+    JOBS,
+    LEASES,
+    PERSISTENT_VOLUME_CLAIMS,
+    PODS,
+    AlreadyExists,
+    Client,
+    Conflict,
+    Controller,
+    EventRecorder,
+    Informer,
+    InformerFactory,
+    Invalid,
+    NotFound,
+    ObjectKey,
+    Result,
+    index_by_label,
+    index_by_owner,
+)
+
+log = structlog.get_logger("dynamo_snapshot.controllers.checkpoint")
+
+CHECKPOINT_ID_INDEX = "checkpointID"
+OWNER_INDEX = "owner"
+JOB_NAME_INDEX = "jobName"
+
+REASON_DISABLED = "CheckpointDisabled"
+REASON_DUPLICATE = "DuplicateCheckpointID"
+REASON_STORAGE = "StorageUnavailable"
+REASON_WAITING_STORAGE = "WaitingForStorage"
+REASON_INVALID = "InvalidCheckpoint"
+REASON_JOB_CREATED = "JobCreated"
+REASON_BACKOFF_IGNORED = "BackoffLimitIgnored"
+REASON_FOREIGN_JOB = "JobOwnedByAnotherObject"
+
+DISABLED_MESSAGE = "checkpoint functionality is disabled in the operator configuration"
+
+
+def _index_by_resolved_id(obj: Any) -> list[str]:
+    try:
+        return [resolve_checkpoint_id(convert(obj, DynamoCheckpoint))]
+    except (InvalidObject, MissingAutoCheckpointID):
+        return []
+
+
+def _creation_order(obj: dict[str, Any]) -> tuple[str, str]:
+    return (metadata(obj).get("creationTimestamp") or "", metadata(obj).get("name") or "")
+
+
+class CheckpointController:
+    def __init__(
+        self,
+        client: Client,
+        factory: InformerFactory,
+        config: OperatorConfig,
+        recorder: EventRecorder,
+        *,
+        namespace: str | None = None,
+        workers: int = 4,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ):
+        self.client = client
+        self.config = config
+        self.recorder = recorder
+        self.clock = clock
+        self.checkpoints: Informer[Any] = factory.informer(
+            DYNAMO_CHECKPOINTS, namespace=namespace, indexers={CHECKPOINT_ID_INDEX: _index_by_resolved_id})
+        self.jobs: Informer[Any] = factory.informer(
+            JOBS, namespace=namespace, label_selector=names.LABEL_CHECKPOINT_ID,
+            indexers={OWNER_INDEX: index_by_owner})
+        self.pods: Informer[Any] = factory.informer(
+            PODS, namespace=namespace, label_selector=f"{names.LABEL_IS_CHECKPOINT_SOURCE}=true",
+            indexers={JOB_NAME_INDEX: index_by_label(JOB_NAME_LABEL)})
+        self.leases: Informer[Any] = factory.informer(LEASES, namespace=namespace,
+                                                      label_selector=names.LABEL_CHECKPOINT_ID)
+        self.daemonsets: Informer[Any] = factory.informer(
+            DAEMONSETS, namespace=namespace,
+            label_selector=f"{names.LABEL_APP_COMPONENT}={names.AGENT_COMPONENT}")
+        self.pvcs: Informer[Any] = factory.informer(PERSISTENT_VOLUME_CLAIMS, namespace=namespace)
+        self.controller = Controller("checkpoint", self.reconcile, workers=workers)
+        self.controller.watch(self.checkpoints)
+        self.controller.watch(self.jobs, mapper=self._job_owner_keys)
+        self.controller.watch(self.leases, mapper=self._checkpoints_with_same_id)
+        self.controller.watch(self.daemonsets, mapper=self._undecided_in_namespace)
+        self.controller.watch(self.pvcs, mapper=self._undecided_in_namespace)
+
+    # -- mapping related objects to checkpoint keys ------------------------------------------------------
+    @staticmethod
+    def _job_owner_keys(job: Any) -> list[ObjectKey]:
+        namespace = metadata(job).get("namespace", "")
+        return [ObjectKey(namespace, ref["name"]) for ref in metadata(job).get("ownerReferences") or []
+                if ref.get("kind") == names.CHECKPOINT_KIND]
+
+    def _checkpoints_with_same_id(self, obj: Any) -> list[ObjectKey]:
+        namespace = metadata(obj).get("namespace", "")
+        checkpoint_id = (metadata(obj).get("labels") or {}).get(names.LABEL_CHECKPOINT_ID, "")
+        return [ObjectKey(namespace, metadata(c)["name"])
+                for c in self.checkpoints.store.by_index(CHECKPOINT_ID_INDEX, checkpoint_id)
+                if metadata(c).get("namespace") == namespace]
+
+    def _undecided_in_namespace(self, obj: Any) -> list[ObjectKey]:
+        namespace = metadata(obj).get("namespace", "")
+        return [ObjectKey(namespace, metadata(c)["name"])
+                for c in self.checkpoints.store.by_index("namespace", namespace)
+                if (c.get("status") or {}).get("phase") not in TERMINAL_PHASES]
+
+    # -- reconcile -----------------------------------------------------------------------------------------
+    async def reconcile(self, key: ObjectKey) -> Result | None:
+        raw = self.checkpoints.store.get_by_name(key.namespace, key.name)
+        if raw is None:
+            await self._release_jobs_of_gone_checkpoint(key)
+            return None
+        try:
+            return await _Reconcile(self, raw).run()
+        except Conflict:
+            # Our cache was behind the object we wrote; the newer version is on its way to the cache.
+            log.info("checkpoint changed while reconciling; reconciling again", namespace=key.namespace,
+                     name=key.name)
+            return Result(requeue=True)
+
+    async def _release_jobs_of_gone_checkpoint(self, key: ObjectKey) -> None:
+        owner = f"{key.namespace}/{names.CHECKPOINT_KIND}/{key.name}"
+        for job in self.jobs.store.by_index(OWNER_INDEX, owner):
+            await self.release_job(job)
+
+    async def release_job(self, job: dict[str, Any]) -> None:
+        """Drop the outcome finalizer: the verdict is recorded (or no longer wanted)."""
+        finalizers = metadata(job).get("finalizers") or []
+        if OUTCOME_FINALIZER not in finalizers:
+            return
+        patch = {"metadata": {"finalizers": [f for f in finalizers if f != OUTCOME_FINALIZER],
+                              "resourceVersion": metadata(job)["resourceVersion"]}}
+        try:
+            await self.client.patch(JOBS, metadata(job)["name"], patch, metadata(job)["namespace"])
+        except NotFound:
+            pass
+
+
+class _Reconcile:
+    """One pass over one DynamoCheckpoint."""
+
+    def __init__(self, ctrl: CheckpointController, raw: dict[str, Any]):
+        self.ctrl = ctrl
+        self.raw = raw
+        self.meta = metadata(raw)
+        self.namespace = self.meta["namespace"]
+        self.name = self.meta["name"]
+        self.status: dict[str, Any] = dict(raw.get("status") or {})
+        self.phase = self.status.get("phase")
+        self.now = ctrl.clock()
+        self.log = log.bind(namespace=self.namespace, name=self.name)
+
+    async def run(self) -> Result | None:
+        if self.phase in TERMINAL_PHASES:
+            await self._release_decided_job()
+            return None
+        try:
+            ckpt = convert(self.raw, DynamoCheckpoint)
+            checkpoint_id = resolve_checkpoint_id(ckpt)
+        except (InvalidObject, MissingAutoCheckpointID) as err:
+            await self._decide(Phase.FAILED, REASON_INVALID, str(err))
+            return None
+        self.ckpt = ckpt
+        self.checkpoint_id = checkpoint_id
+        owner = self._id_owner()
+        if owner is not None:
+            await self._decide(Phase.FAILED, REASON_DUPLICATE,
+                               f"checkpoint ID {checkpoint_id} is already owned by {owner}")
+            return None
+        if not self.ctrl.config.checkpoint.enabled:
+            await self._write_status(Phase.PENDING, DISABLED_MESSAGE, event=("Warning", REASON_DISABLED))
+            return None
+        version = artifact_version(ckpt)
+        name = job_name(checkpoint_id, version)
+        job = self.ctrl.jobs.store.get_by_name(self.namespace, name)
+        if job is None and self.phase == Phase.CREATING:
+            job = await self._live_job(name)  # the cache may not have seen our own create yet
+            if job is None:
+                await self._decide(Phase.FAILED, outcomes.REASON_JOB_DELETED,
+                                   f"checkpoint Job {name} was deleted before the checkpoint completed",
+                                   completed=False)
+                return None
+        if job is None:
+            return await self._create_job(name, version)
+        return await self._follow_job(job)
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _id_owner(self) -> str | None:
+        """The earlier DynamoCheckpoint of the namespace with the same ID, if any."""
+        same = [c for c in self.ctrl.checkpoints.store.by_index(CHECKPOINT_ID_INDEX, self.checkpoint_id)
+                if metadata(c).get("namespace") == self.namespace]
+        first = min(same, key=_creation_order, default=None)
+        if first is None or metadata(first).get("uid") == self.meta.get("uid"):
+            return None
+        return metadata(first)["name"]
+
+    async def _live_job(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.ctrl.client.get(JOBS, name, self.namespace)
+        except NotFound:
+            return None
+
+    async def _create_job(self, name: str, version: str) -> Result | None:
+        config = self.ctrl.config
+        try:
+            storage = resolve_storage(
+                self.namespace, config,
+                daemonsets=self.ctrl.daemonsets.store.by_index("namespace", self.namespace),
+                pvc_names=[metadata(p)["name"] for p in self.ctrl.pvcs.store.by_index("namespace", self.namespace)],
+            )
+            body = build_checkpoint_job(self.ckpt, name=name, checkpoint_id=self.checkpoint_id,
+                                        artifact_version=version, storage=storage)
+        except StorageNotReady as err:
+            await self._write_status(Phase.PENDING, str(err))
+            return None  # the PVC's creation is an event that brings us back
+        except StorageUnavailable as err:
+            await self._decide(Phase.FAILED, REASON_STORAGE, str(err), created=False)
+            return None
+        except MissingContainer as err:
+            await self._decide(Phase.FAILED, REASON_INVALID, str(err), created=False)
+            return None
+        if self.ckpt.spec.job.backoff_limit is not None:
+            await self.ctrl.recorder.normal(
+                self.raw, REASON_BACKOFF_IGNORED,
+                f"spec.job.backoffLimit={self.ckpt.spec.job.backoff_limit} is deprecated and ignored: "
+                "checkpoint Jobs are always single-attempt")
+        try:
+            await self.ctrl.client.create(JOBS, body, self.namespace, field_manager=FIELD_MANAGER)
+            self.log.info("created checkpoint job", job=name, checkpoint_id=self.checkpoint_id)
+            await self.ctrl.recorder.normal(self.raw, REASON_JOB_CREATED, f"created checkpoint Job {name}")
+        except AlreadyExists:
+            pass  # created by an earlier pass whose status write was lost: adopt it below
+        except Invalid as err:
+            await self._decide(Phase.FAILED, REASON_INVALID,
+                               f"the API server rejected checkpoint Job {name}: {err.message}", created=False)
+            return None
+        await self._write_status(Phase.CREATING, f"checkpoint Job {name} created", job_name=name,
+                                 conditions=[(COND_JOB_CREATED, True, REASON_JOB_CREATED, f"created Job {name}")])
+        return None
+
+    async def _follow_job(self, job: dict[str, Any]) -> Result | None:
+        name = metadata(job)["name"]
+        if not owned_by(job, self.meta.get("uid", "")):
+            if is_deleting(job):
+                return None  # a previous object's Job on its way out; its deletion brings us back
+            await self._decide(Phase.FAILED, REASON_FOREIGN_JOB,
+                               f"Job {self.namespace}/{name} exists but is not owned by this DynamoCheckpoint; "
+                               "delete it or give this checkpoint another artifact version", created=False)
+            return None
+        lease = self.ctrl.leases.store.get_by_name(self.namespace, name)
+        pods = self.ctrl.pods.store.by_index(JOB_NAME_INDEX, name)
+        verdict = outcomes.decide(job, lease=lease, pods=pods, target=self.ckpt.spec.job.target_container_name,
+                                  now=self.now)
+        if verdict.phase is None and is_deleting(job):
+            verdict = outcomes.Outcome(Phase.FAILED, outcomes.REASON_JOB_DELETED,
+                                       f"checkpoint Job {name} was deleted before the checkpoint completed")
+        if verdict.phase is None:
+            if self.phase != Phase.CREATING or self.status.get("jobName") != name:
+                await self._write_status(Phase.CREATING, verdict.message, job_name=name, conditions=[
+                    (COND_JOB_CREATED, True, REASON_JOB_CREATED, f"created Job {name}")])
+            return Result(requeue_after=verdict.requeue_after) if verdict.requeue_after else None
+        decided = await self._decide(verdict.phase, verdict.reason, verdict.message, job_name=name)
+        if decided:
+            await self.ctrl.release_job(job)
+        return None
+
+    async def _release_decided_job(self) -> None:
+        name = self.status.get("jobName")
+        job = self.ctrl.jobs.store.get_by_name(self.namespace, name) if name else None
+        if job is not None and owned_by(job, self.meta.get("uid", "")):
+            await self.ctrl.release_job(job)
+
+    # -- writing -----------------------------------------------------------------------------------------
+    async def _decide(self, phase: Phase, reason: str, message: str, *, job_name: str | None = None,
+                      created: bool | None = None, completed: bool | None = None) -> bool:
+        """Record a terminal phase with its condition and event. Returns False if the write lost a race."""
+        conditions: list[tuple[str, bool, str, str]] = []
+        if created is False:
+            conditions.append((COND_JOB_CREATED, False, reason, message))
+        elif phase is Phase.READY or completed is not None or job_name:
+            conditions.append((COND_JOB_COMPLETED, phase is Phase.READY, reason, message))
+        event = ("Normal" if phase is Phase.READY else "Warning", reason)
+        return await self._write_status(phase, message, job_name=job_name, conditions=conditions, event=event)
+
+    async def _write_status(
+        self,
+        phase: Phase,
+        message: str,
+        *,
+        job_name: str | None = None,
+        conditions: list[tuple[str, bool, str, str]] = (),
+        event: tuple[str, str] | None = None,
+    ) -> bool:
+        generation = self.meta.get("generation") or 0
+        status = dict(self.status)
+        status["phase"] = phase.value
+        status["message"] = message
+        status["observedGeneration"] = generation
+        checkpoint_id = getattr(self, "checkpoint_id", None)
+        if checkpoint_id:
+            status["checkpointID"] = checkpoint_id
+            status["identityHash"] = checkpoint_id  # deprecated alias, always equal
+        if job_name:
+            status["jobName"] = job_name
+        if phase is Phase.READY:
+            status["createdAt"] = timestamp(self.now)
+        for type_, ok, reason, text in conditions:
+            status["conditions"] = with_condition(status.get("conditions"), type_, ok, reason, text,
+                                                  generation=generation, now=self.now)
+        if status == self.status:
+            return True
+        patch = {"metadata": {"resourceVersion": self.meta["resourceVersion"]}, "status": status}
+        await self.ctrl.client.patch_status(DYNAMO_CHECKPOINTS, self.name, patch, self.namespace)
+        self.log.info("checkpoint status", phase=phase.value, message=message,
+                      checkpoint_id=checkpoint_id or "")
+        if event is not None and (phase.value != self.phase or message != self.status.get("message")):
+            event_type, reason = event
+            await self.ctrl.recorder.event(self.raw, event_type, reason, message)
+        return True

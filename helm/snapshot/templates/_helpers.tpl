@@ -1,0 +1,111 @@
+{{/* The chart's short name. */}}
+{{- define "snapshot.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Prefix of every object name: the release name, unless it already contains the chart name. */}}
+{{- define "snapshot.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "snapshot.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "snapshot.agentName" -}}
+{{- printf "%s-agent" (include "snapshot.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Cluster-scoped objects carry the namespace too: in agentMount mode the chart is installed once per
+workload namespace, often under the same release name, and those installs must not collide. */}}
+{{- define "snapshot.clusterScopedName" -}}
+{{- printf "%s-%s" (include "snapshot.agentName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{- define "snapshot.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "snapshot.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dynamo-snapshot
+{{- end -}}
+
+{{/* The operator finds the agent (and, in agentMount mode, the checkpoint PVC) by this component label:
+keep it exactly `snapshot-agent`. */}}
+{{- define "snapshot.agentSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "snapshot.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: snapshot-agent
+{{- end -}}
+
+{{- define "snapshot.agentMount" -}}
+{{- if eq .Values.storage.accessMode "agentMount" -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the agent is confined to the release namespace. Unset means: restricted in agentMount
+(the agent serves only its own namespace), cluster-wide in podMount (one agent serves every namespace). */}}
+{{- define "snapshot.namespaceRestricted" -}}
+{{- $restricted := .Values.rbac.namespaceRestricted -}}
+{{- if kindIs "bool" $restricted -}}
+{{- if $restricted -}}true{{- end -}}
+{{- else if kindIs "invalid" $restricted -}}
+{{- include "snapshot.agentMount" . -}}
+{{- else -}}
+{{- fail (printf "rbac.namespaceRestricted must be true, false or unset, got %v" $restricted) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "snapshot.socketPath" -}}
+{{- if .Values.runtime.socketPath -}}
+{{- .Values.runtime.socketPath -}}
+{{- else if eq .Values.runtime.type "crio" -}}
+/var/run/crio/crio.sock
+{{- else -}}
+/run/containerd/containerd.sock
+{{- end -}}
+{{- end -}}
+
+{{- define "snapshot.image" -}}
+{{- $image := .Values.daemonset.image -}}
+{{- printf "%s:%s" (required "daemonset.image.repository is required" $image.repository) (default .Chart.AppVersion $image.tag) -}}
+{{- end -}}
+
+{{/* Values that would render a chart that installs cleanly but cannot work: refuse them, naming the value
+and what to set instead. Every template includes this first, so the error a user sees is about the values
+whatever order Helm renders the templates in. */}}
+{{- define "snapshot.validate" -}}
+{{- $s := .Values.storage -}}
+{{- if ne $s.type "pvc" -}}
+{{- fail (printf "storage.type %q is not supported: only \"pvc\" is" $s.type) -}}
+{{- end -}}
+{{- if not (has $s.accessMode (list "agentMount" "podMount")) -}}
+{{- fail (printf "storage.accessMode must be agentMount or podMount, got %q" $s.accessMode) -}}
+{{- end -}}
+{{- if not (has .Values.runtime.type (list "containerd" "crio")) -}}
+{{- fail (printf "runtime.type must be containerd or crio, got %q (for a socket in another place, keep the type and set runtime.socketPath)" .Values.runtime.type) -}}
+{{- end -}}
+{{- if not (hasPrefix "/" (include "snapshot.socketPath" .)) -}}
+{{- fail (printf "runtime.socketPath must be an absolute path on the node, got %q" .Values.runtime.socketPath) -}}
+{{- end -}}
+{{- $base := $s.pvc.basePath | toString -}}
+{{- if or (not (hasPrefix "/" $base)) (eq (clean $base) "/") -}}
+{{- fail (printf "storage.pvc.basePath must be an absolute directory other than /, got %q" $base) -}}
+{{- end -}}
+{{- if and (include "snapshot.agentMount" .) (not $s.pvc.name) -}}
+{{- fail "storage.pvc.name is required in agentMount mode: the PVC the agent mounts (the chart's or an existing one)" -}}
+{{- end -}}
+{{- if and (include "snapshot.agentMount" .) $s.pvc.create (not $s.pvc.size) -}}
+{{- fail "storage.pvc.size is required when storage.pvc.create=true: set it (e.g. --set storage.pvc.size=1Ti), or set storage.pvc.create=false and storage.pvc.name to reuse an existing PVC" -}}
+{{- end -}}
+{{- /* Evaluated only for its check: a non-boolean rbac.namespaceRestricted fails here. */ -}}
+{{- $_ := include "snapshot.namespaceRestricted" . -}}
+{{- if not (has $s.pvc.accessMode (list "ReadWriteMany" "ReadWriteOnce" "ReadWriteOncePod")) -}}
+{{- fail (printf "storage.pvc.accessMode must be ReadWriteMany, ReadWriteOnce or ReadWriteOncePod (the agent writes checkpoints), got %q" $s.pvc.accessMode) -}}
+{{- end -}}
+{{- end -}}

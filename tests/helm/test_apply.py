@@ -1,0 +1,165 @@
+"""The charts' rendered objects on the real local control plane: the API server accepts them, the
+operator's storage discovery works on the stored agent DaemonSet, and the RBAC grants what each
+component needs in the right namespaces and nothing it must not have (checked with `kubectl auth can-i`,
+that is, by the API server's own authorizer). Also a real `helm install`/`uninstall`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from dynamo_snapshot.api import OperatorConfig, parse_config
+from dynamo_snapshot.controllers.storage import resolve_storage
+
+from .conftest import OPERATOR_CHART, SNAPSHOT_CHART
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def apply(kubectl):
+    """Apply rendered objects; delete the cluster-scoped ones afterwards (namespaces go with the test)."""
+    cluster_scoped: list[dict] = []
+
+    def _apply(objects: list[dict], namespace: str | None = None) -> None:
+        cluster_scoped.extend(o for o in objects if "namespace" not in o["metadata"])
+        args = ["-n", namespace] if namespace else []
+        kubectl("apply", *args, "-f", "-", input=yaml.safe_dump_all(objects))
+
+    yield _apply
+    for obj in cluster_scoped:
+        kubectl.run("delete", obj["kind"], obj["metadata"]["name"], "--ignore-not-found", check=False)
+
+
+@pytest.fixture
+def other_namespace(kubectl, namespace):
+    name = f"{namespace[:50]}-o"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+def can_i(kubectl, user: str, verb: str, resource: str, namespace: str) -> bool:
+    """Ask the API server's authorizer (a SubjectAccessReview). `resource` is `plural[.group][/subresource]`
+    with an optional `=name`; unlike `kubectl auth can-i`, this needs no discovery of the resource type, so
+    OpenShift's SecurityContextConstraints can be checked on a plain cluster."""
+    resource, _, name = resource.partition("=")
+    resource, _, subresource = resource.partition("/")
+    plural, _, group = resource.partition(".")
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {
+        "user": user, "resourceAttributes": {"namespace": namespace, "verb": verb, "group": group,
+                                             "resource": plural, "subresource": subresource, "name": name}}}
+    answer = json.loads(kubectl("create", "-o", "json", "-f", "-", input=json.dumps(review)))
+    return answer["status"].get("allowed", False)
+
+
+def service_account(objects: list[dict]) -> str:
+    sa = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]
+    return f"system:serviceaccount:{sa['namespace']}:{sa['name']}"
+
+
+def test_agent_mount_install_is_accepted_and_discoverable(helm, kubectl, apply, namespace, other_namespace):
+    objects = helm.template(SNAPSHOT_CHART, namespace=namespace, release="snapshot",
+                            values={"storage.pvc.size": "1Gi"})
+    apply(objects, namespace)
+
+    stored = json.loads(kubectl("get", "daemonsets", "-n", namespace, "-o", "json",
+                                "-l", "app.kubernetes.io/component=snapshot-agent"))["items"]
+    storage = resolve_storage(namespace, OperatorConfig(), daemonsets=stored)
+    assert (storage.pvc_name, storage.base_path) == ("snapshot-pvc", "/checkpoints")
+    pvc = json.loads(kubectl("get", "pvc", "snapshot-pvc", "-n", namespace, "-o", "json"))
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+
+    sa = service_account(objects)
+    for verb, resource in [("watch", "pods"), ("patch", "pods"), ("patch", "jobs.batch"),
+                           ("create", "leases.coordination.k8s.io"), ("delete", "leases.coordination.k8s.io"),
+                           ("create", "events")]:
+        assert can_i(kubectl, sa, verb, resource, namespace), f"agent cannot {verb} {resource}"
+    for verb, resource in [("delete", "pods"), ("create", "jobs.batch"), ("get", "secrets")]:
+        assert not can_i(kubectl, sa, verb, resource, namespace), f"agent must not {verb} {resource}"
+    # Namespace-local by default: nothing in any other namespace.
+    assert not can_i(kubectl, sa, "list", "pods", other_namespace)
+
+
+def test_shared_pod_mount_agent_on_crio_openshift(helm, kubectl, apply, namespace, other_namespace):
+    objects = helm.template(SNAPSHOT_CHART, namespace=namespace, release="snapshot", values={
+        "storage.accessMode": "podMount", "runtime.type": "crio", "openshift.enabled": "true"})
+    apply(objects, namespace)
+
+    assert json.loads(kubectl("get", "pvc", "-n", namespace, "-o", "json"))["items"] == []
+    ds = json.loads(kubectl("get", "daemonset", "snapshot-agent", "-n", namespace, "-o", "json"))
+    assert "--runtime-socket=/var/run/crio/crio.sock" in ds["spec"]["template"]["spec"]["containers"][0]["command"]
+
+    sa = service_account(objects)
+    # One agent serves workload pods and checkpoint Jobs of every namespace.
+    assert can_i(kubectl, sa, "patch", "pods", other_namespace)
+    assert can_i(kubectl, sa, "patch", "jobs.batch", other_namespace)
+    assert can_i(kubectl, sa, "use", "securitycontextconstraints.security.openshift.io=privileged", namespace)
+    assert not can_i(kubectl, sa, "use", "securitycontextconstraints.security.openshift.io=anyuid", namespace)
+
+
+def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace):
+    release = f"op-{namespace[-6:]}"  # its ClusterRole name must not clash with other tests'
+    objects = helm.template(OPERATOR_CHART, namespace=namespace, release=release,
+                            values={"checkpoint.enabled": "true"})
+    apply(objects, namespace)
+
+    stored = json.loads(kubectl("get", "configmap", f"{release}-operator-config", "-n", namespace, "-o", "json"))
+    assert parse_config(stored["data"]["config.yaml"]).checkpoint.enabled is True
+
+    sa = service_account(objects)
+    for verb, resource in [("update", "dynamocheckpoints.nvidia.com/status"),
+                           ("update", "dynamographdeployments.nvidia.com/finalizers"),
+                           ("create", "jobs.batch"), ("delete", "replicasets.apps"), ("list", "daemonsets.apps"),
+                           ("create", "persistentvolumeclaims"), ("get", "leases.coordination.k8s.io"),
+                           ("create", "events")]:
+        assert can_i(kubectl, sa, verb, resource, other_namespace), f"operator cannot {verb} {resource}"
+    assert not can_i(kubectl, sa, "patch", "pods", other_namespace), "the operator never writes pods"
+    assert not can_i(kubectl, sa, "delete", "daemonsets.apps", other_namespace)
+    # It takes the leader-election Lease in its own namespace only.
+    assert can_i(kubectl, sa, "create", "leases.coordination.k8s.io", namespace)
+    assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
+
+
+def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, other_namespace):
+    objects = helm.template(OPERATOR_CHART, namespace=namespace, release="dynamo", values={
+        "namespaceRestricted": "true", "watchNamespace": other_namespace})
+    assert all(o["metadata"].get("namespace") for o in objects), "restricted mode has no cluster-scoped objects"
+    apply(objects)  # the Role for the watched namespace lands there, the rest in the release namespace
+
+    sa = service_account(objects)
+    assert can_i(kubectl, sa, "create", "jobs.batch", other_namespace)
+    assert can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", other_namespace)
+    assert not can_i(kubectl, sa, "create", "jobs.batch", "default")
+    assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
+    assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io", namespace)
+
+
+def test_helm_install_uninstall_keeps_the_checkpoint_pvc(helm, kubectl, kubeconfig, namespace):
+    """A real `helm install` of both charts; uninstalling the snapshot chart must not delete checkpoints,
+    and installing it again adopts the PVC it left behind."""
+    ctx = [f"--kubeconfig={kubeconfig}", f"--namespace={namespace}"]
+    install = ["install", "snapshot", str(SNAPSHOT_CHART), *ctx, "--set", "storage.pvc.size=1Gi"]
+    notes = helm.run(*install).stdout
+    assert "daemonset/snapshot-agent" in notes
+    kubectl("get", "daemonset", "snapshot-agent", "-n", namespace)
+
+    helm.run("uninstall", "snapshot", *ctx)
+    assert kubectl.run("get", "daemonset", "snapshot-agent", "-n", namespace, check=False).returncode != 0
+    kubectl("get", "pvc", "snapshot-pvc", "-n", namespace)
+    helm.run(*install)
+
+    # The operator chart with its CRDs already present (helm skips existing CRDs), namespace-restricted
+    # so that the release leaves nothing cluster-scoped behind.
+    notes = helm.run("install", "dynamo", str(OPERATOR_CHART), *ctx, "--set", "namespaceRestricted=true",
+                     "--set", "checkpoint.enabled=true").stdout
+    assert "WARNING" not in notes
+    config = kubectl("get", "configmap", "dynamo-operator-config", "-n", namespace,
+                     "-o", "jsonpath={.data.config\\.yaml}")
+    assert parse_config(config).checkpoint.enabled is True
+    for release in ("dynamo", "snapshot"):
+        helm.run("uninstall", release, *ctx)
+

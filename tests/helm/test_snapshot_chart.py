@@ -1,0 +1,206 @@
+"""The snapshot chart rendered by the real helm: the agent DaemonSet's contract with the agent and the
+operator in each storage mode, runtime, RBAC scope and OpenShift, and values refused with a clear error."""
+
+import pytest
+import yaml
+
+from dynamo_snapshot.api import OperatorConfig
+from dynamo_snapshot.controllers.storage import StorageUnavailable, resolve_storage
+
+from .conftest import SNAPSHOT_CHART, kinds, only
+
+SIZE = {"storage.pvc.size": "1Ti"}
+MODES = {
+    "agentMount": SIZE,
+    "agentMount-existing-pvc": {"storage.pvc.create": "false", "storage.pvc.name": "existing"},
+    "podMount": {"storage.accessMode": "podMount"},
+    "crio-openshift": {**SIZE, "runtime.type": "crio", "openshift.enabled": "true"},
+    "podMount-restricted": {"storage.accessMode": "podMount", "rbac.namespaceRestricted": "true"},
+}
+
+
+def render(helm, **values):
+    return helm.template(SNAPSHOT_CHART, namespace="gpu-workers", values=values)
+
+
+def agent(objects) -> dict:
+    ds = only(objects, "DaemonSet")
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "agent"
+    return container
+
+
+def mounts(objects) -> dict[str, tuple[str, dict]]:
+    """volume name -> (mount path in the agent, volume source)."""
+    ds = only(objects, "DaemonSet")
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    return {m["name"]: (m["mountPath"], volumes[m["name"]]) for m in agent(objects)["volumeMounts"]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lint_passes_in_every_mode(helm, mode):
+    helm.run("lint", "--strict", str(SNAPSHOT_CHART), *helm.set_args(MODES[mode]))
+
+
+def test_agent_mount_daemonset_is_the_agent_contract(helm):
+    objects = render(helm, **SIZE)
+    assert kinds(objects) == ["ConfigMap", "DaemonSet", "PersistentVolumeClaim", "Role", "RoleBinding",
+                              "ServiceAccount"]
+    ds = only(objects, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert ds["metadata"]["labels"]["app.kubernetes.io/component"] == "snapshot-agent"
+    assert pod["hostPID"] is True
+    assert pod["serviceAccountName"] == only(objects, "ServiceAccount")["metadata"]["name"]
+    container = agent(objects)
+    assert container["securityContext"] == {"privileged": True}
+    assert container["command"] == [
+        "snapshot-agent", "--node-name=$(NODE_NAME)", "--namespace=$(POD_NAMESPACE)", "--namespace-restricted",
+        "--runtime-type=containerd", "--runtime-socket=/run/containerd/containerd.sock",
+        "--storage-access-mode=agentMount", "--storage-base-path=/checkpoints", "--host-proc=/host/proc",
+        "--config=/etc/snapshot-agent/config.yaml", "--metrics-bind-address=:9090",
+    ]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"NODE_NAME": "spec.nodeName", "POD_NAMESPACE": "metadata.namespace"}
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+    vols = mounts(objects)
+    assert vols["runtime-socket"] == ("/run/containerd",
+                                      {"name": "runtime-socket", "hostPath": {"path": "/run/containerd",
+                                                                              "type": "Directory"}})
+    assert vols["host-proc"][0] == "/host/proc" and vols["host-proc"][1]["hostPath"]["path"] == "/proc"
+    assert vols["cgroup"][0] == "/sys/fs/cgroup" and vols["cgroup"][1]["hostPath"]["path"] == "/sys/fs/cgroup"
+    assert vols["checkpoints"] == ("/checkpoints",
+                                   {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "snapshot-pvc"}})
+
+    pvc = only(objects, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "snapshot-pvc"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Ti"
+    assert "storageClassName" not in pvc["spec"], "empty storageClass must mean the cluster default"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_operator_discovers_the_chart_storage(helm):
+    """The operator's agentMount rule (DaemonSet label, container `agent`, PVC volume `checkpoints`) finds
+    exactly the PVC and base path the chart was installed with."""
+    objects = render(helm, **SIZE, **{"storage.pvc.name": "ckpt-store", "storage.pvc.basePath": "/data/ckpts/",
+                                      "storage.pvc.storageClass": "fast-rwx"})
+    storage = resolve_storage("gpu-workers", OperatorConfig(), daemonsets=[only(objects, "DaemonSet")])
+    assert (storage.pvc_name, storage.base_path, storage.pod_mount) == ("ckpt-store", "/data/ckpts", False)
+    assert "--storage-base-path=/data/ckpts" in agent(objects)["command"]
+    pvc = only(objects, "PersistentVolumeClaim")
+    assert (pvc["metadata"]["name"], pvc["spec"]["storageClassName"]) == ("ckpt-store", "fast-rwx")
+
+
+def test_existing_pvc_is_mounted_not_created(helm):
+    objects = render(helm, **{"storage.pvc.create": "false", "storage.pvc.name": "team-checkpoints"})
+    assert "PersistentVolumeClaim" not in kinds(objects)
+    storage = resolve_storage("gpu-workers", OperatorConfig(), daemonsets=[only(objects, "DaemonSet")])
+    assert storage.pvc_name == "team-checkpoints"
+
+
+def test_pod_mount_creates_and_mounts_no_pvc(helm):
+    # create=true and a size stay harmless: in podMount the operator owns the workload PVCs.
+    objects = render(helm, **SIZE, **{"storage.accessMode": "podMount", "storage.pvc.basePath": "/ckpt"})
+    assert "PersistentVolumeClaim" not in kinds(objects)
+    assert "checkpoints" not in mounts(objects)
+    command = agent(objects)["command"]
+    assert "--storage-access-mode=podMount" in command and "--storage-base-path=/ckpt" in command
+    # One agent for the cluster: it needs cluster-wide RBAC and is not confined to its namespace.
+    assert {"ClusterRole", "ClusterRoleBinding"} <= set(kinds(objects)) and "Role" not in kinds(objects)
+    assert "--namespace-restricted" not in command
+    # An operator left in agentMount mode against this install says what is wrong instead of guessing.
+    with pytest.raises(StorageUnavailable, match="does not mount a PVC-backed checkpoint volume"):
+        resolve_storage("gpu-workers", OperatorConfig(), daemonsets=[only(objects, "DaemonSet")])
+
+
+@pytest.mark.parametrize(("values", "socket"), [
+    ({"runtime.type": "crio"}, "/var/run/crio/crio.sock"),
+    ({"runtime.type": "containerd", "runtime.socketPath": "/run/k3s/containerd/containerd.sock"},
+     "/run/k3s/containerd/containerd.sock"),
+])
+def test_runtime_socket(helm, values, socket):
+    objects = render(helm, **SIZE, **values)
+    command = agent(objects)["command"]
+    assert f"--runtime-type={values['runtime.type']}" in command
+    assert f"--runtime-socket={socket}" in command
+    socket_dir = socket.rsplit("/", 1)[0]
+    path, volume = mounts(objects)["runtime-socket"]
+    assert path == socket_dir and volume["hostPath"]["path"] == socket_dir
+
+
+SCC_RULE = {"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
+            "resourceNames": ["privileged"], "verbs": ["use"]}
+
+
+@pytest.mark.parametrize("mode", ["agentMount", "podMount"])
+def test_openshift_grants_the_privileged_scc(helm, mode):
+    objects = render(helm, **SIZE, **{"storage.accessMode": mode, "openshift.enabled": "true"})
+    role = next(o for o in objects if o["kind"] in ("Role", "ClusterRole"))
+    assert SCC_RULE in role["rules"]
+    assert SCC_RULE not in next(o for o in render(helm, **SIZE, **{"storage.accessMode": mode})
+                                if o["kind"] in ("Role", "ClusterRole"))["rules"]
+
+
+@pytest.mark.parametrize(("mode", "restricted", "expect_restricted"), [
+    ("agentMount", None, True),
+    ("agentMount", "false", False),
+    ("podMount", None, False),
+    ("podMount", "true", True),
+])
+def test_rbac_scope(helm, mode, restricted, expect_restricted):
+    values = {**SIZE, "storage.accessMode": mode}
+    if restricted is not None:
+        values["rbac.namespaceRestricted"] = restricted
+    objects = render(helm, **values)
+    rbac = [o for o in objects if o["apiVersion"].startswith("rbac.")]
+    command = agent(objects)["command"]
+    if expect_restricted:
+        assert kinds(rbac) == ["Role", "RoleBinding"]
+        assert all(o["metadata"]["namespace"] == "gpu-workers" for o in rbac)
+        assert "--namespace-restricted" in command
+    else:
+        assert kinds(rbac) == ["ClusterRole", "ClusterRoleBinding"]
+        # Installs in several namespaces under one release name must not fight over cluster-scoped names.
+        assert all(o["metadata"]["name"].endswith("-gpu-workers") for o in rbac)
+        assert "--namespace-restricted" not in command
+    binding = next(o for o in rbac if o["kind"].endswith("Binding"))
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": only(objects, "ServiceAccount")["metadata"]
+                                    ["name"], "namespace": "gpu-workers"}]
+
+
+def test_criu_config_reaches_the_agent_and_rolls_it(helm):
+    default = render(helm, **SIZE)
+    tuned = render(helm, **SIZE, **{"config.criu.networkLock": "nftables", "config.criu.logLevel": 2,
+                                    "config.criu.extraArgs": "{--skip-in-flight}"})
+    config = yaml.safe_load(only(tuned, "ConfigMap")["data"]["config.yaml"])
+    assert config["criu"]["networkLock"] == "nftables"
+    assert config["criu"]["logLevel"] == 2
+    assert config["criu"]["extraArgs"] == ["--skip-in-flight"]
+    path, volume = mounts(tuned)["config"]
+    assert path == "/etc/snapshot-agent" and volume["configMap"]["name"] == only(tuned, "ConfigMap")["metadata"]["name"]
+    checksum = [only(o, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+                for o in (default, tuned)]
+    assert checksum[0] != checksum[1], "a config change must roll the agent pods"
+
+
+@pytest.mark.parametrize(("values", "names"), [
+    ({}, "storage.pvc.size"),
+    ({"storage.accessMode": "hostMount", **SIZE}, "storage.accessMode"),
+    ({"storage.type": "s3", **SIZE}, "storage.type"),
+    ({"runtime.type": "docker", **SIZE}, "runtime.type"),
+    ({"storage.pvc.basePath": "checkpoints", **SIZE}, "storage.pvc.basePath"),
+    ({"storage.pvc.accessMode": "ReadOnlyMany", **SIZE}, "storage.pvc.accessMode"),
+    ({"storage.pvc.create": "false", "storage.pvc.name": ""}, "storage.pvc.name"),
+    ({"rbac.namespaceRestricted": "sometimes", **SIZE}, "rbac.namespaceRestricted"),
+])
+def test_bad_values_fail_naming_the_value(helm, values, names):
+    assert names in helm.template_error(SNAPSHOT_CHART, values=values)
+
+
+def test_size_error_says_how_to_reuse_an_existing_pvc(helm):
+    error = helm.template_error(SNAPSHOT_CHART, values={})
+    assert "storage.pvc.create=false" in error and "storage.pvc.name" in error
+
