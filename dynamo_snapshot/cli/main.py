@@ -21,6 +21,7 @@ def _operator(args: argparse.Namespace) -> int:
     from dynamo_snapshot.api import InvalidObject
     from dynamo_snapshot.controllers.operator import Operator, OperatorOptions
     from dynamo_snapshot.kube import KubeError
+    from dynamo_snapshot.lifecycle import run_until_signalled
 
     logs.configure(args.log_level)
     options = OperatorOptions(
@@ -35,7 +36,7 @@ def _operator(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     try:
-        anyio.run(Operator(options).run)
+        anyio.run(run_until_signalled, Operator(options).run)
     except InvalidObject as err:
         print(f"error: invalid operator configuration: {err}", file=sys.stderr)
         return 2
