@@ -12,6 +12,7 @@ import structlog
 from dynamo_snapshot.api import OperatorConfig, load_config
 from dynamo_snapshot.controllers.checkpoint.reconciler import CheckpointController
 from dynamo_snapshot.controllers.common import EVENT_CONTROLLER
+from dynamo_snapshot.controllers.dgd.reconciler import DGDController, uses_checkpoints
 from dynamo_snapshot.controllers.pvc_controller import PVCController
 from dynamo_snapshot.httpserve import ProbeServer
 from dynamo_snapshot.kube import Client, EventRecorder, InformerFactory, LeaderElector
@@ -77,6 +78,9 @@ class Operator:
         checkpoints = CheckpointController(client, factory, self.config, recorder, namespace=namespace,
                                            workers=self.options.workers)
         storage = PVCController(client, factory, self.config, recorder, namespace=namespace)
+        graphs = DGDController(client, factory, self.config, recorder, namespace=namespace,
+                               workers=self.options.workers)
+        storage.add_users(graphs.dgds, uses_checkpoints)
         log.info("starting controllers", namespace=namespace or "(all)",
                  checkpointing=self.config.checkpoint.enabled,
                  storage=self.config.checkpoint.storage.access_mode.value)
@@ -85,3 +89,4 @@ class Operator:
             self._synced = True
             tg.start_soon(checkpoints.controller.run)
             tg.start_soon(storage.controller.run)
+            tg.start_soon(graphs.controller.run)

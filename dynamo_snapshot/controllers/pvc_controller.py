@@ -6,6 +6,7 @@ later); otherwise it verifies the PVC and says what is missing on the namespace'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -42,14 +43,14 @@ class PVCController:
         self.pvc_name = config.checkpoint.storage.pvc.pvc_name
         self.checkpoints: Informer[Any] = factory.informer(DYNAMO_CHECKPOINTS, namespace=namespace)
         self.pvcs: Informer[Any] = factory.informer(PERSISTENT_VOLUME_CLAIMS, namespace=namespace)
-        self.users: list[Informer[Any]] = [self.checkpoints]
+        self.users: list[tuple[Informer[Any], Callable[[Any], bool]]] = [(self.checkpoints, lambda _obj: True)]
         self.controller = Controller("checkpoint-storage", self.reconcile)
         self.controller.watch(self.checkpoints, mapper=self._namespace_key)
         self.controller.watch(self.pvcs, mapper=self._pvc_namespace_key)
 
-    def add_users(self, informer: Informer[Any]) -> None:
+    def add_users(self, informer: Informer[Any], needs_storage: Callable[[Any], bool]) -> None:
         """Objects of another kind whose namespaces need the PVC too (DGDs with checkpointing)."""
-        self.users.append(informer)
+        self.users.append((informer, needs_storage))
         self.controller.watch(informer, mapper=self._namespace_key)
 
     @staticmethod
@@ -60,7 +61,7 @@ class PVCController:
         return self._namespace_key(obj) if metadata(obj).get("name") == self.pvc_name else []
 
     def _needs_storage(self, namespace: str) -> bool:
-        return any(not is_deleting(obj) for informer in self.users
+        return any(not is_deleting(obj) and needs(obj) for informer, needs in self.users
                    for obj in informer.store.by_index("namespace", namespace))
 
     async def reconcile(self, key: ObjectKey) -> Result | None:

@@ -135,7 +135,8 @@ class Cluster:
         return json.loads(self.kubectl(*args))["items"]
 
     def wait(self, kind: str, name: str, jsonpath: str, value: str, timeout: int = 60) -> None:
-        """Wait (a watch, in kubectl) until `jsonpath` of the object equals `value`."""
+        """Wait (a watch, in kubectl) until the object exists and `jsonpath` of it equals `value`."""
+        self.kubectl("wait", f"{kind}/{name}", "-n", self.namespace, "--for=create", f"--timeout={timeout}s")
         self.kubectl("wait", f"{kind}/{name}", "-n", self.namespace, f"--for=jsonpath={jsonpath}={value}",
                      f"--timeout={timeout}s")
 
@@ -185,6 +186,24 @@ class Cluster:
         self.finish_pod(pod["metadata"]["name"], exit_code=exit_code, reason=reason)
         condition = "Complete" if exit_code == 0 else "Failed"
         self.kubectl("wait", f"job/{job}", "-n", self.namespace, f"--for=condition={condition}", "--timeout=60s")
+
+    def make_ready(self, pod: str, container: str = "main") -> None:
+        """The kubelet started the pod and its probes pass."""
+        status = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True",
+                                                      "lastTransitionTime": now_rfc3339(-5)}],
+                  "containerStatuses": [{"name": container, "image": "placeholder:1", "imageID": "", "ready": True,
+                                         "started": True, "restartCount": 0,
+                                         "state": {"running": {"startedAt": now_rfc3339(-5)}}}]}
+        self.kubectl("patch", "pod", pod, "-n", self.namespace, "--subresource=status", "--type=merge",
+                     "-p", json.dumps({"status": status}))
+
+    def pods_of(self, selector: str) -> list[dict[str, Any]]:
+        return [p for p in self.list("pods", selector) if not p["metadata"].get("deletionTimestamp")]
+
+    def wait_pods(self, selector: str, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        eventually(lambda: len(self.pods_of(selector)) == count, timeout=timeout,
+                   what=f"{count} pods with {selector}")
+        return self.pods_of(selector)
 
     # -- the agent's part ---------------------------------------------------------------------------------
     def agent_verdict(self, job: str, verdict: str) -> None:

@@ -49,8 +49,8 @@ def test_seed_example_reaches_ready_once_the_agent_confirms(agent_mount, start_o
     assert {"name": "DYN_SNAPSHOT_CONTROL_DIR", "value": "/snapshot-control"} in main["env"]
     assert any(e["name"] == "HF_TOKEN" for e in main["env"])  # the user's env is kept
 
+    cluster.agent_verdict(job_name, "completed")  # the agent confirms, then the workload exits 0
     cluster.finish_pod(pod["metadata"]["name"])
-    cluster.agent_verdict(job_name, "completed")
     ready = cluster.wait_phase(name, "Ready")
     assert ready["status"]["createdAt"]
     conditions = {c["type"]: c for c in ready["status"]["conditions"]}
@@ -92,6 +92,8 @@ def test_live_lease_then_confirmation_is_ready(agent_mount, start_operator):
     cluster.wait_phase("confirmed-late", "Creating")
     cluster.agent_lease(LLAMA_JOB, LLAMA_ID, duration=30)
     cluster.run_job_to(LLAMA_JOB)
+    time.sleep(1.5)  # Complete without a verdict, but the agent still holds its Lease: nothing decided
+    assert cluster.get("dynamocheckpoint", "confirmed-late")["status"]["phase"] == "Creating"
     cluster.agent_verdict(LLAMA_JOB, "completed")
     cluster.wait_phase("confirmed-late", "Ready")
 

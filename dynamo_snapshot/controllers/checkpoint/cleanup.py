@@ -12,6 +12,8 @@ from dynamo_snapshot.controllers.storage import Storage
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 STORAGE_VOLUME = "checkpoint-storage"
+# Held by every automatic checkpoint until its cleanup Job has removed the artifact from storage.
+CLEANUP_FINALIZER = "nvidia.com/checkpoint-cleanup"
 
 
 class UnsafeCleanupPath(ValueError):

@@ -48,6 +48,11 @@ def _parse_time(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def seconds_since(value: str | None, now: dt.datetime) -> float:
+    moment = _parse_time(value)
+    return (now - moment).total_seconds() if moment else float("inf")
+
+
 def lease_remaining(lease: dict[str, Any] | None, now: dt.datetime) -> float:
     """Seconds until the Lease expires; 0 when absent, released or expired."""
     if not lease:

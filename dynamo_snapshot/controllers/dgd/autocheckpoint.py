@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynamo_snapshot.api import DeletionPolicy, DynamoCheckpoint, DynamoGraphDeployment, names
+from dynamo_snapshot.controllers.checkpoint.cleanup import CLEANUP_FINALIZER
 from dynamo_snapshot.controllers.dgd.workload import MAIN_CONTAINER, dgd_owner_reference
 from dynamo_snapshot.hashing import dgd_checkpoint_id
-
-# Held by every automatic checkpoint until its cleanup Job has removed the artifact from storage.
-CLEANUP_FINALIZER = "nvidia.com/checkpoint-cleanup"
 
 
 @dataclass(frozen=True)
@@ -50,10 +48,15 @@ def _recorded_inputs(gen: Generation) -> dict[str, dict[str, str]]:
 
 
 def checkpoint_only_target(template: dict[str, Any], target: str = MAIN_CONTAINER) -> dict[str, Any]:
-    """The component's pod with only the target container: sidecars are not part of the checkpoint."""
+    """The component's pod with only the target container (sidecars are not part of the checkpoint) and
+    without the generation's labels: the checkpoint pod is not a replica, and selectors that find the
+    component's pods (Services, the ReplicaSet) must not find it."""
     shaped = copy.deepcopy(template)
     spec = shaped.setdefault("spec", {})
     spec["containers"] = [c for c in spec.get("containers", []) if c.get("name") == target]
+    labels = shaped.get("metadata", {}).get("labels", {})
+    for label in (names.LABEL_DGD_NAME, names.LABEL_COMPONENT, names.LABEL_WORKER_HASH):
+        labels.pop(label, None)
     return shaped
 
 

@@ -1,0 +1,138 @@
+"""What one DGD component should look like now: pure planning over the informer caches' contents."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynamo_snapshot.api import (
+    CheckpointMode,
+    DeletionPolicy,
+    DynamoCheckpoint,
+    DynamoGraphDeployment,
+    InvalidObject,
+    Phase,
+    Service,
+    StartupPolicy,
+    convert,
+)
+from dynamo_snapshot.controllers.checkpoint.ids import MissingAutoCheckpointID, artifact_version, resolve_checkpoint_id
+from dynamo_snapshot.controllers.dgd.autocheckpoint import (
+    AutoCheckpointMismatch,
+    Generation,
+    build_auto_checkpoint,
+    check_adoptable,
+)
+from dynamo_snapshot.controllers.dgd.workload import DEFAULT_SHARED_MEMORY, pod_template, replicaset_name
+from dynamo_snapshot.controllers.podshape import restore_template, shared_memory_volume
+from dynamo_snapshot.controllers.storage import Storage
+from dynamo_snapshot.hashing import worker_hash
+
+REASON_WAITING = "waiting_for_checkpoint"
+
+
+@dataclass
+class ComponentPlan:
+    component: str
+    worker_hash: str
+    replicaset_name: str
+    template: dict[str, Any]
+    replicas: int  # what the generation's ReplicaSet should run now
+    target_replicas: int  # what the user asked for: the new generation is "available" at this many
+    checkpointing: bool = False
+    auto_checkpoint: dict[str, Any] | None = None  # to create when absent
+    auto_checkpoint_name: str | None = None
+    deletion_policy: DeletionPolicy = DeletionPolicy.DELETE
+    checkpoint_status: dict[str, Any] | None = None
+    restore: bool = False
+    waiting: str | None = None  # why replicas are held at 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _checkpoint_view(raw: dict[str, Any] | None) -> tuple[DynamoCheckpoint | None, str]:
+    if raw is None:
+        return None, ""
+    try:
+        ckpt = convert(raw, DynamoCheckpoint)
+        return ckpt, resolve_checkpoint_id(ckpt)
+    except (InvalidObject, MissingAutoCheckpointID):
+        return None, ""
+
+
+def plan_component(
+    dgd_raw: dict[str, Any],
+    dgd: DynamoGraphDeployment,
+    component: str,
+    service: Service,
+    *,
+    get_checkpoint: Callable[[str], dict[str, Any] | None],
+    storage: Storage | None,
+) -> ComponentPlan:
+    raw_service = (dgd_raw.get("spec", {}).get("services") or {}).get(component) or {}
+    graph_envs = dgd_raw.get("spec", {}).get("envs") or []
+    whash = worker_hash(component, raw_service, graph_envs)
+    template = pod_template(dgd, component, service, whash)
+    target = template["spec"]["containers"][0]["name"]
+    template = shared_memory_volume(template, [target], DEFAULT_SHARED_MEMORY)
+    plan = ComponentPlan(component, whash, replicaset_name(dgd.metadata.name, component, whash), template,
+                         service.replicas, service.replicas)
+    settings = service.checkpoint
+    if settings is None or not (settings.checkpoint_ref or settings.enabled):
+        return plan
+    plan.checkpointing = True
+    plan.deletion_policy = settings.deletion_policy
+
+    if settings.checkpoint_ref:
+        raw = get_checkpoint(settings.checkpoint_ref)
+        ckpt, checkpoint_id = _checkpoint_view(raw)
+        name = settings.checkpoint_ref
+        if raw is None:
+            plan.problems.append(f"component {component}: checkpointRef {name} not found in namespace "
+                                 f"{dgd.metadata.namespace}")
+    elif settings.mode is CheckpointMode.AUTO:
+        gen = Generation(dgd.metadata.namespace, dgd.metadata.name, dgd.metadata.uid, component, whash)
+        name = gen.checkpoint_name
+        plan.auto_checkpoint_name = name
+        raw = get_checkpoint(name)
+        ckpt, checkpoint_id = _checkpoint_view(raw)
+        if raw is None:
+            if not dgd.spec.backend_framework:
+                plan.problems.append(f"component {component}: spec.backendFramework is required for automatic "
+                                     "checkpoints (vllm, sglang or trtllm)")
+            else:
+                plan.auto_checkpoint = build_auto_checkpoint(dgd, gen, template, settings.deletion_policy)
+            checkpoint_id = gen.checkpoint_id
+        elif ckpt is not None:
+            try:
+                check_adoptable(ckpt, gen)
+            except AutoCheckpointMismatch as err:
+                plan.problems.append(f"component {component}: {err}")
+                ckpt = None
+    else:  # Manual without a reference: the CRD refuses it; an object stored before that rule still lands here
+        plan.problems.append(f"component {component}: checkpoint.mode Manual is deprecated and needs "
+                             "checkpointRef")
+        return plan
+
+    phase = ckpt.status.phase if ckpt is not None else None
+    ready = phase is Phase.READY
+    plan.checkpoint_status = {"checkpointName": name, "checkpointID": checkpoint_id,
+                              "identityHash": checkpoint_id, "ready": ready}
+    if ready and ckpt is not None:
+        if storage is None:
+            plan.problems.append(f"component {component}: checkpoint {name} is Ready but checkpoint storage is "
+                                 "unavailable in this namespace; starting cold")
+        else:
+            plan.restore = True
+            plan.template = restore_template(
+                template, targets=[target], checkpoint_id=checkpoint_id,
+                artifact_version=artifact_version(ckpt), storage=storage)
+    if settings.startup_policy is StartupPolicy.WAIT_FOR_CHECKPOINT and not plan.restore:
+        plan.replicas = 0
+        if phase is Phase.FAILED:
+            plan.waiting = (f"{component}: checkpoint {name} failed ({ckpt.status.message}); "
+                            "startupPolicy WaitForCheckpoint keeps it at 0 replicas")
+        else:
+            plan.waiting = f"{component}: waiting for checkpoint {name} to become Ready"
+    return plan
+

@@ -1,0 +1,288 @@
+"""The DGD controller: one ReplicaSet per (component, worker hash), automatic checkpoints, startup
+policies and restore-shaped pods (SPEC section 5). Reads the caches, plans, writes the difference."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import structlog
+
+from dynamo_snapshot.api import DeletionPolicy, DynamoGraphDeployment, InvalidObject, convert, names
+from dynamo_snapshot.controllers.common import (
+    DAEMONSETS,
+    FIELD_MANAGER,
+    REPLICASETS,
+    is_deleting,
+    metadata,
+    utcnow,
+    with_condition,
+)
+from dynamo_snapshot.controllers.dgd.plan import REASON_WAITING, ComponentPlan, plan_component
+from dynamo_snapshot.controllers.dgd.workload import dgd_owner_reference, replicaset
+from dynamo_snapshot.controllers.storage import StorageNotReady, StorageUnavailable, resolve_storage
+from dynamo_snapshot.hashing import marshal
+from dynamo_snapshot.kube import (
+    DYNAMO_CHECKPOINTS,
+    DYNAMO_GRAPH_DEPLOYMENTS,
+    PERSISTENT_VOLUME_CLAIMS,
+    AlreadyExists,
+    Client,
+    Conflict,
+    Controller,
+    EventRecorder,
+    Informer,
+    InformerFactory,
+    NotFound,
+    ObjectKey,
+    Result,
+    index_by_label,
+)
+
+log = structlog.get_logger("dynamo_snapshot.controllers.dgd")
+
+DGD_INDEX = "dgd"
+TEMPLATE_HASH_ANNOTATION = "nvidia.com/dynamo-pod-template-hash"
+STATE_PENDING = "pending"
+STATE_SUCCESSFUL = "successful"
+STATE_FAILED = "failed"
+
+
+def _dgd_keys_of(obj: Any) -> list[ObjectKey]:
+    meta = metadata(obj)
+    dgd = (meta.get("labels") or {}).get(names.LABEL_DGD_NAME)
+    return [ObjectKey(meta.get("namespace", ""), dgd)] if dgd else []
+
+
+def uses_checkpoints(dgd: Any) -> bool:
+    services = ((dgd.get("spec") or {}).get("services") or {}).values()
+    return any(((s or {}).get("checkpoint") or {}).get("enabled") or ((s or {}).get("checkpoint") or {}).get(
+        "checkpointRef") for s in services)
+
+
+class DGDController:
+    def __init__(self, client: Client, factory: InformerFactory, config, recorder: EventRecorder, *,
+                 namespace: str | None = None, workers: int = 2):
+        self.client = client
+        self.config = config
+        self.recorder = recorder
+        self.dgds: Informer[Any] = factory.informer(DYNAMO_GRAPH_DEPLOYMENTS, namespace=namespace)
+        self.replicasets: Informer[Any] = factory.informer(
+            REPLICASETS, namespace=namespace, label_selector=names.LABEL_DGD_NAME,
+            indexers={DGD_INDEX: index_by_label(names.LABEL_DGD_NAME)})
+        self.checkpoints: Informer[Any] = factory.informer(DYNAMO_CHECKPOINTS, namespace=namespace)
+        self.daemonsets: Informer[Any] = factory.informer(
+            DAEMONSETS, namespace=namespace,
+            label_selector=f"{names.LABEL_APP_COMPONENT}={names.AGENT_COMPONENT}")
+        self.pvcs: Informer[Any] = factory.informer(PERSISTENT_VOLUME_CLAIMS, namespace=namespace)
+        self.controller = Controller("dynamographdeployment", self.reconcile, workers=workers)
+        self.controller.watch(self.dgds)
+        self.controller.watch(self.replicasets, mapper=_dgd_keys_of)
+        self.controller.watch(self.checkpoints, mapper=self._dgds_using)
+
+    def _dgds_using(self, ckpt: Any) -> list[ObjectKey]:
+        """A checkpoint's phase matters to its own DGD and to every DGD that references it."""
+        keys = _dgd_keys_of(ckpt)
+        namespace, name = metadata(ckpt).get("namespace", ""), metadata(ckpt).get("name")
+        for dgd in self.dgds.store.by_index("namespace", namespace):
+            services = (dgd.get("spec") or {}).get("services") or {}
+            if any(((s or {}).get("checkpoint") or {}).get("checkpointRef") == name for s in services.values()):
+                keys.append(ObjectKey(namespace, metadata(dgd)["name"]))
+        return keys
+
+    async def reconcile(self, key: ObjectKey) -> Result | None:
+        raw = self.dgds.store.get_by_name(key.namespace, key.name)
+        if raw is None or is_deleting(raw):
+            return None  # owned ReplicaSets and Delete-policy checkpoints go with it (garbage collector)
+        try:
+            return await _Reconcile(self, raw).run()
+        except Conflict:
+            return Result(requeue=True)
+
+
+class _Reconcile:
+    def __init__(self, ctrl: DGDController, raw: dict[str, Any]):
+        self.ctrl = ctrl
+        self.raw = raw
+        self.meta = metadata(raw)
+        self.namespace = self.meta["namespace"]
+        self.name = self.meta["name"]
+        self.log = log.bind(namespace=self.namespace, name=self.name)
+
+    def _storage(self):
+        try:
+            return resolve_storage(
+                self.namespace, self.ctrl.config,
+                daemonsets=self.ctrl.daemonsets.store.by_index("namespace", self.namespace),
+                pvc_names=[metadata(p)["name"] for p in self.ctrl.pvcs.store.by_index("namespace", self.namespace)])
+        except (StorageUnavailable, StorageNotReady):
+            return None
+
+    async def run(self) -> Result | None:
+        try:
+            dgd = convert(self.raw, DynamoGraphDeployment)
+        except InvalidObject as err:
+            await self._write_status(STATE_FAILED, [], [f"invalid DynamoGraphDeployment: {err}"], {})
+            return None
+        storage = self._storage()
+        plans = [
+            plan_component(self.raw, dgd, component, service,
+                           get_checkpoint=lambda n: self.ctrl.checkpoints.store.get_by_name(self.namespace, n),
+                           storage=storage)
+            for component, service in dgd.spec.services.items()
+        ]
+        problems: list[str] = []
+        for plan in plans:
+            problems += plan.problems
+            await self._ensure_checkpoint(dgd, plan)
+            await self._ensure_generation(dgd, plan)
+        await self._retire_old_generations(plans)
+        checkpoints = {p.component: p.checkpoint_status for p in plans if p.checkpoint_status}
+        await self._write_status(self._state(plans, problems), plans, problems, checkpoints)
+        return None
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    async def _ensure_checkpoint(self, dgd: DynamoGraphDeployment, plan: ComponentPlan) -> None:
+        if plan.auto_checkpoint is not None:
+            try:
+                await self.ctrl.client.create(DYNAMO_CHECKPOINTS, plan.auto_checkpoint, self.namespace,
+                                              field_manager=FIELD_MANAGER)
+                self.log.info("created automatic checkpoint", component=plan.component,
+                              checkpoint=plan.auto_checkpoint_name, worker_hash=plan.worker_hash)
+                await self.ctrl.recorder.normal(self.raw, "CheckpointCreated",
+                                                f"created checkpoint {plan.auto_checkpoint_name} for component "
+                                                f"{plan.component} (worker hash {plan.worker_hash})")
+            except AlreadyExists:
+                pass  # made by an earlier pass; adopted on the next one
+            return
+        if plan.auto_checkpoint_name and not plan.problems:
+            await self._align_deletion_policy(dgd, plan)
+
+    async def _align_deletion_policy(self, dgd: DynamoGraphDeployment, plan: ComponentPlan) -> None:
+        """Delete: the DGD owns the checkpoint. Retain: no owner reference (detached), so it outlives the DGD."""
+        raw = self.ctrl.checkpoints.store.get_by_name(self.namespace, plan.auto_checkpoint_name)
+        if raw is None or is_deleting(raw):
+            return
+        meta = metadata(raw)
+        refs = meta.get("ownerReferences") or []
+        ours = [r for r in refs if r.get("uid") == dgd.metadata.uid]
+        want_owner = plan.deletion_policy is DeletionPolicy.DELETE
+        policy = (meta.get("annotations") or {}).get(names.ANN_DELETION_POLICY)
+        if bool(ours) == want_owner and policy == plan.deletion_policy.value:
+            return
+        others = [r for r in refs if r.get("uid") != dgd.metadata.uid]
+        patch = {"metadata": {
+            "resourceVersion": meta["resourceVersion"],
+            "ownerReferences": [*others, dgd_owner_reference(dgd)] if want_owner else others,
+            "annotations": {names.ANN_DELETION_POLICY: plan.deletion_policy.value},
+        }}
+        await self.ctrl.client.patch(DYNAMO_CHECKPOINTS, meta["name"], patch, self.namespace)
+
+    # -- workloads --------------------------------------------------------------------------------------
+    async def _ensure_generation(self, dgd: DynamoGraphDeployment, plan: ComponentPlan) -> None:
+        existing = self.ctrl.replicasets.store.get_by_name(self.namespace, plan.replicaset_name)
+        if existing is None:
+            body = replicaset(dgd, plan.component, plan.worker_hash, plan.template, plan.replicas)
+            body["metadata"]["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(plan.template)}
+            try:
+                await self.ctrl.client.create(REPLICASETS, body, self.namespace, field_manager=FIELD_MANAGER)
+                self.log.info("created worker generation", component=plan.component,
+                              replicaset=plan.replicaset_name, replicas=plan.replicas, restore=plan.restore)
+            except AlreadyExists:
+                pass
+            return
+        spec = existing.get("spec") or {}
+        patch: dict[str, Any] = {}
+        if spec.get("replicas") != plan.replicas:
+            patch["replicas"] = plan.replicas
+        wanted_hash = template_hash(plan.template)
+        meta_patch: dict[str, Any] = {"resourceVersion": metadata(existing)["resourceVersion"]}
+        if (metadata(existing).get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION) != wanted_hash:
+            # Only pods created from now on get the new shape: a ReplicaSet never touches running pods.
+            patch["template"] = plan.template
+            meta_patch["annotations"] = {TEMPLATE_HASH_ANNOTATION: wanted_hash}
+        if patch:
+            await self.ctrl.client.patch(REPLICASETS, plan.replicaset_name,
+                                         {"metadata": meta_patch, "spec": patch}, self.namespace)
+            self.log.info("updated worker generation", component=plan.component, replicaset=plan.replicaset_name,
+                          replicas=plan.replicas, restore=plan.restore)
+
+    async def _retire_old_generations(self, plans: list[ComponentPlan]) -> None:
+        """Scale a component's older generations down once its current one is available; delete those
+        already at zero. Components no longer in the spec are retired at once."""
+        current = {p.component: p for p in plans}
+        for rs in self.ctrl.replicasets.store.by_index(DGD_INDEX, self.name):
+            meta = metadata(rs)
+            if meta.get("namespace") != self.namespace or is_deleting(rs):
+                continue
+            component = (meta.get("labels") or {}).get(names.LABEL_COMPONENT)
+            plan = current.get(component)
+            if plan is not None and meta["name"] == plan.replicaset_name:
+                continue
+            if plan is not None and not self._available(plan):
+                continue  # keep serving from the old generation until the new one can
+            if (rs.get("spec") or {}).get("replicas", 0) != 0:
+                await self.ctrl.client.patch(REPLICASETS, meta["name"], {"spec": {"replicas": 0}}, self.namespace)
+                self.log.info("scaled down old worker generation", component=component, replicaset=meta["name"])
+            elif not (rs.get("status") or {}).get("replicas"):
+                try:
+                    await self.ctrl.client.delete(REPLICASETS, meta["name"], self.namespace,
+                                                  propagation_policy="Background")
+                except NotFound:
+                    pass
+
+    def _available(self, plan: ComponentPlan) -> bool:
+        rs = self.ctrl.replicasets.store.get_by_name(self.namespace, plan.replicaset_name)
+        if rs is None:
+            return False
+        status = rs.get("status") or {}
+        return (status.get("availableReplicas") or 0) >= plan.target_replicas and \
+            (rs.get("spec") or {}).get("replicas") == plan.target_replicas
+
+    # -- status -------------------------------------------------------------------------------------------
+    def _state(self, plans: list[ComponentPlan], problems: list[str]) -> str:
+        if problems:
+            return STATE_FAILED
+        if all(self._available(p) and not p.waiting for p in plans):
+            return STATE_SUCCESSFUL
+        return STATE_PENDING
+
+    async def _write_status(self, state: str, plans: list[ComponentPlan], problems: list[str],
+                            checkpoints: dict[str, Any]) -> None:
+        now = utcnow()
+        generation = self.meta.get("generation") or 0
+        old = dict(self.raw.get("status") or {})
+        waiting = [p.waiting for p in plans if p.waiting]
+        if problems:
+            ready, reason, message = False, "checkpoint_error", "; ".join(problems)
+        elif waiting:
+            ready, reason = False, REASON_WAITING
+            message = "waiting for checkpoints: " + "; ".join(waiting)
+        elif state == STATE_SUCCESSFUL:
+            ready, reason, message = True, "all_components_available", "all components are available"
+        else:
+            pending = [p.component for p in plans if not self._available(p)]
+            ready, reason, message = False, "components_pending", "components not yet available: " + ", ".join(pending)
+        status = {**old, "state": state, "checkpoints": checkpoints, "observedGeneration": generation}
+        status["conditions"] = with_condition(old.get("conditions"), "Ready", ready, reason, message,
+                                              generation=generation, now=now)
+        if status == old:
+            return
+        await self.ctrl.client.patch_status(
+            DYNAMO_GRAPH_DEPLOYMENTS, self.name,
+            {"metadata": {"resourceVersion": self.meta["resourceVersion"]}, "status": status}, self.namespace)
+        if problems and message != _condition_message(old, "Ready"):
+            await self.ctrl.recorder.warning(self.raw, "CheckpointError", message)
+
+
+def _condition_message(status: dict[str, Any], type_: str) -> str | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == type_:
+            return condition.get("message")
+    return None
+
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    """Of the template as we wrote it: the stored one carries the API server's defaults, so compare this."""
+    return hashlib.sha256(marshal(template)).hexdigest()[:16]
