@@ -59,6 +59,9 @@ FILE_READY_FOR_SNAPSHOT = "ready-for-snapshot"
 FILE_SNAPSHOT_COMPLETE = "snapshot-complete"
 FILE_RESTORE_COMPLETE = "restore-complete"
 
+# snapshot-init, PID 1 of the placeholder image: where the image puts it.
+SNAPSHOT_INIT_PATH = "/usr/local/bin/snapshot-init"
+
 # Artifact layout (SPEC section 6): <basePath>/<checkpointID>/versions/<artifactVersion>/
 VERSIONS_DIR = "versions"
 STAGING_DIR = "tmp"

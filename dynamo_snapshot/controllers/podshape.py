@@ -57,6 +57,15 @@ def _set_env(container: dict[str, Any], name: str, value: str) -> None:
     container["env"] = [*env, {"name": name, "value": value}]
 
 
+def _keep_init_first(container: dict[str, Any]) -> None:
+    """A pod's `command` replaces the image's entrypoint, which in a placeholder image is snapshot-init:
+    put it back in front, so snapshot-init is PID 1 of every checkpoint source and restore pod (the
+    checkpointed subtree is the workload under it). Without `command`, the entrypoint already is."""
+    command = container.get("command")
+    if command and command[0] not in (names.SNAPSHOT_INIT_PATH, "snapshot-init"):
+        container["command"] = [names.SNAPSHOT_INIT_PATH, "--", *command]
+
+
 def _add_control_dir(spec: dict[str, Any], containers: list[dict[str, Any]]) -> None:
     _set_volume(spec, {"name": names.CONTROL_VOLUME, "emptyDir": {}})
     for container in containers:
@@ -119,6 +128,7 @@ def checkpoint_source_template(
     _add_control_dir(spec, [container])
     _add_shared_memory(spec, [container], shared_memory)
     _add_storage(spec, [container], storage)
+    _keep_init_first(container)
     container["readinessProbe"] = _exec_probe(f"{names.CONTROL_DIR}/{names.FILE_READY_FOR_SNAPSHOT}")
     container.pop("livenessProbe", None)
     container.pop("startupProbe", None)
@@ -144,6 +154,7 @@ def restore_template(
     _add_control_dir(spec, containers)
     _add_storage(spec, containers, storage)
     for container in containers:
+        _keep_init_first(container)
         _set_env(container, names.ENV_RESTORE_STANDBY, "1")
         own = container.get("startupProbe")
         if own:

@@ -127,6 +127,18 @@ def test_job_shape():
     assert "volumeMounts" not in sidecar
 
 
+def test_a_command_keeps_snapshot_init_as_pid_1():
+    ckpt = _ckpt()
+    ckpt.spec.job.pod_template_spec["spec"]["containers"][0]["command"] = ["python3", "-m", "dynamo.vllm"]
+    job = build_checkpoint_job(ckpt, name="j", checkpoint_id="abc", artifact_version="1", storage=None)
+    main, sidecar = job["spec"]["template"]["spec"]["containers"]
+    assert main["command"] == ["/usr/local/bin/snapshot-init", "--", "python3", "-m", "dynamo.vllm"]
+    assert "command" not in sidecar
+    # without a command the image's entrypoint (snapshot-init) runs: nothing to add
+    assert "command" not in build_checkpoint_job(_ckpt(), name="j", checkpoint_id="abc", artifact_version="1",
+                                                 storage=None)["spec"]["template"]["spec"]["containers"][0]
+
+
 def test_pod_mount_job_mounts_the_pvc_at_base_path():
     config = parse_config("checkpoint: {enabled: true, storage: {accessMode: podMount}}")
     storage = resolve_storage("ns", config, pvc_names=["snapshot-pvc"])
