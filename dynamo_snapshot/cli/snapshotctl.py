@@ -1,0 +1,274 @@
+"""snapshotctl: checkpoint and restore pods without the operator (needs the snapshot chart's agent).
+
+    snapshotctl checkpoint -f pod.yaml --container NAME [--checkpoint-id ID] [--namespace NS] [--wait]
+    snapshotctl restore -f pod.yaml --checkpoint-id ID --containers a,b
+    snapshotctl restore --pod NAME --checkpoint-id ID --containers a,b
+
+Manifests and flags are validated before anything touches a cluster. Exit codes: 0 done, 1 the cluster
+refused or could not be reached, 2 bad manifest or flags, 3 the checkpoint failed, 4 --wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from dynamo_snapshot import logs
+from dynamo_snapshot.api import OperatorConfig, StorageAccessMode, names
+from dynamo_snapshot.cli.manifest import (
+    DEFAULT_PLACEHOLDER_PATTERN,
+    ManifestError,
+    load_pod,
+    parse_container_list,
+    pod_template,
+    require_agreement,
+    require_containers,
+    require_placeholder,
+)
+from dynamo_snapshot.controllers.checkpoint.ids import job_name
+from dynamo_snapshot.controllers.checkpoint.job import checkpoint_job
+from dynamo_snapshot.controllers.checkpoint.outcome import describe_pod_failure, job_condition
+from dynamo_snapshot.controllers.common import DAEMONSETS
+from dynamo_snapshot.controllers.podshape import restore_template
+from dynamo_snapshot.controllers.storage import Storage, StorageUnavailable, resolve_storage
+from dynamo_snapshot.kube import JOBS, PODS, AlreadyExists, Client, Informer, KubeError, NotFound
+
+EXIT_OK, EXIT_CLUSTER, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+DEFAULT_SHARED_MEMORY = "8Gi"
+DEFAULT_DEADLINE = 3600
+
+
+@dataclass
+class Outcome:
+    fields: dict[str, Any]
+    lines: list[str] = field(default_factory=list)
+    code: int = EXIT_OK
+
+
+def _new_checkpoint_id() -> str:
+    return secrets.token_hex(8)  # 16 hex characters, like a legacy identity hash
+
+
+async def _storage(client: Client, namespace: str, args: argparse.Namespace) -> Storage:
+    """The chart's storage resolution: `--pvc`/`--base-path` for podMount, else the namespace's agent."""
+    if args.pvc:
+        return Storage(StorageAccessMode.POD_MOUNT, args.pvc, args.base_path)
+    agents = await client.list(DAEMONSETS, namespace,
+                               label_selector=f"{names.LABEL_APP_COMPONENT}={names.AGENT_COMPONENT}")
+    try:
+        return resolve_storage(namespace, OperatorConfig(), daemonsets=agents.items)
+    except StorageUnavailable as err:
+        raise ManifestError(f"{err}: install the snapshot chart in {namespace} (snapshotctl needs its agent), "
+                            "or pass --pvc and --base-path for podMount storage") from None
+
+
+# -- checkpoint ---------------------------------------------------------------------------------------------
+def _verdict(job: dict[str, Any] | None) -> str | None:
+    if job is None:
+        return None
+    annotation = (job.get("metadata", {}).get("annotations") or {}).get(names.ANN_CHECKPOINT_STATUS)
+    if annotation in (names.STATUS_COMPLETED, names.STATUS_FAILED):
+        return annotation
+    if job_condition(job, "Failed"):
+        return names.STATUS_FAILED
+    return None
+
+
+async def _wait_for_job(client: Client, namespace: str, name: str, target: str,
+                        say: Any) -> tuple[str | None, str]:
+    """Watch the Job (and its pod, for progress) until the agent's verdict or the Job's failure; the
+    caller bounds the wait. Returns the verdict (None when cancelled) and the pod's failure reason."""
+    jobs: Informer[Any] = Informer(client, JOBS, namespace=namespace, field_selector=f"metadata.name={name}")
+    pods: Informer[Any] = Informer(client, PODS, namespace=namespace,
+                                   label_selector=f"batch.kubernetes.io/job-name={name}")
+    seen: set[str] = set()
+
+    def progress(pod: dict[str, Any]) -> None:
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        line = f"pod {pod['metadata']['name']}: {status.get('phase', 'Pending')}" + \
+            (" (ready for snapshot: the agent is checkpointing)" if ready else "")
+        if line not in seen:
+            seen.add(line)
+            say(line)
+
+    pods.add_handler(on_add=progress, on_update=lambda _old, new: progress(new))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(jobs.run)
+            tg.start_soon(pods.run)
+            await jobs.wait_until(lambda: _verdict(jobs.store.get_by_name(namespace, name)) is not None)
+            tg.cancel_scope.cancel()
+    finally:
+        verdict = _verdict(jobs.store.get_by_name(namespace, name))
+        detail = describe_pod_failure(pods.store.list(), target)
+    return verdict, detail
+
+
+async def checkpoint(client: Client, args: argparse.Namespace, pod: dict[str, Any], namespace: str) -> Outcome:
+    containers = parse_container_list(args.container, "--container")
+    if len(containers) != 1:
+        raise ManifestError("--container: name exactly one container to checkpoint")
+    (target,) = containers
+    require_placeholder(require_containers(pod, containers, "--container"), args.placeholder_pattern)
+    own_id = require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+    checkpoint_id = args.checkpoint_id or own_id or _new_checkpoint_id()
+    storage = await _storage(client, namespace, args)
+    name = job_name(checkpoint_id, names.DEFAULT_ARTIFACT_VERSION)
+    body = checkpoint_job(
+        name=name, namespace=namespace, pod_template=pod_template(pod), target=target,
+        checkpoint_id=checkpoint_id, artifact_version=names.DEFAULT_ARTIFACT_VERSION,
+        shared_memory=args.shared_memory, active_deadline_seconds=args.active_deadline_seconds, storage=storage)
+    try:
+        await client.create(JOBS, body, namespace, field_manager="snapshotctl")
+    except AlreadyExists:
+        raise ManifestError(f"Job {namespace}/{name} already exists: checkpoint ID {checkpoint_id} is taken "
+                            "(delete the Job or choose another --checkpoint-id)") from None
+    outcome = Outcome({"checkpointID": checkpoint_id, "job": name, "namespace": namespace},
+                      [f"checkpoint ID: {checkpoint_id}", f"job: {namespace}/{name}"])
+    if args.wait:
+        verdict, detail = None, ""
+        with anyio.move_on_after(args.timeout):
+            verdict, detail = await _wait_for_job(client, namespace, name, target,
+                                                  say=lambda line: print(line, file=sys.stderr, flush=True))
+        outcome.fields["status"] = verdict or "timeout"
+        if verdict == names.STATUS_COMPLETED:
+            outcome.lines.append("status: completed")
+        elif verdict == names.STATUS_FAILED:
+            outcome.lines.append("status: failed" + (f" ({detail})" if detail else ""))
+            outcome.code = EXIT_FAILED
+        else:
+            outcome.lines.append(f"status: not finished after {args.timeout:.0f}s")
+            outcome.code = EXIT_TIMEOUT
+    return outcome
+
+
+# -- restore -------------------------------------------------------------------------------------------------
+async def restore_new_pod(client: Client, args: argparse.Namespace, pod: dict[str, Any], namespace: str,
+                          containers: list[str]) -> Outcome:
+    require_placeholder(require_containers(pod, containers, "--containers"), args.placeholder_pattern)
+    require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+    if (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true":
+        raise ManifestError(f"the manifest is labelled {names.LABEL_IS_CHECKPOINT_SOURCE}=true: a restore pod "
+                            "must not be a checkpoint source")
+    storage = await _storage(client, namespace, args)
+    shaped = restore_template(pod_template(pod), targets=containers, checkpoint_id=args.checkpoint_id,
+                              artifact_version=names.DEFAULT_ARTIFACT_VERSION, storage=storage,
+                              field="--containers")
+    body = {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {**(pod.get("metadata") or {}), **shaped["metadata"], "namespace": namespace},
+            "spec": shaped["spec"]}
+    body["metadata"].pop("resourceVersion", None)
+    if not body["metadata"].get("name") and not body["metadata"].get("generateName"):
+        body["metadata"]["generateName"] = f"restore-{args.checkpoint_id[:16]}-"
+    created = await client.create(PODS, body, namespace, field_manager="snapshotctl")
+    name = created["metadata"]["name"]
+    return Outcome({"pod": name, "namespace": namespace, "checkpointID": args.checkpoint_id},
+                   [f"restore pod: {namespace}/{name} (checkpoint {args.checkpoint_id})"])
+
+
+async def restore_existing_pod(client: Client, args: argparse.Namespace, namespace: str,
+                               containers: list[str]) -> Outcome:
+    try:
+        pod = await client.get(PODS, args.pod, namespace)
+    except NotFound:
+        raise ManifestError(f"--pod: no pod {namespace}/{args.pod}") from None
+    for container in require_containers(pod, containers, "--containers"):
+        env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+        mounts = {m.get("mountPath") for m in container.get("volumeMounts") or []}
+        if env.get(names.ENV_RESTORE_STANDBY) != "1" or names.CONTROL_DIR not in mounts:
+            raise ManifestError(
+                f"pod {args.pod}, container {container['name']}: not snapshot-compatible (needs env "
+                f"{names.ENV_RESTORE_STANDBY}=1 and the {names.CONTROL_DIR} volume); create it with "
+                "`snapshotctl restore -f` instead")
+    require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+    patch = {"metadata": {
+        "resourceVersion": pod["metadata"]["resourceVersion"],
+        "labels": {names.LABEL_CHECKPOINT_ID: args.checkpoint_id},
+        "annotations": {names.ANN_TARGET_CONTAINERS: ",".join(containers),
+                        names.ANN_ARTIFACT_VERSION: names.DEFAULT_ARTIFACT_VERSION},
+    }}
+    await client.patch(PODS, args.pod, patch, namespace)
+    return Outcome({"pod": args.pod, "namespace": namespace, "checkpointID": args.checkpoint_id},
+                   [f"restore requested: {namespace}/{args.pod} from checkpoint {args.checkpoint_id}"])
+
+
+# -- entry point ---------------------------------------------------------------------------------------------
+async def _run(args: argparse.Namespace) -> Outcome:
+    # Everything that can be checked without a cluster is checked before connecting to one.
+    pod = load_pod(args.filename) if getattr(args, "filename", None) else None
+    if args.command == "restore":
+        containers = parse_container_list(args.containers, "--containers")
+        if (pod is None) == (args.pod is None):
+            raise ManifestError("restore: give either -f pod.yaml (a new restore pod) or --pod NAME (an existing one)")
+        if pod is not None:
+            require_placeholder(require_containers(pod, containers, "--containers"), args.placeholder_pattern)
+            require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+    else:
+        require_containers(pod, parse_container_list(args.container, "--container"), "--container")
+    async with Client.from_config(args.kubeconfig) as client:
+        namespace = args.namespace or (pod or {}).get("metadata", {}).get("namespace") or client.namespace
+        if pod is not None and pod.get("metadata", {}).get("namespace") not in (None, namespace):
+            raise ManifestError(f"the manifest's namespace {pod['metadata']['namespace']} disagrees with "
+                                f"--namespace {namespace}: remove one of them")
+        if args.command == "checkpoint":
+            return await checkpoint(client, args, pod, namespace)
+        if pod is not None:
+            return await restore_new_pod(client, args, pod, namespace, containers)
+        return await restore_existing_pod(client, args, namespace, containers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)")
+    common.add_argument("-n", "--namespace", help="namespace (default: the manifest's, else the kubeconfig's)")
+    common.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    common.add_argument("--placeholder-pattern", default=DEFAULT_PLACEHOLDER_PATTERN,
+                        help="regular expression that recognises placeholder images (default: %(default)s)")
+    common.add_argument("--pvc", help="podMount storage: the namespace's checkpoint PVC (default: the agent's)")
+    common.add_argument("--base-path", default="/checkpoints", help="podMount storage: where the PVC is mounted")
+    parser = argparse.ArgumentParser(prog="snapshotctl", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ckpt = commands.add_parser("checkpoint", parents=[common], help="checkpoint a container of a pod manifest")
+    ckpt.add_argument("-f", "--filename", required=True, help="the Pod manifest (- for stdin)")
+    ckpt.add_argument("--container", required=True, help="the container to checkpoint")
+    ckpt.add_argument("--checkpoint-id", help="the ID to store it under (default: the manifest's label, else new)")
+    ckpt.add_argument("--wait", action="store_true", help="show progress until the checkpoint completes or fails")
+    ckpt.add_argument("--timeout", type=float, default=DEFAULT_DEADLINE, help="--wait gives up after this (s)")
+    ckpt.add_argument("--shared-memory", default=DEFAULT_SHARED_MEMORY, help="/dev/shm size of the pod")
+    ckpt.add_argument("--active-deadline-seconds", type=int, default=DEFAULT_DEADLINE)
+    rst = commands.add_parser("restore", parents=[common], help="restore containers from a checkpoint")
+    rst.add_argument("-f", "--filename", help="create a new restore pod from this Pod manifest")
+    rst.add_argument("--pod", help="or: patch restore metadata onto this existing snapshot-compatible pod")
+    rst.add_argument("--checkpoint-id", required=True)
+    rst.add_argument("--containers", required=True, help="comma-separated containers to restore")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(os.environ.get("DYN_SNAPSHOT_LOG_LEVEL", "warning"))  # stdout is for results only
+    try:
+        outcome = anyio.run(_run, args)
+    except ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KubeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CLUSTER
+    if args.output == "json":
+        print(json.dumps(outcome.fields, sort_keys=True))
+    else:
+        print("\n".join(outcome.lines))
+    return outcome.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
