@@ -1,0 +1,281 @@
+"""The checkpoint artifact on storage: layout, manifest, verification, atomic promotion (SPEC section 6).
+
+    <base>/<checkpointID>/versions/tmp/<uuid>/        staging, written by one checkpoint run
+    <base>/<checkpointID>/versions/<artifactVersion>/  promoted by a single rename(2)
+
+The version directory holds CRIU's images and ``dump.log``, ``rootfs-diff.tar``,
+``deleted-files.json``, ``dev-shm.tar`` and ``manifest.json``. The manifest is written last and lists
+every other file with its size and SHA-256: no manifest, no checkpoint. A restore verifies all of it
+(and that nothing else is there) before it touches the placeholder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid, CheckpointError
+from dynamo_snapshot.api import names
+
+log = structlog.get_logger(__name__)
+
+MANIFEST = names.MANIFEST_FILE
+DUMP_LOG = names.DUMP_LOG_FILE
+DELETED_FILES = names.DELETED_FILES_FILE
+ROOTFS_DIFF = "rootfs-diff.tar"
+DEV_SHM = "dev-shm.tar"
+MANIFEST_FORMAT = 1
+_CHUNK = 4 << 20
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not _SAFE_ID.match(value) or value == names.STAGING_DIR:
+        raise ValueError(f"{kind} {value!r} cannot be a directory name under the checkpoint base path")
+    return value
+
+
+@dataclass(frozen=True)
+class ArtifactLayout:
+    base: Path
+    checkpoint_id: str
+    artifact_version: str = "1"
+
+    def __post_init__(self) -> None:
+        _check_name("checkpoint ID", self.checkpoint_id)
+        _check_name("artifact version", self.artifact_version)
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.base / self.checkpoint_id / names.VERSIONS_DIR
+
+    @property
+    def staging_root(self) -> Path:
+        return self.versions_dir / names.STAGING_DIR
+
+    @property
+    def final_dir(self) -> Path:
+        return self.versions_dir / self.artifact_version
+
+    def failed_log(self, staging: Path) -> Path:
+        """Where the dump log of a failed attempt is kept once its staging directory is discarded."""
+        return self.base / self.checkpoint_id / "failed" / staging.name / DUMP_LOG
+
+    def new_staging(self) -> Path:
+        if self.final_dir.exists():
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint_id} version {self.artifact_version} already exists at {self.final_dir}"
+            )
+        staging = self.staging_root / str(uuid.uuid4())
+        staging.mkdir(parents=True)
+        return staging
+
+    def promote(self, staging: Path) -> Path:
+        """Move the staging directory to its final name in one rename that never replaces anything."""
+        _fsync_dir(staging)
+        _rename_noreplace(staging, self.final_dir)
+        _fsync_dir(self.versions_dir)
+        return self.final_dir
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # libc without renameat2: a plain rename refuses a non-empty target anyway
+        if dst.exists():
+            raise CheckpointError(f"cannot promote {src}: {dst} already exists")
+        os.rename(src, dst)
+        return
+    at_fdcwd, rename_noreplace = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise CheckpointError(f"cannot promote {src}: {dst} already exists")
+        raise OSError(err, f"rename {src} -> {dst}: {os.strerror(err)}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """What must match between the node that dumped and the node that restores."""
+
+    criu_version: str
+    kernel: str
+    architecture: str
+    cuda_driver_version: str | None = None
+    gpus: tuple[str, ...] = ()
+
+    @classmethod
+    def of_this_node(
+        cls, criu_version: str, cuda_driver_version: str | None = None, gpus: tuple[str, ...] = ()
+    ) -> Compatibility:
+        return cls(criu_version, platform.release(), platform.machine(), cuda_driver_version, gpus)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "criuVersion": self.criu_version,
+            "kernel": self.kernel,
+            "architecture": self.architecture,
+            "cudaDriverVersion": self.cuda_driver_version,
+            "gpus": list(self.gpus),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Compatibility:
+        return cls(
+            criu_version=str(data["criuVersion"]),
+            kernel=str(data["kernel"]),
+            architecture=str(data["architecture"]),
+            cuda_driver_version=data.get("cudaDriverVersion"),
+            gpus=tuple(data.get("gpus") or ()),
+        )
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+def check_compatible(recorded: Compatibility, here: Compatibility) -> list[str]:
+    """Raise ArtifactIncompatible when this node cannot restore the artifact; return warnings for
+    differences CRIU copes with (the kernel release)."""
+    problems = []
+    if recorded.architecture != here.architecture:
+        problems.append(f"made on {recorded.architecture}, this node is {here.architecture}")
+    dumped, restoring = _version_tuple(recorded.criu_version), _version_tuple(here.criu_version)
+    if not dumped or not restoring or dumped[0] != restoring[0] or restoring < dumped:
+        problems.append(
+            f"made by CRIU {recorded.criu_version}, this node has CRIU {here.criu_version} "
+            "(needs the same major version, not older)"
+        )
+    if recorded.cuda_driver_version and not here.cuda_driver_version:
+        problems.append(f"holds CUDA state (driver {recorded.cuda_driver_version}) but this node has no CUDA driver")
+    if problems:
+        raise ArtifactIncompatible("checkpoint cannot be restored here: " + "; ".join(problems))
+    warnings = []
+    if recorded.kernel != here.kernel:
+        warnings.append(f"made on kernel {recorded.kernel}, restoring on {here.kernel}")
+    return warnings
+
+
+def write_manifest(staging: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Digest every file in ``staging`` and write ``manifest.json`` last, atomically."""
+    files = []
+    for path in sorted(p for p in staging.rglob("*") if not p.is_dir()):
+        rel = path.relative_to(staging).as_posix()
+        if rel == MANIFEST or rel.startswith(f".{MANIFEST}"):
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise CheckpointError(f"{path} is not a regular file; an artifact holds regular files only")
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    manifest = {"formatVersion": MANIFEST_FORMAT, **fields, "files": files}
+    tmp = staging / f".{MANIFEST}.tmp"
+    with tmp.open("w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, staging / MANIFEST)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactInvalid(f"{path} is missing: the checkpoint was never completed") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactInvalid(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactInvalid(f"{path} is not a JSON object")
+    return manifest
+
+
+def verify(directory: Path, checkpoint_id: str, here: Compatibility) -> dict[str, Any]:
+    """Check the artifact before anything is restored from it; returns the manifest.
+
+    Refuses: a missing or unreadable manifest, another checkpoint ID, an incompatible node, a
+    missing, resized or altered file, and any file the manifest does not list."""
+    manifest = read_manifest(directory)
+    if manifest.get("formatVersion") != MANIFEST_FORMAT:
+        raise ArtifactInvalid(
+            f"{directory / MANIFEST} has format version {manifest.get('formatVersion')!r}; "
+            f"this agent reads version {MANIFEST_FORMAT}"
+        )
+    if manifest.get("checkpointID") != checkpoint_id:
+        raise ArtifactInvalid(
+            f"{directory} holds checkpoint {manifest.get('checkpointID')!r}, not the requested {checkpoint_id!r}"
+        )
+    try:
+        recorded = Compatibility.from_json(manifest["compatibility"])
+    except (KeyError, TypeError) as exc:
+        raise ArtifactInvalid(f"{directory / MANIFEST} has no usable compatibility record ({exc})") from exc
+    for warning in check_compatible(recorded, here):
+        log.warning("restoring across a difference", checkpoint_id=checkpoint_id, difference=warning)
+
+    listed: dict[str, dict[str, Any]] = {}
+    for entry in manifest.get("files") or []:
+        rel = str(entry.get("path", ""))
+        if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+            raise ArtifactInvalid(f"{directory / MANIFEST} lists an unsafe path {rel!r}")
+        listed[rel] = entry
+    present = {
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir() and p.name != MANIFEST
+    }
+    if extra := sorted(present - set(listed)):
+        raise ArtifactInvalid(f"{directory} holds files the manifest does not list: {', '.join(extra[:5])}")
+    for rel, entry in sorted(listed.items()):
+        path = directory / rel
+        if not path.is_file() or path.is_symlink():
+            raise ArtifactInvalid(f"{path} is listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise ArtifactInvalid(f"{path} is {size} bytes; the manifest says {entry.get('size')}")
+        digest = sha256_file(path)
+        if digest != entry.get("sha256"):
+            raise ArtifactInvalid(f"{path} has SHA-256 {digest}; the manifest says {entry.get('sha256')}")
+    return manifest
+
+
+def discard_staging(staging: Path, keep_log_at: Path | None = None) -> None:
+    """Remove a failed attempt's staging directory, keeping its dump log for the post-mortem."""
+    if keep_log_at is not None and (staging / DUMP_LOG).is_file():
+        keep_log_at.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / DUMP_LOG, keep_log_at)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(staging)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,229 @@
+"""CRIU, driven through its command line with every option spelled out.
+
+The agent runs one CRIU build, kept as a *bundle*: the binary, every shared library it links and the
+dynamic loader. Started as ``<bundle>/ld.so --library-path <bundle>/lib <bundle>/criu``, it runs in any
+mount namespace, so a restore inside a placeholder container uses exactly the CRIU that made the dump
+and the placeholder image needs no CRIU of its own. ``hack/build-criu.sh`` builds the bundle.
+
+Each run keeps CRIU's log (``dump.log`` in the artifact, ``restore.log`` in the restore work
+directory); a failure raises ``CriuFailed`` with the log's tail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import structlog
+
+from dynamo_snapshot.agent.errors import CriuFailed
+
+log = structlog.get_logger(__name__)
+
+BUNDLE_ENV = "DYN_SNAPSHOT_CRIU_BUNDLE"
+DEFAULT_CRIU_VERSION = "4.2.1"
+# Where the agent image installs the bundle; the build cache is the fallback for development and CI.
+IMAGE_BUNDLE = Path("/usr/local/lib/dynamo-snapshot/criu")
+LOG_TAIL_LINES = 40
+
+# Keys under which external namespaces are recorded in the images and matched at restore.
+EXTERNAL_NET_KEY = "extNetNs"
+EXTERNAL_PID_KEY = "extPidNs"
+
+
+@dataclass(frozen=True)
+class CriuBundle:
+    path: Path
+
+    @classmethod
+    def locate(cls) -> CriuBundle:
+        candidates = [Path(p) for p in [os.environ.get(BUNDLE_ENV)] if p]
+        candidates += [
+            IMAGE_BUNDLE,
+            Path.home() / ".cache" / "dynamo-snapshot" / f"criu-{DEFAULT_CRIU_VERSION}" / "bundle",
+        ]
+        for candidate in candidates:
+            if (candidate / "criu").is_file() and (candidate / "ld.so").is_file():
+                return cls(candidate)
+        raise FileNotFoundError(
+            f"no CRIU bundle found (looked in {', '.join(map(str, candidates))}); "
+            f"run hack/build-criu.sh or set {BUNDLE_ENV}"
+        )
+
+    def command(self, bundle_ref: str | None = None) -> list[str]:
+        """The argv prefix that runs CRIU; ``bundle_ref`` replaces the bundle's path (e.g. a
+        /proc/self/fd/N link to it, valid in another mount namespace)."""
+        ref = bundle_ref or str(self.path)
+        return [f"{ref}/ld.so", "--library-path", f"{ref}/lib", f"{ref}/criu"]
+
+    def version(self) -> str:
+        out = subprocess.run([*self.command(), "--version"], check=True, capture_output=True, text=True).stdout
+        match = re.search(r"Version:\s*(\S+)", out)
+        if not match:
+            raise RuntimeError(f"cannot parse the version of CRIU in {self.path}: {out!r}")
+        return match.group(1)
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    """``criu dump`` of one process subtree of a container, from the host."""
+
+    pid: int  # host PID of the subtree's root
+    images_dir: Path
+    freeze_cgroup: Path
+    net_ns_inode: int
+    pid_ns_inode: int
+    external_mounts: Mapping[str, str]  # mountpoint in the container -> key in the images
+    log_file: str = "dump.log"
+    log_level: int = 4
+    # The agent thaws (or kills) the workload itself once the rootfs diff is captured.
+    leave_running: bool = True
+    tcp_established: bool = True
+    # A connection still in a listener's accept queue cannot be dumped; dropping it is what a
+    # client of a restarting worker sees anyway.
+    skip_in_flight: bool = True
+    file_locks: bool = True
+    network_lock: str = "nftables"
+    manage_cgroups: str = "ignore"
+    ghost_limit_bytes: int = 64 << 20
+    timeout_s: int = 60
+
+    def argv(self) -> list[str]:
+        args = [
+            "dump",
+            "--tree",
+            str(self.pid),
+            "--images-dir",
+            str(self.images_dir),
+            "--log-file",
+            self.log_file,
+            f"-v{self.log_level}",
+            "--freeze-cgroup",
+            str(self.freeze_cgroup),
+            "--external",
+            f"net[{self.net_ns_inode}]:{EXTERNAL_NET_KEY}",
+            "--external",
+            f"pid[{self.pid_ns_inode}]:{EXTERNAL_PID_KEY}",
+            "--network-lock",
+            self.network_lock,
+            f"--manage-cgroups={self.manage_cgroups}",  # optional argument: must be attached
+            "--ghost-limit",
+            str(self.ghost_limit_bytes),
+            "--timeout",
+            str(self.timeout_s),
+        ]
+        for mountpoint, key in sorted(self.external_mounts.items()):
+            args += ["--external", f"mnt[{mountpoint}]:{key}"]
+        if self.leave_running:
+            args.append("--leave-running")
+        if self.tcp_established:
+            args.append("--tcp-established")
+        if self.skip_in_flight:
+            args.append("--skip-in-flight")
+        if self.file_locks:
+            args.append("--file-locks")
+        return args
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """``criu restore`` run inside the placeholder's namespaces. Paths are as CRIU sees them there,
+    so directories and namespaces on the host are passed as /proc/self/fd/N links."""
+
+    images_dir: str
+    work_dir: str
+    pid_ns_fd: int
+    net_ns_fd: int
+    external_mounts: Mapping[str, str]  # key in the images -> path in the placeholder
+    inherited_fds: Mapping[str, int] = field(default_factory=dict)  # resource ("pipe:[123]") -> fd
+    join_namespaces: Mapping[str, str] = field(default_factory=dict)  # "uts" -> "/proc/1/ns/uts"
+    log_file: str = "restore.log"
+    log_level: int = 4
+    pidfile: str = "restored.pid"
+    root: str = "/"
+    tcp_close: bool = True
+    file_locks: bool = True
+    manage_cgroups: str = "ignore"
+    timeout_s: int = 60
+
+    def argv(self) -> list[str]:
+        args = [
+            "restore",
+            "--images-dir",
+            self.images_dir,
+            "--work-dir",
+            self.work_dir,
+            "--log-file",
+            self.log_file,
+            f"-v{self.log_level}",
+            "--root",
+            self.root,
+            "--restore-detached",
+            "--pidfile",
+            self.pidfile,
+            "--inherit-fd",
+            f"fd[{self.pid_ns_fd}]:{EXTERNAL_PID_KEY}",
+            "--inherit-fd",
+            f"fd[{self.net_ns_fd}]:{EXTERNAL_NET_KEY}",
+            f"--manage-cgroups={self.manage_cgroups}",  # optional argument: must be attached
+            "--timeout",
+            str(self.timeout_s),
+        ]
+        for key, path in sorted(self.external_mounts.items()):
+            args += ["--external", f"mnt[{key}]:{path}"]
+        for resource, fd in sorted(self.inherited_fds.items()):
+            args += ["--inherit-fd", f"fd[{fd}]:{resource}"]
+        for ns, path in sorted(self.join_namespaces.items()):
+            args += ["--join-ns", f"{ns}:{path}"]
+        if self.tcp_close:
+            args.append("--tcp-close")
+        if self.file_locks:
+            args.append("--file-locks")
+        return args
+
+
+def log_tail(path: Path | None, stderr: bytes, lines: int = LOG_TAIL_LINES) -> str:
+    text = ""
+    if path is not None:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            text = ""
+    text = "\n".join(text.splitlines()[-lines:])
+    extra = stderr.decode(errors="replace").strip()
+    return "\n".join(part for part in (text, extra) if part) or "(CRIU wrote no log)"
+
+
+async def run(
+    action: str,
+    argv: Sequence[str],
+    log_path: Path | None,
+    pass_fds: Sequence[int] = (),
+    on_started: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """Run a CRIU command line (possibly behind wrappers such as nsenter) and raise ``CriuFailed``
+    with the log's tail if it fails. ``on_started`` gets the PID of the spawned process."""
+    log.info("criu starting", action=action, argv=" ".join(argv))
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL, pass_fds=pass_fds) as process:
+        if on_started is not None:
+            await on_started(process.pid)
+        stderr = b""
+        assert process.stderr is not None and process.stdout is not None
+        async with anyio.create_task_group() as tg:
+
+            async def drain_stdout() -> None:
+                async for _ in process.stdout:  # type: ignore[union-attr]
+                    pass
+
+            tg.start_soon(drain_stdout)
+            async for chunk in process.stderr:
+                stderr += chunk
+        returncode = await process.wait()
+    if returncode != 0:
+        raise CriuFailed(action, returncode, log_tail(log_path, stderr), str(log_path) if log_path else None)
+    log.info("criu finished", action=action)

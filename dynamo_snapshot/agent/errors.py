@@ -1,0 +1,38 @@
+"""Errors of the node machinery. Each message names the object and the cause."""
+
+from __future__ import annotations
+
+
+class SnapshotError(RuntimeError):
+    """Base class for checkpoint and restore failures on the node."""
+
+
+class CheckpointError(SnapshotError):
+    pass
+
+
+class RestoreError(SnapshotError):
+    pass
+
+
+class ArtifactInvalid(RestoreError):
+    """The artifact on storage is incomplete, altered, or not the checkpoint that was asked for."""
+
+
+class ArtifactIncompatible(ArtifactInvalid):
+    """The artifact is intact but was made by a CRIU, kernel architecture or driver this node cannot use."""
+
+
+class CriuFailed(SnapshotError):
+    """CRIU exited non-zero; carries the tail of its log."""
+
+    def __init__(self, action: str, returncode: int, log_tail: str, log_path: str | None):
+        super().__init__(action, returncode, log_tail, log_path)
+        self.action = action
+        self.returncode = returncode
+        self.log_tail = log_tail
+        self.log_path = log_path  # updated when the log is moved out of a discarded staging directory
+
+    def __str__(self) -> str:
+        where = f" (full log: {self.log_path})" if self.log_path else ""
+        return f"criu {self.action} failed with exit code {self.returncode}{where}:\n{self.log_tail}"

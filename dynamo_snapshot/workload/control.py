@@ -1,0 +1,101 @@
+"""Files in the control directory that the agent and the worker use to talk (SPEC section 8).
+
+* ``ready-for-snapshot``: worker -> agent. Warmed up and quiescent; checkpoint me now.
+* ``snapshot-complete``: agent -> worker. The checkpoint is stored and verified; exit 0.
+* ``restore-complete``: agent -> restored worker. You were restored into a new pod and are live.
+
+Every write is atomic (temporary file + rename), so a reader never sees a half-written signal.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+CONTROL_DIR_ENV = "DYN_SNAPSHOT_CONTROL_DIR"
+RESTORE_STANDBY_ENV = "DYN_SNAPSHOT_RESTORE_STANDBY"
+
+READY_FOR_SNAPSHOT = "ready-for-snapshot"
+SNAPSHOT_COMPLETE = "snapshot-complete"
+RESTORE_COMPLETE = "restore-complete"
+
+
+class Outcome(enum.Enum):
+    SNAPSHOT_COMPLETE = SNAPSHOT_COMPLETE
+    RESTORE_COMPLETE = RESTORE_COMPLETE
+
+
+def control_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The control directory, or None when checkpoint/restore is not enabled for this process."""
+    value = environ.get(CONTROL_DIR_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    return control_dir(environ) is not None
+
+
+def restore_standby(environ: Mapping[str, str] = os.environ) -> bool:
+    """True in a restore pod: the container waits for the agent to restore the worker into it."""
+    return environ.get(RESTORE_STANDBY_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _require_dir(directory: Path | None) -> Path:
+    resolved = directory or control_dir()
+    if resolved is None:
+        raise RuntimeError(f"{CONTROL_DIR_ENV} is not set: this pod is not set up for checkpoint/restore")
+    return resolved
+
+
+def write_signal(name: str, content: str = "", directory: Path | None = None) -> Path:
+    """Atomically create ``name`` in the control directory with ``content``."""
+    target = _require_dir(directory) / name
+    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    return target
+
+
+def signal_present(name: str, directory: Path | None = None) -> bool:
+    return (_require_dir(directory) / name).exists()
+
+
+def read_signal(name: str, directory: Path | None = None) -> str | None:
+    try:
+        return (_require_dir(directory) / name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def mark_ready_for_snapshot(directory: Path | None = None) -> Path:
+    """Tell the agent this worker is warmed up and quiescent."""
+    return write_signal(READY_FOR_SNAPSHOT, f"{time.time():.3f}\n", directory)
+
+
+def wait_for_outcome(
+    timeout: float | None = None, poll_interval: float = 0.05, directory: Path | None = None
+) -> Outcome:
+    """Block until the agent reports the checkpoint stored (this copy should exit 0) or this process
+    was restored into a new pod. The control directory has no change notification in the stdlib, so
+    this polls; ``poll_interval`` bounds the added latency.
+
+    Raises TimeoutError when ``timeout`` seconds pass without an outcome.
+    """
+    directory = _require_dir(directory)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        # A restored process sees the new pod's (empty) control directory, so the order of these
+        # checks only matters if both files exist, which the agent never does.
+        if (directory / RESTORE_COMPLETE).exists():
+            return Outcome.RESTORE_COMPLETE
+        if (directory / SNAPSHOT_COMPLETE).exists():
+            return Outcome.SNAPSHOT_COMPLETE
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no checkpoint outcome in {directory} after {timeout} s")
+        time.sleep(poll_interval)

@@ -1,0 +1,38 @@
+"""Fixtures for the node-machinery tests: one real containerd + runc node per session and CRIU.
+Tests whose real parts are missing on this machine skip with the reason (``node_harness.missing``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dynamo_snapshot.agent import criu
+from tests.agent import node_harness as harness
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Node]:
+    reason = harness.missing()
+    if reason:
+        pytest.skip(reason)
+    with harness.running_node(tmp_path_factory.mktemp("node")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def bundle() -> criu.CriuBundle:
+    reason = harness.missing()
+    if reason:
+        pytest.skip(reason)
+    return criu.CriuBundle.locate()
+
+
+@pytest.fixture
+def pods(node: harness.Node, tmp_path: Path) -> Iterator[harness.Pods]:
+    made = harness.Pods(node, tmp_path)
+    before = set(id(p) for p in node.pods)
+    yield made
+    for pod in [p for p in node.pods if id(p) not in before]:
+        node.remove_pod(pod)
