@@ -53,6 +53,12 @@ def with_condition(
     return result
 
 
+def controller_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    """An ownerReference that makes the owner the object's controller (garbage collected with it)."""
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
 def metadata(obj: dict[str, Any]) -> dict[str, Any]:
     return obj.get("metadata") or {}
 

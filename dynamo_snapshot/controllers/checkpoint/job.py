@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dynamo_snapshot.api import DynamoCheckpoint, names
+from dynamo_snapshot.controllers.common import controller_reference
 from dynamo_snapshot.controllers.podshape import checkpoint_source_template
 from dynamo_snapshot.controllers.storage import Storage
 
@@ -16,14 +17,7 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
 def owner_reference(ckpt: DynamoCheckpoint) -> dict[str, Any]:
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": names.CHECKPOINT_KIND,
-        "name": ckpt.metadata.name,
-        "uid": ckpt.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return controller_reference(names.API_VERSION, names.CHECKPOINT_KIND, ckpt.metadata.name, ckpt.metadata.uid)
 
 
 def checkpoint_job(

@@ -39,7 +39,6 @@ from dynamo_snapshot.controllers.checkpoint.ids import (
 )
 from dynamo_snapshot.controllers.checkpoint.job import JOB_NAME_LABEL, OUTCOME_FINALIZER, build_checkpoint_job
 from dynamo_snapshot.controllers.common import (
-    DAEMONSETS,
     FIELD_MANAGER,
     is_deleting,
     metadata,
@@ -49,12 +48,12 @@ from dynamo_snapshot.controllers.common import (
     with_condition,
 )
 from dynamo_snapshot.controllers.podshape import MissingContainer
-from dynamo_snapshot.controllers.storage import StorageNotReady, StorageUnavailable, resolve_storage
+from dynamo_snapshot.controllers.storage import StorageNotReady, StorageUnavailable
+from dynamo_snapshot.controllers.storage_view import StorageView
 from dynamo_snapshot.kube import (
     DYNAMO_CHECKPOINTS,
     JOBS,
     LEASES,
-    PERSISTENT_VOLUME_CLAIMS,
     PODS,
     AlreadyExists,
     Client,
@@ -131,16 +130,13 @@ class CheckpointController:
             indexers={JOB_NAME_INDEX: index_by_label(JOB_NAME_LABEL)})
         self.leases: Informer[Any] = factory.informer(LEASES, namespace=namespace,
                                                       label_selector=names.LABEL_CHECKPOINT_ID)
-        self.daemonsets: Informer[Any] = factory.informer(
-            DAEMONSETS, namespace=namespace,
-            label_selector=f"{names.LABEL_APP_COMPONENT}={names.AGENT_COMPONENT}")
-        self.pvcs: Informer[Any] = factory.informer(PERSISTENT_VOLUME_CLAIMS, namespace=namespace)
+        self.storage = StorageView(factory, config, namespace=namespace)
         self.controller = Controller("checkpoint", self.reconcile, workers=workers)
         self.controller.watch(self.checkpoints)
         self.controller.watch(self.jobs, mapper=self._job_owner_keys)
         self.controller.watch(self.leases, mapper=self._checkpoints_with_same_id)
-        self.controller.watch(self.daemonsets, mapper=self._undecided_in_namespace)
-        self.controller.watch(self.pvcs, mapper=self._undecided_in_namespace)
+        self.controller.watch(self.storage.daemonsets, mapper=self._undecided_in_namespace)
+        self.controller.watch(self.storage.pvcs, mapper=self._undecided_in_namespace)
 
     # -- mapping related objects to checkpoint keys ------------------------------------------------------
     @staticmethod
@@ -261,13 +257,8 @@ class _Reconcile:
             return None
 
     async def _create_job(self, name: str, version: str) -> Result | None:
-        config = self.ctrl.config
         try:
-            storage = resolve_storage(
-                self.namespace, config,
-                daemonsets=self.ctrl.daemonsets.store.by_index("namespace", self.namespace),
-                pvc_names=[metadata(p)["name"] for p in self.ctrl.pvcs.store.by_index("namespace", self.namespace)],
-            )
+            storage = self.ctrl.storage.resolve(self.namespace)
             body = build_checkpoint_job(self.ckpt, name=name, checkpoint_id=self.checkpoint_id,
                                         artifact_version=version, storage=storage)
         except StorageNotReady as err:
@@ -407,10 +398,7 @@ class _Finalize:
         if not checkpoint_id:
             return await self._release("no checkpoint ID was ever recorded: nothing to clean up")
         try:
-            storage = resolve_storage(
-                self.namespace, self.ctrl.config,
-                daemonsets=self.ctrl.daemonsets.store.by_index("namespace", self.namespace),
-                pvc_names=[metadata(p)["name"] for p in self.ctrl.pvcs.store.by_index("namespace", self.namespace)])
+            storage = self.ctrl.storage.resolve(self.namespace)
             body = build_cleanup_job(convert(self.raw, DynamoCheckpoint), checkpoint_id, storage,
                                      self.ctrl.config.checkpoint.cleanup_image)
         except (StorageUnavailable, StorageNotReady, UnsafeCleanupPath, InvalidObject) as err:

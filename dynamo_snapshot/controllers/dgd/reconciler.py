@@ -10,7 +10,6 @@ import structlog
 
 from dynamo_snapshot.api import DeletionPolicy, DynamoGraphDeployment, InvalidObject, convert, names
 from dynamo_snapshot.controllers.common import (
-    DAEMONSETS,
     FIELD_MANAGER,
     REPLICASETS,
     is_deleting,
@@ -20,12 +19,12 @@ from dynamo_snapshot.controllers.common import (
 )
 from dynamo_snapshot.controllers.dgd.plan import REASON_WAITING, ComponentPlan, plan_component
 from dynamo_snapshot.controllers.dgd.workload import dgd_owner_reference, replicaset
-from dynamo_snapshot.controllers.storage import StorageNotReady, StorageUnavailable, resolve_storage
+from dynamo_snapshot.controllers.storage import Storage, StorageNotReady, StorageUnavailable
+from dynamo_snapshot.controllers.storage_view import StorageView
 from dynamo_snapshot.hashing import marshal
 from dynamo_snapshot.kube import (
     DYNAMO_CHECKPOINTS,
     DYNAMO_GRAPH_DEPLOYMENTS,
-    PERSISTENT_VOLUME_CLAIMS,
     AlreadyExists,
     Client,
     Conflict,
@@ -71,10 +70,7 @@ class DGDController:
             REPLICASETS, namespace=namespace, label_selector=names.LABEL_DGD_NAME,
             indexers={DGD_INDEX: index_by_label(names.LABEL_DGD_NAME)})
         self.checkpoints: Informer[Any] = factory.informer(DYNAMO_CHECKPOINTS, namespace=namespace)
-        self.daemonsets: Informer[Any] = factory.informer(
-            DAEMONSETS, namespace=namespace,
-            label_selector=f"{names.LABEL_APP_COMPONENT}={names.AGENT_COMPONENT}")
-        self.pvcs: Informer[Any] = factory.informer(PERSISTENT_VOLUME_CLAIMS, namespace=namespace)
+        self.storage = StorageView(factory, config, namespace=namespace)
         self.controller = Controller("dynamographdeployment", self.reconcile, workers=workers)
         self.controller.watch(self.dgds)
         self.controller.watch(self.replicasets, mapper=_dgd_keys_of)
@@ -109,12 +105,9 @@ class _Reconcile:
         self.name = self.meta["name"]
         self.log = log.bind(namespace=self.namespace, name=self.name)
 
-    def _storage(self):
+    def _storage(self) -> Storage | None:
         try:
-            return resolve_storage(
-                self.namespace, self.ctrl.config,
-                daemonsets=self.ctrl.daemonsets.store.by_index("namespace", self.namespace),
-                pvc_names=[metadata(p)["name"] for p in self.ctrl.pvcs.store.by_index("namespace", self.namespace)])
+            return self.ctrl.storage.resolve(self.namespace)
         except (StorageUnavailable, StorageNotReady):
             return None
 

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from dynamo_snapshot.api import DynamoGraphDeployment, EnvVar, Service, names, to_dict
+from dynamo_snapshot.controllers.common import controller_reference
 
 MAIN_CONTAINER = "main"
 # DGD resource names that are shorthands for Kubernetes resource names.
@@ -64,14 +65,7 @@ def replicaset_name(dgd_name: str, component: str, worker_hash: str) -> str:
 
 
 def dgd_owner_reference(dgd: DynamoGraphDeployment) -> dict[str, Any]:
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": names.DGD_KIND,
-        "name": dgd.metadata.name,
-        "uid": dgd.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return controller_reference(names.API_VERSION, names.DGD_KIND, dgd.metadata.name, dgd.metadata.uid)
 
 
 def replicaset(
