@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup k8s helm node run test test-unit lint bench stop clean
+.PHONY: setup k8s helm node run test test-unit lint bench stop clean e2e
+
+# Images: agent-image, operator-image, placeholder-image (RUNTIME_IMAGE=..., CRIU_REPO=..., CRIU_REF=...), images
+include images/Makefile.inc
 
 .venv/bin/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +40,15 @@ test-unit: $(BIN)/.installed
 	$(BIN)/pytest -m "not integration and not containers and not e2e and not gpu" $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check dynamo_snapshot tests bench
+	$(BIN)/ruff check dynamo_snapshot tests bench images
 
 bench: setup
 	$(BIN)/pip install -q -e '.[test,dev,bench]'
 	$(BIN)/python bench/informer.py
+
+# Checkpoint + restore in a kind cluster (needs a Docker engine; says so and exits 0 without one).
+e2e:
+	hack/kind/e2e.sh
 
 stop:
 	-pkill -f "$(CURDIR)/.local/cluster" || true
