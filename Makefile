@@ -30,7 +30,7 @@ node:
 
 setup: $(BIN)/.installed k8s helm
 
-run: setup
+run: setup node
 	$(BIN)/dynamo-snapshot demo
 
 test: setup node
@@ -52,6 +52,7 @@ e2e:
 
 stop:
 	-pkill -f "$(CURDIR)/.local/cluster" || true
+	-$(BIN)/python -m dynamo_snapshot.devcluster.node clean .local/cluster
 
 clean:
 	rm -rf .local build dist *.egg-info

@@ -7,10 +7,17 @@ The version directory holds CRIU's images and ``dump.log``, ``rootfs-diff.tar``,
 ``deleted-files.json``, ``dev-shm.tar`` and ``manifest.json``. The manifest is written last and lists
 every other file with its size and SHA-256: no manifest, no checkpoint. A restore verifies all of it
 (and that nothing else is there) before it touches the placeholder.
+
+Files larger than ``DIGEST_CHUNK`` carry one SHA-256 per chunk (``chunkBytes``, ``chunkSha256``)
+instead of one for the whole file, so both sides hash with every core: a GPU worker's page image
+is one file of many GiB, and a single SHA-256 stream over it (about 2 GB/s) would cost more than
+reading it. Verification reads every byte with ``io_threads`` readers in parallel, which also brings
+the image into the page cache ahead of CRIU's sequential reads (the restore's prefetch).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -21,6 +28,8 @@ import platform
 import re
 import shutil
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +49,7 @@ ROOTFS_DIFF = "rootfs-diff.tar"
 DEV_SHM = "dev-shm.tar"
 MANIFEST_FORMAT = 1
 _CHUNK = 4 << 20
+DIGEST_CHUNK = 64 << 20  # files above this get one digest per chunk; chunks are hashed in parallel
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
@@ -92,6 +102,22 @@ class ArtifactLayout:
         return self.final_dir
 
 
+
+
+def withdraw(final: Path) -> None:
+    """Take a promoted version back out (it was never confirmed): one rename out of ``versions/`` into
+    its staging area, so restores stop seeing it at once, then removal."""
+    versions = final.parent
+    doomed = versions / names.STAGING_DIR / f"withdrawn-{uuid.uuid4()}"
+    doomed.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(final, doomed)
+    except FileNotFoundError:
+        return
+    _fsync_dir(versions)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -124,6 +150,49 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def default_io_threads() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def sha256_range(path: Path, offset: int, length: int) -> str:
+    """SHA-256 of ``length`` bytes of ``path`` from ``offset`` (pread and hashlib release the GIL)."""
+    h = hashlib.sha256()
+    buf = bytearray(min(_CHUNK, max(length, 1)))
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
+            if n <= 0:
+                raise ArtifactInvalid(f"{path} ends at byte {offset + done}, before the {length} bytes to hash")
+            h.update(view[:n])
+            done += n
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _ranges(size: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(chunk, size - start)) for start in range(0, size, chunk)] or [(0, 0)]
+
+
+def _hash_all(jobs: list[tuple[Path, int, int]], threads: int) -> list[str]:
+    """Digest (path, offset, length) jobs with ``threads`` readers, results in job order."""
+    if threads <= 1 or len(jobs) <= 1:
+        return [sha256_range(*job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="digest") as pool:
+        return list(pool.map(lambda job: sha256_range(*job), jobs))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Compatibility:
     """What must match between the node that dumped and the node that restores."""
@@ -131,32 +200,47 @@ class Compatibility:
     criu_version: str
     kernel: str
     architecture: str
-    cuda_driver_version: str | None = None
-    gpus: tuple[str, ...] = ()
+    cuda_driver_version: str | None = None  # NVIDIA driver release, e.g. "580.159.04"
+    gpus: tuple[str, ...] = ()  # GPU UUIDs (the ones the checkpoint used; on a node: all of them)
+    gpu_models: tuple[str, ...] = ()  # the model of each of ``gpus``, "" when unknown
 
     @classmethod
     def of_this_node(
-        cls, criu_version: str, cuda_driver_version: str | None = None, gpus: tuple[str, ...] = ()
+        cls,
+        criu_version: str,
+        cuda_driver_version: str | None = None,
+        gpus: tuple[str, ...] = (),
+        gpu_models: tuple[str, ...] = (),
     ) -> Compatibility:
-        return cls(criu_version, platform.release(), platform.machine(), cuda_driver_version, gpus)
+        return cls(criu_version, platform.release(), platform.machine(), cuda_driver_version, gpus, gpu_models)
 
     def to_json(self) -> dict[str, Any]:
+        models = list(self.gpu_models) + [""] * (len(self.gpus) - len(self.gpu_models))
         return {
             "criuVersion": self.criu_version,
             "kernel": self.kernel,
             "architecture": self.architecture,
             "cudaDriverVersion": self.cuda_driver_version,
-            "gpus": list(self.gpus),
+            "gpus": [{"uuid": u, "model": m} for u, m in zip(self.gpus, models, strict=False)],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Compatibility:
+        gpus, models = [], []
+        for entry in data.get("gpus") or ():
+            if isinstance(entry, dict):  # {"uuid", "model"}; plain UUID strings in older manifests
+                gpus.append(str(entry.get("uuid", "")))
+                models.append(str(entry.get("model", "")))
+            else:
+                gpus.append(str(entry))
+                models.append("")
         return cls(
             criu_version=str(data["criuVersion"]),
             kernel=str(data["kernel"]),
             architecture=str(data["architecture"]),
             cuda_driver_version=data.get("cudaDriverVersion"),
-            gpus=tuple(data.get("gpus") or ()),
+            gpus=tuple(gpus),
+            gpu_models=tuple(models),
         )
 
 
@@ -178,6 +262,18 @@ def check_compatible(recorded: Compatibility, here: Compatibility) -> list[str]:
         )
     if recorded.cuda_driver_version and not here.cuda_driver_version:
         problems.append(f"holds CUDA state (driver {recorded.cuda_driver_version}) but this node has no CUDA driver")
+    elif recorded.cuda_driver_version and here.cuda_driver_version != recorded.cuda_driver_version:
+        # The restored process maps the user-space driver libraries of the release it ran with.
+        problems.append(
+            f"holds CUDA state of NVIDIA driver {recorded.cuda_driver_version}, this node has driver "
+            f"{here.cuda_driver_version} (a CUDA checkpoint restores only on the same driver release)"
+        )
+    if recorded.cuda_driver_version and here.cuda_driver_version:
+        needed = collections.Counter(m for m in recorded.gpu_models if m)
+        present = collections.Counter(here.gpu_models)
+        short = [f"{n} x {model} (node has {present[model]})" for model, n in needed.items() if present[model] < n]
+        if short:
+            problems.append("needs GPUs this node lacks: " + ", ".join(short))
     if problems:
         raise ArtifactIncompatible("checkpoint cannot be restored here: " + "; ".join(problems))
     warnings = []
@@ -186,18 +282,33 @@ def check_compatible(recorded: Compatibility, here: Compatibility) -> list[str]:
     return warnings
 
 
-def write_manifest(staging: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """Digest every file in ``staging`` and write ``manifest.json`` last, atomically."""
-    files = []
+def write_manifest(
+    staging: Path, fields: dict[str, Any], io_threads: int | None = None, chunk_bytes: int = DIGEST_CHUNK
+) -> dict[str, Any]:
+    """Digest every file in ``staging`` (in parallel) and write ``manifest.json`` last, atomically."""
+    threads = io_threads or default_io_threads()
+    paths: list[tuple[str, Path, int]] = []
     for path in sorted(p for p in staging.rglob("*") if not p.is_dir()):
         rel = path.relative_to(staging).as_posix()
         if rel == MANIFEST or rel.startswith(f".{MANIFEST}"):
             continue
         if path.is_symlink() or not path.is_file():
             raise CheckpointError(f"{path} is not a regular file; an artifact holds regular files only")
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
-        files.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
+        paths.append((rel, path, path.stat().st_size))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fsync") as pool:
+        list(pool.map(_fsync_file, [path for _, path, _ in paths]))
+    jobs: list[tuple[Path, int, int]] = []
+    for _, path, size in paths:
+        pieces = _ranges(size, chunk_bytes) if size > chunk_bytes else [(0, size)]
+        jobs += [(path, start, length) for start, length in pieces]
+    digests = iter(_hash_all(jobs, threads))
+    files = []
+    for rel, _, size in paths:
+        if size > chunk_bytes:
+            chunks = [next(digests) for _ in _ranges(size, chunk_bytes)]
+            files.append({"path": rel, "size": size, "chunkBytes": chunk_bytes, "chunkSha256": chunks})
+        else:
+            files.append({"path": rel, "size": size, "sha256": next(digests)})
     manifest = {"formatVersion": MANIFEST_FORMAT, **fields, "files": files}
     tmp = staging / f".{MANIFEST}.tmp"
     with tmp.open("w") as f:
@@ -222,11 +333,21 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(directory: Path, checkpoint_id: str, here: Compatibility) -> dict[str, Any]:
+def verify(
+    directory: Path, checkpoint_id: str, here: Compatibility, io_threads: int | None = None
+) -> dict[str, Any]:
     """Check the artifact before anything is restored from it; returns the manifest.
 
     Refuses: a missing or unreadable manifest, another checkpoint ID, an incompatible node, a
     missing, resized or altered file, and any file the manifest does not list."""
+    manifest = verify_listing(directory, checkpoint_id, here)
+    verify_digests(directory, manifest, io_threads=io_threads)
+    return manifest
+
+
+def verify_listing(directory: Path, checkpoint_id: str, here: Compatibility) -> dict[str, Any]:
+    """Every check of ``verify`` but the digests: manifest, checkpoint ID, compatibility, every listed
+    file present with its size, nothing unlisted. Returns the manifest."""
     manifest = read_manifest(directory)
     if manifest.get("formatVersion") != MANIFEST_FORMAT:
         raise ArtifactInvalid(
@@ -262,10 +383,41 @@ def verify(directory: Path, checkpoint_id: str, here: Compatibility) -> dict[str
         size = path.stat().st_size
         if size != entry.get("size"):
             raise ArtifactInvalid(f"{path} is {size} bytes; the manifest says {entry.get('size')}")
-        digest = sha256_file(path)
-        if digest != entry.get("sha256"):
-            raise ArtifactInvalid(f"{path} has SHA-256 {digest}; the manifest says {entry.get('sha256')}")
     return manifest
+
+
+def verify_digests(
+    directory: Path,
+    manifest: dict[str, Any],
+    only: Callable[[str], bool] = lambda rel: True,
+    io_threads: int | None = None,
+) -> None:
+    """Check the SHA-256 of every byte of the listed files that ``only`` selects (after
+    ``verify_listing``), ``io_threads`` readers in parallel."""
+    jobs: list[tuple[Path, int, int]] = []
+    expected: list[tuple[str, int, int, int, str]] = []  # path, offset, length, file size, digest
+    for entry in sorted(manifest.get("files") or [], key=lambda e: str(e.get("path"))):
+        rel = str(entry["path"])
+        if not only(rel):
+            continue
+        path, size = directory / rel, int(entry["size"])
+        chunk = entry.get("chunkBytes")
+        if chunk is not None:
+            digests = entry.get("chunkSha256") or []
+            ranges = _ranges(size, int(chunk)) if isinstance(chunk, int) and chunk > 0 else []
+            if not ranges or len(digests) != len(ranges):
+                raise ArtifactInvalid(f"{directory / MANIFEST} has a malformed chunk list for {rel}")
+            for (start, length), digest in zip(ranges, digests, strict=True):
+                jobs.append((path, start, length))
+                expected.append((rel, start, length, size, str(digest)))
+        else:
+            jobs.append((path, 0, size))
+            expected.append((rel, 0, size, size, str(entry.get("sha256"))))
+    digests = _hash_all(jobs, io_threads or default_io_threads())
+    for (rel, start, length, size, want), got in zip(expected, digests, strict=True):
+        if got != want:
+            where = f" in bytes {start}-{start + length}" if length != size else ""
+            raise ArtifactInvalid(f"{directory / rel} has SHA-256 {got}{where}; the manifest says {want}")
 
 
 def discard_staging(staging: Path, keep_log_at: Path | None = None) -> None:

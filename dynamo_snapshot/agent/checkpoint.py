@@ -9,11 +9,14 @@
     dev-shm   /dev/shm contents -> dev-shm.tar (still frozen)
     manifest  every file's size and SHA-256, written last
     promote   one rename from versions/tmp/<uuid> to versions/<artifactVersion>
+    confirm   the caller's confirmation (the agent annotates the checkpoint Job), still frozen
     release   thaw; then tell the workload snapshot-complete
 
 A guard process (``guard.py``) is armed before the first step that changes the workload: if the
 pipeline fails or dies before the promotion, the workload is killed and thawed and the staging
-directory removed, so nothing is left frozen, stopped or half-promoted.
+directory removed, so nothing is left frozen, stopped or half-promoted. Between the promotion and the
+confirmation the guard also takes the promoted version back out of ``versions/``: an unconfirmed
+checkpoint must not be restored from, nor block the next attempt.
 """
 
 from __future__ import annotations
@@ -51,10 +54,12 @@ class Stage(enum.StrEnum):
     DEV_SHM = "dev-shm"
     MANIFEST = "manifest"
     PROMOTE = "promote"
+    CONFIRM = "confirm"
     RELEASE = "release"
 
 
 StageObserver = Callable[[Stage], Awaitable[None]]
+Confirm = Callable[[Path], Awaitable[None]]  # gets the promoted directory
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,11 @@ async def checkpoint(
     bundle: criu.CriuBundle,
     cuda: CudaStep | None = None,
     observer: StageObserver | None = None,
+    settings: criu.CriuSettings | None = None,
+    confirm: Confirm | None = None,
 ) -> CheckpointResult:
     cuda = cuda or NoCuda()
+    settings = settings or criu.CriuSettings()
     bound = log.bind(container_id=request.container_id, checkpoint_id=request.checkpoint_id)
     stages = Stages[Stage]("checkpoint", bound, observer)
     enter, leave = stages.enter, stages.leave
@@ -165,6 +173,7 @@ async def checkpoint(
 
     kept_log = layout.failed_log(staging)
     guard = await Guard.start(source.freezer, source.init_pid, staging, kept_log)
+    final: Path | None = None
     try:
         await enter(Stage.CUDA)
         host_to_vpid = {tid: vpid for vpid, tid in source.tasks.items()}
@@ -177,7 +186,8 @@ async def checkpoint(
         leave(Stage.FREEZE)
 
         await enter(Stage.DUMP)
-        options = criu.DumpOptions(
+        options = criu.DumpOptions.configured(
+            settings,
             pid=source.root_pid,
             images_dir=staging,
             freeze_cgroup=source.freezer.path,
@@ -190,8 +200,13 @@ async def checkpoint(
             await guard.watch(pid)
             await stages.notify(Stage.DUMP_RUNNING)
 
+        # CRIU runs in the container's UTS and IPC namespaces (host mount, PID and network ones): what it
+        # shares with the workload it does not record, so a restore leaves the workload in the
+        # placeholder's UTS and IPC namespaces (its hostname is the restore pod's) instead of creating
+        # new ones, which would need a writable /proc/sys the kubelet does not give containers.
+        shared = ["nsenter", "--target", str(source.init_pid), "--uts", "--ipc", "--"]
         await criu.run(
-            "dump", [*bundle.command(), *options.argv()], staging / options.log_file, on_started=dump_started
+            "dump", [*shared, *bundle.command(), *options.argv()], staging / options.log_file, on_started=dump_started
         )
         leave(Stage.DUMP)
 
@@ -211,7 +226,9 @@ async def checkpoint(
         leave(Stage.DEV_SHM)
 
         await enter(Stage.MANIFEST)
-        compatibility = artifact.Compatibility.of_this_node(criu_version, cuda_state.driver_version, cuda_state.gpus)
+        compatibility = artifact.Compatibility.of_this_node(
+            criu_version, cuda_state.driver_version, cuda_state.gpus, cuda_state.gpu_models
+        )
         fields = {
             "checkpointID": request.checkpoint_id,
             "artifactVersion": request.artifact_version,
@@ -227,21 +244,29 @@ async def checkpoint(
                 "deletedPaths": deleted,
             },
             "criu": {"externalMounts": source.external_mounts, "dumpArgv": options.argv()},
-            "cuda": {"processes": sorted(host_to_vpid[p] for p in cuda_state.processes if p in host_to_vpid)},
+            "cuda": cuda_state.manifest_block(host_to_vpid.get),
         }
         manifest = await anyio.to_thread.run_sync(artifact.write_manifest, staging, fields)
         leave(Stage.MANIFEST)
 
         await enter(Stage.PROMOTE)
         final = await anyio.to_thread.run_sync(layout.promote, staging)
+        await guard.promoted(final)
         leave(Stage.PROMOTE)
+
+        await enter(Stage.CONFIRM)
+        if confirm is not None:
+            await confirm(final)
+        await guard.confirmed()
+        leave(Stage.CONFIRM)
     except BaseException as exc:
         bound.error("checkpoint failed; killing the workload", error=str(exc))
         with anyio.CancelScope(shield=True):
             try:
-                await cuda.abort()
-            finally:
+                # Kill first: the workload may be frozen, and undoing a CUDA lock needs it running.
                 await guard.trip()
+            finally:
+                await cuda.abort()
         if isinstance(exc, CriuFailed) and kept_log.exists():
             exc.log_path = str(kept_log)
         raise
@@ -250,6 +275,11 @@ async def checkpoint(
     # Thaw before disarming: dying in between leaves a killed workload, never a frozen one.
     source.freezer.thaw()
     await guard.disarm()
+    try:
+        await cuda.release()  # a CUDA-locked source would hang in its first CUDA call, exit handlers included
+    except Exception as exc:
+        bound.error("the source did not get its GPU state back; killing it (the checkpoint is stored)", error=str(exc))
+        source.freezer.kill_all_but(source.init_pid)
     notified = True
     try:
         await control.signal_container(

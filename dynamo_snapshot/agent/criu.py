@@ -70,14 +70,26 @@ class CriuBundle:
 
 
 @dataclass(frozen=True)
+class CriuSettings:
+    """The node-wide CRIU choices an admin makes (the snapshot chart's ``config.criu``)."""
+
+    log_level: int = 4
+    tcp_established: bool = True
+    network_lock: str = "nftables"  # "" leaves CRIU's default (iptables)
+    timeout_s: int = 60
+    extra_args: tuple[str, ...] = ()  # appended to every dump and restore command line, as given
+
+
+@dataclass(frozen=True)
 class DumpOptions:
     """``criu dump`` of one process subtree of a container, from the host."""
 
     pid: int  # host PID of the subtree's root
     images_dir: Path
-    freeze_cgroup: Path
-    net_ns_inode: int
-    pid_ns_inode: int
+    # None for a plain process tree in the host's namespaces (agent/tree.py): CRIU freezes it itself.
+    freeze_cgroup: Path | None
+    net_ns_inode: int | None
+    pid_ns_inode: int | None
     external_mounts: Mapping[str, str]  # mountpoint in the container -> key in the images
     log_file: str = "dump.log"
     log_level: int = 4
@@ -92,6 +104,16 @@ class DumpOptions:
     manage_cgroups: str = "ignore"
     ghost_limit_bytes: int = 64 << 20
     timeout_s: int = 60
+    extra_args: tuple[str, ...] = ()
+    # CRIU's plugin directory: the bundle's (empty) one, so a host's CRIU CUDA plugin never runs
+    # cuda-checkpoint on processes the agent's CUDA step has already checkpointed.
+    libdir: str | None = None
+
+    @classmethod
+    def configured(cls, settings: CriuSettings, **fields: object) -> DumpOptions:
+        return cls(log_level=settings.log_level, tcp_established=settings.tcp_established,
+                   network_lock=settings.network_lock, timeout_s=settings.timeout_s,
+                   extra_args=settings.extra_args, **fields)  # type: ignore[arg-type]
 
     def argv(self) -> list[str]:
         args = [
@@ -103,14 +125,11 @@ class DumpOptions:
             "--log-file",
             self.log_file,
             f"-v{self.log_level}",
-            "--freeze-cgroup",
-            str(self.freeze_cgroup),
-            "--external",
-            f"net[{self.net_ns_inode}]:{EXTERNAL_NET_KEY}",
-            "--external",
-            f"pid[{self.pid_ns_inode}]:{EXTERNAL_PID_KEY}",
-            "--network-lock",
-            self.network_lock,
+            *(["--freeze-cgroup", str(self.freeze_cgroup)] if self.freeze_cgroup is not None else []),
+            *(["--external", f"net[{self.net_ns_inode}]:{EXTERNAL_NET_KEY}"] if self.net_ns_inode is not None else []),
+            *(["--external", f"pid[{self.pid_ns_inode}]:{EXTERNAL_PID_KEY}"] if self.pid_ns_inode is not None else []),
+            *(["--network-lock", self.network_lock] if self.network_lock else []),
+            *(["--libdir", self.libdir] if self.libdir else []),
             f"--manage-cgroups={self.manage_cgroups}",  # optional argument: must be attached
             "--ghost-limit",
             str(self.ghost_limit_bytes),
@@ -127,7 +146,7 @@ class DumpOptions:
             args.append("--skip-in-flight")
         if self.file_locks:
             args.append("--file-locks")
-        return args
+        return [*args, *self.extra_args]
 
 
 @dataclass(frozen=True)
@@ -137,19 +156,26 @@ class RestoreOptions:
 
     images_dir: str
     work_dir: str
-    pid_ns_fd: int
-    net_ns_fd: int
+    pid_ns_fd: int | None  # None: a plain process tree restored into the host's namespaces
+    net_ns_fd: int | None
     external_mounts: Mapping[str, str]  # key in the images -> path in the placeholder
     inherited_fds: Mapping[str, int] = field(default_factory=dict)  # resource ("pipe:[123]") -> fd
     join_namespaces: Mapping[str, str] = field(default_factory=dict)  # "uts" -> "/proc/1/ns/uts"
     log_file: str = "restore.log"
     log_level: int = 4
     pidfile: str = "restored.pid"
-    root: str = "/"
+    root: str | None = "/"
     tcp_close: bool = True
     file_locks: bool = True
     manage_cgroups: str = "ignore"
     timeout_s: int = 60
+    extra_args: tuple[str, ...] = ()
+    libdir: str | None = None  # see DumpOptions.libdir
+
+    @classmethod
+    def configured(cls, settings: CriuSettings, **fields: object) -> RestoreOptions:
+        return cls(log_level=settings.log_level, timeout_s=settings.timeout_s, extra_args=settings.extra_args,
+                   **fields)  # type: ignore[arg-type]
 
     def argv(self) -> list[str]:
         args = [
@@ -161,15 +187,13 @@ class RestoreOptions:
             "--log-file",
             self.log_file,
             f"-v{self.log_level}",
-            "--root",
-            self.root,
+            *(["--root", self.root] if self.root is not None else []),
             "--restore-detached",
             "--pidfile",
             self.pidfile,
-            "--inherit-fd",
-            f"fd[{self.pid_ns_fd}]:{EXTERNAL_PID_KEY}",
-            "--inherit-fd",
-            f"fd[{self.net_ns_fd}]:{EXTERNAL_NET_KEY}",
+            *(["--inherit-fd", f"fd[{self.pid_ns_fd}]:{EXTERNAL_PID_KEY}"] if self.pid_ns_fd is not None else []),
+            *(["--inherit-fd", f"fd[{self.net_ns_fd}]:{EXTERNAL_NET_KEY}"] if self.net_ns_fd is not None else []),
+            *(["--libdir", self.libdir] if self.libdir else []),
             f"--manage-cgroups={self.manage_cgroups}",  # optional argument: must be attached
             "--timeout",
             str(self.timeout_s),
@@ -184,7 +208,7 @@ class RestoreOptions:
             args.append("--tcp-close")
         if self.file_locks:
             args.append("--file-locks")
-        return args
+        return [*args, *self.extra_args]
 
 
 def log_tail(path: Path | None, stderr: bytes, lines: int = LOG_TAIL_LINES) -> str:

@@ -2,32 +2,105 @@
 
 Checkpoint: ``prepare`` finds the CUDA processes of the workload and locks them (with a timeout),
 ``checkpoint`` moves their GPU state into host memory and returns what the manifest must record
-(driver version, GPUs); then CRIU dumps. Restore: after CRIU, ``restore`` brings the GPU state back
-(remapping GPUs when the node's differ) and unlocks. ``abort`` undoes a lock after a failure, before
-the agent kills the workload.
+(driver version, GPUs); then CRIU dumps; ``release`` gives the source its GPU state back once the
+dump is stored (so it can exit cleanly or keep serving: a locked process would hang in its first CUDA
+call, its exit handlers included). Restore: ``check_restore`` refuses, before anything is touched,
+a target whose GPUs cannot hold the checkpoint's; after CRIU, ``restore`` brings the GPU state back
+(remapping GPUs when the target's differ) and unlocks. ``abort`` undoes what was done after a
+failure.
 
 ``NoCuda`` is the step on nodes and workloads without CUDA: it does nothing, but refuses a workload
 that does use a GPU, since dumping it without the CUDA step would produce a broken checkpoint.
+``DriverCuda`` is the step through the CUDA driver checkpoint API (``cuda_driver.py``).
+
+Ordering of ``DriverCuda`` (each guarantees the next never starts on a half-done workload):
+
+1. every process of the tree that maps or opens an NVIDIA device must be a CUDA process the driver
+   knows; one that is not (a forked helper, e.g. torch.compile's compile workers) cannot be
+   CUDA-checkpointed and CRIU cannot dump its device mappings, so it is refused **before anything is
+   locked** (``CudaHelperProcesses``, naming each);
+2. lock all (each with the timeout), then checkpoint all: a failure in either phase restores and
+   unlocks what was checkpointed and unlocks what was locked, and re-raises.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from dynamo_snapshot.agent import procfs
+import anyio
+import structlog
+
+from dynamo_snapshot.agent import cuda_devices, procfs
+from dynamo_snapshot.agent.cuda_devices import Gpu, GpuMismatch, NvidiaUsage
+from dynamo_snapshot.agent.cuda_driver import (
+    CheckpointDriver,
+    CudaError,
+    GpuPair,
+    NotACudaProcess,
+    ProcessState,
+    load_driver,
+)
 from dynamo_snapshot.agent.errors import SnapshotError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_LOCK_TIMEOUT_S = 10.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class CudaState:
-    """What a checkpoint's CUDA step recorded; goes into the manifest's compatibility block."""
+    """What a checkpoint's CUDA step recorded; goes into the manifest (compatibility and ``cuda``)."""
 
     driver_version: str | None = None
-    gpus: tuple[str, ...] = ()
-    processes: tuple[int, ...] = field(default=())  # host PIDs that held CUDA state
+    gpus: tuple[str, ...] = ()  # UUIDs of every GPU a checkpointed process used
+    processes: tuple[int, ...] = field(default=())  # PIDs that held CUDA state (host PIDs at checkpoint)
+    gpu_models: tuple[str, ...] = ()  # model of each entry of ``gpus``
+    process_gpus: Mapping[int, tuple[str, ...]] = field(default_factory=dict)  # PID -> its GPU UUIDs
+
+    @property
+    def devices(self) -> list[Gpu]:
+        models = dict(zip(self.gpus, self.gpu_models, strict=False))
+        return [Gpu(uuid=u, model=models.get(u, ""), minor=i) for i, u in enumerate(self.gpus)]
+
+    def manifest_block(self, to_recorded_pid: Callable[[int], int | None] = lambda p: p) -> dict[str, Any]:
+        """The manifest's ``cuda`` object, with PIDs as the restore will see them (``to_recorded_pid``
+        maps host PIDs to the container's)."""
+        processes, per_process = [], {}
+        for pid in self.processes:
+            recorded = to_recorded_pid(pid)
+            if recorded is None:
+                continue
+            processes.append(recorded)
+            per_process[str(recorded)] = list(self.process_gpus.get(pid, ()))
+        return {
+            "processes": sorted(processes),
+            "processGpus": per_process,
+            "devices": [{"uuid": u, "model": m} for u, m in zip(self.gpus, self.gpu_models, strict=False)],
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> CudaState:
+        compat = manifest.get("compatibility") or {}
+        block = manifest.get("cuda") or {}
+        gpus, models = [], []
+        for entry in compat.get("gpus") or ():
+            if isinstance(entry, Mapping):
+                gpus.append(str(entry.get("uuid", "")))
+                models.append(str(entry.get("model", "")))
+            else:
+                gpus.append(str(entry))
+                models.append("")
+        return cls(
+            driver_version=compat.get("cudaDriverVersion"),
+            gpus=tuple(gpus),
+            processes=tuple(int(p) for p in block.get("processes") or ()),
+            gpu_models=tuple(models),
+            process_gpus={int(k): tuple(v) for k, v in (block.get("processGpus") or {}).items()},
+        )
 
 
 class CudaStep(Protocol):
@@ -38,6 +111,10 @@ class CudaStep(Protocol):
     async def prepare(self, pids: Sequence[int]) -> None: ...
 
     async def checkpoint(self) -> CudaState: ...
+
+    async def release(self) -> None: ...
+
+    async def check_restore(self, recorded: CudaState, target_pid: int) -> None: ...
 
     async def restore(self, pids: Sequence[int], recorded: CudaState) -> None: ...
 
@@ -72,9 +149,291 @@ class NoCuda:
     async def checkpoint(self) -> CudaState:
         return CudaState()
 
+    async def release(self) -> None:
+        return None
+
+    async def check_restore(self, recorded: CudaState, target_pid: int) -> None:
+        if recorded.processes:
+            raise SnapshotError("the checkpoint holds CUDA state but this agent has no CUDA restore step configured")
+
     async def restore(self, pids: Sequence[int], recorded: CudaState) -> None:
         if recorded.processes:
             raise SnapshotError("the checkpoint holds CUDA state but this agent has no CUDA restore step configured")
 
     async def abort(self) -> None:
         return None
+
+
+class CudaHelperProcesses(CudaError):
+    """Processes of the workload hold NVIDIA device mappings without being CUDA processes."""
+
+    def __init__(self, helpers: Sequence[tuple[NvidiaUsage, str]]):
+        self.pids = [usage.pid for usage, _ in helpers]
+        lines = [
+            f"{cuda_devices.describe_process(usage.pid)} {usage.describe()} but is not a CUDA process ({why})"
+            for usage, why in helpers
+        ]
+        super().__init__(
+            "cannot checkpoint: "
+            + "; ".join(lines)
+            + ". The driver cannot checkpoint such a process and CRIU cannot dump its device mappings; nothing "
+            "was locked. Shut helper processes down before signalling ready-for-snapshot "
+            "(dynamo_snapshot.workload.stop_gpu_helpers(); for torch.compile, or TORCHINDUCTOR_COMPILE_THREADS=1)"
+        )
+
+
+@dataclass
+class _Tracked:
+    pid: int
+    gpus: tuple[str, ...]
+    locked: bool = False
+    checkpointed: bool = False
+
+
+async def _each(items: Sequence[T], fn: Callable[[T], Awaitable[None]], parallel: bool) -> list[BaseException]:
+    """Run ``fn`` on every item (concurrently or in order) and return the failures; every call runs
+    to its end, so the caller knows exactly what was done before it rolls back."""
+    failures: list[BaseException] = []
+
+    async def guarded(item: T) -> None:
+        try:
+            await fn(item)
+        except Exception as exc:
+            failures.append(exc)
+
+    if parallel and len(items) > 1:
+        async with anyio.create_task_group() as tg:
+            for item in items:
+                tg.start_soon(guarded, item)
+    else:
+        for item in items:
+            await guarded(item)
+    return failures
+
+
+class DriverCuda:
+    """The CUDA step through the driver's checkpoint API (cuda-bindings, or the cuda-checkpoint binary).
+
+    One instance serves one checkpoint (``prepare`` .. ``release``/``abort``) or one restore."""
+
+    def __init__(
+        self,
+        driver: CheckpointDriver | None = None,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+        parallel: bool = True,
+        node_gpus: Callable[[], list[Gpu]] = cuda_devices.gpus,
+        node_driver_version: Callable[[], str | None] = cuda_devices.driver_version,
+    ):
+        self._driver = driver
+        self.lock_timeout_s = lock_timeout_s
+        self.parallel = parallel
+        self._node_gpus = node_gpus
+        self._node_driver_version = node_driver_version
+        self._tracked: list[_Tracked] = []
+        self.gpu_pairs: list[GpuPair] = []  # the remapping of the last restore, for the record
+
+    async def _get_driver(self) -> CheckpointDriver:
+        if self._driver is None:
+            self._driver = await anyio.to_thread.run_sync(load_driver)
+        return self._driver
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    async def node_state(self) -> CudaState:
+        node = self._node_gpus()
+        return CudaState(
+            driver_version=self._node_driver_version(),
+            gpus=tuple(g.uuid for g in node),
+            gpu_models=tuple(g.model for g in node),
+        )
+
+    # -- checkpoint ------------------------------------------------------------------------------
+
+    async def prepare(self, pids: Sequence[int]) -> None:
+        """Find the tree's CUDA processes, refuse helpers holding NVIDIA devices, lock all."""
+        self._tracked = []
+        users = [u for u in map(cuda_devices.nvidia_usage, cuda_devices.thread_group_leaders(list(pids))) if u.any]
+        if not users:
+            log.info("no process of the workload uses an NVIDIA device; nothing to CUDA-checkpoint")
+            return
+        driver = await self._get_driver()
+        helpers: list[tuple[NvidiaUsage, str]] = []
+        cuda_users: list[NvidiaUsage] = []
+        for usage in users:
+            try:
+                state = await self._call(driver.state, usage.pid)
+            except NotACudaProcess as exc:
+                helpers.append((usage, str(exc).split("(", 1)[-1].rstrip(")")))
+                continue
+            if state is not ProcessState.RUNNING:
+                raise CudaError(
+                    f"{cuda_devices.describe_process(usage.pid)} is already CUDA-{state} (another checkpoint "
+                    "running, or a failed one); nothing was locked"
+                )
+            cuda_users.append(usage)
+        if helpers:
+            raise CudaHelperProcesses(helpers)
+        by_minor = {g.minor: g for g in self._node_gpus()}
+        self._tracked = [
+            _Tracked(u.pid, tuple(by_minor[m].uuid for m in u.gpu_minors if m in by_minor)) for u in cuda_users
+        ]
+        timeout_ms = max(1, int(self.lock_timeout_s * 1000))
+        for tracked in self._tracked:  # one at a time: a timeout stops the rest from being locked at all
+            try:
+                await self._call(driver.lock, tracked.pid, timeout_ms)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._rollback()
+                raise
+            tracked.locked = True
+        log.info("CUDA processes locked", pids=[t.pid for t in self._tracked], driver=driver.name)
+
+    async def checkpoint(self) -> CudaState:
+        if not self._tracked:
+            return CudaState()
+        driver = await self._get_driver()
+
+        async def one(tracked: _Tracked) -> None:
+            await self._call(driver.checkpoint, tracked.pid)
+            tracked.checkpointed = True
+
+        failures = await _each(self._tracked, one, self.parallel)
+        if failures:
+            with anyio.CancelScope(shield=True):
+                await self._rollback()
+            raise failures[0]
+        node = {g.uuid: g for g in self._node_gpus()}
+        used = sorted({u for t in self._tracked for u in t.gpus})
+        return CudaState(
+            driver_version=self._node_driver_version(),
+            gpus=tuple(used),
+            processes=tuple(t.pid for t in self._tracked),
+            gpu_models=tuple(node[u].model if u in node else "" for u in used),
+            process_gpus={t.pid: t.gpus for t in self._tracked},
+        )
+
+    async def release(self) -> None:
+        """After a stored dump: restore (same GPUs) and unlock the source processes."""
+        if not self._tracked:
+            return
+        failures = await self._bring_back(self._tracked)
+        if failures:
+            raise failures[0]
+
+    async def abort(self) -> None:
+        """Bring back whatever this step locked or checkpointed; processes already gone are skipped."""
+        await self._rollback()
+
+    async def _rollback(self) -> None:
+        pending = [t for t in self._tracked if (t.locked or t.checkpointed) and procfs.proc(t.pid).exists()]
+        if not pending:
+            return
+        for failure in await self._bring_back(pending):
+            log.error("CUDA rollback failed; the process may stay CUDA-locked", error=str(failure))
+
+    async def _bring_back(self, tracked: Sequence[_Tracked]) -> list[BaseException]:
+        """Restore what was checkpointed, then unlock what was locked (all restores before any unlock,
+        so no process resumes while a peer still lacks its GPU state)."""
+        driver = await self._get_driver()
+
+        async def restore(t: _Tracked) -> None:
+            if t.checkpointed:
+                await self._call(driver.restore, t.pid, ())
+                t.checkpointed = False
+
+        failures = await _each([t for t in tracked if t.checkpointed], restore, self.parallel)
+
+        async def unlock(t: _Tracked) -> None:
+            if t.locked and not t.checkpointed:
+                await self._call(driver.unlock, t.pid)
+                t.locked = False
+
+        failures += await _each([t for t in tracked if t.locked], unlock, self.parallel)
+        return failures
+
+    # -- restore ---------------------------------------------------------------------------------
+
+    def _plan(self, recorded: CudaState, target_pid: int) -> list[GpuPair]:
+        target = cuda_devices.visible_gpus(target_pid, self._node_gpus())
+        try:
+            return cuda_devices.plan_gpu_pairs(recorded.devices, target)
+        except GpuMismatch as exc:
+            raise CudaError(f"cannot restore into PID {target_pid}'s GPUs: {exc}") from None
+
+    async def check_restore(self, recorded: CudaState, target_pid: int) -> None:
+        if not recorded.processes:
+            return
+        await self._get_driver()  # a node without the API fails here, before anything is touched
+        pairs = self._plan(recorded, target_pid)
+        if pairs:
+            log.info("restore will remap GPUs", pairs=pairs)
+
+    async def restore(self, pids: Sequence[int], recorded: CudaState) -> None:
+        """Restore the GPU state of every CUDA-checkpointed process of the restored tree, then unlock."""
+        if not recorded.processes:
+            return
+        driver = await self._get_driver()
+        checkpointed = []
+        for pid in cuda_devices.thread_group_leaders(list(pids)):
+            try:
+                state = await self._call(driver.state, pid)
+            except NotACudaProcess:
+                continue
+            if state is ProcessState.CHECKPOINTED:
+                checkpointed.append(pid)
+            elif state is not ProcessState.RUNNING:
+                raise CudaError(f"{cuda_devices.describe_process(pid)} is CUDA-{state} after the CRIU restore")
+        if len(checkpointed) != len(recorded.processes):
+            raise CudaError(
+                f"the checkpoint recorded {len(recorded.processes)} CUDA processes {list(recorded.processes)}, "
+                f"the restored tree has {len(checkpointed)} in the checkpointed state {checkpointed}"
+            )
+        pairs = self._plan(recorded, checkpointed[0])
+        self.gpu_pairs = pairs
+        self._tracked = []
+        pairs_of: dict[int, list[GpuPair]] = {}
+        for pid in checkpointed:
+            own = recorded.process_gpus.get(_recorded_pid(pid), ())
+            # The driver wants every GPU the process was checkpointed on, and only those.
+            pairs_of[pid] = [p for p in pairs if p[0] in own] if own else list(pairs)
+            tid = await self._call(driver.restore_thread_id, pid)
+            if not (procfs.proc(pid) / "task" / str(tid)).exists():
+                raise CudaError(f"PID {pid}: its CUDA restore thread {tid} is missing after the CRIU restore")
+            self._tracked.append(_Tracked(pid, tuple(new for _, new in pairs_of[pid]), locked=True, checkpointed=True))
+
+        async def one(t: _Tracked) -> None:
+            try:
+                await self._call(driver.restore, t.pid, pairs_of[t.pid])
+            except CudaError as exc:
+                raise CudaError(f"CUDA restore of PID {t.pid} failed: {exc}") from exc
+            t.checkpointed = False
+
+        failures = await _each(self._tracked, one, self.parallel)
+        if failures:
+            raise failures[0]
+
+        async def unlock(t: _Tracked) -> None:
+            await self._call(driver.unlock, t.pid)
+            t.locked = False
+
+        failures = await _each(self._tracked, unlock, self.parallel)
+        if failures:
+            raise failures[0]
+        log.info("CUDA state restored", pids=checkpointed, gpu_pairs=pairs, driver=driver.name)
+
+
+def _recorded_pid(host_pid: int) -> int:
+    """The PID a restored process has in its own namespace (what the manifest recorded)."""
+    try:
+        return procfs.ns_pid(host_pid)
+    except (OSError, KeyError, ValueError):
+        return host_pid
+
+
+def default_step(lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> CudaStep:
+    """``DriverCuda`` on a node with NVIDIA GPUs, ``NoCuda`` elsewhere; the driver itself is loaded
+    on first use, so a node without cuda-bindings fails only when a workload actually uses a GPU."""
+    if cuda_devices.driver_version() is None:
+        return NoCuda()
+    return DriverCuda(lock_timeout_s=lock_timeout_s)

@@ -4,12 +4,15 @@ Between freezing a workload and promoting its artifact, the pipeline holds the w
 stopped (and, with CUDA, locked). If the pipeline is killed there, nothing in it can clean up, so
 every checkpoint starts this guard first. The guard reads commands on its stdin from the pipeline:
 
-    watch <pid>   also kill this process on failure (the running CRIU)
-    disarm        the checkpoint succeeded (or the pipeline cleaned up itself): exit, do nothing
+    watch <pid>      also kill this process on failure (the running CRIU)
+    promoted <dir>   the artifact was promoted to <dir>: on failure, withdraw it too
+    confirmed        the promoted artifact was confirmed: keep it, whatever happens next
+    disarm           the checkpoint succeeded (or the pipeline cleaned up itself): exit, do nothing
 
 End of input without ``disarm`` (the pipeline finished with an error or died) makes the guard kill
 the watched processes, SIGKILL the workload (every process of the container's cgroup but its
-init), thaw the cgroup and remove the staging directory, keeping CRIU's log in
+init), thaw the cgroup, withdraw an unconfirmed promoted artifact and remove the staging directory,
+keeping CRIU's log in
 ``<base>/<checkpointID>/failed/<attempt>/dump.log``. The pipeline's own error path uses the
 same guard (it closes the pipe and waits), so there is one cleanup, whichever way it ends.
 """
@@ -29,7 +32,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from dynamo_snapshot.agent.artifact import discard_staging
+from dynamo_snapshot.agent.artifact import discard_staging, withdraw
 from dynamo_snapshot.agent.cgroups import Freezer
 
 log = structlog.get_logger(__name__)
@@ -52,13 +55,20 @@ def _kill_and_wait(pid: int) -> None:
 
 
 def clean_up(
-    freezer: Freezer, spare: int, watched: list[int], staging: Path | None, keep_log_at: Path | None
+    freezer: Freezer,
+    spare: int,
+    watched: list[int],
+    staging: Path | None,
+    keep_log_at: Path | None,
+    unconfirmed: Path | None = None,
 ) -> list[int]:
     """Kill what the pipeline left behind; returns the killed workload PIDs."""
     for pid in watched:
         _kill_and_wait(pid)  # CRIU first: it may re-freeze the cgroup on its way out
     killed = freezer.kill_all_but(spare)
     freezer.thaw()
+    if unconfirmed is not None:
+        withdraw(unconfirmed)
     if staging is not None:
         discard_staging(staging, keep_log_at)
     return killed
@@ -75,13 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline's terminal or process group is not ours
     freezer = Freezer(args.freezer, v2=args.cgroup_v2)
     watched: list[int] = []
+    unconfirmed: Path | None = None
     for line in sys.stdin:
         command, _, value = line.strip().partition(" ")
         if command == "disarm":
             return 0
         if command == "watch" and value.isdigit():
             watched.append(int(value))
-    killed = clean_up(freezer, args.spare, watched, args.staging, args.keep_log_at)
+        elif command == "promoted" and value:
+            unconfirmed = Path(value)
+        elif command == "confirmed":
+            unconfirmed = None
+    killed = clean_up(freezer, args.spare, watched, args.staging, args.keep_log_at, unconfirmed)
     print(
         f"checkpoint-guard: pipeline ended without success; killed workload {killed}, thawed {args.freezer}",
         file=sys.stderr,
@@ -123,6 +138,12 @@ class Guard:
 
     async def watch(self, pid: int) -> None:
         await self._send(f"watch {pid}")
+
+    async def promoted(self, directory: Path) -> None:
+        await self._send(f"promoted {directory}")
+
+    async def confirmed(self) -> None:
+        await self._send("confirmed")
 
     async def disarm(self) -> None:
         await self._send("disarm")

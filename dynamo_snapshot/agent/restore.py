@@ -123,7 +123,12 @@ def _open_stdio(info: ContainerInfo, recorded: list[str]) -> dict[str, int]:
 
 
 async def _run_criu(
-    info: ContainerInfo, bundle: criu.CriuBundle, images: Path, work_dir: Path, manifest: dict[str, Any]
+    info: ContainerInfo,
+    bundle: criu.CriuBundle,
+    images: Path,
+    work_dir: Path,
+    manifest: dict[str, Any],
+    settings: criu.CriuSettings,
 ) -> None:
     opened: list[int] = []
 
@@ -146,7 +151,8 @@ async def _run_criu(
         def ref(fd: int) -> str:  # how CRIU, inside the placeholder, reaches a descriptor we opened
             return f"/proc/self/fd/{fd}"
 
-        options = criu.RestoreOptions(
+        options = criu.RestoreOptions.configured(
+            settings,
             images_dir=ref(images_fd),
             work_dir=ref(work_fd),
             pid_ns_fd=pid_ns_fd,
@@ -192,8 +198,10 @@ async def restore(
     cuda: CudaStep | None = None,
     observer: StageObserver | None = None,
     kill_on_failure: bool = True,
+    settings: criu.CriuSettings | None = None,
 ) -> RestoreResult:
     cuda = cuda or NoCuda()
+    settings = settings or criu.CriuSettings()
     bound = log.bind(container_id=request.container_id, checkpoint_id=request.checkpoint_id)
     stages = Stages[Stage]("restore", bound, observer)
     enter, leave = stages.enter, stages.leave
@@ -209,11 +217,16 @@ async def restore(
         await enter(Stage.VERIFY)
         node_cuda = await cuda.node_state()
         here = artifact.Compatibility.of_this_node(
-            await anyio.to_thread.run_sync(bundle.version), node_cuda.driver_version, node_cuda.gpus
+            await anyio.to_thread.run_sync(bundle.version),
+            node_cuda.driver_version,
+            node_cuda.gpus,
+            node_cuda.gpu_models,
         )
         images = layout.final_dir
         manifest = await anyio.to_thread.run_sync(artifact.verify, images, request.checkpoint_id, here)
         mountpoints = _check_mounts(info, manifest)
+        recorded = CudaState.from_manifest(manifest)
+        await cuda.check_restore(recorded, info.pid)  # GPUs the placeholder cannot provide: refuse now
         leave(Stage.VERIFY)
 
         await enter(Stage.PIDS)
@@ -230,7 +243,7 @@ async def restore(
 
         await enter(Stage.CRIU)
         work_dir.mkdir(parents=True, exist_ok=True)
-        await _run_criu(info, bundle, images, work_dir, manifest)
+        await _run_criu(info, bundle, images, work_dir, manifest, settings)
         workload_pid = int((work_dir / "restored.pid").read_text())
         host_pid = procfs.tasks_in_pid_namespace(procfs.namespace_inode(info.pid, "pid")).get(workload_pid)
         if host_pid is None:
@@ -238,11 +251,6 @@ async def restore(
         leave(Stage.CRIU)
 
         await enter(Stage.CUDA)
-        recorded = CudaState(
-            driver_version=manifest["compatibility"].get("cudaDriverVersion"),
-            gpus=tuple(manifest["compatibility"].get("gpus") or ()),
-            processes=tuple(manifest.get("cuda", {}).get("processes", [])),
-        )
         await cuda.restore(procfs.process_tree(host_pid), recorded)
         leave(Stage.CUDA)
 

@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from dynamo_snapshot.workload import helpers
+
 CONTROL_DIR_ENV = "DYN_SNAPSHOT_CONTROL_DIR"
 RESTORE_STANDBY_ENV = "DYN_SNAPSHOT_RESTORE_STANDBY"
 
@@ -73,9 +75,17 @@ def read_signal(name: str, directory: Path | None = None) -> str | None:
         return None
 
 
-def mark_ready_for_snapshot(directory: Path | None = None) -> Path:
-    """Tell the agent this worker is warmed up and quiescent."""
-    return write_signal(READY_FOR_SNAPSHOT, f"{time.time():.3f}\n", directory)
+def mark_ready_for_snapshot(directory: Path | None = None, stop_helpers: bool = True) -> Path:
+    """Tell the agent this worker is warmed up and quiescent: first the registered ``on_snapshot``
+    hooks run, then helper processes that would block a CUDA checkpoint are shut down
+    (``helpers.stop_gpu_helpers``, e.g. torch.compile's compile workers) and freed heap memory is
+    returned to the kernel (a smaller image)."""
+    target = _require_dir(directory)
+    helpers.run_snapshot_hooks()
+    if stop_helpers:
+        helpers.stop_gpu_helpers()
+    helpers.trim_host_memory()
+    return write_signal(READY_FOR_SNAPSHOT, f"{time.time():.3f}\n", target)
 
 
 def wait_for_outcome(
@@ -93,6 +103,7 @@ def wait_for_outcome(
         # A restored process sees the new pod's (empty) control directory, so the order of these
         # checks only matters if both files exist, which the agent never does.
         if (directory / RESTORE_COMPLETE).exists():
+            helpers.run_restore_hooks()
             return Outcome.RESTORE_COMPLETE
         if (directory / SNAPSHOT_COMPLETE).exists():
             return Outcome.SNAPSHOT_COMPLETE

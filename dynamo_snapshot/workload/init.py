@@ -1,6 +1,11 @@
 """snapshot-init: PID 1 of the placeholder image (stdlib only).
 
     snapshot-init [--] COMMAND [ARG...]
+    snapshot-init --runtime-entrypoint [ARG...]
+
+The second form is the ENTRYPOINT of images built by images/placeholder/Dockerfile: it runs what the
+wrapped runtime image would run for a container with these args (its ENTRYPOINT followed by the args,
+or by its CMD when there are none), as recorded in ``runtime-command.json`` at build time.
 
 Cold start and checkpoint source: runs COMMAND as its only child. Restore pod
 (``DYN_SNAPSHOT_RESTORE_STANDBY=1``): runs nothing and waits; the agent restores the checkpointed
@@ -47,6 +52,14 @@ STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 # How often a standby init looks for restore-complete (the stdlib has no file-change notification).
 STANDBY_POLL_INTERVAL = 0.1
 _NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+RUNTIME_ENTRYPOINT_FLAG = "--runtime-entrypoint"
+# The wrapped runtime image's ENTRYPOINT and CMD, which the placeholder's own ENTRYPOINT drops from the
+# image config; written next to the dynamo_snapshot package by images/placeholder/layout.py.
+RUNTIME_COMMAND_FILE = Path(__file__).resolve().parents[2] / "runtime-command.json"
+
+
+class UsageError(Exception):
+    """snapshot-init cannot tell what to run (exit status 2)."""
 
 
 def say(message: str) -> None:
@@ -96,6 +109,36 @@ def children_of_self() -> list[int]:
         with contextlib.suppress(OSError):
             pids.extend(int(p) for p in (task / "children").read_text().split())
     return sorted(pids)
+
+
+def _recorded_argv(recorded_at: Path, recorded: dict, key: str) -> list[str]:
+    value = recorded.get(key) or []  # null: the runtime image has none
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{recorded_at}: {key!r} is not a list of strings; rebuild the placeholder image")
+    return value
+
+
+def runtime_command(args: list[str], recorded_at: Path = RUNTIME_COMMAND_FILE) -> list[str]:
+    """What the runtime image runs for a container with ``args``, by the OCI and Kubernetes rule: its
+    ENTRYPOINT followed by the args, or by its CMD when the container gives none."""
+    try:
+        recorded = json.loads(recorded_at.read_text())
+    except FileNotFoundError:
+        raise UsageError(
+            f"{RUNTIME_ENTRYPOINT_FLAG}: {recorded_at} is missing, so the runtime image's entrypoint is unknown; "
+            "build the placeholder with `make placeholder-image` (images/placeholder/Dockerfile), "
+            "or give the container a command"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{RUNTIME_ENTRYPOINT_FLAG}: cannot read {recorded_at}: {exc}") from None
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{recorded_at} is not a JSON object; rebuild the placeholder image")
+    entrypoint, cmd = (_recorded_argv(recorded_at, recorded, key) for key in ("entrypoint", "cmd"))
+    argv = [*entrypoint, *(args or cmd)]
+    if not argv:
+        image = recorded.get("image") or "the runtime image"
+        raise UsageError(f"{image} has neither ENTRYPOINT nor CMD and the container gave no args: set its command")
+    return argv
 
 
 class Init:
@@ -208,13 +251,21 @@ class Init:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--"]:
+    # After either marker the rest is the container's argv verbatim (a workload's own "--" included).
+    as_runtime = args[:1] == [RUNTIME_ENTRYPOINT_FLAG]
+    if as_runtime or args[:1] == ["--"]:
         args = args[1:]
     standby = restore_standby()
     control = control_dir()
     if standby and control is None:
         say("DYN_SNAPSHOT_RESTORE_STANDBY is set but DYN_SNAPSHOT_CONTROL_DIR is not; cannot learn of the restore")
         return 2
+    if as_runtime and not standby:  # a restore pod runs nothing of its own: no need for the record
+        try:
+            args = runtime_command(args)
+        except UsageError as exc:
+            say(str(exc))
+            return 2
     if not standby and not args:
         say("usage: snapshot-init [--] COMMAND [ARG...]")
         return 2

@@ -9,14 +9,12 @@ locally built images with ``ctr -n k8s.io images import`` and talks CRI to it li
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +29,8 @@ from dynamo_snapshot.agent import checkpoint as ckpt
 from dynamo_snapshot.agent import criu
 from dynamo_snapshot.agent import restore as rst
 from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
+from dynamo_snapshot.devcluster import images
+from dynamo_snapshot.devcluster.node import Containerd
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("DYNAMO_SNAPSHOT_CACHE", Path.home() / ".cache" / "dynamo-snapshot"))
@@ -47,15 +47,7 @@ CGROUPS = Path("/sys/fs/cgroup")
 
 def _load_image_builder() -> Any:
     """hack/images/build_images.py, which is a script rather than part of the package."""
-    name = "dynamo_snapshot_build_images"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "hack" / "images" / "build_images.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return images.builder()
 
 
 def criu_bundle() -> Path:
@@ -108,6 +100,8 @@ class Node:
         self.bridge = "dsnap" + secrets.token_hex(3)
         self.subnet_octet = 100 + secrets.randbelow(100)
         self.cgroup_parent = f"/dynamo-snapshot-tests-{self.bridge}"
+        self.containerd = Containerd(workdir, pause_image=PAUSE_IMAGE, metrics_port=None, bridge=self.bridge,
+                                     subnet=f"10.{self.subnet_octet}.0.0/24")
         self._proc: subprocess.Popen[bytes] | None = None
         self._portal_cm: Any = None
         self.portal: anyio.from_thread.BlockingPortal | None = None
@@ -117,66 +111,7 @@ class Node:
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def _write_config(self) -> Path:
-        cni_bin = next(d for d in CNI_BIN_DIRS if Path(d, "bridge").exists())
-        net_d = self.workdir / "cni" / "net.d"
-        net_d.mkdir(parents=True)
-        conflist = {
-            "cniVersion": "0.4.0",
-            "name": "dynamo-snapshot-tests",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": self.bridge,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": f"10.{self.subnet_octet}.0.0/24"}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": str(self.workdir / "cni" / "ipam"),
-                    },
-                }
-            ],
-        }
-        (net_d / "10-bridge.conflist").write_text(json.dumps(conflist))
-        config = f"""
-version = 2
-root = "{self.workdir}/root"
-state = "{self.workdir}/state"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{self.socket}"
-[ttrpc]
-  address = "{self.workdir}/containerd.sock.ttrpc"
-[debug]
-  address = "{self.workdir}/debug.sock"
-[metrics]
-  address = ""
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{self.workdir}/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        Root = "{self.workdir}/runc"
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cni_bin}"
-    conf_dir = "{net_d}"
-"""
-        path = self.workdir / "config.toml"
-        path.write_text(config)
-        return path
+        return self.containerd.write_config()
 
     def start(self) -> Node:
         config = self._write_config()
@@ -250,51 +185,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 except subprocess.TimeoutExpired:
                     os.killpg(self._proc.pid, signal.SIGKILL)
                     self._proc.wait()
-            self._kill_leftover_shims()
-            self._kill_leftover_containers()
-            self._unmount_all()
-            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
-
-    def _kill_leftover_shims(self) -> None:
-        # Shims outlive containerd by design; only ours carry this node's socket in their command line.
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"containerd-shim" in cmdline and self.socket.encode() in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(proc.name), signal.SIGKILL)
-
-    def _kill_leftover_containers(self) -> None:
-        """Kill what is still in this node's cgroups (containers whose shim died), then remove them."""
-        trees = [h / self.cgroup_parent.lstrip("/") for h in CGROUPS.iterdir() if (h / "cgroup.procs").exists()]
-        for tree in trees:
-            for procs in tree.rglob("cgroup.procs") if tree.exists() else ():
-                for pid in procs.read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-        for tree in trees:
-            if not tree.exists():
-                continue
-            directories = sorted((d for d in tree.rglob("*") if d.is_dir()), key=lambda d: len(d.parts))
-            for directory in [*reversed(directories), tree]:
-                for _ in range(50):  # a killed task leaves its cgroup asynchronously
-                    try:
-                        directory.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-
-    def _unmount_all(self) -> None:
-        prefix = str(self.workdir) + "/"
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-        for mountpoint in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+            self.containerd.clean_up(self.cgroup_parent)
 
     # --- kubelet-like helpers --------------------------------------------------------------------------
 

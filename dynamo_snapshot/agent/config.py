@@ -1,0 +1,88 @@
+"""The agent's configuration file (``--config``; the snapshot chart renders ``config`` into it):
+
+    criu:
+      logLevel: 4            # CRIU log verbosity, 0-4
+      tcpEstablished: true   # dump established TCP connections instead of refusing them
+      networkLock: ""        # "" is CRIU's default (iptables); or nftables
+      timeoutSeconds: 600    # a dump or restore is given up after this long
+      extraArgs: []          # appended to every CRIU dump and restore command line
+
+A missing file or key keeps the default; an unknown key or a value of the wrong type is an error that
+names it, since a misspelt option silently ignored would make the agent do something else than asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dynamo_snapshot.agent.criu import CriuSettings
+
+NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _typed(section: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = section[key]
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSettings:
+    section = data or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {section!r}")
+    known = {"logLevel", "tcpEstablished", "networkLock", "timeoutSeconds", "extraArgs"}
+    if unknown := sorted(set(section) - known):
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    defaults = CriuSettings()
+    fields: dict[str, Any] = {}
+    if "logLevel" in section:
+        level = _typed(section, "logLevel", int, where)
+        if not 0 <= level <= 4:
+            raise ConfigError(f"{where}.logLevel: must be 0-4, got {level}")
+        fields["log_level"] = level
+    if "tcpEstablished" in section:
+        fields["tcp_established"] = _typed(section, "tcpEstablished", bool, where)
+    if "networkLock" in section:
+        lock = section["networkLock"] or ""
+        if lock not in NETWORK_LOCKS:
+            raise ConfigError(f"{where}.networkLock: {lock!r} is not one of {', '.join(map(repr, NETWORK_LOCKS))}")
+        fields["network_lock"] = lock
+    if "timeoutSeconds" in section:
+        timeout = _typed(section, "timeoutSeconds", int, where)
+        if timeout < 1:
+            raise ConfigError(f"{where}.timeoutSeconds: must be at least 1, got {timeout}")
+        fields["timeout_s"] = timeout
+    if "extraArgs" in section:
+        extra = section["extraArgs"] or []
+        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+            raise ConfigError(f"{where}.extraArgs: expected a list of strings, got {extra!r}")
+        fields["extra_args"] = tuple(extra)
+    return CriuSettings(**{**defaults.__dict__, **fields})
+
+
+def load(path: str | Path | None) -> CriuSettings:
+    """The CRIU settings of the agent's configuration file (defaults when there is none)."""
+    if path is None:
+        return CriuSettings()
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"agent configuration {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"agent configuration {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"agent configuration {path}: expected a mapping at the top level")
+    if unknown := sorted(set(data) - {"criu"}):
+        raise ConfigError(f"agent configuration {path}: unknown keys {', '.join(unknown)} (known: criu)")
+    try:
+        return criu_settings(data.get("criu"))
+    except ConfigError as err:
+        raise ConfigError(f"agent configuration {path}: {err}") from None

@@ -1,0 +1,228 @@
+"""What the host's /proc says about NVIDIA GPUs and the processes using them (no driver library).
+
+* ``nvidia_usage(pid)``: the NVIDIA device files a process has mapped (``/proc/<pid>/maps``) or open
+  (``/proc/<pid>/fd``). CRIU cannot dump either, so every such process must be a CUDA process whose
+  GPU state the driver checkpoints (which releases them) - or it must be gone before the dump.
+* ``gpus()``, ``driver_version()``: the node's GPUs (UUID, model, minor number) and driver release from
+  ``/proc/driver/nvidia``, for the manifest's compatibility record and GPU remapping on restore.
+* ``visible_gpus(pid)``: the GPUs whose device nodes exist in a process's root (a container sees
+  only its own), i.e. where a restored process can be put back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynamo_snapshot.agent import procfs
+
+NVIDIA_MAJOR = 195  # /dev/nvidia<minor> GPUs and /dev/nvidiactl (255); nvidia-uvm has a dynamic major
+_GPU_NODE = re.compile(r"^/dev/nvidia(\d+)$")
+_DEVICE_PREFIX = "/dev/nvidia"
+_DRIVER_VERSION = re.compile(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)")
+
+
+@dataclass(frozen=True)
+class NvidiaUsage:
+    """NVIDIA device files one process holds: mapped into its memory, or open as descriptors."""
+
+    pid: int
+    mapped: tuple[str, ...] = ()
+    open_files: tuple[str, ...] = ()
+
+    @property
+    def any(self) -> bool:
+        return bool(self.mapped or self.open_files)
+
+    @property
+    def gpu_minors(self) -> tuple[int, ...]:
+        """Minor numbers of the GPUs (``/dev/nvidia<N>``) among the held files."""
+        minors = {int(m.group(1)) for path in (*self.mapped, *self.open_files) if (m := _GPU_NODE.match(path))}
+        return tuple(sorted(minors))
+
+    def describe(self) -> str:
+        parts = []
+        if self.mapped:
+            parts.append("maps " + ", ".join(self.mapped))
+        if self.open_files:
+            parts.append("has open " + ", ".join(self.open_files))
+        return "; ".join(parts) or "holds no NVIDIA device"
+
+
+def parse_maps_devices(maps_text: str) -> tuple[str, ...]:
+    """NVIDIA device paths among the mappings of a ``/proc/<pid>/maps`` text (sorted, unique)."""
+    found: set[str] = set()
+    for line in maps_text.splitlines():
+        # address perms offset dev inode pathname - the pathname may contain spaces
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6:
+            path = fields[5].strip()
+            if path.endswith(" (deleted)"):
+                path = path[: -len(" (deleted)")]
+            if path.startswith(_DEVICE_PREFIX):
+                found.add(path)
+    return tuple(sorted(found))
+
+
+def nvidia_usage(pid: int) -> NvidiaUsage:
+    """Which NVIDIA device files ``pid`` maps or has open; empty if it exited meanwhile."""
+    try:
+        mapped = parse_maps_devices((procfs.proc(pid) / "maps").read_text(errors="replace"))
+    except (FileNotFoundError, ProcessLookupError):
+        mapped = ()
+    opened: set[str] = set()
+    try:
+        for fd in (procfs.proc(pid) / "fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(_DEVICE_PREFIX):
+                opened.add(target)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return NvidiaUsage(pid, mapped, tuple(sorted(opened)))
+
+
+def thread_group_leaders(tids: list[int] | tuple[int, ...]) -> list[int]:
+    """The processes (thread group leaders) among host TIDs; threads share their leader's memory."""
+    leaders = set()
+    for tid in tids:
+        try:
+            leaders.add(int(procfs.status_field(tid, "Tgid")))
+        except (OSError, KeyError, ValueError):
+            continue
+    return sorted(leaders)
+
+
+def describe_process(pid: int) -> str:
+    """``PID 123 (python3: python -m torch._inductor.compile_worker ...)`` for error messages."""
+    try:
+        cmdline = (procfs.proc(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmdline = ""
+    if len(cmdline) > 160:
+        cmdline = cmdline[:157] + "..."
+    name = procfs.comm(pid)
+    return f"PID {pid} ({name}: {cmdline})" if cmdline else f"PID {pid} ({name})"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    uuid: str  # "GPU-..."
+    model: str  # "NVIDIA H200"
+    minor: int  # /dev/nvidia<minor>
+    bus: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {"uuid": self.uuid, "model": self.model, "minor": self.minor, "bus": self.bus}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Gpu:
+        return cls(str(data["uuid"]), str(data.get("model", "")), int(data.get("minor", -1)), str(data.get("bus", "")))
+
+
+def _driver_root() -> Path:
+    return procfs.PROC / "driver" / "nvidia"  # driver entries are the same in every procfs mount
+
+
+def parse_gpu_information(text: str) -> dict[str, str]:
+    """``/proc/driver/nvidia/gpus/<bus>/information``: ``Key:  value`` lines."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def gpus(root: Path | None = None) -> list[Gpu]:
+    """This node's GPUs, by minor number; empty without the NVIDIA driver."""
+    base = (root or _driver_root()) / "gpus"
+    found = []
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            info = parse_gpu_information((entry / "information").read_text())
+        except OSError:
+            continue
+        uuid_text, minor = info.get("GPU UUID", ""), info.get("Device Minor", "")
+        if not uuid_text or not minor.isdigit():
+            continue
+        found.append(Gpu(uuid=uuid_text, model=info.get("Model", ""), minor=int(minor), bus=entry.name))
+    return sorted(found, key=lambda g: g.minor)
+
+
+def driver_version(root: Path | None = None) -> str | None:
+    """The NVIDIA kernel driver release (``580.159.04``), or None without the driver."""
+    try:
+        text = ((root or _driver_root()) / "version").read_text()
+    except OSError:
+        return None
+    match = _DRIVER_VERSION.search(text)
+    return match.group(1) if match else None
+
+
+def visible_gpus(pid: int, node_gpus: list[Gpu]) -> list[Gpu]:
+    """The node's GPUs whose device node exists in ``pid``'s root filesystem (its container's /dev)."""
+    by_minor = {g.minor: g for g in node_gpus}
+    dev = procfs.proc(pid) / "root" / "dev"
+    visible = []
+    try:
+        names = os.listdir(dev)
+    except OSError:
+        return []
+    for name in names:
+        if not _GPU_NODE.match(f"/dev/{name}"):
+            continue
+        try:
+            st = os.stat(dev / name)
+        except OSError:
+            continue
+        if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == NVIDIA_MAJOR:
+            gpu = by_minor.get(os.minor(st.st_rdev))
+            if gpu is not None:
+                visible.append(gpu)
+    return sorted(set(visible), key=lambda g: g.minor)
+
+
+class GpuMismatch(ValueError):
+    """The target cannot hold the GPUs the checkpoint was taken on."""
+
+
+def plan_gpu_pairs(recorded: list[Gpu], target: list[Gpu]) -> list[tuple[str, str]]:
+    """How to put a checkpoint's GPUs onto the target's: [] when every recorded GPU is there (no
+    remap), else one (old UUID, new UUID) pair for **every** recorded GPU (the driver wants all of
+    them), keeping the GPUs that are present and giving each other one an unused target GPU of the
+    same model. Raises ``GpuMismatch`` naming what is missing."""
+    target_uuids = {g.uuid for g in target}
+    if all(g.uuid in target_uuids for g in recorded):
+        return []
+    kept = {g.uuid for g in recorded if g.uuid in target_uuids}
+    free = [g for g in target if g.uuid not in kept]
+    pairs: list[tuple[str, str]] = []
+    missing: list[Gpu] = []
+    for gpu in recorded:
+        if gpu.uuid in kept:
+            pairs.append((gpu.uuid, gpu.uuid))
+            continue
+        match = next((g for g in free if g.model == gpu.model), None)
+        if match is None:
+            missing.append(gpu)
+            continue
+        free.remove(match)
+        pairs.append((gpu.uuid, match.uuid))
+    if missing:
+        wanted = ", ".join(f"{g.model} ({g.uuid})" for g in missing)
+        have = ", ".join(f"{g.model} ({g.uuid})" for g in target) or "no GPUs"
+        raise GpuMismatch(
+            f"the checkpoint ran on {wanted}, which the target cannot provide: it has {have} "
+            "(a restore needs a GPU of the same model for each)"
+        )
+    return pairs

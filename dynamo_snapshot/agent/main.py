@@ -1,0 +1,192 @@
+"""``snapshot-agent``: the node daemon (the snapshot chart's DaemonSet runs it, one per GPU node).
+
+    snapshot-agent --node-name=$(NODE_NAME) --namespace=$(POD_NAMESPACE) [--namespace-restricted]
+                   --runtime-type=containerd --runtime-socket=/run/containerd/containerd.sock
+                   --storage-access-mode=agentMount --storage-base-path=/checkpoints
+                   --host-proc=/host/proc --config=/etc/snapshot-agent/config.yaml --metrics-bind-address=:9090
+
+Serves /metrics, /healthz and /readyz (ready once its pod cache is synced). SIGTERM or SIGINT stops it:
+running operations get ``--drain-timeout`` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import structlog
+
+from dynamo_snapshot.agent import procfs
+from dynamo_snapshot.agent.config import ConfigError, load
+from dynamo_snapshot.agent.criu import CriuBundle, CriuSettings
+from dynamo_snapshot.agent.cuda import CudaStep, default_step
+from dynamo_snapshot.agent.runtime import CRIClient, CRIError, RuntimeType, default_socket
+from dynamo_snapshot.agent.storage import StorageMode, StorageResolver
+
+log = structlog.get_logger("dynamo_snapshot.agent")
+
+EVENT_CONTROLLER = "nvidia.com/snapshot-agent"
+RUNTIME_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    node_name: str
+    namespace: str | None  # the agent's own namespace
+    namespace_restricted: bool
+    runtime_type: RuntimeType
+    runtime_socket: str
+    storage_mode: StorageMode
+    storage_base_path: str
+    criu: CriuSettings
+    metrics_bind_address: str = ":9090"
+    kubeconfig: str | None = None
+    workers: int = 2
+    drain_timeout: float = 90.0
+    identity: str = ""
+
+    @property
+    def watched_namespace(self) -> str | None:
+        """agentMount serves its own namespace only (it mounts that namespace's PVC); so does a restricted agent."""
+        if self.namespace_restricted or self.storage_mode is StorageMode.AGENT_MOUNT:
+            return self.namespace
+        return None
+
+
+def cuda_step() -> CudaStep:
+    """The CUDA step of this node: the driver's checkpoint API where there are NVIDIA GPUs; elsewhere the
+    no-op one, which refuses workloads holding GPU devices rather than dumping them incompletely."""
+    return default_step()
+
+
+async def _connect_runtime(cri: CRIClient) -> None:
+    """Wait for the container runtime (it may start after the agent); it has no readiness notification."""
+    with anyio.fail_after(RUNTIME_WAIT_S):
+        while True:
+            try:
+                await cri.version()
+                return
+            except CRIError as err:
+                log.warning("container runtime not reachable yet", socket=cri.socket_path, error=str(err))
+                await anyio.sleep(2.0)
+
+
+async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
+    from dynamo_snapshot.agent.daemon import Agent
+    from dynamo_snapshot.agent.nodeops import CriuNode
+    from dynamo_snapshot.agent.operations import Operations
+    from dynamo_snapshot.httpserve import ProbeServer
+    from dynamo_snapshot.kube import Client, EventRecorder, InformerFactory
+
+    identity = options.identity or f"snapshot-agent-{options.node_name}-{uuid.uuid4().hex[:8]}"
+    probes = ProbeServer(options.metrics_bind_address)
+    async with Client.from_config(options.kubeconfig) as client, CRIClient(options.runtime_socket) as cri:
+        async with anyio.create_task_group() as tg:
+            await tg.start(probes.serve)
+            await _connect_runtime(cri)
+            storage = StorageResolver(options.storage_mode, options.storage_base_path, cri)
+            node = CriuNode(cri, bundle, storage, options.criu, cuda_step())
+            operations = Operations(client, node, EventRecorder(client, controller=EVENT_CONTROLLER,
+                                                                instance=identity), identity)
+            agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
+                          namespace=options.watched_namespace, workers=options.workers,
+                          drain_timeout=options.drain_timeout)
+            probes.add_readiness_check("pods", lambda: None if agent.synced else "pod cache is syncing")
+            log.info("snapshot agent starting", node=options.node_name, identity=identity,
+                     runtime=f"{options.runtime_type}:{options.runtime_socket}",
+                     storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path))
+            await agent.run()
+            tg.cancel_scope.cancel()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snapshot-agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: NODE_NAME)")
+    parser.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"),
+                        help="the agent's own namespace (default: POD_NAMESPACE)")
+    parser.add_argument("--namespace-restricted", action="store_true",
+                        help="serve pods of the agent's own namespace only (always so in agentMount)")
+    parser.add_argument("--runtime-type", default=RuntimeType.CONTAINERD.value,
+                        choices=[t.value for t in RuntimeType])
+    parser.add_argument("--runtime-socket", default="", help="the CRI socket (default: the runtime type's)")
+    parser.add_argument("--storage-access-mode", default=StorageMode.AGENT_MOUNT.value,
+                        choices=[m.value for m in StorageMode])
+    parser.add_argument("--storage-base-path", default="/checkpoints",
+                        help="agentMount: where the agent mounts the PVC; podMount: where pods mount it")
+    parser.add_argument("--host-proc", default="/proc", help="the host's /proc as mounted in the agent")
+    parser.add_argument("--config", help="agent configuration file (criu options)")
+    parser.add_argument("--metrics-bind-address", default=":9090", help="serve /metrics, /healthz, /readyz here")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, KUBECONFIG, ~/.kube/config)")
+    parser.add_argument("--workers", type=int, default=2, help="pods looked at in parallel")
+    parser.add_argument("--drain-timeout", type=float, default=90.0,
+                        help="seconds a stop waits for running operations before cancelling them")
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    return parser
+
+
+def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AgentOptions:
+    if not args.node_name:
+        parser.error("--node-name is required (or NODE_NAME)")
+    mode = StorageMode(args.storage_access_mode)
+    if (mode is StorageMode.AGENT_MOUNT or args.namespace_restricted) and not args.namespace:
+        why = "agentMount" if mode is StorageMode.AGENT_MOUNT else "--namespace-restricted"
+        parser.error(f"--namespace is required with {why} (or POD_NAMESPACE)")
+    try:
+        criu_settings = load(args.config)
+    except ConfigError as err:
+        parser.error(str(err))
+    return AgentOptions(
+        node_name=args.node_name,
+        namespace=args.namespace,
+        namespace_restricted=args.namespace_restricted,
+        runtime_type=RuntimeType(args.runtime_type),
+        runtime_socket=args.runtime_socket or default_socket(args.runtime_type),
+        storage_mode=mode,
+        storage_base_path=args.storage_base_path.rstrip("/") or "/",
+        criu=criu_settings,
+        metrics_bind_address=args.metrics_bind_address,
+        kubeconfig=args.kubeconfig,
+        workers=args.workers,
+        drain_timeout=args.drain_timeout,
+    )
+
+
+def use_host_proc(path: str) -> None:
+    """Read processes from the host's /proc as mounted in the agent (here and in the helper processes)."""
+    os.environ["DYN_SNAPSHOT_HOST_PROC"] = path
+    procfs.PROC = Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dynamo_snapshot import logs
+    from dynamo_snapshot.kube import KubeError
+    from dynamo_snapshot.lifecycle import run_until_signalled
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level)
+    options = options_from(args, parser)
+    use_host_proc(args.host_proc)
+    try:
+        bundle = CriuBundle.locate()
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
+        anyio.run(run_until_signalled, lambda: run_agent(options, bundle))
+    except (KubeError, CRIError, TimeoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The agent's Prometheus metrics (served on /metrics next to the kube package's informer metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+OPERATIONS = Counter(
+    "snapshot_agent_operations_total",
+    "Checkpoint and restore operations by outcome (completed, failed)",
+    ["operation", "result"],
+)
+DURATION = Histogram(
+    "snapshot_agent_operation_duration_seconds",
+    "Wall time of an operation, from start to the verdict written to the API server",
+    ["operation"],
+    buckets=_SECONDS,
+)
+IN_FLIGHT = Gauge("snapshot_agent_operations_in_flight", "Operations running now", ["operation"])
+CHECKPOINT_START_LATENCY = Histogram(
+    "snapshot_agent_checkpoint_start_latency_seconds",
+    "From the agent seeing a source pod's target container Ready to CRIU starting its dump",
+    buckets=_SECONDS,
+)

@@ -1,0 +1,94 @@
+"""The node side of the agent's operations, behind one small interface: run the checkpoint or restore
+pipeline for a container, or kill a workload that cannot be checkpointed. ``CriuNode`` is the real one
+(CRI + CRIU + the CUDA step); the daemon's tests substitute a fake, so the Kubernetes protocol can be
+tested without a container runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from dynamo_snapshot.agent import checkpoint as ckpt
+from dynamo_snapshot.agent import criu
+from dynamo_snapshot.agent import restore as rst
+from dynamo_snapshot.agent.cgroups import Freezer
+from dynamo_snapshot.agent.cuda import CudaStep, NoCuda
+from dynamo_snapshot.agent.podwork import CheckpointWork, RestoreWork
+from dynamo_snapshot.agent.runtime import ContainerInfo, ContainerNotFound, CRIClient
+from dynamo_snapshot.agent.storage import StorageResolver
+
+log = structlog.get_logger(__name__)
+
+Confirm = Callable[[Path], Awaitable[None]]
+Moment = Callable[[], None]
+
+
+class NodeOps(Protocol):
+    async def checkpoint(self, work: CheckpointWork, confirm: Confirm, criu_started: Moment) -> ckpt.CheckpointResult:
+        """Checkpoint the work's container; ``confirm`` runs after the promotion (failing it fails the
+        checkpoint), ``criu_started`` when CRIU's dump begins. On failure the workload is killed and no
+        promoted directory is left."""
+        ...
+
+    async def restore(self, work: RestoreWork) -> rst.RestoreResult:
+        """Restore into the work's placeholder; on failure the placeholder is killed."""
+        ...
+
+    async def kill_workload(self, container_id: str) -> None:
+        """Kill every process of a checkpoint source container but its init (which then exits)."""
+        ...
+
+    async def kill_container(self, container_id: str) -> None:
+        """Kill a container's init, so the kubelet restarts (or fails) it."""
+        ...
+
+
+class CriuNode:
+    def __init__(self, cri: CRIClient, bundle: criu.CriuBundle, storage: StorageResolver,
+                 settings: criu.CriuSettings, cuda: CudaStep | None = None):
+        self.cri = cri
+        self.bundle = bundle
+        self.storage = storage
+        self.settings = settings
+        self.cuda = cuda or NoCuda()
+
+    async def checkpoint(self, work: CheckpointWork, confirm: Confirm, criu_started: Moment) -> ckpt.CheckpointResult:
+        async def observe(stage: ckpt.Stage) -> None:
+            if stage is ckpt.Stage.DUMP_RUNNING:
+                criu_started()
+
+        async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
+            request = ckpt.CheckpointRequest(work.container_id, work.checkpoint_id, base, work.artifact_version)
+            return await ckpt.checkpoint(self.cri, request, self.bundle, self.cuda, observe, self.settings, confirm)
+
+    async def restore(self, work: RestoreWork) -> rst.RestoreResult:
+        async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
+            request = rst.RestoreRequest(work.container_id, work.checkpoint_id, base, work.artifact_version)
+            return await rst.restore(self.cri, request, self.bundle, self.cuda, settings=self.settings)
+
+    async def _running(self, container_id: str) -> ContainerInfo | None:
+        try:
+            info = await self.cri.container_info(container_id)
+        except ContainerNotFound:
+            return None
+        return info if info.running else None
+
+    async def kill_workload(self, container_id: str) -> None:
+        if info := await self._running(container_id):
+            freezer = Freezer.of_process(info.pid)
+            killed = freezer.kill_all_but(info.pid)
+            freezer.thaw()
+            log.info("workload killed", container_id=container_id, pids=killed)
+
+    async def kill_container(self, container_id: str) -> None:
+        if info := await self._running(container_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info.pid, signal.SIGKILL)
+            log.info("container killed", container_id=container_id, pid=info.pid)

@@ -1,0 +1,230 @@
+"""One checkpoint or one restore, with the agent's side of the protocol with the operator.
+
+Checkpoint (SPEC section 4):
+    the Job's verdict must not exist yet -> take the Lease named after the Job -> dump, manifest, promote
+    -> annotate the Job ``completed`` -> ``snapshot-complete`` into the container (the workload exits 0,
+    so the Job completes after the verdict) -> delete the Lease.
+    Failure: annotate ``failed`` (and a Warning event on the Job saying why) while still holding the
+    Lease, kill the workload, leave nothing promoted. Losing the Lease aborts the dump.
+
+Restore (SPEC section 7):
+    annotate the pod ``restore-status.<c>: in_progress`` and ``restore-container-id.<c>: <id>`` (so a
+    restarted agent knows this container ID was taken on) -> restore -> ``restore-complete`` -> annotate
+    ``completed``. Failure: annotate ``failed``, an event with the reason, and kill the placeholder so the
+    kubelet starts a fresh container (a new ID) and the restore is tried again cleanly.
+
+Each returns an ``Outcome``; RETRY means nothing was touched and the pod may be looked at again later.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from dynamo_snapshot.agent import metrics
+from dynamo_snapshot.agent.lease import CheckpointLease, LeaseUnavailable
+from dynamo_snapshot.agent.nodeops import NodeOps
+from dynamo_snapshot.agent.podwork import CheckpointWork, PodRef, RestoreWork
+from dynamo_snapshot.api import names
+from dynamo_snapshot.kube import JOBS, PODS, Client, EventRecorder, KubeError, NotFound
+
+log = structlog.get_logger(__name__)
+
+CLEANUP_TIMEOUT_S = 30.0  # for the verdict and the kill after a failure, even while the agent stops
+VERDICT_ATTEMPTS = 5
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # nothing to do (decided already, or someone else holds the checkpoint)
+    RETRY = "retry"  # the API server could not be asked; nothing was touched
+
+
+class CheckpointAborted(RuntimeError):
+    pass
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text if len(text) < 900 else text[:900] + " ..."
+
+
+def _job_finished(job: dict[str, Any]) -> bool:
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
+
+
+def _pod_object(pod: PodRef) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}}
+
+
+@dataclass
+class Operations:
+    client: Client
+    node: NodeOps
+    recorder: EventRecorder
+    identity: str
+    lease_duration_s: int = 15
+    lease_renew_every: float = 3.0
+    lease_renew_deadline: float = 10.0
+
+    # -- checkpoint ------------------------------------------------------------------------------------------
+    async def checkpoint(self, work: CheckpointWork, seen_ready_at: float) -> Outcome:
+        bound = log.bind(namespace=work.pod.namespace, name=work.pod.name, job=work.job,
+                         checkpoint_id=work.checkpoint_id, container_id=work.container_id)
+        try:
+            job = await self.client.get(JOBS, work.job, work.pod.namespace)
+        except NotFound:
+            bound.warning("checkpoint source pod's Job is gone; nothing to confirm")
+            return Outcome.SKIPPED
+        except KubeError as err:
+            bound.warning("cannot read the checkpoint Job; will look again", error=str(err))
+            return Outcome.RETRY
+        if work.job_uid and job["metadata"].get("uid") != work.job_uid:
+            bound.warning("the source pod's Job was replaced by another of the same name; nothing to confirm")
+            return Outcome.SKIPPED
+        verdict = (job["metadata"].get("annotations") or {}).get(names.ANN_CHECKPOINT_STATUS)
+        if verdict or _job_finished(job):
+            bound.info("checkpoint already decided", verdict=verdict or "(Job finished)")
+            return Outcome.SKIPPED
+        lease = CheckpointLease(self.client, work.pod.namespace, work.job, work.checkpoint_id, self.identity,
+                                duration_s=self.lease_duration_s, renew_every=self.lease_renew_every,
+                                renew_deadline=self.lease_renew_deadline)
+        try:
+            await lease.acquire()
+        except LeaseUnavailable as err:
+            bound.info("another agent is finalizing this checkpoint", reason=str(err))
+            return Outcome.SKIPPED
+        except KubeError as err:
+            bound.warning("cannot take the checkpoint lease; will look again", error=str(err))
+            return Outcome.RETRY
+
+        started = time.monotonic()
+        criu_started_at: list[float] = []
+
+        def criu_started() -> None:
+            criu_started_at.append(time.monotonic())
+            metrics.CHECKPOINT_START_LATENCY.observe(criu_started_at[0] - seen_ready_at)
+            bound.info("checkpoint dump started", seconds_since_ready=round(criu_started_at[0] - seen_ready_at, 3))
+
+        async def confirm(_final: object) -> None:
+            if lease.lost:
+                raise CheckpointAborted(lease.lost)
+            await self._job_verdict(work, job, names.STATUS_COMPLETED)
+
+        async with lease.held():
+            result = None
+            try:
+                with lease.scope:
+                    result = await self.node.checkpoint(work, confirm, criu_started)
+                if result is None:
+                    raise CheckpointAborted(f"checkpoint aborted: {lease.lost}")
+            except BaseException as err:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                    await self._checkpoint_failed(work, job, err, bound)
+                if not isinstance(err, Exception):
+                    raise  # the agent is stopping: the verdict is written, the stop goes on
+                return Outcome.FAILED
+        seconds = {k: round(v, 3) for k, v in result.seconds.items()}
+        overhead = round(criu_started_at[0] - seen_ready_at, 3) if criu_started_at else None
+        bound.info("checkpoint completed", directory=str(result.directory), seconds=seconds,
+                   ready_to_criu_seconds=overhead, total_seconds=round(time.monotonic() - started, 3),
+                   workload_notified=result.workload_notified)
+        await self.recorder.normal(job, "CheckpointCompleted",
+                                   f"checkpoint {work.checkpoint_id} of pod {work.pod.name} stored and verified "
+                                   f"by snapshot-agent {self.identity}")
+        return Outcome.COMPLETED
+
+    async def _job_verdict(self, work: CheckpointWork, job: dict[str, Any], verdict: str) -> None:
+        # The Job's uid as a precondition: a verdict must never land on a later Job of the same name.
+        patch = {"metadata": {"uid": job["metadata"]["uid"], "annotations": {names.ANN_CHECKPOINT_STATUS: verdict}}}
+        await self.client.patch(JOBS, work.job, patch, work.pod.namespace)
+
+    async def _checkpoint_failed(self, work: CheckpointWork, job: dict[str, Any], err: BaseException,
+                                 bound: Any) -> None:
+        reason = ("the snapshot agent stopped during the checkpoint" if not isinstance(err, Exception)
+                  else _describe(err))
+        bound.error("checkpoint failed", error=reason)
+        try:
+            await self._job_verdict(work, job, names.STATUS_FAILED)
+        except KubeError as verdict_err:
+            bound.error("could not record the failed verdict on the Job", error=str(verdict_err))
+        await self.recorder.warning(job, "CheckpointFailed",
+                                    f"checkpoint {work.checkpoint_id} of pod {work.pod.name} failed: {reason}")
+        await self.node.kill_workload(work.container_id)
+
+    # -- restore ---------------------------------------------------------------------------------------------
+    async def restore(self, work: RestoreWork) -> Outcome:
+        bound = log.bind(namespace=work.pod.namespace, name=work.pod.name, container=work.container,
+                         checkpoint_id=work.checkpoint_id, container_id=work.container_id)
+        if work.interrupted:
+            reason = (f"the restore of container {work.container} ({work.container_id}) was interrupted "
+                      "(the snapshot agent restarted); restarting the container to try again")
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._restore_failed(work, reason, bound)
+            return Outcome.FAILED
+        try:
+            await self._restore_status(work, names.STATUS_IN_PROGRESS)
+        except NotFound:
+            return Outcome.SKIPPED
+        except KubeError as err:
+            bound.warning("cannot mark the restore in progress; will look again", error=str(err))
+            return Outcome.RETRY
+        started = time.monotonic()
+        try:
+            result = await self.node.restore(work)
+        except BaseException as err:
+            reason = ("the snapshot agent stopped during the restore" if not isinstance(err, Exception)
+                      else _describe(err))
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._restore_failed(work, reason, bound)
+            if not isinstance(err, Exception):
+                raise
+            return Outcome.FAILED
+        await self._completed_verdict(work, bound)
+        seconds = {k: round(v, 3) for k, v in result.seconds.items()}
+        bound.info("restore completed", workload_pid=result.workload_pid, seconds=seconds,
+                   total_seconds=round(time.monotonic() - started, 3))
+        await self.recorder.normal(_pod_object(work.pod), "Restored",
+                                   f"container {work.container} restored from checkpoint {work.checkpoint_id} "
+                                   f"in {sum(result.seconds.values()):.2f} s")
+        return Outcome.COMPLETED
+
+    async def _restore_status(self, work: RestoreWork, status: str) -> None:
+        annotations = {names.restore_status_annotation(work.container): status,
+                       names.restore_container_id_annotation(work.container): work.container_id}
+        await self.client.patch(PODS, work.pod.name, {"metadata": {"uid": work.pod.uid, "annotations": annotations}},
+                                work.pod.namespace)
+
+    async def _completed_verdict(self, work: RestoreWork, bound: Any) -> None:
+        """The container is restored: say so, retrying a little (a restarted agent reading `in_progress`
+        for this container ID would take the restore for interrupted)."""
+        delay = 0.5
+        for attempt in range(VERDICT_ATTEMPTS):
+            try:
+                await self._restore_status(work, names.STATUS_COMPLETED)
+                return
+            except NotFound:
+                return
+            except KubeError as err:
+                bound.warning("could not mark the restore completed", error=str(err), attempt=attempt + 1)
+                await anyio.sleep(delay)  # the API server is failing: back off before asking again
+                delay *= 2
+
+    async def _restore_failed(self, work: RestoreWork, reason: str, bound: Any) -> None:
+        bound.error("restore failed; killing the placeholder", error=reason)
+        try:
+            await self._restore_status(work, names.STATUS_FAILED)
+        except KubeError as err:
+            bound.error("could not record the failed restore on the pod", error=str(err))
+        await self.recorder.warning(_pod_object(work.pod), "RestoreFailed",
+                                    f"restore of container {work.container} from checkpoint {work.checkpoint_id} "
+                                    f"failed: {reason}")
+        await self.node.kill_container(work.container_id)

@@ -1,0 +1,164 @@
+"""What a pod on this node asks of the agent (SPEC section 7), decided from the pod object alone.
+
+* A checkpoint source (labels: the checkpoint ID and ``snapshot-is-checkpoint-source=true``) whose
+  target container is Ready (its readiness probe reads ``ready-for-snapshot``) is to be checkpointed,
+  once, for the Job that owns it.
+* A restore pod (the checkpoint-ID label, not a source), Pending or Running, is to have each target
+  container restored once it runs (snapshot-init waits in standby), unless its annotations say that
+  this very container was already restored, or already failed.
+
+Pure functions over plain dicts: the daemon feeds them from its informer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dynamo_snapshot.api import names
+
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+
+@dataclass(frozen=True)
+class PodRef:
+    namespace: str
+    name: str
+    uid: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class _ContainerWork:
+    pod: PodRef
+    container: str
+    container_id: str
+    checkpoint_id: str
+    artifact_version: str
+    base_path: str | None  # where the operator says the pod mounts storage (podMount), if it says
+
+
+@dataclass(frozen=True)
+class CheckpointWork(_ContainerWork):
+    job: str
+    job_uid: str  # "" when only the Job-name label names it
+
+    @property
+    def key(self) -> str:
+        return f"checkpoint/{self.checkpoint_id}"
+
+
+@dataclass(frozen=True)
+class RestoreWork(_ContainerWork):
+    # Set when the annotations say this container ID's restore was started by an agent that is gone.
+    interrupted: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"restore/{self.container_id}"
+
+
+Work = CheckpointWork | RestoreWork
+
+
+def _meta(pod: dict[str, Any]) -> dict[str, Any]:
+    return pod.get("metadata") or {}
+
+
+def strip_runtime(container_id: str) -> str:
+    """``containerd://abc`` -> ``abc`` (the kubelet prefixes the runtime's name)."""
+    return container_id.partition("://")[2] or container_id
+
+
+def target_containers(pod: dict[str, Any]) -> list[str]:
+    value = (_meta(pod).get("annotations") or {}).get(names.ANN_TARGET_CONTAINERS, "")
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def container_status(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == name:
+            return status
+    return None
+
+
+def running_container_id(pod: dict[str, Any], name: str) -> str | None:
+    status = container_status(pod, name)
+    if not status or not status.get("containerID") or "running" not in (status.get("state") or {}):
+        return None
+    return strip_runtime(status["containerID"])
+
+
+def owning_job(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """The Job that runs a source pod: (name, uid)."""
+    for ref in _meta(pod).get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("apiVersion", "").startswith("batch/"):
+            return ref.get("name", ""), ref.get("uid", "")
+    name = (_meta(pod).get("labels") or {}).get(JOB_NAME_LABEL)
+    return (name, "") if name else None
+
+
+def _ref(pod: dict[str, Any]) -> PodRef:
+    meta = _meta(pod)
+    return PodRef(meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", ""))
+
+
+def _common(pod: dict[str, Any]) -> tuple[str, str, str | None]:
+    annotations = _meta(pod).get("annotations") or {}
+    return (
+        (_meta(pod).get("labels") or {}).get(names.LABEL_CHECKPOINT_ID, ""),
+        annotations.get(names.ANN_ARTIFACT_VERSION) or names.DEFAULT_ARTIFACT_VERSION,
+        annotations.get(names.ANN_STORAGE_BASE_PATH) or None,
+    )
+
+
+def is_source(pod: dict[str, Any]) -> bool:
+    return (_meta(pod).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true"
+
+
+def checkpoint_work(pod: dict[str, Any]) -> CheckpointWork | None:
+    """The checkpoint a source pod asks for now, if its target is Ready. One target per checkpoint."""
+    checkpoint_id, version, base_path = _common(pod)
+    targets = target_containers(pod)
+    job = owning_job(pod)
+    if not checkpoint_id or len(targets) != 1 or job is None or _meta(pod).get("deletionTimestamp"):
+        return None
+    status = container_status(pod, targets[0])
+    container_id = running_container_id(pod, targets[0])
+    if not status or not status.get("ready") or container_id is None:
+        return None
+    return CheckpointWork(pod=_ref(pod), container=targets[0], container_id=container_id,
+                          checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
+                          job=job[0], job_uid=job[1])
+
+
+def restore_work(pod: dict[str, Any]) -> list[RestoreWork]:
+    """The restores a restore pod asks for now: one per running target container not yet handled."""
+    checkpoint_id, version, base_path = _common(pod)
+    phase = (pod.get("status") or {}).get("phase")
+    if not checkpoint_id or phase not in ("Pending", "Running") or _meta(pod).get("deletionTimestamp"):
+        return []
+    annotations = _meta(pod).get("annotations") or {}
+    found = []
+    for container in target_containers(pod):
+        container_id = running_container_id(pod, container)
+        if container_id is None:
+            continue
+        handled = annotations.get(names.restore_container_id_annotation(container)) == container_id
+        status = annotations.get(names.restore_status_annotation(container))
+        if handled and status in (names.STATUS_COMPLETED, names.STATUS_FAILED):
+            continue
+        interrupted = handled and status == names.STATUS_IN_PROGRESS
+        found.append(RestoreWork(pod=_ref(pod), container=container, container_id=container_id,
+                                 checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
+                                 interrupted=interrupted))
+    return found
+
+
+def work_for(pod: dict[str, Any]) -> list[Work]:
+    if is_source(pod):
+        work = checkpoint_work(pod)
+        return [work] if work else []
+    return list(restore_work(pod))

@@ -1,0 +1,318 @@
+"""The whole system on one machine, all real: the local control plane, a kubelet node on containerd,
+the operator and the snapshot agent as local processes (the demo, the end-to-end tests and
+bench/e2e.py run on it).
+
+    with SnapshotStack(Path(".local/stack")).running() as stack:
+        stack.kubectl("apply", "-n", stack.namespace, "-f", "checkpoint.yaml")
+        stack.wait_object(DYNAMO_CHECKPOINTS, "counter", lambda c: c.get("status", {}).get("phase"), "a verdict")
+
+What stands in for the Helm charts: the agent runs with the snapshot chart's command line and RBAC
+(a Role in the namespace, bound to the ServiceAccount ``snapshot-agent``, whose name its client
+certificate carries), and in agentMount mode a DaemonSet object describes it to the operator (the
+operator discovers checkpoint storage from it) without running any pod (its node selector matches no
+node). In podMount mode the namespace gets a hostPath PersistentVolume bound to ``snapshot-pvc``, which
+the workload pods mount at the base path, and the agent reaches it through them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import yaml
+
+from dynamo_snapshot.devcluster import images
+from dynamo_snapshot.devcluster.cluster import ClusterError, Component, LocalCluster, _free_port
+from dynamo_snapshot.devcluster.node import KubeletNode
+from dynamo_snapshot.kube import Client, Informer, Resource
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "helm" / "operator" / "crds"
+AGENT = "snapshot-agent"
+PVC_NAME = "snapshot-pvc"
+POD_BASE_PATH = "/checkpoints"  # where pods mount the checkpoint PVC (podMount); what the operator records
+
+# The snapshot chart's agent Role (helm/snapshot/templates/rbac.yaml).
+AGENT_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "delete"]},
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+
+
+class SnapshotStack:
+    def __init__(self, root: Path, *, namespace: str = "dynamo-demo", storage_mode: str = "agentMount",
+                 extra_image_files: dict[str, Path] | None = None, criu_config: dict[str, Any] | None = None):
+        self.root = Path(root).resolve()
+        self.namespace = namespace
+        self.storage_mode = storage_mode
+        self.extra_image_files = extra_image_files or {}
+        # nftables: the CI machines have no iptables; CRIU's default network lock needs it.
+        self.criu_config = criu_config or {"networkLock": "nftables", "timeoutSeconds": 300}
+        self.checkpoints = self.root / "checkpoints"  # agentMount: the agent's mount; podMount: the PV's data
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.cluster: LocalCluster | None = None
+        self.node: KubeletNode | None = None
+        self.ports = {"agent": _free_port(), "operator": _free_port()}
+
+    # -- parts ----------------------------------------------------------------------------------------
+    @property
+    def agent_log(self) -> Path:
+        return self.root / "cluster" / "logs" / f"{AGENT}.log"
+
+    @property
+    def operator_log(self) -> Path:
+        return self.root / "cluster" / "logs" / "operator.log"
+
+    @property
+    def agent_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['agent']}/metrics"
+
+    def _python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def _operator(self, cluster: LocalCluster) -> Component:
+        storage: dict[str, Any] = {"type": "pvc", "accessMode": self.storage_mode}
+        if self.storage_mode == "podMount":
+            storage["pvc"] = {"pvcName": PVC_NAME, "basePath": POD_BASE_PATH, "create": False}
+        config = self.root / "operator.yaml"
+        config.write_text(yaml.safe_dump({"checkpoint": {"enabled": True, "storage": storage}}))
+        port = self.ports["operator"]
+        return Component(
+            "operator",
+            lambda: self._python("-m", "dynamo_snapshot.controllers", f"--kubeconfig={cluster.kubeconfig}",
+                                 f"--config={config}", f"--namespace={self.namespace}", "--metrics-bind-address=0",
+                                 f"--health-probe-bind-address=127.0.0.1:{port}", "--workers=2"),
+            lambda: f"http://127.0.0.1:{port}/readyz",
+        )
+
+    def _agent(self, cluster: LocalCluster, node: KubeletNode) -> Component:
+        config = self.root / "agent.yaml"
+        config.write_text(yaml.safe_dump({"criu": self.criu_config}))
+        kubeconfig = cluster.kubeconfig_for(f"system:serviceaccount:{self.namespace}:{AGENT}")
+        base = str(self.checkpoints) if self.storage_mode == "agentMount" else POD_BASE_PATH
+        port = self.ports["agent"]
+        return Component(
+            AGENT,
+            lambda: self._python(
+                "-m", "dynamo_snapshot.agent.main", f"--node-name={node.name}", f"--namespace={self.namespace}",
+                "--namespace-restricted", "--runtime-type=containerd", f"--runtime-socket={node.cri_socket}",
+                f"--storage-access-mode={self.storage_mode}", f"--storage-base-path={base}", "--host-proc=/proc",
+                f"--config={config}", f"--metrics-bind-address=127.0.0.1:{port}", f"--kubeconfig={kubeconfig}"),
+            lambda: f"http://127.0.0.1:{port}/readyz",
+        )
+
+    def _namespace_objects(self) -> list[dict[str, Any]]:
+        ns = self.namespace
+        objects: list[dict[str, Any]] = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": AGENT, "namespace": ns}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": AGENT, "namespace": ns}, "rules": AGENT_RULES},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": AGENT, "namespace": ns},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT},
+             "subjects": [{"kind": "ServiceAccount", "name": AGENT, "namespace": ns}]},
+        ]
+        labels = {"app.kubernetes.io/component": "snapshot-agent", "app.kubernetes.io/name": AGENT}
+        if self.storage_mode == "agentMount":
+            objects.append({
+                "apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": AGENT, "namespace": ns, "labels": labels,
+                             "annotations": {"dynamo-snapshot.dev/stand-in": "the agent runs as a local process"}},
+                "spec": {
+                    "selector": {"matchLabels": {"app.kubernetes.io/name": AGENT}},
+                    "template": {"metadata": {"labels": labels}, "spec": {
+                        "nodeSelector": {"dynamo-snapshot.dev/agent-runs-as-a-local-process": "true"},
+                        "containers": [{"name": "agent", "image": "localhost/dynamo-snapshot/agent:local",
+                                        "volumeMounts": [{"name": "checkpoints", "mountPath": POD_BASE_PATH}]}],
+                        "volumes": [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": PVC_NAME}}],
+                    }},
+                },
+            })
+        else:
+            volume = f"{ns}-{PVC_NAME}"
+            objects += [
+                {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+                 "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"],
+                          "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                          "hostPath": {"path": str(self.checkpoints), "type": "Directory"},
+                          "claimRef": {"namespace": ns, "name": PVC_NAME}}},
+                {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": PVC_NAME, "namespace": ns},
+                 "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
+                          "resources": {"requests": {"storage": "10Gi"}}}},
+            ]
+        return objects
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> SnapshotStack:
+        try:
+            self.start_control_plane()
+            self.start_node()
+            self.start_snapshot()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_control_plane(self) -> LocalCluster:
+        self.cluster = LocalCluster(self.root / "cluster").start()
+        self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+        self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+        return self.cluster
+
+    def start_node(self) -> KubeletNode:
+        assert self.cluster is not None
+        archives = images.build(self.root / "images", self.extra_image_files)
+        self.node = KubeletNode(self.cluster).start(archives)
+        for archive in archives:
+            archive.unlink()
+        return self.node
+
+    def start_snapshot(self) -> None:
+        """The namespace with the agent's RBAC (and storage), the operator and the agent."""
+        assert self.cluster is not None and self.node is not None
+        self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(self._namespace_objects()))
+        self.cluster.add_component(self._operator(self.cluster))
+        self.cluster.add_component(self._agent(self.cluster, self.node))
+        self.cluster.start_component("operator")
+        self.cluster.start_component(AGENT)
+
+    def restart_agent(self, *, kill: bool = False) -> None:
+        assert self.cluster is not None
+        self.cluster.restart_component(AGENT, kill=kill)
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            for name in (AGENT, "operator"):
+                with contextlib.suppress(KeyError):
+                    self.cluster.stop_component(name, timeout=120)  # the agent may be finishing a checkpoint
+        if self.node is not None:
+            self.node.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[SnapshotStack]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    # -- looking at it --------------------------------------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> str:
+        assert self.cluster is not None
+        result = subprocess.run([str(self.cluster.bin / "kubectl"), f"--kubeconfig={self.cluster.kubeconfig}", *args],
+                                input=input, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        self.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(obj))
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        return json.loads(self.kubectl("get", kind, name, "-n", self.namespace, "-o", "json"))
+
+    def list(self, kind: str, selector: str | None = None) -> list[dict[str, Any]]:
+        args = ["get", kind, "-n", self.namespace, "-o", "json"]
+        return json.loads(self.kubectl(*args, *(["-l", selector] if selector else [])))["items"]
+
+    def watch(self, resource: Resource, condition: Callable[[list[dict[str, Any]]], Any], what: str, *,
+              name: str | None = None, label_selector: str | None = None, timeout: float = 300) -> Any:
+        """Watch objects of the namespace (one by ``name``, or by ``label_selector``) until ``condition``
+        of them is truthy; returns that value."""
+        assert self.cluster is not None
+        kubeconfig = self.cluster.kubeconfig
+        found: list[Any] = []
+
+        async def wait() -> None:
+            async with Client.from_config(str(kubeconfig)) as client:
+                informer = Informer(client, resource, namespace=self.namespace, label_selector=label_selector,
+                                    field_selector=f"metadata.name={name}" if name else None)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(informer.run)
+
+                    def met() -> bool:
+                        found[:] = [condition(informer.store.list())]
+                        return bool(found[0])
+
+                    try:
+                        with anyio.fail_after(timeout):
+                            await informer.wait_until(met)
+                    finally:
+                        tg.cancel_scope.cancel()
+
+        try:
+            anyio.run(wait)
+        except TimeoutError:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}") from None
+        return found[0]
+
+    def wait_object(self, resource: Resource, name: str, condition: Callable[[dict[str, Any]], Any], what: str,
+                    timeout: float = 300) -> dict[str, Any]:
+        """Watch one object until ``condition(obj)`` holds; returns the object."""
+        def check(objects: list[dict[str, Any]]) -> dict[str, Any] | None:
+            return objects[0] if objects and condition(objects[0]) else None
+
+        return self.watch(resource, check, what, name=name, timeout=timeout)
+
+    def logs(self, pod: str, container: str = "main") -> str:
+        return self.kubectl("logs", pod, "-n", self.namespace, "-c", container, check=False)
+
+    def worker_events(self, pod: str) -> list[dict[str, Any]]:
+        """The counter worker's JSON lines from a pod's log."""
+        return [json.loads(line) for line in self.logs(pod).splitlines() if line.startswith("{")]
+
+    def agent_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The agent's log records (JSON lines), optionally only those of one event."""
+        found = []
+        for line in self.agent_log.read_text(errors="replace").splitlines() if self.agent_log.exists() else []:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if event is None or record.get("event") == event:
+                    found.append(record)
+        return found
+
+    def wait_until(self, check: Any, what: str, timeout: float = 180) -> Any:
+        """For what has no watch (a line in a container log): poll the cheap read."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(0.5)
+
+
+def missing() -> str | None:
+    """Why this machine cannot run the stack, in one line (None when it can)."""
+    from dynamo_snapshot.agent import criu
+    from dynamo_snapshot.devcluster import binaries, node
+
+    try:
+        binaries.require((*binaries.REQUIRED, "kubelet"))
+    except binaries.MissingBinaries as err:
+        return str(err)
+    if reason := node.missing():
+        return reason
+    try:
+        criu.CriuBundle.locate()
+    except FileNotFoundError:
+        return "CRIU is not built (run hack/ci/containers.sh)"
+    if reason := images.base_layer_missing():
+        return reason
+    if not os.path.exists("/proc/sys/kernel/ns_last_pid"):
+        return "the kernel lacks CONFIG_CHECKPOINT_RESTORE"
+    return None

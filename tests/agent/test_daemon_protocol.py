@@ -1,0 +1,381 @@
+"""The agent daemon's protocol with the operator (SPEC sections 4 and 7), against the real API server.
+
+The agent runs in-process with a fake node (no container runtime): the test plays the kubelet (pod
+status) and checks what the agent writes - the Job verdict, the Lease, the restore annotations, events -
+and in which order relative to the node's steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dynamo_snapshot.agent.checkpoint import CheckpointResult
+from dynamo_snapshot.agent.daemon import Agent
+from dynamo_snapshot.agent.errors import CriuFailed, RestoreError
+from dynamo_snapshot.agent.operations import Operations, Outcome
+from dynamo_snapshot.agent.podwork import CheckpointWork, RestoreWork, Work
+from dynamo_snapshot.agent.restore import RestoreResult
+from dynamo_snapshot.api import names
+from dynamo_snapshot.kube import (
+    EVENTS_V1,
+    JOBS,
+    LEASES,
+    PODS,
+    Client,
+    EventRecorder,
+    InformerFactory,
+    NotFound,
+    Resource,
+    load_kubeconfig,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+NODE = "agent-test-node"
+IDENTITY = "snapshot-agent-test"
+CHECKPOINT_ID = "0123456789abcdef"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def client(kubeconfig) -> AsyncIterator[Client]:
+    async with Client(load_kubeconfig(kubeconfig)) as c:
+        yield c
+
+
+class FakeNode:
+    """The node side, scripted per test; records what the agent asked of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.checkpoint_step: Callable[..., Any] | None = None
+        self.restore_step: Callable[..., Any] | None = None
+
+    async def checkpoint(self, work: CheckpointWork, confirm, criu_started) -> CheckpointResult:
+        self.calls.append(("checkpoint", work.container_id))
+        assert self.checkpoint_step is not None
+        return await self.checkpoint_step(work, confirm, criu_started)
+
+    async def restore(self, work: RestoreWork) -> RestoreResult:
+        self.calls.append(("restore", work.container_id))
+        assert self.restore_step is not None
+        return await self.restore_step(work)
+
+    async def kill_workload(self, container_id: str) -> None:
+        self.calls.append(("kill-workload", container_id))
+
+    async def kill_container(self, container_id: str) -> None:
+        self.calls.append(("kill-container", container_id))
+
+
+def checkpoint_result() -> CheckpointResult:
+    return CheckpointResult(directory=Path("/checkpoints/x/versions/1"), manifest={}, seconds={"dump": 0.1},
+                            workload_notified=True)
+
+
+def restore_result() -> RestoreResult:
+    return RestoreResult(workload_pid=1000, host_pid=1, manifest={}, log_path=Path("/x/restore.log"),
+                         seconds={"criu": 0.1})
+
+
+class Harness:
+    def __init__(self, client: Client, namespace: str, node: FakeNode):
+        self.client = client
+        self.namespace = namespace
+        self.node = node
+        self.outcomes: list[tuple[Work, Outcome]] = []
+        self._changed = anyio.Event()
+
+    def record(self, work: Work, outcome: Outcome) -> None:
+        self.outcomes.append((work, outcome))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def outcome_for(self, container_id: str, within_s: float = 30) -> Outcome:
+        with anyio.fail_after(within_s):
+            while True:
+                for work, outcome in self.outcomes:
+                    if work.container_id == container_id:
+                        return outcome
+                await self._changed.wait()
+
+    @contextlib.asynccontextmanager
+    async def agent(self, *, drain_timeout: float = 30.0, **lease: Any) -> AsyncIterator[Agent]:
+        operations = Operations(self.client, self.node,
+                                EventRecorder(self.client, controller="nvidia.com/snapshot-agent", instance=IDENTITY),
+                                IDENTITY, **lease)
+        agent = Agent(InformerFactory(self.client), operations, node_name=NODE, namespace=self.namespace,
+                      drain_timeout=drain_timeout, on_outcome=self.record)
+        async with anyio.create_task_group() as tg:
+            await tg.start(agent.run)
+            yield agent
+            tg.cancel_scope.cancel()
+
+    # -- objects ------------------------------------------------------------------------------------------
+    async def job(self, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": name, "labels": {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID},
+                             "annotations": annotations or {}},
+                "spec": {"suspend": True, "backoffLimit": 0, "template": {"spec": {
+                    "restartPolicy": "Never", "containers": [{"name": "main", "image": "placeholder:1"}]}}}}
+        return await self.client.create(JOBS, body, self.namespace)
+
+    async def pod(self, name: str, container_id: str, *, source_of: dict[str, Any] | None = None,
+                  annotations: dict[str, str] | None = None, ready: bool = True) -> dict[str, Any]:
+        """A pod on the agent's node whose container `main` runs as `container_id` (the kubelet's part)."""
+        labels = {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID}
+        metadata: dict[str, Any] = {"name": name, "labels": labels,
+                                    "annotations": {names.ANN_TARGET_CONTAINERS: "main", **(annotations or {})}}
+        if source_of is not None:
+            labels[names.LABEL_IS_CHECKPOINT_SOURCE] = "true"
+            job = source_of["metadata"]
+            metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": job["name"],
+                                            "uid": job["uid"], "controller": True}]
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+                "spec": {"nodeName": NODE, "restartPolicy": "Never" if source_of else "Always",
+                         "containers": [{"name": "main", "image": "placeholder:1"}]}}
+        created = await self.client.create(PODS, body, self.namespace)
+        status = {"phase": "Running", "containerStatuses": [{
+            "name": "main", "image": "placeholder:1", "imageID": "", "ready": ready, "started": True,
+            "restartCount": 0, "containerID": f"containerd://{container_id}",
+            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
+        await self.client.patch_status(PODS, name, {"status": status}, self.namespace)
+        return created
+
+    async def annotations(self, resource: Resource, name: str) -> dict[str, str]:
+        obj = await self.client.get(resource, name, self.namespace)
+        return obj["metadata"].get("annotations") or {}
+
+    async def events(self, name: str) -> list[dict[str, Any]]:
+        """The agent's events about `name`."""
+        listed = await self.client.list(EVENTS_V1, self.namespace)
+        return [e for e in listed.items if e.get("regarding", {}).get("name") == name
+                and e.get("reportingController") == "nvidia.com/snapshot-agent"]
+
+    async def lease(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.client.get(LEASES, name, self.namespace)
+        except NotFound:
+            return None
+
+
+@pytest.fixture
+def harness(client, namespace) -> Harness:
+    return Harness(client, namespace, FakeNode())
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+async def test_checkpoint_verdict_comes_after_the_dump_and_before_the_workload_is_told(harness):
+    job = await harness.job("checkpoint-job-ok-1")
+    seen: dict[str, Any] = {}
+
+    async def step(work, confirm, criu_started):
+        seen["lease"] = await harness.lease(job["metadata"]["name"])
+        seen["verdict before confirm"] = (await harness.annotations(JOBS, work.job)).get(names.ANN_CHECKPOINT_STATUS)
+        criu_started()
+        await confirm(Path("/checkpoints/x/versions/1"))
+        # What follows in the real pipeline is snapshot-complete: the verdict must be there already.
+        seen["verdict before snapshot-complete"] = (await harness.annotations(JOBS, work.job))[
+            names.ANN_CHECKPOINT_STATUS]
+        return checkpoint_result()
+
+    harness.node.checkpoint_step = step
+    async with harness.agent():
+        await harness.pod("source", "c-ok", source_of=job)
+        assert await harness.outcome_for("c-ok") is Outcome.COMPLETED
+
+    lease = seen["lease"]
+    assert lease["metadata"]["labels"][names.LABEL_CHECKPOINT_ID] == CHECKPOINT_ID  # what the operator watches
+    assert lease["spec"]["holderIdentity"] == IDENTITY and lease["spec"]["leaseDurationSeconds"] == 15
+    assert seen["verdict before confirm"] is None
+    assert seen["verdict before snapshot-complete"] == names.STATUS_COMPLETED
+    assert await harness.lease(job["metadata"]["name"]) is None  # released once done
+    assert harness.node.calls == [("checkpoint", "c-ok")]
+    assert [e["reason"] for e in await harness.events(job["metadata"]["name"])] == ["CheckpointCompleted"]
+
+
+async def test_a_failed_dump_is_reported_on_the_job_and_the_workload_killed(harness):
+    job = await harness.job("checkpoint-job-bad-1")
+
+    async def step(work, confirm, criu_started):
+        criu_started()
+        raise CriuFailed("dump", 1, "Error (criu/files-ext.c:96): Can't dump file 7 of that type [1] (anon_inode)",
+                         None)
+
+    harness.node.checkpoint_step = step
+    async with harness.agent():
+        await harness.pod("source", "c-bad", source_of=job)
+        assert await harness.outcome_for("c-bad") is Outcome.FAILED
+
+    assert (await harness.annotations(JOBS, job["metadata"]["name"]))[names.ANN_CHECKPOINT_STATUS] == "failed"
+    assert harness.node.calls == [("checkpoint", "c-bad"), ("kill-workload", "c-bad")]
+    (event,) = await harness.events(job["metadata"]["name"])
+    assert event["reason"] == "CheckpointFailed" and event["type"] == "Warning"
+    assert "criu dump failed" in event["note"] and "anon_inode" in event["note"]
+    assert await harness.lease(job["metadata"]["name"]) is None
+
+
+async def test_losing_the_lease_aborts_the_dump(harness):
+    job = await harness.job("checkpoint-job-lost-1")
+    dumping, cancelled = anyio.Event(), anyio.Event()
+
+    async def step(work, confirm, criu_started):
+        dumping.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    harness.node.checkpoint_step = step
+    async with harness.agent(lease_duration_s=4, lease_renew_every=0.3, lease_renew_deadline=2.0):
+        await harness.pod("source", "c-lost", source_of=job)
+        with anyio.fail_after(30):
+            await dumping.wait()
+        lease = await harness.lease(job["metadata"]["name"])
+        lease["spec"]["holderIdentity"] = "someone-else"  # another holder takes it over
+        await harness.client.update(LEASES, lease, harness.namespace)
+        assert await harness.outcome_for("c-lost") is Outcome.FAILED
+    assert cancelled.is_set()
+    assert (await harness.annotations(JOBS, job["metadata"]["name"]))[names.ANN_CHECKPOINT_STATUS] == "failed"
+    assert ("kill-workload", "c-lost") in harness.node.calls
+    (event,) = await harness.events(job["metadata"]["name"])
+    assert "lease" in event["note"].lower()
+    # The Lease is someone else's now: left alone.
+    assert (await harness.lease(job["metadata"]["name"]))["spec"]["holderIdentity"] == "someone-else"
+
+
+async def test_a_decided_job_or_a_live_lease_of_another_agent_is_left_alone(harness):
+    decided = await harness.job("checkpoint-job-decided-1", {names.ANN_CHECKPOINT_STATUS: "completed"})
+    held = await harness.job("checkpoint-job-held-1")
+    await harness.client.create(LEASES, {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "checkpoint-job-held-1", "labels": {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID}},
+        "spec": {"holderIdentity": "another-agent", "leaseDurationSeconds": 600,
+                 "renewTime": "2099-01-01T00:00:00.000000Z"}}, harness.namespace)
+    async with harness.agent():
+        await harness.pod("decided", "c-decided", source_of=decided)
+        await harness.pod("held", "c-held", source_of=held)
+        assert await harness.outcome_for("c-decided") is Outcome.SKIPPED
+        assert await harness.outcome_for("c-held") is Outcome.SKIPPED
+    assert harness.node.calls == []
+    assert names.ANN_CHECKPOINT_STATUS not in await harness.annotations(JOBS, "checkpoint-job-held-1")
+
+
+async def test_a_source_pod_is_checkpointed_once_its_target_turns_ready(harness):
+    job = await harness.job("checkpoint-job-late-1")
+
+    async def step(work, confirm, criu_started):
+        await confirm(Path("/x"))
+        return checkpoint_result()
+
+    harness.node.checkpoint_step = step
+    async with harness.agent():
+        await harness.pod("late", "c-late", source_of=job, ready=False)
+        pod = await harness.client.get(PODS, "late", harness.namespace)
+        pod["status"]["containerStatuses"][0]["ready"] = True  # ready-for-snapshot appeared
+        await harness.client.patch_status(PODS, "late", {"status": pod["status"]}, harness.namespace)
+        assert await harness.outcome_for("c-late") is Outcome.COMPLETED
+
+
+# -- restores ------------------------------------------------------------------------------------------------
+async def test_restore_annotations_say_in_progress_then_completed(harness):
+    seen: dict[str, Any] = {}
+
+    async def step(work):
+        seen["during"] = await harness.annotations(PODS, work.pod.name)
+        return restore_result()
+
+    harness.node.restore_step = step
+    async with harness.agent():
+        await harness.pod("restore", "c-restore")
+        assert await harness.outcome_for("c-restore") is Outcome.COMPLETED
+    during = seen["during"]
+    assert during[names.restore_status_annotation("main")] == "in_progress"
+    assert during[names.restore_container_id_annotation("main")] == "c-restore"
+    after = await harness.annotations(PODS, "restore")
+    assert after[names.restore_status_annotation("main")] == "completed"
+    assert after[names.restore_container_id_annotation("main")] == "c-restore"
+    assert [e["reason"] for e in await harness.events("restore")] == ["Restored"]
+
+
+async def test_a_failed_restore_is_annotated_with_the_reason_and_the_placeholder_killed(harness):
+    async def step(work):
+        raise RestoreError(f"/checkpoints/{CHECKPOINT_ID}/versions/1/manifest.json is missing")
+
+    harness.node.restore_step = step
+    async with harness.agent():
+        await harness.pod("broken", "c-broken")
+        assert await harness.outcome_for("c-broken") is Outcome.FAILED
+    assert (await harness.annotations(PODS, "broken"))[names.restore_status_annotation("main")] == "failed"
+    assert harness.node.calls == [("restore", "c-broken"), ("kill-container", "c-broken")]
+    (event,) = await harness.events("broken")
+    assert event["reason"] == "RestoreFailed" and "manifest.json is missing" in event["note"]
+
+
+async def test_a_restore_interrupted_by_an_agent_restart_is_not_run_again_on_that_container(harness):
+    """A restarted agent finds `in_progress` for the running container: the restore may be half done, so
+    the container is failed and killed (the kubelet starts a fresh one), never restored a second time."""
+    async with harness.agent():
+        await harness.pod("interrupted", "c-half", annotations={
+            names.restore_status_annotation("main"): "in_progress",
+            names.restore_container_id_annotation("main"): "c-half"})
+        assert await harness.outcome_for("c-half") is Outcome.FAILED
+    assert harness.node.calls == [("kill-container", "c-half")]
+    assert (await harness.annotations(PODS, "interrupted"))[names.restore_status_annotation("main")] == "failed"
+
+
+# -- stopping ------------------------------------------------------------------------------------------------
+async def test_a_stop_lets_a_running_restore_finish(harness):
+    release = anyio.Event()
+    running = anyio.Event()
+
+    async def step(work):
+        running.set()
+        await release.wait()
+        return restore_result()
+
+    harness.node.restore_step = step
+    async with anyio.create_task_group() as outer:
+        async with harness.agent() as agent:
+            await harness.pod("draining", "c-drain")
+            with anyio.fail_after(30):
+                await running.wait()
+
+            async def release_once_draining() -> None:
+                with anyio.fail_after(30):
+                    await agent.stopping.wait()
+                release.set()
+
+            outer.start_soon(release_once_draining)
+        # leaving the block stopped the agent; it waited for the restore
+    assert await harness.outcome_for("c-drain", within_s=1) is Outcome.COMPLETED
+    assert (await harness.annotations(PODS, "draining"))[names.restore_status_annotation("main")] == "completed"
+
+
+async def test_a_stop_past_the_drain_timeout_fails_the_operation_cleanly(harness):
+    running = anyio.Event()
+
+    async def step(work):
+        running.set()
+        await anyio.sleep_forever()
+
+    harness.node.restore_step = step
+    async with harness.agent(drain_timeout=0.5):
+        await harness.pod("stuck", "c-stuck")
+        with anyio.fail_after(30):
+            await running.wait()
+    assert await harness.outcome_for("c-stuck", within_s=1) is Outcome.FAILED
+    assert (await harness.annotations(PODS, "stuck"))[names.restore_status_annotation("main")] == "failed"
+    assert ("kill-container", "c-stuck") in harness.node.calls
+    (event,) = await harness.events("stuck")
+    assert "stopped during the restore" in event["note"]

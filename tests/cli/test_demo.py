@@ -1,0 +1,29 @@
+"""`dynamo-snapshot demo` (`make run`) on a machine that cannot run the node part: it says why in one
+line and still shows what it can (the control plane, the CRDs, the example). The whole flow it runs
+otherwise is the end-to-end suite's (tests/e2e, the same devcluster.scenarios)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynamo_snapshot import logs
+from dynamo_snapshot.cli import demo
+from dynamo_snapshot.devcluster import binaries, stack
+
+pytestmark = pytest.mark.integration
+
+
+def test_without_a_node_the_demo_says_why_and_shows_the_control_plane(monkeypatch, tmp_path, capsys):
+    try:
+        binaries.require()
+    except binaries.MissingBinaries as err:
+        pytest.skip(f"no local control plane: {err}")
+    monkeypatch.setattr(stack, "missing", lambda: "needs root (containerd, runc and the kubelet run as root)")
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: None)  # leave the session's logging alone
+
+    assert demo.run_demo(keep=False, workdir=str(tmp_path / "demo")) == 0
+
+    out = capsys.readouterr().out
+    assert "the node part of the flow cannot run here: needs root (containerd, runc and the kubelet run as root)" in out
+    assert "legacy identity hash (the checkpoint ID the operator resolves): " in out
+    assert "stopping the local control plane" in out

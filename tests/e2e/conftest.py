@@ -1,0 +1,36 @@
+"""One whole system per test module, all real: control plane, a kubelet node on containerd, the operator
+and the snapshot agent (``dynamo_snapshot.devcluster.stack``), in the module's ``STORAGE_MODE``
+(agentMount by default). Skips with the reason when this machine cannot run it (not root, no
+containerd, no CRIU, no kubelet)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dynamo_snapshot.devcluster.scenarios import Flow
+from dynamo_snapshot.devcluster.stack import SnapshotStack, missing
+
+WORKLOADS = Path(__file__).resolve().parents[1] / "agent" / "workloads"
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SnapshotStack]:
+    reason = missing()
+    if reason:
+        pytest.skip(f"the end-to-end flow needs a real node: {reason}")
+    mode = getattr(request.module, "STORAGE_MODE", "agentMount")
+    # The node tests' counter (it can hold an io_uring, which CRIU cannot dump) rides along in the image.
+    extra = {"/opt/workloads/counter.py": WORKLOADS / "counter.py"}
+    root = tmp_path_factory.mktemp("stack")
+    with SnapshotStack(root, namespace="e2e", storage_mode=mode, extra_image_files=extra).running() as s:
+        yield s
+        for log in (s.agent_log, s.operator_log):
+            print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text().splitlines()[-30:]))
+
+
+@pytest.fixture
+def flow(stack: SnapshotStack) -> Flow:
+    return Flow(stack)

@@ -1,0 +1,34 @@
+"""podMount on a real node: only the workload pods mount the namespace's checkpoint PVC, and the agent
+reaches it through their root filesystems (``/proc/<pid>/root/<basePath>``, resolved inside that root)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dynamo_snapshot.agent import artifact
+from dynamo_snapshot.agent.criu import CriuBundle
+from dynamo_snapshot.api import names
+from dynamo_snapshot.devcluster.scenarios import Flow, checkpoint_manifest, component_selector, dgd_manifest
+from dynamo_snapshot.devcluster.stack import POD_BASE_PATH
+
+pytestmark = pytest.mark.e2e
+
+STORAGE_MODE = "podMount"
+
+
+def test_checkpoint_and_restore_through_the_pods_own_volume(flow: Flow):
+    stack = flow.stack
+    run = flow.create_checkpoint(checkpoint_manifest("pod-mounted"))
+    source = stack.get("pod", run.source_pod)
+    assert source["metadata"]["annotations"][names.ANN_STORAGE_BASE_PATH] == POD_BASE_PATH
+    assert {"name": "checkpoint-storage", "mountPath": POD_BASE_PATH} in source["spec"]["containers"][0]["volumeMounts"]
+    # The artifact landed on the PVC (a hostPath volume here), written through the source pod's root.
+    here = artifact.Compatibility.of_this_node(CriuBundle.locate().version())
+    artifact.verify(artifact.ArtifactLayout(stack.checkpoints, run.checkpoint_id).final_dir, run.checkpoint_id, here)
+
+    started = time.time()
+    stack.apply(dgd_manifest("from-pvc", replicas=1, checkpoint_ref="pod-mounted"))
+    (restored,) = flow.wait_restored(component_selector("from-pvc"), 1, started)
+    assert restored.instance == run.instance and restored.heap_ok
