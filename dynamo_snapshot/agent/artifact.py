@@ -37,6 +37,7 @@ from typing import Any
 
 import structlog
 
+from dynamo_snapshot.agent.cuda_devices import recorded_gpus
 from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid, CheckpointError
 from dynamo_snapshot.api import names
 
@@ -226,14 +227,7 @@ class Compatibility:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Compatibility:
-        gpus, models = [], []
-        for entry in data.get("gpus") or ():
-            if isinstance(entry, dict):  # {"uuid", "model"}; plain UUID strings in older manifests
-                gpus.append(str(entry.get("uuid", "")))
-                models.append(str(entry.get("model", "")))
-            else:
-                gpus.append(str(entry))
-                models.append("")
+        gpus, models = recorded_gpus(data.get("gpus"))
         return cls(
             criu_version=str(data["criuVersion"]),
             kernel=str(data["kernel"]),

@@ -86,14 +86,7 @@ class CudaState:
     def from_manifest(cls, manifest: Mapping[str, Any]) -> CudaState:
         compat = manifest.get("compatibility") or {}
         block = manifest.get("cuda") or {}
-        gpus, models = [], []
-        for entry in compat.get("gpus") or ():
-            if isinstance(entry, Mapping):
-                gpus.append(str(entry.get("uuid", "")))
-                models.append(str(entry.get("model", "")))
-            else:
-                gpus.append(str(entry))
-                models.append("")
+        gpus, models = cuda_devices.recorded_gpus(compat.get("gpus"))
         return cls(
             driver_version=compat.get("cudaDriverVersion"),
             gpus=tuple(gpus),

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dynamo_snapshot.agent import procfs
 
@@ -226,3 +228,17 @@ def plan_gpu_pairs(recorded: list[Gpu], target: list[Gpu]) -> list[tuple[str, st
             "(a restore needs a GPU of the same model for each)"
         )
     return pairs
+
+
+def recorded_gpus(entries: Any) -> tuple[list[str], list[str]]:
+    """UUIDs and models of a manifest's `gpus` list: `{"uuid", "model"}` entries, or plain UUID strings as
+    older manifests wrote them (model unknown)."""
+    uuids, models = [], []
+    for entry in entries or ():
+        if isinstance(entry, Mapping):
+            uuids.append(str(entry.get("uuid", "")))
+            models.append(str(entry.get("model", "")))
+        else:
+            uuids.append(str(entry))
+            models.append("")
+    return uuids, models
