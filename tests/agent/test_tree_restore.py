@@ -18,17 +18,21 @@ import pytest
 from dynamo_snapshot.agent import criu, tree
 from dynamo_snapshot.agent.errors import ArtifactInvalid
 
-# Counts up in a file every 10 ms, with 32 MiB of its own memory (a page image above one digest chunk).
+# Counts up in a file every 10 ms, with 96 MiB of its own memory (a page image above one digest chunk).
+# The count is rewritten in place through one descriptor, at a fixed width: whenever the dump comes,
+# the file it records is there at restore with the size it had (a temporary renamed over the count
+# would be gone by then, and CRIU refuses an open file it cannot find).
 TICKER = """
 import os, sys, time
 heap = bytearray(os.urandom(96 << 20))
 out = sys.argv[1]
+fd = os.open(out + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 n = 0
 while True:
     n += 1
-    with open(out + ".tmp", "w") as f:
-        f.write(str(n))
-    os.replace(out + ".tmp", out)
+    os.pwrite(fd, str(n).ljust(20).encode(), 0)
+    if n == 1:
+        os.rename(out + ".new", out)  # readers never see it empty
     time.sleep(0.01)
 """
 
@@ -43,9 +47,13 @@ def bundle() -> criu.CriuBundle:
         pytest.skip(str(exc))
 
 
-def settle(path: Path) -> int:
+def settle(path: Path, within: float = 10.0) -> int:
+    """How far the ticker counted on after now; waits up to ``within`` seconds for it to move (a
+    restored process on a loaded machine may take a moment to be scheduled)."""
     before = int(path.read_text())
-    time.sleep(0.2)
+    deadline = time.monotonic() + within
+    while int(path.read_text()) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
     return int(path.read_text()) - before
 
 

@@ -123,6 +123,11 @@ class Cluster:
     def get(self, kind: str, name: str) -> dict[str, Any]:
         return json.loads(self.kubectl("get", kind, name, "-n", self.namespace, "-o", "json"))
 
+    def get_if_exists(self, kind: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it is not there (no race between an existence check and a read)."""
+        out = self.kubectl("get", kind, name, "-n", self.namespace, "--ignore-not-found", "-o", "json")
+        return json.loads(out) if out.strip() else None
+
     def exists(self, kind: str, name: str) -> bool:
         out = self.kubectl.run("get", kind, name, "-n", self.namespace, "--ignore-not-found", "-o", "name",
                                check=False).stdout

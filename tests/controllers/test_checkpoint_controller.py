@@ -222,8 +222,8 @@ def test_pod_mount_creates_the_namespace_pvc_and_recreates_it(cluster, start_ope
     cluster.kubectl("delete", "pvc", "snapshot-pvc", "-n", cluster.namespace, "--wait=false")
     cluster.kubectl("patch", "pvc", "snapshot-pvc", "-n", cluster.namespace, "--type=merge",
                     "-p", '{"metadata":{"finalizers":null}}')  # no kubelet holds it: let it go now
-    eventually(lambda: cluster.exists("pvc", "snapshot-pvc")
-               and cluster.get("pvc", "snapshot-pvc")["metadata"]["uid"] != old_uid, what="the PVC's re-creation")
+    eventually(lambda: (cluster.get_if_exists("pvc", "snapshot-pvc") or {"metadata": {"uid": old_uid}})
+               ["metadata"]["uid"] != old_uid, what="the PVC's re-creation")
 
 
 def test_pod_mount_verifies_an_existing_pvc(cluster, start_operator):

@@ -224,9 +224,11 @@ def test_worker_generations(env):
     new_hash = new_rs["metadata"]["labels"]["nvidia.com/dynamo-worker-hash"]
     new_pod = cluster.wait_pods(f"nvidia.com/dynamo-worker-hash={new_hash}", 1)[0]
     cluster.make_ready(new_pod["metadata"]["name"])
-    eventually(lambda: not cluster.exists("replicaset", old_rs["metadata"]["name"])
-               or cluster.get("replicaset", old_rs["metadata"]["name"])["spec"]["replicas"] == 0,
-               what="the old generation to be scaled down")
+    def old_generation_scaled_down() -> bool:
+        current = cluster.get_if_exists("replicaset", old_rs["metadata"]["name"])
+        return current is None or current["spec"]["replicas"] == 0
+
+    eventually(old_generation_scaled_down, what="the old generation to be scaled down")
 
 
 def test_adopting_a_mismatched_checkpoint_is_refused(env):
