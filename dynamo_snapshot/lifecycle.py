@@ -3,8 +3,9 @@ so every `finally` runs (the leader Lease is released, in-flight writes finish o
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import structlog
@@ -30,3 +31,17 @@ async def run_until_signalled(main: Callable[[], Awaitable[None]]) -> bool:
         await main()
         tg.cancel_scope.cancel()
     return stopped
+
+
+@contextlib.asynccontextmanager
+async def background(name: str = "background") -> AsyncIterator[anyio.abc.TaskGroup]:
+    """A task group for helpers that report their own failures (through a result the body awaits):
+    an exception of the body leaves it as itself, not wrapped in an ExceptionGroup, so callers keep
+    catching the errors they know; the helpers are cancelled with it."""
+    try:
+        async with anyio.create_task_group() as group:
+            yield group
+    except BaseExceptionGroup as errors:
+        if len(errors.exceptions) == 1:
+            raise errors.exceptions[0] from None
+        raise

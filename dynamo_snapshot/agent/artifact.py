@@ -380,6 +380,17 @@ def verify_listing(directory: Path, checkpoint_id: str, here: Compatibility) -> 
     return manifest
 
 
+def is_page_data(rel: str) -> bool:
+    """CRIU's raw page contents (``pages-<n>.img``): copied into memory, never parsed by CRIU, so a
+    restore may start CRIU before they are verified, as long as the restored tasks wait for it."""
+    return rel.startswith("pages-") and rel.endswith(".img")
+
+
+def is_parsed(rel: str) -> bool:
+    """Everything but the raw page data: what must be verified before CRIU or the agent reads it."""
+    return not is_page_data(rel)
+
+
 def verify_digests(
     directory: Path,
     manifest: dict[str, Any],

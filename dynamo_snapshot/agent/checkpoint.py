@@ -1,6 +1,7 @@
 """Checkpoint of one container's workload on this node (SPEC section 7, without the Kubernetes side).
 
-    resolve   container -> its init (snapshot-init) -> the one workload subtree below it
+    resolve   container -> its init (snapshot-init) -> the one workload subtree below it; the files the
+              worker declared in ready-for-snapshot for a restore to prefetch
     cuda      lock and checkpoint the subtree's CUDA processes (no-op without CUDA)
     freeze    freeze the container's cgroup
     dump      CRIU dump of the subtree: external net and PID namespaces, every mount external,
@@ -166,6 +167,10 @@ async def checkpoint(
 
     await enter(Stage.RESOLVE)
     source = await resolve_source(cri, request.container_id)
+    try:
+        reread = await control.read_reread_declaration(source.info)
+    except (ValueError, inroot.InRootError) as exc:
+        raise CheckpointError(str(exc)) from exc
     layout = artifact.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
     criu_version = await anyio.to_thread.run_sync(bundle.version)
     staging = layout.new_staging()
@@ -242,6 +247,7 @@ async def checkpoint(
                 "stdio": source.stdio,
                 "rootfsEntries": archived,
                 "deletedPaths": deleted,
+                control.REREAD_FIELD: reread,
             },
             "criu": {"externalMounts": source.external_mounts, "dumpArgv": options.argv()},
             "cuda": cuda_state.manifest_block(host_to_vpid.get),

@@ -44,3 +44,53 @@ async def signal_container(info: ContainerInfo, name: str, payload: dict[str, An
         )
     finally:
         os.close(read_fd)
+
+
+READY_FOR_SNAPSHOT = names.FILE_READY_FOR_SNAPSHOT
+REREAD_FIELD = "rereadAfterRestore"
+MAX_REREAD_PATHS = 1024
+
+
+def parse_reread_declaration(content: bytes, where: str) -> list[str]:
+    """The files a worker declared in ``ready-for-snapshot`` for the agent to prefetch on a restore.
+
+    Content that is not a JSON object declares nothing (a worker may write anything there); a
+    declaration that is present must be a list of absolute paths, or the checkpoint is refused before
+    anything is touched."""
+    try:
+        document = json.loads(content or b"null")
+    except ValueError:
+        return []
+    if not isinstance(document, dict) or REREAD_FIELD not in document:
+        return []
+    declared = document[REREAD_FIELD]
+    fix = "write it with dynamo_snapshot.workload.mark_ready_for_snapshot(reread_after_restore=[...])"
+    if not isinstance(declared, list):
+        raise ValueError(
+            f"{where}: {REREAD_FIELD} must be a list of absolute paths, not {type(declared).__name__}; {fix}"
+        )
+    if len(declared) > MAX_REREAD_PATHS:
+        raise ValueError(
+            f"{where}: {REREAD_FIELD} names {len(declared)} paths, at most {MAX_REREAD_PATHS}; "
+            "name the directory that holds them instead"
+        )
+    for index, path in enumerate(declared):
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 4096:
+            raise ValueError(f"{where}: {REREAD_FIELD}[{index}] = {path!r} is not an absolute path; {fix}")
+    return list(declared)
+
+
+async def read_signal(info: ContainerInfo, name: str) -> bytes | None:
+    """A signal file's content in the container's control directory (through the confined helper);
+    None when it is not there or the container has no control directory."""
+    directory = control_dir(info)
+    if directory is None:
+        return None
+    return await inroot.read(str(procfs.proc(info.pid) / "root"), f"{directory.rstrip('/')}/{name}", limit=1 << 20)
+
+
+async def read_reread_declaration(info: ContainerInfo) -> list[str]:
+    """The container's declaration (see ``parse_reread_declaration``); [] without one."""
+    content = await read_signal(info, READY_FOR_SNAPSHOT)
+    where = f"container {info.name}: {control_dir(info)}/{READY_FOR_SNAPSHOT}"
+    return [] if content is None else parse_reread_declaration(content, where)

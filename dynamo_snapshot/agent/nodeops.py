@@ -16,7 +16,7 @@ from typing import Protocol
 import structlog
 
 from dynamo_snapshot.agent import checkpoint as ckpt
-from dynamo_snapshot.agent import criu
+from dynamo_snapshot.agent import control, criu, inroot
 from dynamo_snapshot.agent import restore as rst
 from dynamo_snapshot.agent.cgroups import Freezer
 from dynamo_snapshot.agent.cuda import CudaStep, NoCuda
@@ -39,6 +39,11 @@ class NodeOps(Protocol):
 
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
         """Restore into the work's placeholder; on failure the placeholder is killed."""
+        ...
+
+    async def restore_finished(self, container_id: str) -> bool:
+        """Whether a restore into this running placeholder got to its end (``restore-complete`` is in
+        its control directory): an agent that restarted after that point must not undo it."""
         ...
 
     async def kill_workload(self, container_id: str) -> None:
@@ -72,6 +77,16 @@ class CriuNode:
         async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
             request = rst.RestoreRequest(work.container_id, work.checkpoint_id, base, work.artifact_version)
             return await rst.restore(self.cri, request, self.bundle, self.cuda, settings=self.settings)
+
+    async def restore_finished(self, container_id: str) -> bool:
+        info = await self._running(container_id)
+        if info is None:
+            return False
+        try:
+            return await control.read_signal(info, control.RESTORE_COMPLETE) is not None
+        except (OSError, inroot.InRootError) as exc:
+            log.warning("cannot read the placeholder's control directory", container_id=container_id, error=str(exc))
+            return False
 
     async def _running(self, container_id: str) -> ContainerInfo | None:
         try:

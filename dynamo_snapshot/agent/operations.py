@@ -10,8 +10,10 @@ Checkpoint (SPEC section 4):
 Restore (SPEC section 7):
     annotate the pod ``restore-status.<c>: in_progress`` and ``restore-container-id.<c>: <id>`` (so a
     restarted agent knows this container ID was taken on) -> restore -> ``restore-complete`` -> annotate
-    ``completed``. Failure: annotate ``failed``, an event with the reason, and kill the placeholder so the
-    kubelet starts a fresh container (a new ID) and the restore is tried again cleanly.
+    ``completed``. A restarted agent that finds ``in_progress`` for the running container records
+    ``completed`` if ``restore-complete`` is in it (only the mark was lost), else fails it as interrupted.
+    Failure: annotate ``failed``, an event with the reason, and kill the placeholder so the kubelet starts
+    a fresh container (a new ID) and the restore is tried again cleanly.
 
 Each returns an ``Outcome``; RETRY means nothing was touched and the pod may be looked at again later.
 """
@@ -165,6 +167,10 @@ class Operations:
         bound = log.bind(namespace=work.pod.namespace, name=work.pod.name, container=work.container,
                          checkpoint_id=work.checkpoint_id, container_id=work.container_id)
         if work.interrupted:
+            if await self.node.restore_finished(work.container_id):  # only the `completed` mark was lost
+                bound.info("the restore had finished before the agent restarted; recording it")
+                await self._completed_verdict(work, bound)
+                return Outcome.COMPLETED
             reason = (f"the restore of container {work.container} ({work.container_id}) was interrupted "
                       "(the snapshot agent restarted); restarting the container to try again")
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import structlog
 
+from dynamo_snapshot.agent import confined
+from dynamo_snapshot.agent.confined import OpenFile
+
 log = structlog.get_logger(__name__)
 
 DEFAULT_CHUNK = 16 << 20
@@ -49,71 +52,117 @@ class PrefetchResult:
 
 
 class Prefetch:
-    def __init__(self, paths: Iterable[Path], threads: int = 8, chunk: int = DEFAULT_CHUNK, idle_io: bool = True):
-        self.paths = [Path(p) for p in paths]
+    """Reads ``paths`` (files, or directories standing for the files below them) as seen inside
+    ``root`` (default ``/``; a container's ``/proc/<pid>/root``, never left: see ``confined``)."""
+
+    def __init__(
+        self,
+        paths: Iterable[Path | str],
+        threads: int = 8,
+        chunk: int = DEFAULT_CHUNK,
+        idle_io: bool = True,
+        root: Path | str = "/",
+    ):
+        self.paths = [str(p) for p in paths]
+        self.root = Path(root)
         self.threads = max(1, threads)
         self.chunk = chunk
         self.idle_io = idle_io
-        self._jobs: queue.SimpleQueue[tuple[Path, int, int] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[OpenFile, int, int] | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._bytes = 0
+        self._files: list[OpenFile] = []
         self._errors: list[str] = []
         self._started = 0.0
         self._finished = 0.0
+        self._running = 0
         self._stop = threading.Event()
 
     def start(self) -> Prefetch:
+        """Start reading in the background: one thread opens the files (which may be slow on network
+        storage) and queues their chunks in file order, ``threads`` readers read them."""
         self._started = time.monotonic()
-        for path in self.paths:
-            try:
-                size = path.stat().st_size
-            except OSError as exc:
-                self._errors.append(f"{path}: {exc.strerror}")
-                continue
-            for offset in range(0, size, self.chunk):
-                self._jobs.put((path, offset, min(self.chunk, size - offset)))
-        for _ in range(self.threads):
-            self._jobs.put(None)
+        self._running = self.threads + 1  # the readers and the planner: the last one out closes the files
+        planner = threading.Thread(target=self._plan, name="prefetch-plan", daemon=True)
+        planner.start()
+        self._workers.append(planner)
         for i in range(self.threads):
             worker = threading.Thread(target=self._run, name=f"prefetch-{i}", daemon=True)
             worker.start()
             self._workers.append(worker)
         return self
 
+    def _plan(self) -> None:
+        errors: list[str] = []
+        try:
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            errors.append(f"{self.root}: {exc.strerror}")
+        else:
+            try:
+                for opened in confined.regular_files(root_fd, self.paths, errors):
+                    with self._lock:
+                        self._files.append(opened)
+                    if self._stop.is_set():
+                        break
+                    for offset in range(0, opened.size, self.chunk):
+                        if self._stop.is_set():
+                            break
+                        self._jobs.put((opened, offset, min(self.chunk, opened.size - offset)))
+            finally:
+                os.close(root_fd)
+        with self._lock:
+            self._errors.extend(errors)
+        for _ in range(self.threads):
+            self._jobs.put(None)
+        self._leave(reader=False)
+
     def _run(self) -> None:
         if self.idle_io:
             _idle_io_priority()
         buf = bytearray(self.chunk)
         view = memoryview(buf)
-        fds: dict[Path, int] = {}
         try:
             while not self._stop.is_set():
                 job = self._jobs.get()
                 if job is None:
                     break
-                path, offset, length = job
+                opened, offset, length = job
+                done = 0
                 try:
-                    fd = fds.get(path)
-                    if fd is None:
-                        fd = fds[path] = os.open(path, os.O_RDONLY)
-                    done = 0
                     while done < length:
-                        n = os.preadv(fd, [view[: length - done]], offset + done)
+                        n = os.preadv(opened.fd, [view[: length - done]], offset + done)
                         if n <= 0:
                             break
                         done += n
                 except OSError as exc:
                     with self._lock:
-                        self._errors.append(f"{path}@{offset}: {exc.strerror}")
-                    continue
+                        self._errors.append(f"{opened.path}@{offset}: {exc.strerror}")
                 with self._lock:
                     self._bytes += done
         finally:
-            for fd in fds.values():
-                os.close(fd)
-            with self._lock:
+            self._leave(reader=True)
+
+    def _leave(self, reader: bool) -> None:
+        with self._lock:
+            self._running -= 1
+            if reader:
                 self._finished = time.monotonic()
+            if self._running:
+                return
+            files, self._files = self._files, []
+            errors, read = len(self._errors), self._bytes
+        for opened in files:
+            os.close(opened.fd)
+        log.info(
+            "prefetch finished",
+            files=len(files),
+            bytes=read,
+            seconds=round(time.monotonic() - self._started, 3),
+            errors=errors,
+            stopped=self._stop.is_set(),
+        )
 
     def stop(self) -> None:
         """Stop after the chunks being read (a failed restore needs no more reads)."""

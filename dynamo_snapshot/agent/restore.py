@@ -1,13 +1,18 @@
 """Restore of a checkpoint into a placeholder container on this node (SPEC section 7, node side).
 
     resolve   placeholder container -> its init (snapshot-init in standby)
-    verify    manifest, checkpoint ID, compatibility, every file's size and SHA-256
+    verify    manifest, checkpoint ID, compatibility, every file's size, the SHA-256 of every file but
+              the raw page data; the page data (most of the bytes) is verified from here on in the
+              background by parallel readers, ahead of CRIU's sequential reads
     pids      raise the placeholder's PID counter above the checkpoint's PIDs; wait until they are free
     rootfs    delete what the workload had deleted, then extract rootfs-diff.tar (confined)
     dev-shm   refill /dev/shm from dev-shm.tar
     criu      join the placeholder's cgroups, enter its mount/uts/ipc/net/pid namespaces and run CRIU
               there, from the agent's bundle; the restored subtree keeps its PIDs and, once CRIU exits,
-              is re-parented to snapshot-init; its stdout/stderr become the placeholder's
+              is re-parented to snapshot-init; its stdout/stderr become the placeholder's. Its tasks
+              stay stopped until every page byte has passed; then they are let go. Once the page data
+              is verified, the files the worker declared (``rereadAfterRestore``, its weights) are read
+              into the page cache in the background, as the container sees them
     cuda      restore GPU state and unlock (no-op without CUDA)
     signal    restore-complete, naming the restored workload's PID, into the control directory
 
@@ -21,16 +26,18 @@ import enum
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
+from dynamo_snapshot import lifecycle
 from dynamo_snapshot.agent import artifact, cgroups, control, criu, inroot, pids, procfs
 from dynamo_snapshot.agent.cuda import CudaState, CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import RestoreError
+from dynamo_snapshot.agent.prefetch import Prefetch
 from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
 from dynamo_snapshot.agent.stages import Stages
 
@@ -69,7 +76,9 @@ class RestoreResult:
     host_pid: int
     manifest: dict[str, Any]
     log_path: Path
-    seconds: dict[str, float]
+    seconds: dict[str, float]  # per stage, one after the other
+    background_seconds: dict[str, float] = field(default_factory=dict)  # work that overlapped the stages
+    prefetch: Prefetch | None = None  # the declared files, still being read: .wait() for the result
 
 
 def _resolve_placeholder(info: ContainerInfo) -> None:
@@ -129,6 +138,7 @@ async def _run_criu(
     work_dir: Path,
     manifest: dict[str, Any],
     settings: criu.CriuSettings,
+    extra: list[str],
 ) -> None:
     opened: list[int] = []
 
@@ -179,11 +189,55 @@ async def _run_criu(
             "--",
             *bundle.command(ref(bundle_fd)),
             *options.argv(),
+            *extra,
         ]
         await criu.run("restore", argv, work_dir / options.log_file, pass_fds=opened)
     finally:
         for fd in opened:
             os.close(fd)
+
+
+class _PageCheck:
+    """The raw page data, verified in the background while the restore goes on."""
+
+    def __init__(self, images: Path, manifest: dict[str, Any], io_threads: int | None):
+        self.images, self.manifest, self.io_threads = images, manifest, io_threads
+        self.seconds = 0.0
+        self._error: Exception | None = None
+        self._done = anyio.Event()
+
+    async def run(self) -> None:
+        started = anyio.current_time()
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: artifact.verify_digests(self.images, self.manifest, artifact.is_page_data, self.io_threads),
+                abandon_on_cancel=True,
+            )
+        except Exception as exc:  # reported by check()/result(): CRIU's own failure may come first
+            self._error = exc
+        finally:
+            self.seconds = anyio.current_time() - started
+            self._done.set()
+
+    def check(self) -> None:
+        """Raise now if the page data already failed (so CRIU is not even started)."""
+        if self._error is not None:
+            raise self._error
+
+    async def result(self) -> None:
+        await self._done.wait()
+        self.check()
+
+    async def then_prefetch(self, warm: Prefetch) -> None:
+        """Start reading the declared files once the image is read (the disk is theirs then)."""
+        await self._done.wait()
+        if self._error is None:
+            warm.start()
+
+
+def _declared_files(manifest: dict[str, Any]) -> list[str]:
+    declared = manifest.get("workload", {}).get(control.REREAD_FIELD) or []
+    return [p for p in declared if isinstance(p, str) and p.startswith("/")]
 
 
 def _kill_placeholder(info: ContainerInfo) -> None:
@@ -197,14 +251,16 @@ async def restore(
     bundle: criu.CriuBundle,
     cuda: CudaStep | None = None,
     observer: StageObserver | None = None,
-    kill_on_failure: bool = True,
     settings: criu.CriuSettings | None = None,
+    io_threads: int | None = None,
+    prefetch_threads: int = 8,
 ) -> RestoreResult:
     cuda = cuda or NoCuda()
     settings = settings or criu.CriuSettings()
     bound = log.bind(container_id=request.container_id, checkpoint_id=request.checkpoint_id)
     stages = Stages[Stage]("restore", bound, observer)
     enter, leave = stages.enter, stages.leave
+    warm: Prefetch | None = None
 
     await enter(Stage.RESOLVE)
     info = await cri.container_info(request.container_id)
@@ -223,32 +279,47 @@ async def restore(
             node_cuda.gpu_models,
         )
         images = layout.final_dir
-        manifest = await anyio.to_thread.run_sync(artifact.verify, images, request.checkpoint_id, here)
+        manifest = await anyio.to_thread.run_sync(artifact.verify_listing, images, request.checkpoint_id, here)
+        await anyio.to_thread.run_sync(
+            lambda: artifact.verify_digests(images, manifest, artifact.is_parsed, io_threads)
+        )
         mountpoints = _check_mounts(info, manifest)
         recorded = CudaState.from_manifest(manifest)
         await cuda.check_restore(recorded, info.pid)  # GPUs the placeholder cannot provide: refuse now
         leave(Stage.VERIFY)
 
-        await enter(Stage.PIDS)
-        await pids.reserve(info.pid, manifest["workload"]["pids"])
-        leave(Stage.PIDS)
+        pages = _PageCheck(images, manifest, io_threads)
+        async with lifecycle.background() as group:
+            group.start_soon(pages.run)
 
-        await enter(Stage.ROOTFS)
-        await _extract(info, images / artifact.ROOTFS_DIFF, images / artifact.DELETED_FILES, mountpoints, "/")
-        leave(Stage.ROOTFS)
+            await enter(Stage.PIDS)
+            await pids.reserve(info.pid, manifest["workload"]["pids"])
+            leave(Stage.PIDS)
 
-        await enter(Stage.DEV_SHM)
-        await _extract(info, images / artifact.DEV_SHM, None, set(), "/dev/shm")
-        leave(Stage.DEV_SHM)
+            await enter(Stage.ROOTFS)
+            await _extract(info, images / artifact.ROOTFS_DIFF, images / artifact.DELETED_FILES, mountpoints, "/")
+            leave(Stage.ROOTFS)
 
-        await enter(Stage.CRIU)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        await _run_criu(info, bundle, images, work_dir, manifest, settings)
-        workload_pid = int((work_dir / "restored.pid").read_text())
-        host_pid = procfs.tasks_in_pid_namespace(procfs.namespace_inode(info.pid, "pid")).get(workload_pid)
-        if host_pid is None:
-            raise RestoreError(f"restored workload PID {workload_pid} is not running in placeholder {info.name}")
-        leave(Stage.CRIU)
+            await enter(Stage.DEV_SHM)
+            await _extract(info, images / artifact.DEV_SHM, None, set(), "/dev/shm")
+            leave(Stage.DEV_SHM)
+
+            if declared := _declared_files(manifest):  # the files as the restored worker will see them
+                warm = Prefetch(declared, threads=prefetch_threads, root=procfs.proc(info.pid) / "root")
+                group.start_soon(pages.then_prefetch, warm)
+
+            await enter(Stage.CRIU)
+            pages.check()
+            work_dir.mkdir(parents=True, exist_ok=True)
+            await _run_criu(info, bundle, images, work_dir, manifest, settings, ["--leave-stopped"])
+            workload_pid = int((work_dir / "restored.pid").read_text())
+            host_pid = procfs.tasks_in_pid_namespace(procfs.namespace_inode(info.pid, "pid")).get(workload_pid)
+            if host_pid is None:
+                raise RestoreError(f"restored workload PID {workload_pid} is not running in placeholder {info.name}")
+            await pages.result()  # a bad page kills the placeholder, and the stopped tasks with it
+            for member in procfs.process_tree(host_pid):  # every byte verified: let the restored tasks run
+                os.kill(member, signal.SIGCONT)
+            leave(Stage.CRIU)
 
         await enter(Stage.CUDA)
         await cuda.restore(procfs.process_tree(host_pid), recorded)
@@ -262,15 +333,23 @@ async def restore(
         )
         leave(Stage.SIGNAL)
     except BaseException as exc:
-        bound.error("restore failed", error=str(exc), kill_placeholder=kill_on_failure)
-        if kill_on_failure:
-            _kill_placeholder(info)
+        bound.error("restore failed", error=str(exc))
+        if warm is not None:
+            warm.stop()
+        _kill_placeholder(info)
         raise
-    bound.info("restored", workload_pid=workload_pid, seconds={k: round(v, 3) for k, v in stages.seconds.items()})
+    bound.info(
+        "restored",
+        workload_pid=workload_pid,
+        seconds={k: round(v, 3) for k, v in stages.seconds.items()},
+        verify_pages_seconds=round(pages.seconds, 3),
+    )
     return RestoreResult(
         workload_pid=workload_pid,
         host_pid=host_pid,
         manifest=manifest,
         log_path=work_dir / "restore.log",
         seconds=stages.seconds,
+        background_seconds={"verify-pages": pages.seconds},
+        prefetch=warm,
     )

@@ -202,11 +202,6 @@ def _check_pids_free(pids: Sequence[int]) -> None:
         )
 
 
-def _is_page_data(rel: str) -> bool:
-    """CRIU's raw page contents (``pages-<n>.img``): copied into memory, never parsed by CRIU."""
-    return rel.startswith("pages-") and rel.endswith(".img")
-
-
 async def restore_tree(
     base: Path,
     checkpoint_id: str,
@@ -254,7 +249,7 @@ async def restore_tree(
             await anyio.to_thread.run_sync(bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
         manifest = await anyio.to_thread.run_sync(artifact.verify_listing, images, checkpoint_id, here)
-        early = (lambda rel: not _is_page_data(rel)) if overlap else (lambda rel: True)
+        early = artifact.is_parsed if overlap else (lambda rel: True)
         await anyio.to_thread.run_sync(lambda: artifact.verify_digests(images, manifest, early, io_threads))
         stages.leave(RestoreStage.VERIFY)
 
@@ -289,7 +284,7 @@ async def restore_tree(
                 started = time.monotonic()
                 try:
                     await anyio.to_thread.run_sync(
-                        lambda: artifact.verify_digests(images, manifest, _is_page_data, io_threads)
+                        lambda: artifact.verify_digests(images, manifest, artifact.is_page_data, io_threads)
                     )
                 except Exception as exc:  # CRIU runs to its end; its stopped tree is killed below
                     failed.append(exc)

@@ -1,6 +1,8 @@
 """Files in the control directory that the agent and the worker use to talk (SPEC section 8).
 
-* ``ready-for-snapshot``: worker -> agent. Warmed up and quiescent; checkpoint me now.
+* ``ready-for-snapshot``: worker -> agent. Warmed up and quiescent; checkpoint me now. Its content is
+  JSON: ``{"readyAt": <unix time>, "rereadAfterRestore": [<absolute paths>]}`` (the list is optional;
+  content that is not a JSON object declares nothing).
 * ``snapshot-complete``: agent -> worker. The checkpoint is stored and verified; exit 0.
 * ``restore-complete``: agent -> restored worker. You were restored into a new pod and are live.
 
@@ -10,9 +12,10 @@ Every write is atomic (temporary file + rename), so a reader never sees a half-w
 from __future__ import annotations
 
 import enum
+import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from dynamo_snapshot.workload import helpers
@@ -23,6 +26,8 @@ RESTORE_STANDBY_ENV = "DYN_SNAPSHOT_RESTORE_STANDBY"
 READY_FOR_SNAPSHOT = "ready-for-snapshot"
 SNAPSHOT_COMPLETE = "snapshot-complete"
 RESTORE_COMPLETE = "restore-complete"
+
+MAX_REREAD_PATHS = 1024  # what ready-for-snapshot may name for the agent to prefetch on a restore
 
 
 class Outcome(enum.Enum):
@@ -75,17 +80,39 @@ def read_signal(name: str, directory: Path | None = None) -> str | None:
         return None
 
 
-def mark_ready_for_snapshot(directory: Path | None = None, stop_helpers: bool = True) -> Path:
+def mark_ready_for_snapshot(
+    directory: Path | None = None, stop_helpers: bool = True, reread_after_restore: Iterable[str | os.PathLike] = ()
+) -> Path:
     """Tell the agent this worker is warmed up and quiescent: first the registered ``on_snapshot``
     hooks run, then helper processes that would block a CUDA checkpoint are shut down
     (``helpers.stop_gpu_helpers``, e.g. torch.compile's compile workers) and freed heap memory is
-    returned to the kernel (a smaller image)."""
+    returned to the kernel (a smaller image).
+
+    ``reread_after_restore`` names files (or directories of them) this worker reads again as soon as
+    it is restored, typically its weights after an ``on_snapshot`` hook released them: the agent
+    records them with the checkpoint and, on a restore, reads them into the node's page cache while
+    CRIU and the CUDA restore run, so the ``on_restore`` reload finds them there. Absolute paths, as
+    the worker sees them."""
     target = _require_dir(directory)
+    declared = [os.fspath(p) for p in reread_after_restore]
+    if problems := [p for p in declared if not isinstance(p, str) or not p.startswith("/") or "\0" in p]:
+        raise ValueError(
+            f"reread_after_restore: {problems[0]!r} is not an absolute path; name files as this "
+            "worker opens them, e.g. /models/llama/model-00001.safetensors"
+        )
+    if len(declared) > MAX_REREAD_PATHS:
+        raise ValueError(
+            f"reread_after_restore: {len(declared)} paths, at most {MAX_REREAD_PATHS}; "
+            "name the directory that holds them instead"
+        )
     helpers.run_snapshot_hooks()
     if stop_helpers:
         helpers.stop_gpu_helpers()
     helpers.trim_host_memory()
-    return write_signal(READY_FOR_SNAPSHOT, f"{time.time():.3f}\n", target)
+    content: dict[str, object] = {"readyAt": round(time.time(), 3)}
+    if declared:
+        content["rereadAfterRestore"] = declared
+    return write_signal(READY_FOR_SNAPSHOT, json.dumps(content) + "\n", target)
 
 
 def wait_for_outcome(

@@ -60,6 +60,7 @@ class FakeNode:
         self.calls: list[tuple[str, str]] = []
         self.checkpoint_step: Callable[..., Any] | None = None
         self.restore_step: Callable[..., Any] | None = None
+        self.restored: set[str] = set()  # containers whose control directory holds restore-complete
 
     async def checkpoint(self, work: CheckpointWork, confirm, criu_started) -> CheckpointResult:
         self.calls.append(("checkpoint", work.container_id))
@@ -70,6 +71,9 @@ class FakeNode:
         self.calls.append(("restore", work.container_id))
         assert self.restore_step is not None
         return await self.restore_step(work)
+
+    async def restore_finished(self, container_id: str) -> bool:
+        return container_id in self.restored
 
     async def kill_workload(self, container_id: str) -> None:
         self.calls.append(("kill-workload", container_id))
@@ -332,6 +336,19 @@ async def test_a_restore_interrupted_by_an_agent_restart_is_not_run_again_on_tha
         assert await harness.outcome_for("c-half") is Outcome.FAILED
     assert harness.node.calls == [("kill-container", "c-half")]
     assert (await harness.annotations(PODS, "interrupted"))[names.restore_status_annotation("main")] == "failed"
+
+
+async def test_a_restore_that_finished_before_an_agent_restart_is_recorded_not_undone(harness):
+    """The agent restored the container and wrote restore-complete, but died before the pod said
+    `completed`: the restarted agent records it and leaves the serving worker alone."""
+    harness.node.restored.add("c-done")
+    async with harness.agent():
+        await harness.pod("finished", "c-done", annotations={
+            names.restore_status_annotation("main"): "in_progress",
+            names.restore_container_id_annotation("main"): "c-done"})
+        assert await harness.outcome_for("c-done") is Outcome.COMPLETED
+    assert harness.node.calls == []
+    assert (await harness.annotations(PODS, "finished"))[names.restore_status_annotation("main")] == "completed"
 
 
 # -- stopping ------------------------------------------------------------------------------------------------

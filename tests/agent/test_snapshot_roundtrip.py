@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import artifact
+from dynamo_snapshot.agent import artifact, control
 from dynamo_snapshot.agent.checkpoint import CheckpointResult
 from dynamo_snapshot.agent.errors import ArtifactInvalid
 from tests.agent import node_harness as harness
@@ -22,6 +22,7 @@ from tests.agent import node_harness as harness
 pytestmark = pytest.mark.containers
 
 CHECKPOINT_ID = "roundtrip"
+REREAD = "/opt/workloads"
 
 
 @dataclass
@@ -34,7 +35,8 @@ class Stored:
 @pytest.fixture(scope="module")
 def stored(node: harness.Node, bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stored]:
     workdir = tmp_path_factory.mktemp("roundtrip")
-    source = harness.Pods(node, workdir).counter(heap_mib=200)
+    # the worker names a directory it reads again after a restore (as it would its weights)
+    source = harness.Pods(node, workdir).counter(heap_mib=200, COUNTER_REREAD=REREAD)
     result = harness.checkpoint(node, bundle, source, workdir / "checkpoints", CHECKPOINT_ID)
     yield Stored(source, result, workdir / "checkpoints")
     node.remove_pod(source.pod)
@@ -79,14 +81,19 @@ def test_artifact_is_promoted_complete_with_every_file_in_the_manifest(stored: S
     # snapshot-init started the workload above the PIDs a restore pod uses before the restore
     assert manifest["workload"]["rootPID"] >= 1000
     assert min(manifest["workload"]["pids"]) >= 1000
+    assert manifest["workload"]["rereadAfterRestore"] == [REREAD]
 
 
 def test_restored_counter_continues_without_gap_with_its_memory_socket_shm_and_files(
     node: harness.Node, bundle, stored: Stored, pods: harness.Pods
 ) -> None:
     placeholder = pods.placeholder()
+    info = node.info(placeholder.container_id)
+    assert node.call(control.read_signal, info, "restore-complete") is None
     result = harness.restore(node, bundle, placeholder, stored.base, CHECKPOINT_ID)
     assert result.workload_pid == stored.result.manifest["workload"]["rootPID"]
+    # what a restarted agent reads to know the restore got to its end
+    assert json.loads(node.call(control.read_signal, info, "restore-complete"))["workloadPID"] == result.workload_pid
 
     restored = harness.wait_for(
         lambda: next((e for e in placeholder.events() if e["event"] == "restored"), None),
@@ -109,6 +116,12 @@ def test_restored_counter_continues_without_gap_with_its_memory_socket_shm_and_f
     assert answer["count"] > restored["count"]
 
     root = Path("/proc") / str(node.info(placeholder.container_id).pid) / "root"
+    # the declared directory was read into the page cache, as the placeholder sees it
+    assert result.prefetch is not None
+    fetched = result.prefetch.wait(timeout=60)
+    assert fetched.errors == ()
+    assert fetched.bytes_read == sum(f.stat().st_size for f in (root / REREAD.lstrip("/")).rglob("*") if f.is_file())
+    assert result.background_seconds["verify-pages"] > 0
     assert (root / "data" / "written-before-checkpoint.txt").read_text() == "survives the restore\n"
     assert not (root / "opt" / "workloads" / "doomed.txt").exists()
     assert (root / "opt" / "workloads" / "counter.py").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -30,7 +31,19 @@ def test_ready_for_snapshot_is_written_atomically(tmp_path: Path) -> None:
     path = workload.mark_ready_for_snapshot(tmp_path)
     assert path == tmp_path / "ready-for-snapshot"
     assert [p.name for p in tmp_path.iterdir()] == ["ready-for-snapshot"]  # no temporary left behind
-    assert float(path.read_text()) > 0
+    assert json.loads(path.read_text())["readyAt"] > 0
+    assert "rereadAfterRestore" not in json.loads(path.read_text())
+
+
+def test_files_to_reread_after_a_restore_are_declared_with_ready(tmp_path: Path) -> None:
+    path = workload.mark_ready_for_snapshot(tmp_path, reread_after_restore=["/models/llama", Path("/tok.json")])
+    assert json.loads(path.read_text())["rereadAfterRestore"] == ["/models/llama", "/tok.json"]
+
+
+def test_a_relative_path_to_reread_is_refused_before_anything_is_signalled(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reread_after_restore: 'models/llama' is not an absolute path"):
+        workload.mark_ready_for_snapshot(tmp_path, reread_after_restore=["models/llama"])
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ DATA_DIR = os.environ.get("COUNTER_DATA_DIR", "/data")
 TICK_S = float(os.environ.get("COUNTER_TICK_S", "0.02"))
 READY_AFTER = int(os.environ.get("COUNTER_READY_AFTER", "25"))
 HOLD_IO_URING = os.environ.get("COUNTER_HOLD_IO_URING") == "1"
+REREAD = [p for p in os.environ.get("COUNTER_REREAD", "").split(":") if p]  # declared for a restore to prefetch
 SHM_PATH = "/dev/shm/counter"
 DOOMED = "/opt/workloads/doomed.txt"
 
@@ -107,7 +108,7 @@ def main():
         counter_log.write(f"{State.count}\n")
         shm[0:8] = State.count.to_bytes(8, "little")
         if not ready and State.count >= READY_AFTER and workload.enabled():
-            workload.mark_ready_for_snapshot()
+            workload.mark_ready_for_snapshot(reread_after_restore=REREAD)
             ready = True
             report("ready-for-snapshot", count=State.count)
         if ready and not State.restored:
