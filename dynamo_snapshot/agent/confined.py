@@ -1,4 +1,5 @@
-"""Opening a container's files for reading from the host without leaving the container's root.
+"""Opening files below a directory that is not trusted, with ``openat2(2)``: a container's files for
+reading from the host without leaving the container's root, checkpoint directories without symlinks.
 
 ``/proc/<pid>/root/<path>`` follows the container's absolute symlinks to the *host's* files, and
 ``..`` can climb out of it. ``openat2(2)`` with ``RESOLVE_IN_ROOT`` resolves every component - symlinks
@@ -12,15 +13,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_IN_ROOT = 0x10
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+# openat2(2): <linux/openat2.h>
+_SYS_OPENAT2 = 437  # the same number on every architecture (added after the syscall tables were unified)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+BENEATH_NO_LINKS = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+_READ_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK  # non-blocking: a FIFO must not hang a reader
 
 MAX_DEPTH = 16  # directories below a named directory that are walked
 MAX_FILES = 10_000  # files one expansion hands out
@@ -33,18 +37,22 @@ class _OpenHow(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def openat2(dir_fd: int, path: str, resolve: int, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """``openat2(2)`` with the ``RESOLVE_*`` flags ``resolve`` (close-on-exec); raises OSError."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    while True:
+        fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err != errno.EAGAIN:  # EAGAIN: a rename raced the lookup; the kernel asks to try again
+            raise OSError(err, os.strerror(err), path)
+
+
 def open_in_root(root_fd: int, path: str, flags: int = _READ_FLAGS) -> int:
     """Open ``path`` (absolute or relative, as seen inside the root) below the directory ``root_fd``,
-    every component resolved inside it. Raises OSError (ENOSYS where the kernel lacks openat2)."""
-    number = _SYS_OPENAT2.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, f"openat2 is not wired up for {platform.machine()}")
-    how = _OpenHow(flags, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(number, root_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return fd
+    every component - symlinks and ``..`` included - resolved inside it."""
+    return openat2(root_fd, path.lstrip("/") or ".", RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS, flags)
 
 
 @dataclass(frozen=True)

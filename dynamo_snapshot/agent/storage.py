@@ -15,15 +15,13 @@ checkpoint's own directories are checked with ``RESOLVE_BENEATH | RESOLVE_NO_SYM
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import enum
-import errno
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamo_snapshot.agent import procfs
+from dynamo_snapshot.agent import confined, procfs
 from dynamo_snapshot.agent.errors import SnapshotError
 from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
 
@@ -37,37 +35,11 @@ class StorageError(SnapshotError):
     pass
 
 
-# openat2(2): <linux/openat2.h>
-_SYS_OPENAT2 = 437  # the same number on every architecture (added after the syscall tables were unified)
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def openat2(dir_fd: int, path: str, resolve: int, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
-    while True:
-        fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err != errno.EAGAIN:  # EAGAIN: a rename raced the lookup; the kernel asks to try again
-            raise OSError(err, os.strerror(err), path)
-
-
 def open_in_root(root: Path, path: str) -> int:
     """Open directory ``path`` as if ``root`` were ``/``: no symlink or ``..`` leads out of it."""
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return openat2(root_fd, path.lstrip("/") or ".", RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        return confined.open_in_root(root_fd, path, os.O_RDONLY | os.O_DIRECTORY)
     finally:
         os.close(root_fd)
 
@@ -78,7 +50,7 @@ def check_beneath(base_fd: int, relative: str) -> None:
     for depth in range(1, len(parts) + 1):
         sub = "/".join(parts[:depth])
         try:
-            os.close(openat2(base_fd, sub, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS))
+            os.close(confined.openat2(base_fd, sub, confined.BENEATH_NO_LINKS))
         except FileNotFoundError:
             return  # the pipeline creates the rest
         except OSError as err:
