@@ -43,7 +43,8 @@ def main():
     while True:
         count += 1
         if checkpointing and not ready and count >= READY_AFTER:
-            workload.mark_ready_for_snapshot()
+            # its own script stands for the weights a real worker would read again after a restore
+            workload.mark_ready_for_snapshot(reread_after_restore=[os.path.abspath(__file__)])
             ready = True
             report("ready-for-snapshot", instance=instance, count=count)
         if ready and not restored:

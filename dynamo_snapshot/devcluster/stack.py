@@ -40,7 +40,7 @@ AGENT = "snapshot-agent"
 PVC_NAME = "snapshot-pvc"
 POD_BASE_PATH = "/checkpoints"  # where pods mount the checkpoint PVC (podMount); what the operator records
 
-# The snapshot chart's agent Role (helm/snapshot/templates/rbac.yaml).
+# The snapshot chart's agent Role (helm/snapshot/templates/rbac.yaml); tests/helm checks they agree.
 AGENT_RULES = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "patch"]},

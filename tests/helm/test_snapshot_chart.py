@@ -6,6 +6,7 @@ import yaml
 
 from dynamo_snapshot.api import OperatorConfig
 from dynamo_snapshot.controllers.storage import StorageUnavailable, resolve_storage
+from dynamo_snapshot.devcluster.stack import AGENT_RULES
 
 from .conftest import SNAPSHOT_CHART, kinds, only
 
@@ -204,3 +205,10 @@ def test_size_error_says_how_to_reuse_an_existing_pvc(helm):
     error = helm.template_error(SNAPSHOT_CHART, values={})
     assert "storage.pvc.create=false" in error and "storage.pvc.name" in error
 
+
+
+def test_the_local_stack_grants_its_agent_what_the_chart_grants(helm):
+    """`make run` and the e2e suite run the agent with rules of their own (no helm at run time); they
+    must be the chart's, or the local runs prove an agent the chart would not allow."""
+    role = next(o for o in render(helm, **SIZE) if o["kind"] in ("Role", "ClusterRole"))
+    assert role["rules"] == AGENT_RULES
