@@ -56,10 +56,20 @@ class CudaState:
     """What a checkpoint's CUDA step recorded; goes into the manifest (compatibility and ``cuda``)."""
 
     driver_version: str | None = None
-    gpus: tuple[str, ...] = ()  # UUIDs of every GPU a checkpointed process used
+    gpus: tuple[str, ...] = ()  # UUIDs of every GPU a checkpointed process could see (the driver's state)
     processes: tuple[int, ...] = field(default=())  # PIDs that held CUDA state (host PIDs at checkpoint)
     gpu_models: tuple[str, ...] = ()  # model of each entry of ``gpus``
-    process_gpus: Mapping[int, tuple[str, ...]] = field(default_factory=dict)  # PID -> its GPU UUIDs
+    process_gpus: Mapping[int, tuple[str, ...]] = field(default_factory=dict)  # PID -> GPUs it could see
+    # PID -> GPUs it computed on (NVML); a restore must give it these. Absent: all it could see.
+    process_compute_gpus: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def computing(self) -> set[str]:
+        """The GPUs some process computed on (all of ``gpus`` where that was not recorded)."""
+        found = {
+            u for pid in self.processes for u in self.process_compute_gpus.get(pid, self.process_gpus.get(pid, ()))
+        }
+        return found or set(self.gpus)
 
     @property
     def devices(self) -> list[Gpu]:
@@ -69,16 +79,19 @@ class CudaState:
     def manifest_block(self, to_recorded_pid: Callable[[int], int | None] = lambda p: p) -> dict[str, Any]:
         """The manifest's ``cuda`` object, with PIDs as the restore will see them (``to_recorded_pid``
         maps host PIDs to the container's)."""
-        processes, per_process = [], {}
+        processes, per_process, computing = [], {}, {}
         for pid in self.processes:
             recorded = to_recorded_pid(pid)
             if recorded is None:
                 continue
             processes.append(recorded)
             per_process[str(recorded)] = list(self.process_gpus.get(pid, ()))
+            if pid in self.process_compute_gpus:
+                computing[str(recorded)] = list(self.process_compute_gpus[pid])
         return {
             "processes": sorted(processes),
             "processGpus": per_process,
+            "processComputeGpus": computing,
             "devices": [{"uuid": u, "model": m} for u, m in zip(self.gpus, self.gpu_models, strict=False)],
         }
 
@@ -93,6 +106,7 @@ class CudaState:
             processes=tuple(int(p) for p in block.get("processes") or ()),
             gpu_models=tuple(models),
             process_gpus={int(k): tuple(v) for k, v in (block.get("processGpus") or {}).items()},
+            process_compute_gpus={int(k): tuple(v) for k, v in (block.get("processComputeGpus") or {}).items()},
         )
 
 
@@ -178,7 +192,8 @@ class CudaHelperProcesses(CudaError):
 @dataclass
 class _Tracked:
     pid: int
-    gpus: tuple[str, ...]
+    gpus: tuple[str, ...]  # every GPU it can see (whose device files it holds)
+    computing: tuple[str, ...] | None = None  # the GPUs it has memory on, where NVML said
     locked: bool = False
     checkpointed: bool = False
 
@@ -216,8 +231,14 @@ class DriverCuda:
         parallel: bool = True,
         node_gpus: Callable[[], list[Gpu]] = cuda_devices.gpus,
         node_driver_version: Callable[[], str | None] = cuda_devices.driver_version,
+        restore_onto: Sequence[str] = (),
+        compute_gpus: Callable[[Sequence[int]], Mapping[int, tuple[str, ...]]] = cuda_devices.compute_gpus,
     ):
         self._driver = driver
+        self._compute_gpus = compute_gpus
+        # GPU UUIDs a restore puts the checkpoint on, instead of the GPUs the target can see (a plain
+        # process tree on the host sees every GPU of the node; a container only its own)
+        self.restore_onto = tuple(restore_onto)
         self.lock_timeout_s = lock_timeout_s
         self.parallel = parallel
         self._node_gpus = node_gpus
@@ -268,9 +289,13 @@ class DriverCuda:
         if helpers:
             raise CudaHelperProcesses(helpers)
         by_minor = {g.minor: g for g in self._node_gpus()}
-        self._tracked = [
-            _Tracked(u.pid, tuple(by_minor[m].uuid for m in u.gpu_minors if m in by_minor)) for u in cuda_users
-        ]
+        known = {g.uuid for g in by_minor.values()}
+        computing = await anyio.to_thread.run_sync(self._compute_gpus, [u.pid for u in cuda_users])
+        self._tracked = []
+        for u in cuda_users:
+            seen = tuple(by_minor[m].uuid for m in u.gpu_minors if m in by_minor)
+            used = computing.get(u.pid)
+            self._tracked.append(_Tracked(u.pid, seen, used if used and set(used) <= set(seen) <= known else None))
         timeout_ms = max(1, int(self.lock_timeout_s * 1000))
         for tracked in self._tracked:  # one at a time: a timeout stops the rest from being locked at all
             try:
@@ -304,6 +329,7 @@ class DriverCuda:
             processes=tuple(t.pid for t in self._tracked),
             gpu_models=tuple(node[u].model if u in node else "" for u in used),
             process_gpus={t.pid: t.gpus for t in self._tracked},
+            process_compute_gpus={t.pid: t.computing for t in self._tracked if t.computing is not None},
         )
 
     async def release(self) -> None:
@@ -348,9 +374,18 @@ class DriverCuda:
     # -- restore ---------------------------------------------------------------------------------
 
     def _plan(self, recorded: CudaState, target_pid: int) -> list[GpuPair]:
-        target = cuda_devices.visible_gpus(target_pid, self._node_gpus())
+        node = self._node_gpus()
+        if self.restore_onto:
+            by_uuid = {g.uuid: g for g in node}
+            if unknown := [u for u in self.restore_onto if u not in by_uuid]:
+                have = ", ".join(g.uuid for g in node) or "none"
+                raise CudaError(f"cannot restore onto {', '.join(unknown)}: not a GPU of this node (it has {have})")
+            target = [by_uuid[u] for u in self.restore_onto]
+        else:
+            target = cuda_devices.visible_gpus(target_pid, node)
+        visible = cuda_devices.visible_gpus(target_pid, node)
         try:
-            return cuda_devices.plan_gpu_pairs(recorded.devices, target)
+            return cuda_devices.plan_gpu_pairs(recorded.devices, target, recorded.computing, visible)
         except GpuMismatch as exc:
             raise CudaError(f"cannot restore into PID {target_pid}'s GPUs: {exc}") from None
 

@@ -11,15 +11,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from dynamo_snapshot.agent import procfs
+
+log = structlog.get_logger(__name__)
 
 NVIDIA_MAJOR = 195  # /dev/nvidia<minor> GPUs and /dev/nvidiactl (255); nvidia-uvm has a dynamic major
 _GPU_NODE = re.compile(r"^/dev/nvidia(\d+)$")
@@ -161,6 +166,41 @@ def gpus(root: Path | None = None) -> list[Gpu]:
     return sorted(found, key=lambda g: g.minor)
 
 
+def compute_gpus(pids: Iterable[int]) -> dict[int, tuple[str, ...]]:
+    """UUIDs of the GPUs on which each of ``pids`` has a CUDA context, as NVML reports them (what
+    ``nvidia-smi`` lists); {} where NVML cannot be asked (no ``nvidia-ml-py`` or no libnvidia-ml).
+
+    The device files a process holds overstate this: a CUDA process opens those of every GPU it can
+    see, whichever it computes on (seen on a two-GPU machine: a worker on GPU 0 held /dev/nvidia0 and
+    /dev/nvidia1). A checkpoint records what the process really used, or a restore would ask for more
+    GPUs than it needs."""
+    wanted = set(pids)
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return {}
+    found: dict[int, list[str]] = {}
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid in wanted and uuid not in found.setdefault(process.pid, []):
+                    found[process.pid].append(uuid)
+    except pynvml.NVMLError as exc:
+        log.warning("NVML could not list the GPUs' processes; going by device files", error=str(exc))
+        return {}
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+    return {pid: tuple(sorted(uuids)) for pid, uuids in found.items()}
+
+
 def driver_version(root: Path | None = None) -> str | None:
     """The NVIDIA kernel driver release (``580.159.04``), or None without the driver."""
     try:
@@ -198,28 +238,45 @@ class GpuMismatch(ValueError):
     """The target cannot hold the GPUs the checkpoint was taken on."""
 
 
-def plan_gpu_pairs(recorded: list[Gpu], target: list[Gpu]) -> list[tuple[str, str]]:
-    """How to put a checkpoint's GPUs onto the target's: [] when every recorded GPU is there (no
-    remap), else one (old UUID, new UUID) pair for **every** recorded GPU (the driver wants all of
-    them), keeping the GPUs that are present and giving each other one an unused target GPU of the
-    same model. Raises ``GpuMismatch`` naming what is missing."""
-    target_uuids = {g.uuid for g in target}
-    if all(g.uuid in target_uuids for g in recorded):
+def plan_gpu_pairs(
+    recorded: list[Gpu], target: list[Gpu], used: set[str] | None = None, visible: list[Gpu] | None = None
+) -> list[tuple[str, str]]:
+    """How to put a checkpoint's GPUs onto this node's: [] when nothing moves, else one (old UUID,
+    new UUID) pair for **every** recorded GPU (the driver wants all it checkpointed, which is every GPU
+    the processes could see, computing on it or not).
+
+    ``used`` (default: all recorded) are the GPUs the processes computed on: each goes to a GPU of
+    ``target`` of the same model (staying where it is if that is in ``target``). The others only need a
+    distinct GPU of the same model among ``visible`` (default: ``target``), the GPUs the restored
+    processes can open. Raises ``GpuMismatch`` naming what is missing."""
+    used = {g.uuid for g in recorded} if used is None else used
+    visible = target if visible is None else visible
+    target_uuids, visible_uuids = {g.uuid for g in target}, {g.uuid for g in visible}
+    computing = [g for g in recorded if g.uuid in used]
+    idle = [g for g in recorded if g.uuid not in used]
+    if all(g.uuid in target_uuids for g in computing) and all(g.uuid in visible_uuids for g in idle):
         return []
-    kept = {g.uuid for g in recorded if g.uuid in target_uuids}
-    free = [g for g in target if g.uuid not in kept]
-    pairs: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    pairs: dict[str, str] = {}
     missing: list[Gpu] = []
-    for gpu in recorded:
-        if gpu.uuid in kept:
-            pairs.append((gpu.uuid, gpu.uuid))
-            continue
-        match = next((g for g in free if g.model == gpu.model), None)
-        if match is None:
+
+    def place(gpu: Gpu, pool: list[Gpu]) -> None:
+        choice = next((g for g in pool if g.uuid == gpu.uuid and g.uuid not in taken), None)
+        choice = choice or next((g for g in pool if g.model == gpu.model and g.uuid not in taken), None)
+        if choice is None:
             missing.append(gpu)
-            continue
-        free.remove(match)
-        pairs.append((gpu.uuid, match.uuid))
+            return
+        taken.add(choice.uuid)
+        pairs[gpu.uuid] = choice.uuid
+
+    for gpu in computing:  # kept first where they are, so a moved GPU never takes a kept one's place
+        if gpu.uuid in target_uuids:
+            place(gpu, target)
+    for gpu in computing:
+        if gpu.uuid not in pairs:
+            place(gpu, target)
+    for gpu in idle:
+        place(gpu, visible)
     if missing:
         wanted = ", ".join(f"{g.model} ({g.uuid})" for g in missing)
         have = ", ".join(f"{g.model} ({g.uuid})" for g in target) or "no GPUs"
@@ -227,7 +284,7 @@ def plan_gpu_pairs(recorded: list[Gpu], target: list[Gpu]) -> list[tuple[str, st
             f"the checkpoint ran on {wanted}, which the target cannot provide: it has {have} "
             "(a restore needs a GPU of the same model for each)"
         )
-    return pairs
+    return [(g.uuid, pairs[g.uuid]) for g in recorded]
 
 
 def recorded_gpus(entries: Any) -> tuple[list[str], list[str]]:

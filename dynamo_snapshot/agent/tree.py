@@ -16,6 +16,7 @@ gone: the restored tasks get their old PIDs back.
 
     python -m dynamo_snapshot.agent.tree checkpoint --pid 1234 --base /var/ckpt --id w1
     python -m dynamo_snapshot.agent.tree restore --base /var/ckpt --id w1 [--prefetch weights.safetensors]
+                                                 [--gpu GPU-<uuid> ...]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import anyio
 import structlog
 
 from dynamo_snapshot.agent import artifact, criu, cuda_devices, procfs
-from dynamo_snapshot.agent.cuda import CudaState, CudaStep, NoCuda, default_step
+from dynamo_snapshot.agent.cuda import CudaState, CudaStep, DriverCuda, NoCuda, default_step
 from dynamo_snapshot.agent.errors import CheckpointError, CriuFailed, RestoreError
 from dynamo_snapshot.agent.prefetch import Prefetch
 from dynamo_snapshot.agent.stages import Stages
@@ -341,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     rs = sub.add_parser("restore", help="restore a tree checkpoint")
     rs.add_argument("--prefetch", type=Path, nargs="*", default=[])
     rs.add_argument("--io-threads", type=int)
+    rs.add_argument(
+        "--gpu",
+        action="append",
+        default=[],
+        metavar="UUID",
+        help="restore onto this GPU (repeat for several; default: the GPUs it was checkpointed on)",
+    )
     for p in (ck, rs):
         p.add_argument("--base", type=Path, required=True)
         p.add_argument("--id", required=True)
@@ -349,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bundle = criu.CriuBundle.locate()
     step = default_step(args.lock_timeout)
+    if getattr(args, "gpu", None):
+        if not isinstance(step, DriverCuda):
+            parser.error("--gpu: this node has no NVIDIA driver")
+        step.restore_onto = tuple(args.gpu)
 
     async def run() -> dict[str, Any]:
         if args.command == "checkpoint":

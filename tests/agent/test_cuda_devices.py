@@ -110,3 +110,16 @@ def test_another_model_or_too_few_gpus_is_refused() -> None:
         cuda_devices.plan_gpu_pairs([H200_A], [H100_D])
     with pytest.raises(GpuMismatch, match="GPU-bbbbbbbb"):
         cuda_devices.plan_gpu_pairs([H200_A, H200_B], [H200_C])
+
+
+def test_a_gpu_only_seen_needs_a_visible_gpu_not_a_target_one() -> None:
+    # computing on A, B only visible; restored with only C as its GPU but A, B, C visible (a host tree)
+    pairs = cuda_devices.plan_gpu_pairs([H200_A, H200_B], [H200_C], {H200_A.uuid}, [H200_A, H200_B, H200_C])
+    assert pairs == [(H200_A.uuid, H200_C.uuid), (H200_B.uuid, H200_B.uuid)]
+    # in a container that sees only C, the idle GPU has nowhere to go
+    with pytest.raises(GpuMismatch, match="GPU-bbbbbbbb"):
+        cuda_devices.plan_gpu_pairs([H200_A, H200_B], [H200_C], {H200_A.uuid})
+
+
+def test_computing_gpus_already_in_the_target_do_not_move() -> None:
+    assert cuda_devices.plan_gpu_pairs([H200_A, H200_B], [H200_B], {H200_B.uuid}, [H200_A, H200_B]) == []

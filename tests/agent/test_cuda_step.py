@@ -87,12 +87,15 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[int, NvidiaUsa
     return usage
 
 
-def step(driver: RecordingDriver, gpus: list[Gpu] | None = None) -> DriverCuda:
+def step(
+    driver: RecordingDriver, gpus: list[Gpu] | None = None, computing: dict[int, tuple[str, ...]] | None = None
+) -> DriverCuda:
     return DriverCuda(
         driver=driver,
         parallel=False,
         node_gpus=lambda: list(gpus or [GPU0, GPU1]),
         node_driver_version=lambda: "580.159.04",
+        compute_gpus=lambda pids: {pid: used for pid, used in (computing or {}).items() if pid in pids},
     )
 
 
@@ -109,6 +112,50 @@ def test_all_are_locked_before_any_is_checkpointed(tree: dict[int, NvidiaUsage])
     assert state.gpus == (GPU0.uuid, GPU1.uuid) and state.gpu_models == ("NVIDIA H200", "NVIDIA H200")
     assert state.driver_version == "580.159.04"
     assert dict(state.process_gpus) == {10: (GPU0.uuid,), 11: (GPU0.uuid,), 12: (GPU1.uuid,)}
+
+
+def test_a_process_is_recorded_with_the_gpus_it_sees_and_those_it_computes_on(
+    tree: dict[int, NvidiaUsage],
+) -> None:
+    """Seen on two GPUs: each CUDA process held /dev/nvidia0 and /dev/nvidia1 (the driver checkpoints
+    both) while NVML placed it on one (the only one a restore must give it)."""
+    tree[10] = NvidiaUsage(10, open_files=("/dev/nvidia0", "/dev/nvidia1"))
+    tree[12] = NvidiaUsage(12, open_files=("/dev/nvidia0", "/dev/nvidia1"))
+    driver = RecordingDriver([10, 12])
+    cuda = step(driver, computing={10: (GPU1.uuid,), 12: ("MIG-not-a-gpu-of-this-node",)})
+    anyio.run(cuda.prepare, [10, 12])
+    state = anyio.run(cuda.checkpoint)
+    assert dict(state.process_gpus) == {10: (GPU0.uuid, GPU1.uuid), 12: (GPU0.uuid, GPU1.uuid)}
+    # 12: what NVML said is not a GPU it can see, so nothing is claimed for it (all it sees counts)
+    assert dict(state.process_compute_gpus) == {10: (GPU1.uuid,)}
+    back = CudaState.from_manifest(
+        {
+            "compatibility": {
+                "gpus": [{"uuid": GPU0.uuid, "model": GPU0.model}, {"uuid": GPU1.uuid, "model": GPU1.model}]
+            },
+            "cuda": state.manifest_block(),
+        }
+    )
+    assert dict(back.process_compute_gpus) == {10: (GPU1.uuid,)} and back.computing == {GPU0.uuid, GPU1.uuid}
+
+
+def test_a_process_that_saw_two_gpus_moves_to_the_one_it_is_given(tree: dict[int, NvidiaUsage]) -> None:
+    """Both GPUs visible, computing on GPU 0, restored onto GPU 1 only: the driver gets a pair for each
+    GPU it checkpointed, the computing one onto GPU 1 and the idle one onto what is left."""
+    driver = RecordingDriver([10])
+    driver.states = {10: ProcessState.CHECKPOINTED}
+    cuda = step(driver)
+    cuda.restore_onto = (GPU1.uuid,)
+    state = CudaState(
+        driver_version="580.159.04",
+        gpus=(GPU0.uuid, GPU1.uuid),
+        processes=(10,),
+        gpu_models=(GPU0.model,) * 2,
+        process_gpus={10: (GPU0.uuid, GPU1.uuid)},
+        process_compute_gpus={10: (GPU0.uuid,)},
+    )
+    anyio.run(cuda.restore, [10], state)
+    assert driver.pairs == {10: [(GPU0.uuid, GPU1.uuid), (GPU1.uuid, GPU0.uuid)]}
 
 
 def test_a_helper_with_nvidia_mappings_is_refused_before_any_lock(tree: dict[int, NvidiaUsage]) -> None:
@@ -191,6 +238,24 @@ def test_restore_onto_other_gpus_passes_each_process_its_pairs(tree: dict[int, N
     cuda = step(driver, gpus=[gpu_a, gpu_b])
     anyio.run(cuda.restore, [10, 12], recorded({10: (GPU0,), 12: (GPU1,)}))
     assert driver.pairs == {10: [(GPU0.uuid, gpu_a.uuid)], 12: [(GPU1.uuid, gpu_b.uuid)]}
+
+
+def test_restore_onto_named_gpus_moves_every_process_there(tree: dict[int, NvidiaUsage]) -> None:
+    driver = RecordingDriver([10, 11])
+    driver.states = {10: ProcessState.CHECKPOINTED, 11: ProcessState.CHECKPOINTED}
+    cuda = step(driver)
+    cuda.restore_onto = (GPU1.uuid,)  # both ran on GPU 0, which the host tree could still see
+    anyio.run(cuda.restore, [10, 11], recorded({10: (GPU0,), 11: (GPU0,)}))
+    assert driver.pairs == {10: [(GPU0.uuid, GPU1.uuid)], 11: [(GPU0.uuid, GPU1.uuid)]}
+
+
+def test_restore_onto_a_gpu_the_node_lacks_is_refused_naming_it(tree: dict[int, NvidiaUsage]) -> None:
+    driver = RecordingDriver([10])
+    cuda = step(driver)
+    cuda.restore_onto = ("GPU-ffffffff-0000-0000-0000-000000000000",)
+    with pytest.raises(CudaError, match=r"cannot restore onto GPU-ffffffff-.*: not a GPU of this node"):
+        anyio.run(cuda.check_restore, recorded({10: (GPU0,)}), 99)
+    assert driver.calls == []
 
 
 def test_restore_refuses_gpus_of_another_model_before_touching_anything(tree: dict[int, NvidiaUsage]) -> None:

@@ -84,14 +84,15 @@ def test_a_lock_timeout_leaves_the_worker_running(worker: Worker) -> None:
 @pytest.mark.gpu
 def test_checkpoint_releases_the_devices_and_restore_with_a_gpu_pair_brings_them_back(worker: Worker) -> None:
     driver = load_driver()
-    gpu = cuda_devices.gpus()[0].uuid
+    # the driver checkpointed every GPU the worker can see (all of this machine's): a pair for each
+    same = [(g.uuid, g.uuid) for g in cuda_devices.gpus()]
     driver.lock(worker.pid, 10_000)
     assert driver.state(worker.pid) is ProcessState.LOCKED
     driver.checkpoint(worker.pid)
     assert driver.state(worker.pid) is ProcessState.CHECKPOINTED
     assert not cuda_devices.nvidia_usage(worker.pid).any  # nothing left for CRIU to trip over
     assert driver.restore_thread_id(worker.pid) in procfs.threads(worker.pid)
-    driver.restore(worker.pid, [(gpu, gpu)])  # the remapping path of the API, onto the same GPU
+    driver.restore(worker.pid, same)  # the remapping path of the API, onto the same GPUs
     driver.unlock(worker.pid)
     assert driver.state(worker.pid) is ProcessState.RUNNING
     assert worker.state()["matches_reference"]
@@ -122,10 +123,13 @@ def test_tree_checkpoint_and_restore_keep_weights_graphs_and_socket(
     done = _roundtrip(worker, bundle, tmp_path, "with-weights", release_weights=False)
     manifest = done["manifest"]
     assert manifest["compatibility"]["cudaDriverVersion"] == cuda_devices.driver_version()
-    used = manifest["compatibility"]["gpus"]
-    assert used and used[0]["uuid"] in {g.uuid for g in cuda_devices.gpus()} and used[0]["model"]
+    node = {g.uuid for g in cuda_devices.gpus()}
+    seen = manifest["compatibility"]["gpus"]  # a process on the host sees (and the driver keeps) every GPU
+    assert {g["uuid"] for g in seen} == node and all(g["model"] for g in seen)
     assert manifest["cuda"]["processes"] == [worker.pid]
-    assert manifest["cuda"]["processGpus"] == {str(worker.pid): [used[0]["uuid"]]}
+    assert set(manifest["cuda"]["processGpus"][str(worker.pid)]) == node
+    (computing,) = manifest["cuda"]["processComputeGpus"][str(worker.pid)]  # NVML: the one it computes on
+    assert computing in node
 
 
 @pytest.mark.gpu
