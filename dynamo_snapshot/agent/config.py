@@ -6,6 +6,9 @@
       networkLock: ""        # "" is CRIU's default (iptables); or nftables
       timeoutSeconds: 600    # a dump or restore is given up after this long
       extraArgs: []          # appended to every CRIU dump and restore command line
+    restore:
+      verifyThreads: 16      # parallel SHA-256 readers of a checkpoint (default: CPUs, at most 16)
+      prefetchThreads: 8     # parallel readers of the files a worker declared; 0: no prefetch
 
 A missing file or key keeps the default; an unknown key or a value of the wrong type is an error that
 names it, since a misspelt option silently ignored would make the agent do something else than asked.
@@ -13,6 +16,7 @@ names it, since a misspelt option silently ignored would make the agent do somet
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +72,43 @@ def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSetti
     return CriuSettings(**{**defaults.__dict__, **fields})
 
 
-def load(path: str | Path | None) -> CriuSettings:
-    """The CRIU settings of the agent's configuration file (defaults when there is none)."""
+@dataclass(frozen=True)
+class RestoreSettings:
+    verify_threads: int | None = None  # None: artifact.default_io_threads()
+    prefetch_threads: int = 8
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    criu: CriuSettings = field(default_factory=CriuSettings)
+    restore: RestoreSettings = field(default_factory=RestoreSettings)
+
+
+def restore_settings(data: dict[str, Any] | None, where: str = "restore") -> RestoreSettings:
+    section = data or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {section!r}")
+    known = {"verifyThreads", "prefetchThreads"}
+    if unknown := sorted(set(section) - known):
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    fields: dict[str, Any] = {}
+    if "verifyThreads" in section:
+        threads = _typed(section, "verifyThreads", int, where)
+        if not 1 <= threads <= 256:
+            raise ConfigError(f"{where}.verifyThreads: must be 1-256, got {threads}")
+        fields["verify_threads"] = threads
+    if "prefetchThreads" in section:
+        threads = _typed(section, "prefetchThreads", int, where)
+        if not 0 <= threads <= 256:
+            raise ConfigError(f"{where}.prefetchThreads: must be 0-256 (0: no prefetch), got {threads}")
+        fields["prefetch_threads"] = threads
+    return RestoreSettings(**fields)
+
+
+def load(path: str | Path | None) -> AgentConfig:
+    """The agent's configuration file (defaults when there is none)."""
     if path is None:
-        return CriuSettings()
+        return AgentConfig()
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -80,9 +117,9 @@ def load(path: str | Path | None) -> CriuSettings:
         raise ConfigError(f"agent configuration {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"agent configuration {path}: expected a mapping at the top level")
-    if unknown := sorted(set(data) - {"criu"}):
-        raise ConfigError(f"agent configuration {path}: unknown keys {', '.join(unknown)} (known: criu)")
+    if unknown := sorted(set(data) - {"criu", "restore"}):
+        raise ConfigError(f"agent configuration {path}: unknown keys {', '.join(unknown)} (known: criu, restore)")
     try:
-        return criu_settings(data.get("criu"))
+        return AgentConfig(criu_settings(data.get("criu")), restore_settings(data.get("restore")))
     except ConfigError as err:
         raise ConfigError(f"agent configuration {path}: {err}") from None

@@ -15,14 +15,14 @@ import argparse
 import os
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import structlog
 
 from dynamo_snapshot.agent import procfs
-from dynamo_snapshot.agent.config import ConfigError, load
+from dynamo_snapshot.agent.config import ConfigError, RestoreSettings, load
 from dynamo_snapshot.agent.criu import CriuBundle, CriuSettings
 from dynamo_snapshot.agent.cuda import CudaStep, default_step
 from dynamo_snapshot.agent.runtime import CRIClient, CRIError, RuntimeType, default_socket
@@ -44,6 +44,7 @@ class AgentOptions:
     storage_mode: StorageMode
     storage_base_path: str
     criu: CriuSettings
+    restore: RestoreSettings = field(default_factory=RestoreSettings)
     metrics_bind_address: str = ":9090"
     kubeconfig: str | None = None
     workers: int = 2
@@ -90,7 +91,7 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             await tg.start(probes.serve)
             await _connect_runtime(cri)
             storage = StorageResolver(options.storage_mode, options.storage_base_path, cri)
-            node = CriuNode(cri, bundle, storage, options.criu, cuda_step())
+            node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore)
             operations = Operations(client, node, EventRecorder(client, controller=EVENT_CONTROLLER,
                                                                 instance=identity), identity)
             agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-base-path", default="/checkpoints",
                         help="agentMount: where the agent mounts the PVC; podMount: where pods mount it")
     parser.add_argument("--host-proc", default="/proc", help="the host's /proc as mounted in the agent")
-    parser.add_argument("--config", help="agent configuration file (criu options)")
+    parser.add_argument("--config", help="agent configuration file (criu and restore options)")
     parser.add_argument("--metrics-bind-address", default=":9090", help="serve /metrics, /healthz, /readyz here")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, KUBECONFIG, ~/.kube/config)")
     parser.add_argument("--workers", type=int, default=2, help="pods looked at in parallel")
@@ -138,7 +139,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
         why = "agentMount" if mode is StorageMode.AGENT_MOUNT else "--namespace-restricted"
         parser.error(f"--namespace is required with {why} (or POD_NAMESPACE)")
     try:
-        criu_settings = load(args.config)
+        configured = load(args.config)
     except ConfigError as err:
         parser.error(str(err))
     return AgentOptions(
@@ -149,7 +150,8 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
         runtime_socket=args.runtime_socket or default_socket(args.runtime_type),
         storage_mode=mode,
         storage_base_path=args.storage_base_path.rstrip("/") or "/",
-        criu=criu_settings,
+        criu=configured.criu,
+        restore=configured.restore,
         metrics_bind_address=args.metrics_bind_address,
         kubeconfig=args.kubeconfig,
         workers=args.workers,

@@ -19,6 +19,7 @@ from dynamo_snapshot.agent import checkpoint as ckpt
 from dynamo_snapshot.agent import control, criu, inroot
 from dynamo_snapshot.agent import restore as rst
 from dynamo_snapshot.agent.cgroups import Freezer
+from dynamo_snapshot.agent.config import RestoreSettings
 from dynamo_snapshot.agent.cuda import CudaStep, NoCuda
 from dynamo_snapshot.agent.podwork import CheckpointWork, RestoreWork
 from dynamo_snapshot.agent.runtime import ContainerInfo, ContainerNotFound, CRIClient
@@ -57,12 +58,14 @@ class NodeOps(Protocol):
 
 class CriuNode:
     def __init__(self, cri: CRIClient, bundle: criu.CriuBundle, storage: StorageResolver,
-                 settings: criu.CriuSettings, cuda: CudaStep | None = None):
+                 settings: criu.CriuSettings, cuda: CudaStep | None = None,
+                 restore: RestoreSettings | None = None):
         self.cri = cri
         self.bundle = bundle
         self.storage = storage
         self.settings = settings
         self.cuda = cuda or NoCuda()
+        self.restore_settings = restore or RestoreSettings()
 
     async def checkpoint(self, work: CheckpointWork, confirm: Confirm, criu_started: Moment) -> ckpt.CheckpointResult:
         async def observe(stage: ckpt.Stage) -> None:
@@ -76,7 +79,9 @@ class CriuNode:
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
         async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
             request = rst.RestoreRequest(work.container_id, work.checkpoint_id, base, work.artifact_version)
-            return await rst.restore(self.cri, request, self.bundle, self.cuda, settings=self.settings)
+            tuned = self.restore_settings
+            return await rst.restore(self.cri, request, self.bundle, self.cuda, settings=self.settings,
+                                     io_threads=tuned.verify_threads, prefetch_threads=tuned.prefetch_threads)
 
     async def restore_finished(self, container_id: str) -> bool:
         info = await self._running(container_id)

@@ -304,7 +304,8 @@ async def restore(
             await _extract(info, images / artifact.DEV_SHM, None, set(), "/dev/shm")
             leave(Stage.DEV_SHM)
 
-            if declared := _declared_files(manifest):  # the files as the restored worker will see them
+            declared = _declared_files(manifest) if prefetch_threads > 0 else []
+            if declared:  # the files as the restored worker will see them
                 warm = Prefetch(declared, threads=prefetch_threads, root=procfs.proc(info.pid) / "root")
                 group.start_soon(pages.then_prefetch, warm)
 

@@ -87,7 +87,7 @@ def test_criu_settings_from_the_chart_config(tmp_path: Path):
     path = tmp_path / "config.yaml"
     path.write_text("criu:\n  logLevel: 2\n  tcpEstablished: false\n  networkLock: ''\n  timeoutSeconds: 600\n"
                     "  extraArgs: [--skip-file-rwx-check]\n")
-    settings = config.load(path)
+    settings = config.load(path).criu
     assert settings == CriuSettings(log_level=2, tcp_established=False, network_lock="", timeout_s=600,
                                     extra_args=("--skip-file-rwx-check",))
     dump = DumpOptions.configured(settings, pid=1, images_dir=Path("/i"), freeze_cgroup=Path("/f"), net_ns_inode=1,
@@ -99,7 +99,17 @@ def test_criu_settings_from_the_chart_config(tmp_path: Path):
     assert restore[-1] == "--skip-file-rwx-check" and "-v2" in restore
 
 
+def test_restore_settings_from_the_config(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    assert config.load(None).restore == config.RestoreSettings(verify_threads=None, prefetch_threads=8)
+    path.write_text("restore:\n  verifyThreads: 32\n  prefetchThreads: 0\n")
+    assert config.load(path).restore == config.RestoreSettings(verify_threads=32, prefetch_threads=0)
+
+
 @pytest.mark.parametrize("text, complaint", [
+    ("restore:\n  verifyThreads: 0\n", "restore.verifyThreads: must be 1-256"),
+    ("restore:\n  prefetchThreads: 'many'\n", "restore.prefetchThreads: expected int"),
+    ("restore:\n  prefetch: 8\n", "restore: unknown keys prefetch"),
     ("criu:\n  logLevel: 9\n", "criu.logLevel: must be 0-4"),
     ("criu:\n  tcpEstablished: 'yes'\n", "criu.tcpEstablished: expected bool"),
     ("criu:\n  networkLock: ipfw\n", "criu.networkLock"),

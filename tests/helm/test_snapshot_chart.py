@@ -4,6 +4,7 @@ operator in each storage mode, runtime, RBAC scope and OpenShift, and values ref
 import pytest
 import yaml
 
+from dynamo_snapshot.agent import config as agent_config
 from dynamo_snapshot.api import OperatorConfig
 from dynamo_snapshot.controllers.storage import StorageUnavailable, resolve_storage
 from dynamo_snapshot.devcluster.stack import AGENT_RULES
@@ -172,11 +173,16 @@ def test_rbac_scope(helm, mode, restricted, expect_restricted):
                                     ["name"], "namespace": "gpu-workers"}]
 
 
-def test_criu_config_reaches_the_agent_and_rolls_it(helm):
+def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
     default = render(helm, **SIZE)
     tuned = render(helm, **SIZE, **{"config.criu.networkLock": "nftables", "config.criu.logLevel": 2,
                                     "config.criu.extraArgs": "{--skip-in-flight}"})
     config = yaml.safe_load(only(tuned, "ConfigMap")["data"]["config.yaml"])
+    for rendered in (default, tuned):  # what the chart renders is what the agent accepts
+        text = only(rendered, "ConfigMap")["data"]["config.yaml"]
+        (tmp_path / "config.yaml").write_text(text)
+        agent_config.load(tmp_path / "config.yaml")
+    assert config["restore"] == {"prefetchThreads": 8}
     assert config["criu"]["networkLock"] == "nftables"
     assert config["criu"]["logLevel"] == 2
     assert config["criu"]["extraArgs"] == ["--skip-in-flight"]
