@@ -169,8 +169,8 @@ async def checkpoint(
     source = await resolve_source(cri, request.container_id)
     try:
         reread = await control.read_reread_declaration(source.info)
-    except (ValueError, inroot.InRootError) as exc:
-        raise CheckpointError(str(exc)) from exc
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"container {source.info.name}: cannot read ready-for-snapshot: {exc}") from exc
     layout = artifact.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
     criu_version = await anyio.to_thread.run_sync(bundle.version)
     staging = layout.new_staging()

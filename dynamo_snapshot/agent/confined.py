@@ -91,3 +91,24 @@ def regular_files(root_fd: int, paths: Iterable[str], errors: list[str]) -> Iter
             todo.extend((f"{path.rstrip('/')}/{name}", depth + 1) for name in reversed(names))
         else:
             os.close(fd)
+
+
+def read_small(root: os.PathLike | str, path: str, limit: int) -> bytes | None:
+    """The content of the regular file ``path`` below ``root`` (at most ``limit`` bytes, or ValueError);
+    None when it is not there. Read by the agent itself: nothing is executed, nothing written."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = open_in_root(root_fd, path)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(root_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        content = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(content) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return content

@@ -1,5 +1,6 @@
 """The agent's side of the ``/snapshot-control`` contract (SPEC section 8): writing the signals into
-a container's control directory, through the confined helper (the directory is container-owned)."""
+a container's control directory through the confined helper, reading them with ``confined`` (the
+directory is container-owned)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import os
 from typing import Any
 
-from dynamo_snapshot.agent import inroot, procfs
+import anyio
+
+from dynamo_snapshot.agent import confined, inroot, procfs
 from dynamo_snapshot.agent.runtime import ContainerInfo
 from dynamo_snapshot.api import names
 
@@ -81,12 +84,13 @@ def parse_reread_declaration(content: bytes, where: str) -> list[str]:
 
 
 async def read_signal(info: ContainerInfo, name: str) -> bytes | None:
-    """A signal file's content in the container's control directory (through the confined helper);
-    None when it is not there or the container has no control directory."""
+    """A signal file's content in the container's control directory (read confined to the container's
+    root; see ``confined``); None when it is not there or the container has no control directory."""
     directory = control_dir(info)
     if directory is None:
         return None
-    return await inroot.read(str(procfs.proc(info.pid) / "root"), f"{directory.rstrip('/')}/{name}", limit=1 << 20)
+    root, path = procfs.proc(info.pid) / "root", f"{directory.rstrip('/')}/{name}"
+    return await anyio.to_thread.run_sync(confined.read_small, root, path, 1 << 20)
 
 
 async def read_reread_declaration(info: ContainerInfo) -> list[str]:

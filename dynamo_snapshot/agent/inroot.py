@@ -10,7 +10,6 @@ system so nothing from the container's filesystem can be loaded, and then touche
                                                      [--skip P]... [--within P]
     python -m dynamo_snapshot.agent.inroot --root /proc/<pid>/root archive --source /dev/shm --archive-fd N
     python -m dynamo_snapshot.agent.inroot --root /proc/<pid>/root write --path P --content-fd N
-    python -m dynamo_snapshot.agent.inroot --root /proc/<pid>/root read --path P --limit BYTES   (to stdout)
 
 ``run`` is the agent-side wrapper.
 """
@@ -29,8 +28,6 @@ import tarfile
 from collections.abc import Sequence
 
 import anyio
-
-NOT_FOUND = 3  # the exit status of ``read`` for a file that is not there
 
 
 class InRootError(RuntimeError):
@@ -104,23 +101,6 @@ def _write(path: str, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read(path: str, limit: int) -> bytes | None:
-    """A small regular file's content; None when there is no such file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InRootError(f"{path} is not a regular file in the container")
-        content = os.read(fd, limit + 1)
-    finally:
-        os.close(fd)
-    if len(content) > limit:
-        raise InRootError(f"{path} is larger than {limit} bytes")
-    return content
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inroot")
     parser.add_argument("--root", required=True)
@@ -136,9 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_write = sub.add_parser("write")
     p_write.add_argument("--path", required=True)
     p_write.add_argument("--content-fd", type=int, required=True)
-    p_read = sub.add_parser("read")
-    p_read.add_argument("--path", required=True)
-    p_read.add_argument("--limit", type=int, default=1 << 20)
     args = parser.parse_args(argv)
 
     # Everything read from the host happens before the chroot.
@@ -164,37 +141,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _archive(args.source, args.archive_fd)
     elif args.command == "write":
         _write(args.path, content)
-    elif args.command == "read":
-        found = _read(args.path, args.limit)
-        if found is None:
-            return NOT_FOUND
-        sys.stdout.buffer.write(found)
     return 0
 
 
 async def run(root: str, command: list[str], fds: dict[str, int]) -> None:
     """Run one helper command against ``root``; ``fds`` maps option names (``--archive-fd``) to
     open descriptors passed to the helper."""
-    await _run(root, command, fds)
-
-
-async def read(root: str, path: str, limit: int = 1 << 20) -> bytes | None:
-    """The content of the container file ``path`` (at most ``limit`` bytes), or None if absent."""
-    result = await _run(root, ["read", "--path", path, "--limit", str(limit)], {}, ok=(0, NOT_FOUND))
-    return None if result.returncode == NOT_FOUND else result.stdout
-
-
-async def _run(
-    root: str, command: list[str], fds: dict[str, int], ok: tuple[int, ...] = (0,)
-) -> subprocess.CompletedProcess[bytes]:
     argv = [sys.executable, "-m", "dynamo_snapshot.agent.inroot", "--root", root, *command]
     for option, fd in fds.items():
         argv += [option, str(fd)]
     result = await anyio.run_process(argv, check=False, stdin=subprocess.DEVNULL, pass_fds=list(fds.values()))
-    if result.returncode not in ok:
+    if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise InRootError(f"{command[0]} in {root} failed ({result.returncode}): {' | '.join(detail)}")
-    return result
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Protocol
 import structlog
 
 from dynamo_snapshot.agent import checkpoint as ckpt
-from dynamo_snapshot.agent import control, criu, inroot
+from dynamo_snapshot.agent import control, criu
 from dynamo_snapshot.agent import restore as rst
 from dynamo_snapshot.agent.cgroups import Freezer
 from dynamo_snapshot.agent.config import RestoreSettings
@@ -89,7 +89,7 @@ class CriuNode:
             return False
         try:
             return await control.read_signal(info, control.RESTORE_COMPLETE) is not None
-        except (OSError, inroot.InRootError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("cannot read the placeholder's control directory", container_id=container_id, error=str(exc))
             return False
 

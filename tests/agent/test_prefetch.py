@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import control
+from dynamo_snapshot.agent import confined, control
 from dynamo_snapshot.agent.prefetch import Prefetch
 
 
@@ -95,3 +95,18 @@ def test_what_a_worker_declares_in_ready_for_snapshot(content: bytes, declared: 
 def test_a_malformed_declaration_is_refused_naming_the_field(content: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         control.parse_reread_declaration(content, "ready-for-snapshot")
+
+
+def test_a_control_file_is_read_inside_the_root_only(root: Path, tmp_path: Path) -> None:
+    (root / "ctl").mkdir()
+    (root / "ctl" / "ready-for-snapshot").write_bytes(b'{"readyAt": 1}')
+    assert confined.read_small(root, "/ctl/ready-for-snapshot", 1024) == b'{"readyAt": 1}'
+    assert confined.read_small(root, "/ctl/restore-complete", 1024) is None
+    (tmp_path / "host-file").write_bytes(b"host")
+    (root / "ctl" / "escape").symlink_to(tmp_path / "host-file")  # resolves to <root>/<tmp>/host-file
+    assert confined.read_small(root, "/ctl/escape", 1024) is None
+    os.mkfifo(root / "ctl" / "fifo")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        confined.read_small(root, "/ctl/fifo", 1024)
+    with pytest.raises(ValueError, match="larger than 4 bytes"):
+        confined.read_small(root, "/ctl/ready-for-snapshot", 4)
