@@ -38,20 +38,28 @@ def _typed(section: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSettings:
+def _section(data: Any, where: str, known: set[str]) -> dict[str, Any]:
     section = data or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: expected a mapping, got {section!r}")
-    known = {"logLevel", "tcpEstablished", "networkLock", "timeoutSeconds", "extraArgs"}
     if unknown := sorted(set(section) - known):
         raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return section
+
+
+def _bounded(section: dict[str, Any], key: str, low: int, high: int, where: str, hint: str = "") -> int:
+    value = _typed(section, key, int, where)
+    if not low <= value <= high:
+        raise ConfigError(f"{where}.{key}: must be {low}-{high}{hint}, got {value}")
+    return value
+
+
+def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSettings:
+    section = _section(data, where, {"logLevel", "tcpEstablished", "networkLock", "timeoutSeconds", "extraArgs"})
     defaults = CriuSettings()
     fields: dict[str, Any] = {}
     if "logLevel" in section:
-        level = _typed(section, "logLevel", int, where)
-        if not 0 <= level <= 4:
-            raise ConfigError(f"{where}.logLevel: must be 0-4, got {level}")
-        fields["log_level"] = level
+        fields["log_level"] = _bounded(section, "logLevel", 0, 4, where)
     if "tcpEstablished" in section:
         fields["tcp_established"] = _typed(section, "tcpEstablished", bool, where)
     if "networkLock" in section:
@@ -85,23 +93,12 @@ class AgentConfig:
 
 
 def restore_settings(data: dict[str, Any] | None, where: str = "restore") -> RestoreSettings:
-    section = data or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {section!r}")
-    known = {"verifyThreads", "prefetchThreads"}
-    if unknown := sorted(set(section) - known):
-        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    section = _section(data, where, {"verifyThreads", "prefetchThreads"})
     fields: dict[str, Any] = {}
     if "verifyThreads" in section:
-        threads = _typed(section, "verifyThreads", int, where)
-        if not 1 <= threads <= 256:
-            raise ConfigError(f"{where}.verifyThreads: must be 1-256, got {threads}")
-        fields["verify_threads"] = threads
+        fields["verify_threads"] = _bounded(section, "verifyThreads", 1, 256, where)
     if "prefetchThreads" in section:
-        threads = _typed(section, "prefetchThreads", int, where)
-        if not 0 <= threads <= 256:
-            raise ConfigError(f"{where}.prefetchThreads: must be 0-256 (0: no prefetch), got {threads}")
-        fields["prefetch_threads"] = threads
+        fields["prefetch_threads"] = _bounded(section, "prefetchThreads", 0, 256, where, " (0: no prefetch)")
     return RestoreSettings(**fields)
 
 
