@@ -48,6 +48,7 @@ from dynamo_snapshot.agent.errors import SnapshotError
 log = structlog.get_logger(__name__)
 
 DEFAULT_LOCK_TIMEOUT_S = 10.0
+NVML_TIMEOUT_S = 10.0
 T = TypeVar("T")
 
 
@@ -290,7 +291,13 @@ class DriverCuda:
             raise CudaHelperProcesses(helpers)
         by_minor = {g.minor: g for g in self._node_gpus()}
         known = {g.uuid for g in by_minor.values()}
-        computing = await anyio.to_thread.run_sync(self._compute_gpus, [u.pid for u in cuda_users])
+        computing: Mapping[int, tuple[str, ...]] = {}
+        with anyio.move_on_after(NVML_TIMEOUT_S) as waited:  # a wedged NVML must not hold up the checkpoint
+            computing = await anyio.to_thread.run_sync(
+                self._compute_gpus, [u.pid for u in cuda_users], abandon_on_cancel=True
+            )
+        if waited.cancelled_caught:
+            log.warning("NVML did not answer; recording every GPU the processes can see", seconds=NVML_TIMEOUT_S)
         self._tracked = []
         for u in cuda_users:
             seen = tuple(by_minor[m].uuid for m in u.gpu_minors if m in by_minor)

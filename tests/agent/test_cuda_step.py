@@ -5,12 +5,14 @@ a real GPU."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 
+from dynamo_snapshot.agent import cuda as cuda_module
 from dynamo_snapshot.agent import cuda_devices, procfs
 from dynamo_snapshot.agent.cuda import CudaHelperProcesses, CudaState, DriverCuda, NoCuda
 from dynamo_snapshot.agent.cuda_devices import Gpu, NvidiaUsage
@@ -137,6 +139,23 @@ def test_a_process_is_recorded_with_the_gpus_it_sees_and_those_it_computes_on(
         }
     )
     assert dict(back.process_compute_gpus) == {10: (GPU1.uuid,)} and back.computing == {GPU0.uuid, GPU1.uuid}
+
+
+def test_a_wedged_nvml_does_not_hold_up_the_checkpoint(
+    tree: dict[int, NvidiaUsage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cuda_module, "NVML_TIMEOUT_S", 0.2)
+    released = threading.Event()
+    driver = RecordingDriver([10])
+    cuda = DriverCuda(driver=driver, parallel=False, node_gpus=lambda: [GPU0, GPU1],
+                      node_driver_version=lambda: "580.159.04",
+                      compute_gpus=lambda pids: released.wait(30) and {})
+    try:
+        anyio.run(cuda.prepare, [10])
+        state = anyio.run(cuda.checkpoint)
+    finally:
+        released.set()
+    assert dict(state.process_gpus) == {10: (GPU0.uuid,)} and dict(state.process_compute_gpus) == {}
 
 
 def test_a_process_that_saw_two_gpus_moves_to_the_one_it_is_given(tree: dict[int, NvidiaUsage]) -> None:
