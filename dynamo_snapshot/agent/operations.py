@@ -144,9 +144,12 @@ class Operations:
                                    f"by snapshot-agent {self.identity}")
         return Outcome.COMPLETED
 
-    async def _job_verdict(self, work: CheckpointWork, job: dict[str, Any], verdict: str) -> None:
+    async def _job_verdict(self, work: CheckpointWork, job: dict[str, Any], verdict: str, why: str = "") -> None:
         # The Job's uid as a precondition: a verdict must never land on a later Job of the same name.
-        patch = {"metadata": {"uid": job["metadata"]["uid"], "annotations": {names.ANN_CHECKPOINT_STATUS: verdict}}}
+        annotations = {names.ANN_CHECKPOINT_STATUS: verdict}
+        if why:  # the operator shows it in the DynamoCheckpoint's status.message (_describe keeps it short)
+            annotations[names.ANN_CHECKPOINT_MESSAGE] = why
+        patch = {"metadata": {"uid": job["metadata"]["uid"], "annotations": annotations}}
         await self.client.patch(JOBS, work.job, patch, work.pod.namespace)
 
     async def _checkpoint_failed(self, work: CheckpointWork, job: dict[str, Any], err: BaseException,
@@ -155,7 +158,7 @@ class Operations:
                   else _describe(err))
         bound.error("checkpoint failed", error=reason)
         try:
-            await self._job_verdict(work, job, names.STATUS_FAILED)
+            await self._job_verdict(work, job, names.STATUS_FAILED, reason)
         except KubeError as verdict_err:
             bound.error("could not record the failed verdict on the Job", error=str(verdict_err))
         await self.recorder.warning(job, "CheckpointFailed",

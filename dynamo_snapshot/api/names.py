@@ -27,6 +27,8 @@ STORAGE_COMPONENT = "checkpoint-storage"
 ANN_ARTIFACT_VERSION = "nvidia.com/snapshot-artifact-version"
 ANN_TARGET_CONTAINERS = "nvidia.com/snapshot-target-containers"
 ANN_CHECKPOINT_STATUS = "nvidia.com/snapshot-checkpoint-status"
+# Why the agent failed a checkpoint (ours; the SPEC has only the status): the operator puts it in status.message
+ANN_CHECKPOINT_MESSAGE = "nvidia.com/snapshot-checkpoint-message"
 ANN_RESTORE_STATUS_PREFIX = "nvidia.com/snapshot-restore-status."
 ANN_RESTORE_CONTAINER_ID_PREFIX = "nvidia.com/snapshot-restore-container-id."
 ANN_AUTO_CHECKPOINT = "nvidia.com/dynamo-auto-checkpoint"

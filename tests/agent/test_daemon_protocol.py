@@ -221,7 +221,9 @@ async def test_a_failed_dump_is_reported_on_the_job_and_the_workload_killed(harn
         await harness.pod("source", "c-bad", source_of=job)
         assert await harness.outcome_for("c-bad") is Outcome.FAILED
 
-    assert (await harness.annotations(JOBS, job["metadata"]["name"]))[names.ANN_CHECKPOINT_STATUS] == "failed"
+    annotations = await harness.annotations(JOBS, job["metadata"]["name"])
+    assert annotations[names.ANN_CHECKPOINT_STATUS] == "failed"
+    assert "anon_inode" in annotations[names.ANN_CHECKPOINT_MESSAGE]  # for the DynamoCheckpoint's status
     assert harness.node.calls == [("checkpoint", "c-bad"), ("kill-workload", "c-bad")]
     (event,) = await harness.events(job["metadata"]["name"])
     assert event["reason"] == "CheckpointFailed" and event["type"] == "Warning"

@@ -40,6 +40,14 @@ def test_agent_failed_annotation_fails():
     assert (out.phase, out.reason) == (Phase.FAILED, "JobFailed")
 
 
+def test_the_agents_reason_reaches_the_status_message():
+    job = _job(annotation="failed")
+    job["metadata"]["annotations"][names.ANN_CHECKPOINT_MESSAGE] = "criu dump failed with exit code 1"
+    out = decide(job, lease=None, pods=[], target="main", now=NOW)
+    assert out.message == ("snapshot-agent reported the checkpoint of Job checkpoint-job-x-1 as failed: "
+                           "criu dump failed with exit code 1")
+
+
 def test_agent_failed_after_job_completed_is_a_verification_failure():
     out = decide(_job([COMPLETE], annotation="failed"), lease=None, pods=[], target="main", now=NOW)
     assert (out.phase, out.reason) == (Phase.FAILED, "CheckpointVerificationFailed")

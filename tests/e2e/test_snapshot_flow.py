@@ -126,7 +126,9 @@ def test_a_checkpoint_that_cannot_be_dumped_fails_and_leaves_nothing(flow: Flow)
     ckpt = flow.wait_verdict("undumpable")
 
     assert ckpt["status"]["phase"] == "Failed"
+    # the agent's reason is in the checkpoint's own status, not only in its events and logs
     assert "snapshot-agent reported the checkpoint" in ckpt["status"]["message"]
+    assert "criu dump failed" in ckpt["status"]["message"]
     job = ckpt["status"]["jobName"]
     assert stack.get("job", job)["metadata"]["annotations"][names.ANN_CHECKPOINT_STATUS] == "failed"
     (event,) = agent_events(flow, job)

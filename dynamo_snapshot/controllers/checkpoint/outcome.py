@@ -110,6 +110,8 @@ def decide(
     if verdict == names.STATUS_FAILED:
         reason = REASON_VERIFICATION_FAILED if complete else REASON_JOB_FAILED
         message = f"snapshot-agent reported the checkpoint of Job {name} as failed"
+        if why := job.get("metadata", {}).get("annotations", {}).get(names.ANN_CHECKPOINT_MESSAGE):
+            message += f": {why}"
         pod_detail = describe_pod_failure(pods, target)
         return Outcome(Phase.FAILED, reason, f"{message}: {pod_detail}" if pod_detail else message)
     if failed:
