@@ -23,3 +23,14 @@ CHECKPOINT_START_LATENCY = Histogram(
     "From the agent seeing a source pod's target container Ready to CRIU starting its dump",
     buckets=_SECONDS,
 )
+STAGE_DURATION = Histogram(
+    "snapshot_agent_stage_duration_seconds",
+    "Time of each stage of a completed checkpoint or restore (verify-pages runs beside the other restore stages)",
+    ["operation", "stage"],
+    buckets=_SECONDS,
+)
+
+
+def observe_stages(operation: str, seconds: dict[str, float]) -> None:
+    for stage, value in seconds.items():
+        STAGE_DURATION.labels(operation, stage).observe(value)

@@ -134,6 +134,7 @@ class Operations:
                 if not isinstance(err, Exception):
                     raise  # the agent is stopping: the verdict is written, the stop goes on
                 return Outcome.FAILED
+        metrics.observe_stages("checkpoint", result.seconds)
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         overhead = round(criu_started_at[0] - seen_ready_at, 3) if criu_started_at else None
         bound.info("checkpoint completed", directory=str(result.directory), seconds=seconds,
@@ -198,6 +199,7 @@ class Operations:
                 raise
             return Outcome.FAILED
         await self._completed_verdict(work, bound)
+        metrics.observe_stages("restore", {**result.seconds, **result.background_seconds})
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         bound.info("restore completed", workload_pid=result.workload_pid, seconds=seconds,
                    total_seconds=round(time.monotonic() - started, 3))

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import REGISTRY
 
 from dynamo_snapshot.agent.checkpoint import CheckpointResult
 from dynamo_snapshot.agent.daemon import Agent
@@ -89,7 +90,7 @@ def checkpoint_result() -> CheckpointResult:
 
 def restore_result() -> RestoreResult:
     return RestoreResult(workload_pid=1000, host_pid=1, manifest={}, log_path=Path("/x/restore.log"),
-                         seconds={"criu": 0.1})
+                         seconds={"criu": 0.1}, background_seconds={"verify-pages": 0.2})
 
 
 class Harness:
@@ -312,6 +313,10 @@ async def test_restore_annotations_say_in_progress_then_completed(harness):
     assert after[names.restore_status_annotation("main")] == "completed"
     assert after[names.restore_container_id_annotation("main")] == "c-restore"
     assert [e["reason"] for e in await harness.events("restore")] == ["Restored"]
+    # where a restore's time went, for the node's dashboards
+    for stage, seconds in (("criu", 0.1), ("verify-pages", 0.2)):
+        labels = {"operation": "restore", "stage": stage}
+        assert REGISTRY.get_sample_value("snapshot_agent_stage_duration_seconds_sum", labels) >= seconds
 
 
 async def test_a_failed_restore_is_annotated_with_the_reason_and_the_placeholder_killed(harness):
