@@ -208,8 +208,10 @@ class Operations:
                                    f"in {sum(result.seconds.values()):.2f} s")
         return Outcome.COMPLETED
 
-    async def _restore_status(self, work: RestoreWork, status: str) -> None:
+    async def _restore_status(self, work: RestoreWork, status: str, why: str | None = None) -> None:
+        # the reason of a failure stays on the pod after its event expired; any other status clears it
         annotations = {names.restore_status_annotation(work.container): status,
+                       names.restore_message_annotation(work.container): why,
                        names.restore_container_id_annotation(work.container): work.container_id}
         await self.client.patch(PODS, work.pod.name, {"metadata": {"uid": work.pod.uid, "annotations": annotations}},
                                 work.pod.namespace)
@@ -232,7 +234,7 @@ class Operations:
     async def _restore_failed(self, work: RestoreWork, reason: str, bound: Any) -> None:
         bound.error("restore failed; killing the placeholder", error=reason)
         try:
-            await self._restore_status(work, names.STATUS_FAILED)
+            await self._restore_status(work, names.STATUS_FAILED, reason)
         except KubeError as err:
             bound.error("could not record the failed restore on the pod", error=str(err))
         await self.recorder.warning(_pod_object(work.pod), "RestoreFailed",

@@ -31,6 +31,8 @@ ANN_CHECKPOINT_STATUS = "nvidia.com/snapshot-checkpoint-status"
 ANN_CHECKPOINT_MESSAGE = "nvidia.com/snapshot-checkpoint-message"
 ANN_RESTORE_STATUS_PREFIX = "nvidia.com/snapshot-restore-status."
 ANN_RESTORE_CONTAINER_ID_PREFIX = "nvidia.com/snapshot-restore-container-id."
+# Why the agent failed the last restore of a container (ours; kept after the event has expired)
+ANN_RESTORE_MESSAGE_PREFIX = "nvidia.com/snapshot-restore-message."
 ANN_AUTO_CHECKPOINT = "nvidia.com/dynamo-auto-checkpoint"
 ANN_DELETION_POLICY = "nvidia.com/dynamo-checkpoint-deletion-policy"
 ANN_STORAGE_TYPE = "nvidia.com/snapshot-storage-type"
@@ -50,6 +52,10 @@ def restore_status_annotation(container: str) -> str:
 
 def restore_container_id_annotation(container: str) -> str:
     return ANN_RESTORE_CONTAINER_ID_PREFIX + container
+
+
+def restore_message_annotation(container: str) -> str:
+    return ANN_RESTORE_MESSAGE_PREFIX + container
 
 
 # The /snapshot-control contract (SPEC section 8)

@@ -311,6 +311,7 @@ async def test_restore_annotations_say_in_progress_then_completed(harness):
     assert during[names.restore_container_id_annotation("main")] == "c-restore"
     after = await harness.annotations(PODS, "restore")
     assert after[names.restore_status_annotation("main")] == "completed"
+    assert names.restore_message_annotation("main") not in after
     assert after[names.restore_container_id_annotation("main")] == "c-restore"
     assert [e["reason"] for e in await harness.events("restore")] == ["Restored"]
     # where a restore's time went, for the node's dashboards
@@ -327,7 +328,9 @@ async def test_a_failed_restore_is_annotated_with_the_reason_and_the_placeholder
     async with harness.agent():
         await harness.pod("broken", "c-broken")
         assert await harness.outcome_for("c-broken") is Outcome.FAILED
-    assert (await harness.annotations(PODS, "broken"))[names.restore_status_annotation("main")] == "failed"
+    annotations = await harness.annotations(PODS, "broken")
+    assert annotations[names.restore_status_annotation("main")] == "failed"
+    assert "manifest.json is missing" in annotations[names.restore_message_annotation("main")]  # kept on the pod
     assert harness.node.calls == [("restore", "c-broken"), ("kill-container", "c-broken")]
     (event,) = await harness.events("broken")
     assert event["reason"] == "RestoreFailed" and "manifest.json is missing" in event["note"]

@@ -172,3 +172,6 @@ def test_a_failed_restore_is_retried_on_a_fresh_container(flow: Flow):
     assert second["status"]["containerStatuses"][0]["restartCount"] >= 1
     notes = [e["note"] for e in agent_events(flow, "orphan") if e["reason"] == "RestoreFailed"]
     assert notes and all(f"{missing_id}/versions/1/manifest.json is missing" in n for n in notes)
+    # the reason also stays on the pod, for when the events have expired
+    why = second["metadata"]["annotations"][names.restore_message_annotation(MAIN)]
+    assert f"{missing_id}/versions/1/manifest.json is missing" in why
