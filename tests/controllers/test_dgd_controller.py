@@ -134,6 +134,24 @@ def test_wait_for_checkpoint_holds_replicas_at_zero_until_ready(env):
     assert all(is_restore_shaped(p) for p in pods)
 
 
+def test_a_restore_the_agent_failed_is_explained_in_the_dgd_status(env):
+    cluster = env
+    cluster.apply(dgd_manifest(replicas=1, policy="WaitForCheckpoint"))
+    name = auto_checkpoint_name(cluster)
+    cluster.wait_created("dynamocheckpoint", name)
+    confirm_checkpoint(cluster, name)
+    (pod,) = cluster.wait_pods(COMPONENT_SELECTOR, 1)
+    why = "the checkpoint ran on NVIDIA H200 (GPU-1), which the target cannot provide: it has no GPUs"
+    cluster.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", cluster.namespace,
+                    "nvidia.com/snapshot-restore-status.main=failed", f"nvidia.com/snapshot-restore-message.main={why}")
+    expected = f"{WORKER} (pod {pod['metadata']['name']}: restore failed: {why})"
+    eventually(lambda: expected in ready_condition(cluster)["message"], what="the restore failure in the DGD status")
+    # the next attempt clears it (the agent marks the new container in progress)
+    cluster.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", cluster.namespace, "--overwrite",
+                    "nvidia.com/snapshot-restore-status.main=in_progress", "nvidia.com/snapshot-restore-message.main-")
+    eventually(lambda: "restore failed" not in ready_condition(cluster)["message"], what="the failure to clear")
+
+
 def test_failed_checkpoint_immediate_keeps_cold_starting(env):
     cluster = env
     cluster.apply(dgd_manifest(replicas=1))

@@ -25,6 +25,7 @@ from dynamo_snapshot.hashing import marshal
 from dynamo_snapshot.kube import (
     DYNAMO_CHECKPOINTS,
     DYNAMO_GRAPH_DEPLOYMENTS,
+    PODS,
     AlreadyExists,
     Client,
     Conflict,
@@ -70,11 +71,16 @@ class DGDController:
             REPLICASETS, namespace=namespace, label_selector=names.LABEL_DGD_NAME,
             indexers={DGD_INDEX: index_by_label(names.LABEL_DGD_NAME)})
         self.checkpoints: Informer[Any] = factory.informer(DYNAMO_CHECKPOINTS, namespace=namespace)
+        # the DGDs' pods, for the restores the snapshot agent failed (the reason goes into the status)
+        self.pods: Informer[Any] = factory.informer(
+            PODS, namespace=namespace, label_selector=names.LABEL_DGD_NAME,
+            indexers={DGD_INDEX: index_by_label(names.LABEL_DGD_NAME)})
         self.storage = StorageView(factory, config, namespace=namespace)
         self.controller = Controller("dynamographdeployment", self.reconcile, workers=workers)
         self.controller.watch(self.dgds)
         self.controller.watch(self.replicasets, mapper=_dgd_keys_of)
         self.controller.watch(self.checkpoints, mapper=self._dgds_using)
+        self.controller.watch(self.pods, mapper=_dgd_keys_of)
 
     def _dgds_using(self, ckpt: Any) -> list[ObjectKey]:
         """A checkpoint's phase matters to its own DGD and to every DGD that references it."""
@@ -232,6 +238,24 @@ class _Reconcile:
         return (status.get("availableReplicas") or 0) >= plan.target_replicas and \
             (rs.get("spec") or {}).get("replicas") == plan.target_replicas
 
+    def _pending(self, plan: ComponentPlan) -> str:
+        """The component, and why its restored pods are not coming up where the agent said so."""
+        failures = []
+        for pod in self.ctrl.pods.store.by_index(DGD_INDEX, self.name):
+            meta = metadata(pod)
+            labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+            if meta.get("namespace") != self.namespace or labels.get(names.LABEL_COMPONENT) != plan.component \
+                    or labels.get(names.LABEL_WORKER_HASH) != plan.worker_hash:
+                continue
+            for container in (annotations.get(names.ANN_TARGET_CONTAINERS) or "").split(","):
+                if annotations.get(names.restore_status_annotation(container)) == names.STATUS_FAILED:
+                    why = annotations.get(names.restore_message_annotation(container)) or "see the pod's events"
+                    failures.append(f"pod {meta['name']}: restore failed: {why}")
+        if not failures:
+            return plan.component
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        return f"{plan.component} ({sorted(failures)[0]}{more})"
+
     # -- status -------------------------------------------------------------------------------------------
     def _state(self, plans: list[ComponentPlan], problems: list[str]) -> str:
         if problems:
@@ -254,7 +278,7 @@ class _Reconcile:
         elif state == STATE_SUCCESSFUL:
             ready, reason, message = True, "all_components_available", "all components are available"
         else:
-            pending = [p.component for p in plans if not self._available(p)]
+            pending = [self._pending(p) for p in plans if not self._available(p)]
             ready, reason, message = False, "components_pending", "components not yet available: " + ", ".join(pending)
         status = {**old, "state": state, "checkpoints": checkpoints, "observedGeneration": generation}
         status["conditions"] = with_condition(old.get("conditions"), "Ready", ready, reason, message,
