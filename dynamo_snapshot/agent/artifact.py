@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -432,6 +433,32 @@ def discard_staging(staging: Path, keep_log_at: Path | None = None) -> None:
         os.replace(staging / DUMP_LOG, keep_log_at)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(staging)
+
+
+RESTORES = "restores"  # <base>/<checkpoint ID>/restores/<attempt>: CRIU's restore.log and pidfile
+KEEP_RESTORE_LOGS = 8
+RESTORE_LOG_MIN_AGE_S = 3600.0
+
+
+def prune_restore_logs(
+    restores: Path, keep: int = KEEP_RESTORE_LOGS, min_age_s: float = RESTORE_LOG_MIN_AGE_S, now: float | None = None
+) -> list[str]:
+    """Remove the oldest restore work directories beyond the newest ``keep``: a checkpoint restored by a
+    fleet for months would otherwise collect one CRIU log per restore. Never one younger than
+    ``min_age_s`` (another node may be restoring from the same checkpoint into it right now), never
+    through a symlink. Returns the names removed."""
+    try:
+        entries = [e for e in os.scandir(restores) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    aged = sorted(((e.stat(follow_symlinks=False).st_mtime, e) for e in entries), key=lambda t: t[0], reverse=True)
+    now = time.time() if now is None else now
+    removed = []
+    for mtime, entry in aged[keep:]:
+        if now - mtime >= min_age_s:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def now_rfc3339() -> str:

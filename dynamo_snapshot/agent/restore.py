@@ -235,6 +235,17 @@ class _PageCheck:
             warm.start()
 
 
+async def _prune(restores: Path, bound: Any) -> None:
+    """Old restore logs go after a restore that worked (best effort: storage may be read-only)."""
+    try:
+        removed = await anyio.to_thread.run_sync(artifact.prune_restore_logs, restores)
+    except OSError as exc:
+        bound.warning("could not prune old restore logs", directory=str(restores), error=str(exc))
+        return
+    if removed:
+        bound.info("pruned old restore logs", directory=str(restores), removed=len(removed))
+
+
 def _declared_files(manifest: dict[str, Any]) -> list[str]:
     declared = manifest.get("workload", {}).get(control.REREAD_FIELD) or []
     return [p for p in declared if isinstance(p, str) and p.startswith("/")]
@@ -267,7 +278,8 @@ async def restore(
     try:
         _resolve_placeholder(info)
         layout = artifact.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
-        work_dir = request.work_dir or request.base_path / request.checkpoint_id / "restores" / info.id
+        restores = request.base_path / request.checkpoint_id / artifact.RESTORES
+        work_dir = request.work_dir or restores / info.id
         leave(Stage.RESOLVE)
 
         await enter(Stage.VERIFY)
@@ -339,6 +351,7 @@ async def restore(
             warm.stop()
         _kill_placeholder(info)
         raise
+    await _prune(restores, bound)
     bound.info(
         "restored",
         workload_pid=workload_pid,

@@ -231,7 +231,7 @@ async def restore_tree(
     layout = artifact.ArtifactLayout(base, checkpoint_id)
     images = layout.final_dir
     attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # CRIU refuses an existing pidfile
-    work_dir = work_dir or base / checkpoint_id / "restores" / attempt
+    work_dir = work_dir or base / checkpoint_id / artifact.RESTORES / attempt
     bound = log.bind(checkpoint_id=checkpoint_id)
     stages = Stages[RestoreStage]("tree restore", bound, observer)
     warm: Prefetch | None = None
@@ -325,6 +325,8 @@ async def restore_tree(
             _kill_tree(restored)
         raise
     pairs = list(getattr(cuda, "gpu_pairs", []))
+    with contextlib.suppress(OSError):
+        await anyio.to_thread.run_sync(artifact.prune_restore_logs, base / checkpoint_id / artifact.RESTORES)
     bound.info("tree restored", pid=restored, seconds={k: round(v, 3) for k, v in stages.seconds.items()})
     return TreeRestore(restored, manifest, dict(stages.seconds), work_dir / options.log_file, warm, pairs)
 

@@ -141,3 +141,28 @@ def test_a_failed_attempt_keeps_its_dump_log(tmp_path: Path) -> None:
     assert not staging.exists()
     assert layout.failed_log(staging).read_text().endswith("Dumping FAILED.\n")
     assert not layout.final_dir.exists()
+
+
+def test_old_restore_logs_are_pruned_but_never_a_recent_one_nor_through_a_symlink(tmp_path: Path) -> None:
+    restores = tmp_path / "ckpt" / "restores"
+    now = 1_000_000.0
+    for i in range(12):  # r00 oldest; r10, r11 less than an hour old
+        attempt = restores / f"r{i:02d}"
+        attempt.mkdir(parents=True)
+        (attempt / "restore.log").write_text("criu log\n")
+        age = 30.0 if i >= 10 else 7200.0 + (12 - i) * 60
+        os.utime(attempt, (now - age, now - age))
+    elsewhere = tmp_path / "not-ours"
+    elsewhere.mkdir()
+    (restores / "link").symlink_to(elsewhere)
+    removed = artifact.prune_restore_logs(restores, keep=8, now=now)
+    assert sorted(removed) == ["r00", "r01", "r02", "r03"]
+    assert sorted(p.name for p in restores.iterdir()) == ["link"] + [f"r{i:02d}" for i in range(4, 12)]
+    assert elsewhere.exists()
+    # a burst of young attempts beyond `keep`: all kept (another node may be using one right now)
+    burst = tmp_path / "busy" / "restores"
+    for i in range(10):
+        (burst / f"b{i}").mkdir(parents=True)
+        os.utime(burst / f"b{i}", (now - 10 - i, now - 10 - i))
+    assert artifact.prune_restore_logs(burst, keep=8, now=now) == []
+    assert artifact.prune_restore_logs(tmp_path / "missing", keep=8) == []
