@@ -50,8 +50,8 @@ async def signal_container(info: ContainerInfo, name: str, payload: dict[str, An
 
 
 READY_FOR_SNAPSHOT = names.FILE_READY_FOR_SNAPSHOT
-REREAD_FIELD = "rereadAfterRestore"
-MAX_REREAD_PATHS = 1024
+REREAD_FIELD = names.FIELD_REREAD_AFTER_RESTORE
+MAX_REREAD_PATHS = names.MAX_REREAD_PATHS
 
 
 def parse_reread_declaration(content: bytes, where: str) -> list[str]:

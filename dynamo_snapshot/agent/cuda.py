@@ -382,15 +382,14 @@ class DriverCuda:
 
     def _plan(self, recorded: CudaState, target_pid: int) -> list[GpuPair]:
         node = self._node_gpus()
+        visible = cuda_devices.visible_gpus(target_pid, node)
+        target = visible
         if self.restore_onto:
             by_uuid = {g.uuid: g for g in node}
             if unknown := [u for u in self.restore_onto if u not in by_uuid]:
                 have = ", ".join(g.uuid for g in node) or "none"
                 raise CudaError(f"cannot restore onto {', '.join(unknown)}: not a GPU of this node (it has {have})")
             target = [by_uuid[u] for u in self.restore_onto]
-        else:
-            target = cuda_devices.visible_gpus(target_pid, node)
-        visible = cuda_devices.visible_gpus(target_pid, node)
         try:
             return cuda_devices.plan_gpu_pairs(recorded.devices, target, recorded.computing, visible)
         except GpuMismatch as exc:

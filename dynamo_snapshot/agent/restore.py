@@ -37,6 +37,7 @@ from dynamo_snapshot import lifecycle
 from dynamo_snapshot.agent import artifact, cgroups, control, criu, inroot, pids, procfs
 from dynamo_snapshot.agent.cuda import CudaState, CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import RestoreError
+from dynamo_snapshot.agent.pagecheck import PageCheck
 from dynamo_snapshot.agent.prefetch import Prefetch
 from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
 from dynamo_snapshot.agent.stages import Stages
@@ -197,44 +198,6 @@ async def _run_criu(
             os.close(fd)
 
 
-class _PageCheck:
-    """The raw page data, verified in the background while the restore goes on."""
-
-    def __init__(self, images: Path, manifest: dict[str, Any], io_threads: int | None):
-        self.images, self.manifest, self.io_threads = images, manifest, io_threads
-        self.seconds = 0.0
-        self._error: Exception | None = None
-        self._done = anyio.Event()
-
-    async def run(self) -> None:
-        started = anyio.current_time()
-        try:
-            await anyio.to_thread.run_sync(
-                lambda: artifact.verify_digests(self.images, self.manifest, artifact.is_page_data, self.io_threads),
-                abandon_on_cancel=True,
-            )
-        except Exception as exc:  # reported by check()/result(): CRIU's own failure may come first
-            self._error = exc
-        finally:
-            self.seconds = anyio.current_time() - started
-            self._done.set()
-
-    def check(self) -> None:
-        """Raise now if the page data already failed (so CRIU is not even started)."""
-        if self._error is not None:
-            raise self._error
-
-    async def result(self) -> None:
-        await self._done.wait()
-        self.check()
-
-    async def then_prefetch(self, warm: Prefetch) -> None:
-        """Start reading the declared files once the image is read (the disk is theirs then)."""
-        await self._done.wait()
-        if self._error is None:
-            warm.start()
-
-
 async def _prune(restores: Path, bound: Any) -> None:
     """Old restore logs go after a restore that worked (best effort: storage may be read-only)."""
     try:
@@ -300,7 +263,7 @@ async def restore(
         await cuda.check_restore(recorded, info.pid)  # GPUs the placeholder cannot provide: refuse now
         leave(Stage.VERIFY)
 
-        pages = _PageCheck(images, manifest, io_threads)
+        pages = PageCheck(images, manifest, io_threads)
         async with lifecycle.background() as group:
             group.start_soon(pages.run)
 

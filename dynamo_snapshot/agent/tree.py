@@ -38,9 +38,11 @@ from typing import Any
 import anyio
 import structlog
 
+from dynamo_snapshot import lifecycle
 from dynamo_snapshot.agent import artifact, criu, cuda_devices, procfs
 from dynamo_snapshot.agent.cuda import CudaState, CudaStep, DriverCuda, NoCuda, default_step
 from dynamo_snapshot.agent.errors import CheckpointError, CriuFailed, RestoreError
+from dynamo_snapshot.agent.pagecheck import PageCheck
 from dynamo_snapshot.agent.prefetch import Prefetch
 from dynamo_snapshot.agent.stages import Stages
 
@@ -238,11 +240,6 @@ async def restore_tree(
     restored: int | None = None
     pidfile = work_dir / "restored.pid"
 
-    def start_prefetch() -> None:
-        nonlocal warm
-        if prefetch and warm is None:
-            warm = Prefetch(prefetch, threads=prefetch_threads).start()
-
     try:
         await stages.enter(RestoreStage.VERIFY)
         node = await cuda.node_state()
@@ -275,39 +272,22 @@ async def restore_tree(
         )
         argv = [*options.argv(), *(["--network-lock", lock] if lock else []), *(["--leave-stopped"] if overlap else [])]
         if not overlap:
-            start_prefetch()
+            if prefetch:
+                warm = Prefetch(prefetch, threads=prefetch_threads).start()
             await criu.run("restore", [*bundle.command(), *argv], work_dir / options.log_file)
+            restored = int(pidfile.read_text())
         else:
-            seconds: dict[str, float] = {}
-            failed: list[BaseException] = []
-
-            async def pages() -> None:
-                started = time.monotonic()
-                try:
-                    await anyio.to_thread.run_sync(
-                        lambda: artifact.verify_digests(images, manifest, artifact.is_page_data, io_threads)
-                    )
-                except Exception as exc:  # CRIU runs to its end; its stopped tree is killed below
-                    failed.append(exc)
-                    return
-                seconds["verify-pages"] = time.monotonic() - started
-                start_prefetch()  # the disk is free for the weights now
-
-            async def restore() -> None:
-                try:
-                    await criu.run("restore", [*bundle.command(), *argv], work_dir / options.log_file)
-                except Exception as exc:
-                    failed.insert(0, exc)  # CRIU's own failure says more than the pages'
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(pages)
-                tg.start_soon(restore)
-            stages.seconds.update(seconds)
-            if failed:
-                raise failed[0]
-        restored = int(pidfile.read_text())
-        if overlap:  # every byte verified: let the restored tasks run
-            for member in procfs.process_tree(restored):
+            pages = PageCheck(images, manifest, io_threads)
+            async with lifecycle.background() as group:
+                group.start_soon(pages.run)
+                if prefetch:
+                    warm = Prefetch(prefetch, threads=prefetch_threads)
+                    group.start_soon(pages.then_prefetch, warm)
+                await criu.run("restore", [*bundle.command(), *argv], work_dir / options.log_file)
+                restored = int(pidfile.read_text())
+                await pages.result()  # a bad page: the stopped tree is killed below
+            stages.seconds["verify-pages"] = pages.seconds
+            for member in procfs.process_tree(restored):  # every byte verified: let the restored tasks run
                 os.kill(member, signal.SIGCONT)
         stages.leave(RestoreStage.CRIU)
 

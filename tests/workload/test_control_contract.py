@@ -76,3 +76,16 @@ def test_importing_the_workload_helper_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_worker_and_the_agent_agree_on_the_contract(tmp_path: Path) -> None:
+    """dynamo_snapshot.workload cannot import the package's names (stdlib only): its copies must match."""
+    from dynamo_snapshot.api import names
+    from dynamo_snapshot.workload import control
+
+    assert (control.CONTROL_DIR_ENV, control.RESTORE_STANDBY_ENV) == (names.ENV_CONTROL_DIR, names.ENV_RESTORE_STANDBY)
+    assert (control.READY_FOR_SNAPSHOT, control.SNAPSHOT_COMPLETE, control.RESTORE_COMPLETE) == (
+        names.FILE_READY_FOR_SNAPSHOT, names.FILE_SNAPSHOT_COMPLETE, names.FILE_RESTORE_COMPLETE)
+    assert control.MAX_REREAD_PATHS == names.MAX_REREAD_PATHS
+    body = json.loads(workload.mark_ready_for_snapshot(tmp_path, reread_after_restore=["/m"]).read_text())
+    assert body[names.FIELD_REREAD_AFTER_RESTORE] == ["/m"]
