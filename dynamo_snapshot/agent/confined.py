@@ -93,16 +93,22 @@ def regular_files(root_fd: int, paths: Iterable[str], errors: list[str]) -> Iter
             os.close(fd)
 
 
+def open_below(root: os.PathLike | str, path: str, flags: int = _READ_FLAGS) -> int:
+    """``open_in_root`` from the directory ``root`` names (``/proc/<pid>/root``, say)."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return open_in_root(root_fd, path, flags)
+    finally:
+        os.close(root_fd)
+
+
 def read_small(root: os.PathLike | str, path: str, limit: int) -> bytes | None:
     """The content of the regular file ``path`` below ``root`` (at most ``limit`` bytes, or ValueError);
     None when it is not there. Read by the agent itself: nothing is executed, nothing written."""
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = open_in_root(root_fd, path)
+        fd = open_below(root, path)
     except FileNotFoundError:
         return None
-    finally:
-        os.close(root_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{path} is not a regular file")

@@ -37,11 +37,7 @@ class StorageError(SnapshotError):
 
 def open_in_root(root: Path, path: str) -> int:
     """Open directory ``path`` as if ``root`` were ``/``: no symlink or ``..`` leads out of it."""
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return confined.open_in_root(root_fd, path, os.O_RDONLY | os.O_DIRECTORY)
-    finally:
-        os.close(root_fd)
+    return confined.open_below(root, path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def check_beneath(base_fd: int, relative: str) -> None:
