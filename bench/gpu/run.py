@@ -37,9 +37,12 @@ import anyio
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from dynamo_snapshot.agent import criu, cuda_devices, procfs, tree  # noqa: E402
-from dynamo_snapshot.agent.cuda import CudaHelperProcesses, DriverCuda  # noqa: E402
-from dynamo_snapshot.agent.cuda_driver import load_driver  # noqa: E402
+from dynamo_snapshot.agent import tree  # noqa: E402
+from dynamo_snapshot.agent.container import criu  # noqa: E402
+from dynamo_snapshot.agent.cuda import devices as cuda_devices  # noqa: E402
+from dynamo_snapshot.agent.cuda.driver import load_driver  # noqa: E402
+from dynamo_snapshot.agent.cuda.step import CudaHelperProcesses, DriverCuda  # noqa: E402
+from dynamo_snapshot.agent.host import procfs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PORT = 47611

@@ -39,12 +39,15 @@ import anyio
 import structlog
 
 from dynamo_snapshot import lifecycle
-from dynamo_snapshot.agent import artifact, criu, cuda_devices, procfs
-from dynamo_snapshot.agent.cuda import CudaState, CudaStep, DriverCuda, NoCuda, default_step
+from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact.pagecheck import PageCheck
+from dynamo_snapshot.agent.artifact.prefetch import Prefetch
+from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.agent.cuda import devices as cuda_devices
+from dynamo_snapshot.agent.cuda.step import CudaState, CudaStep, DriverCuda, NoCuda, default_step
 from dynamo_snapshot.agent.errors import CheckpointError, CriuFailed, RestoreError
-from dynamo_snapshot.agent.pagecheck import PageCheck
-from dynamo_snapshot.agent.prefetch import Prefetch
-from dynamo_snapshot.agent.stages import Stages
+from dynamo_snapshot.agent.host import procfs
+from dynamo_snapshot.agent.pipeline.stages import Stages
 
 log = structlog.get_logger(__name__)
 

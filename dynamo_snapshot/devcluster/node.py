@@ -171,7 +171,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.ctr("images", "import", str(archive))
 
     async def _remove_sandboxes(self) -> None:
-        from dynamo_snapshot.agent.runtime import CRIClient, CRIError
+        from dynamo_snapshot.agent.container.runtime import CRIClient, CRIError
 
         async with CRIClient(str(self.socket), timeout=10) as cri:
             for sandbox in await cri.list_pod_sandboxes():

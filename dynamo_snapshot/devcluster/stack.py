@@ -104,7 +104,7 @@ class SnapshotStack:
         return Component(
             AGENT,
             lambda: self._python(
-                "-m", "dynamo_snapshot.agent.main", f"--node-name={node.name}", f"--namespace={self.namespace}",
+                "-m", "dynamo_snapshot.agent.service.main", f"--node-name={node.name}", f"--namespace={self.namespace}",
                 "--namespace-restricted", "--runtime-type=containerd", f"--runtime-socket={node.cri_socket}",
                 f"--storage-access-mode={self.storage_mode}", f"--storage-base-path={base}", "--host-proc=/proc",
                 f"--config={config}", f"--metrics-bind-address=127.0.0.1:{port}", f"--kubeconfig={kubeconfig}"),
@@ -298,7 +298,7 @@ class SnapshotStack:
 
 def missing() -> str | None:
     """Why this machine cannot run the stack, in one line (None when it can)."""
-    from dynamo_snapshot.agent import criu
+    from dynamo_snapshot.agent.container import criu
     from dynamo_snapshot.devcluster import binaries, node
 
     try:

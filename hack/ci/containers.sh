@@ -6,7 +6,7 @@
 #           directory), nftables (CRIU's network lock), util-linux (nsenter), debootstrap, and CRIU's
 #           build dependencies
 #   build:  CRIU 4.2.1 (hack/build-criu.sh), the base and pause image layers
-#           (hack/images/build_images.py), the CRI stubs (dynamo_snapshot/agent/_cri, not committed)
+#           (hack/images/build_images.py), the CRI stubs (dynamo_snapshot/agent/container/_cri, not committed)
 #
 # PYTHON selects the interpreter that has the project installed (default: .venv/bin/python if present).
 set -euo pipefail
@@ -45,8 +45,8 @@ if [ -z "$PYTHON" ]; then
   if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 if "$PYTHON" -c 'import grpc_tools' 2>/dev/null; then
-  (cd "$REPO" && "$PYTHON" -m dynamo_snapshot.agent.cri_stubs >/dev/null)
-  say "CRI stubs: $REPO/dynamo_snapshot/agent/_cri"
+  (cd "$REPO" && "$PYTHON" -m dynamo_snapshot.agent.container.cri_stubs >/dev/null)
+  say "CRI stubs: $REPO/dynamo_snapshot/agent/container/_cri"
 else
   say "grpcio-tools is not installed for $PYTHON; the CRI stubs will be generated on first use"
 fi

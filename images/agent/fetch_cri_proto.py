@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Fetches the CRI api.proto of k8s.io/cri-api from a Go module proxy, without Go (stdlib only).
 
-The agent image generates its CRI stubs at build time (`python -m dynamo_snapshot.agent.cri_stubs`),
+The agent image generates its CRI stubs at build time (`python -m dynamo_snapshot.agent.container.cri_stubs`),
 which finds the proto through Go or Debian's package; the image has neither, so this script downloads
 the module zip the way `go mod download` would and hands the proto over (DYN_SNAPSHOT_CRI_PROTO).
 
     fetch_cri_proto.py --out api.proto [--version v0.34.4] [--goproxy URL[,URL...]]
 
-The version defaults to the one dynamo_snapshot.agent.cri_stubs pins; GOPROXY follows Go's syntax (a
+The version defaults to the one dynamo_snapshot.agent.container.cri_stubs pins; GOPROXY follows Go's syntax (a
 comma list, `direct` and `off` end it) and may be a file:// URL, such as $GOMODCACHE/cache/download.
 """
 
@@ -63,7 +63,7 @@ def fetch(version: str, goproxy: str) -> bytes:
 
 
 def pinned_version() -> str:
-    from dynamo_snapshot.agent.cri_stubs import CRI_API_VERSION
+    from dynamo_snapshot.agent.container.cri_stubs import CRI_API_VERSION
 
     return CRI_API_VERSION
 
@@ -71,7 +71,7 @@ def pinned_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--version", default="", help="default: the version dynamo_snapshot.agent.cri_stubs pins")
+    parser.add_argument("--version", default="", help="default: the version the CRI stubs module pins")
     parser.add_argument("--goproxy", default=os.environ.get("GOPROXY") or DEFAULT_GOPROXY)
     args = parser.parse_args(argv)
     version = args.version or pinned_version()

@@ -6,7 +6,7 @@
 #     REPO  a git URL (or file:// path) of CRIU or a fork of it
 #     REF   a tag, branch or commit of REPO
 #     OUT   the bundle directory to create: criu, ld.so, lib/, VERSION and .complete, the layout that
-#           dynamo_snapshot.agent.criu.CriuBundle runs (<OUT>/ld.so --library-path <OUT>/lib <OUT>/criu)
+#           dynamo_snapshot.agent.container.criu.CriuBundle runs (<OUT>/ld.so --library-path <OUT>/lib <OUT>/criu)
 #
 # The bundle carries its own dynamic loader and every library criu links, glibc included, so it runs in
 # any mount namespace and on any base image: the agent runs it inside a placeholder container, and the

@@ -14,8 +14,9 @@ from pathlib import Path
 import anyio
 import structlog
 
-from dynamo_snapshot.agent import checkpoint, criu
-from dynamo_snapshot.agent.runtime import CRIClient
+from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.agent.container.runtime import CRIClient
+from dynamo_snapshot.agent.pipeline import checkpoint
 
 
 async def main(socket: str, container_id: str, base: str, checkpoint_id: str, stop_at: str) -> None:

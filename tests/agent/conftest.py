@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import criu
+from dynamo_snapshot.agent.container import criu
 from tests.agent import node_harness as harness
 
 

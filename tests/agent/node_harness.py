@@ -25,10 +25,10 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
-from dynamo_snapshot.agent import checkpoint as ckpt
-from dynamo_snapshot.agent import criu
-from dynamo_snapshot.agent import restore as rst
-from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
+from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
+from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
+from dynamo_snapshot.agent.pipeline import restore as rst
 from dynamo_snapshot.devcluster import images
 from dynamo_snapshot.devcluster.node import Containerd
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import artifact, procfs
-from dynamo_snapshot.agent.cgroups import Freezer
-from dynamo_snapshot.agent.checkpoint import Stage
+from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.errors import CriuFailed
+from dynamo_snapshot.agent.host import procfs
+from dynamo_snapshot.agent.host.cgroups import Freezer
+from dynamo_snapshot.agent.pipeline.checkpoint import Stage
 from tests.agent import node_harness as harness
 
 pytestmark = pytest.mark.containers
@@ -46,7 +47,7 @@ def _guards_running(freezer: Freezer) -> bool:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"dynamo_snapshot.agent.guard" in cmdline and needle in cmdline:
+            if b"dynamo_snapshot.agent.pipeline.guard" in cmdline and needle in cmdline:
                 return True
     return False
 

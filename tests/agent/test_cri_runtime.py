@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dynamo_snapshot.agent import procfs
-from dynamo_snapshot.agent.runtime import ContainerNotFound, RuntimeType, default_socket
+from dynamo_snapshot.agent.container.runtime import ContainerNotFound, RuntimeType, default_socket
+from dynamo_snapshot.agent.host import procfs
 from tests.agent import node_harness as harness
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import artifact
+from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid
 
 CHUNK = 64 << 10

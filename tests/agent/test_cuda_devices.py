@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import cuda_devices, procfs
-from dynamo_snapshot.agent.cuda_devices import Gpu, GpuMismatch
+from dynamo_snapshot.agent.cuda import devices as cuda_devices
+from dynamo_snapshot.agent.cuda.devices import Gpu, GpuMismatch
+from dynamo_snapshot.agent.host import procfs
 
 # A compile-pool child forked from a CUDA process: NVIDIA device mappings, no CUDA context of its own.
 HELPER_MAPS = """\

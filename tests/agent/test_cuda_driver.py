@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import cuda
-from dynamo_snapshot.agent.cuda_driver import CudaUnavailable, gpu_pair_structs, load_driver, uuid_bytes
+from dynamo_snapshot.agent.cuda import step as cuda
+from dynamo_snapshot.agent.cuda.driver import CudaUnavailable, gpu_pair_structs, load_driver, uuid_bytes
 
 OLD = "GPU-5b6e1f3c-9a0d-4c1e-8f2a-0123456789ab"
 NEW = "GPU-00112233-4455-6677-8899-aabbccddeeff"

@@ -16,12 +16,12 @@ import anyio
 import pytest
 from prometheus_client import REGISTRY
 
-from dynamo_snapshot.agent.checkpoint import CheckpointResult
-from dynamo_snapshot.agent.daemon import Agent
 from dynamo_snapshot.agent.errors import CriuFailed, RestoreError
-from dynamo_snapshot.agent.operations import Operations, Outcome
-from dynamo_snapshot.agent.podwork import CheckpointWork, RestoreWork, Work
-from dynamo_snapshot.agent.restore import RestoreResult
+from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult
+from dynamo_snapshot.agent.pipeline.restore import RestoreResult
+from dynamo_snapshot.agent.service.daemon import Agent
+from dynamo_snapshot.agent.service.operations import Operations, Outcome
+from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork, Work
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import (
     EVENTS_V1,

@@ -13,11 +13,17 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dynamo_snapshot.agent import config, main, podwork
-from dynamo_snapshot.agent.criu import CriuSettings, DumpOptions, RestoreOptions
-from dynamo_snapshot.agent.lease import live_holder
-from dynamo_snapshot.agent.runtime import ContainerInfo
-from dynamo_snapshot.agent.storage import StorageError, StorageMode, StorageResolver, check_beneath, open_in_root
+from dynamo_snapshot.agent.artifact.storage import (
+    StorageError,
+    StorageMode,
+    StorageResolver,
+    check_beneath,
+    open_in_root,
+)
+from dynamo_snapshot.agent.container.criu import CriuSettings, DumpOptions, RestoreOptions
+from dynamo_snapshot.agent.container.runtime import ContainerInfo
+from dynamo_snapshot.agent.service import config, main, podwork
+from dynamo_snapshot.agent.service.lease import live_holder
 from dynamo_snapshot.api import names
 
 ID = "abc123"
@@ -133,7 +139,7 @@ def test_agent_mount_serves_only_its_own_namespace_and_needs_to_know_it():
                               "--namespace-restricted"])
     assert main.options_from(args, parser).watched_namespace == "infra"
     env = {k: v for k, v in os.environ.items() if k not in ("POD_NAMESPACE", "NODE_NAME")}
-    result = subprocess.run([sys.executable, "-m", "dynamo_snapshot.agent.main", "--node-name=n"],
+    result = subprocess.run([sys.executable, "-m", "dynamo_snapshot.agent.service.main", "--node-name=n"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "--namespace is required with agentMount" in result.stderr
 

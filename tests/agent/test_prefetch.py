@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import confined, control
-from dynamo_snapshot.agent.prefetch import Prefetch
+from dynamo_snapshot.agent.artifact.prefetch import Prefetch
+from dynamo_snapshot.agent.container import control
+from dynamo_snapshot.agent.host import confined
 
 
 def write(path: Path, size: int) -> int:

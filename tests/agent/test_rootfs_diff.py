@@ -13,7 +13,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dynamo_snapshot.agent import inroot, rootfs
+from dynamo_snapshot.agent.container import rootfs
+from dynamo_snapshot.agent.host import inroot
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (overlay mounts, chroot)")
 

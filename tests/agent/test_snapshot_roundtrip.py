@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent import artifact, control
-from dynamo_snapshot.agent.checkpoint import CheckpointResult
+from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.container import control
 from dynamo_snapshot.agent.errors import ArtifactInvalid
+from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult
 from tests.agent import node_harness as harness
 
 pytestmark = pytest.mark.containers

@@ -15,7 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dynamo_snapshot.agent import criu, tree
+from dynamo_snapshot.agent import tree
+from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.errors import ArtifactInvalid
 
 # Counts up in a file every 10 ms, with 96 MiB of its own memory (a page image above one digest chunk).

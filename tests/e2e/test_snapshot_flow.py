@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from dynamo_snapshot.agent import artifact
-from dynamo_snapshot.agent.criu import CriuBundle
+from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.container.criu import CriuBundle
 from dynamo_snapshot.api import names
 from dynamo_snapshot.devcluster.images import PLACEHOLDER_IMAGE
 from dynamo_snapshot.devcluster.scenarios import (

@@ -29,7 +29,7 @@ def _gpu_missing() -> bool:
     if not Path("/dev/nvidiactl").exists():
         return True
     try:
-        from dynamo_snapshot.agent.cuda_driver import CudaUnavailable, load_driver
+        from dynamo_snapshot.agent.cuda.driver import CudaUnavailable, load_driver
 
         load_driver()
     except CudaUnavailable:
@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def bundle():
-    from dynamo_snapshot.agent import criu
+    from dynamo_snapshot.agent.container import criu
 
     if os.geteuid() != 0:
         pytest.skip("needs root (CRIU)")

@@ -13,14 +13,17 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dynamo_snapshot.agent import criu, cuda_devices, procfs, tree
-from dynamo_snapshot.agent.cuda import CudaHelperProcesses, DriverCuda
-from dynamo_snapshot.agent.cuda_driver import (
+from dynamo_snapshot.agent import tree
+from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.agent.cuda import devices as cuda_devices
+from dynamo_snapshot.agent.cuda.driver import (
     CudaLockTimeout,
     NotACudaProcess,
     ProcessState,
     load_driver,
 )
+from dynamo_snapshot.agent.cuda.step import CudaHelperProcesses, DriverCuda
+from dynamo_snapshot.agent.host import procfs
 from tests.gpu.worker_client import Worker, reap, request
 
 NETWORK_LOCK = os.environ.get("DYN_SNAPSHOT_TEST_NETWORK_LOCK", "nftables")

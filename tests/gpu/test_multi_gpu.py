@@ -17,8 +17,10 @@ from typing import Any
 import anyio
 import pytest
 
-from dynamo_snapshot.agent import criu, cuda_devices, tree
-from dynamo_snapshot.agent.cuda import DriverCuda
+from dynamo_snapshot.agent import tree
+from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.agent.cuda import devices as cuda_devices
+from dynamo_snapshot.agent.cuda.step import DriverCuda
 from tests.gpu.worker_client import MultiWorker
 
 NETWORK_LOCK = os.environ.get("DYN_SNAPSHOT_TEST_NETWORK_LOCK", "nftables")

@@ -4,7 +4,7 @@ operator in each storage mode, runtime, RBAC scope and OpenShift, and values ref
 import pytest
 import yaml
 
-from dynamo_snapshot.agent import config as agent_config
+from dynamo_snapshot.agent.service import config as agent_config
 from dynamo_snapshot.api import OperatorConfig
 from dynamo_snapshot.controllers.storage import StorageUnavailable, resolve_storage
 from dynamo_snapshot.devcluster.stack import AGENT_RULES

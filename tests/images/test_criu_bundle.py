@@ -1,5 +1,5 @@
 """images/criu/build.sh, the CRIU stage of both snapshot images: it fetches CRIU_REF from CRIU_REPO (a
-tag, branch or commit), builds it and bundles it so that dynamo_snapshot.agent.criu runs it.
+tag, branch or commit), builds it and bundles it so that dynamo_snapshot.agent.container.criu runs it.
 
 The repository is a local git repository made from the CRIU release tarball hack/build-criu.sh
 downloaded (the build machine may not reach GitHub); the build needs CRIU's build dependencies
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent.criu import CriuBundle
+from dynamo_snapshot.agent.container.criu import CriuBundle
 from tests.agent import node_harness as harness
 
 from .support import IMAGES

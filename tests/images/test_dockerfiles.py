@@ -10,7 +10,7 @@ import tomllib
 import pytest
 import yaml
 
-from dynamo_snapshot.agent import criu
+from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.api import names
 from dynamo_snapshot.workload import init
 
@@ -80,7 +80,7 @@ def test_the_build_context_leaves_out_the_checkouts_local_state(image) -> None:
     name, _ = image
     rules = DOCKERFILES[name].with_name("Dockerfile.dockerignore")
     for local in (".venv/bin/python", ".local/cluster/admin.kubeconfig", "tests/conftest.py",
-                  "dynamo_snapshot/agent/_cri/runtime_v1_pb2.py", "dynamo_snapshot/__pycache__/x.pyc"):
+                  "dynamo_snapshot/agent/container/_cri/runtime_v1_pb2.py", "dynamo_snapshot/__pycache__/x.pyc"):
         assert dockerfile.ignored(rules, local), f"{name}: {local} would be sent to the builder"
 
 
@@ -139,11 +139,11 @@ def test_agent_image_runs_the_agent_with_the_criu_bundle_and_cri_stubs() -> None
     final = parsed.final
     (entrypoint,) = final.last("ENTRYPOINT").exec_form()
     assert entrypoint in PYPROJECT["project"]["scripts"]
-    assert PYPROJECT["project"]["scripts"][entrypoint] == "dynamo_snapshot.agent.main:main"
+    assert PYPROJECT["project"]["scripts"][entrypoint] == "dynamo_snapshot.agent.service.main:main"
     bundle_copy = [c for c in final.all("COPY") if c.flags_and_args()[0].get("from") == "criu"]
     assert [c.flags_and_args()[1] for c in bundle_copy] == [["/criu", str(criu.IMAGE_BUNDLE)]]
     stubs = " ".join(r.value for r in parsed.stage("python").all("RUN"))
-    assert "python -m dynamo_snapshot.agent.cri_stubs" in stubs and "DYN_SNAPSHOT_CRI_PROTO=" in stubs
+    assert "python -m dynamo_snapshot.agent.container.cri_stubs" in stubs and "DYN_SNAPSHOT_CRI_PROTO=" in stubs
     assert "gpu" in PYPROJECT["project"]["optional-dependencies"]
     assert parsed.stage("python").args()["AGENT_EXTRAS"] == "gpu"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_snapshot.agent.cri_stubs import CRI_API_VERSION
+from dynamo_snapshot.agent.container.cri_stubs import CRI_API_VERSION
 
 from .support import load_script
 

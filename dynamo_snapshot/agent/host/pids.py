@@ -21,8 +21,8 @@ from collections.abc import Iterable
 import anyio
 import structlog
 
-from dynamo_snapshot.agent import procfs
 from dynamo_snapshot.agent.errors import RestoreError
+from dynamo_snapshot.agent.host import procfs
 
 log = structlog.get_logger(__name__)
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import anyio
 import structlog
 
-from dynamo_snapshot.agent import procfs
-from dynamo_snapshot.agent.config import ConfigError, RestoreSettings, load
-from dynamo_snapshot.agent.criu import CriuBundle, CriuSettings
-from dynamo_snapshot.agent.cuda import CudaStep, default_step
-from dynamo_snapshot.agent.runtime import CRIClient, CRIError, RuntimeType, default_socket
-from dynamo_snapshot.agent.storage import StorageMode, StorageResolver
+from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
+from dynamo_snapshot.agent.container.criu import CriuBundle, CriuSettings
+from dynamo_snapshot.agent.container.runtime import CRIClient, CRIError, RuntimeType, default_socket
+from dynamo_snapshot.agent.cuda.step import CudaStep, default_step
+from dynamo_snapshot.agent.host import procfs
+from dynamo_snapshot.agent.service.config import ConfigError, RestoreSettings, load
 
 log = structlog.get_logger("dynamo_snapshot.agent")
 
@@ -78,9 +78,9 @@ async def _connect_runtime(cri: CRIClient) -> None:
 
 
 async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
-    from dynamo_snapshot.agent.daemon import Agent
-    from dynamo_snapshot.agent.nodeops import CriuNode
-    from dynamo_snapshot.agent.operations import Operations
+    from dynamo_snapshot.agent.service.daemon import Agent
+    from dynamo_snapshot.agent.service.nodeops import CriuNode
+    from dynamo_snapshot.agent.service.operations import Operations
     from dynamo_snapshot.httpserve import ProbeServer
     from dynamo_snapshot.kube import Client, EventRecorder, InformerFactory
 

@@ -28,10 +28,10 @@ from typing import Any
 import anyio
 import structlog
 
-from dynamo_snapshot.agent import metrics
-from dynamo_snapshot.agent.lease import CheckpointLease, LeaseUnavailable
-from dynamo_snapshot.agent.nodeops import NodeOps
-from dynamo_snapshot.agent.podwork import CheckpointWork, PodRef, RestoreWork
+from dynamo_snapshot.agent.service import metrics
+from dynamo_snapshot.agent.service.lease import CheckpointLease, LeaseUnavailable
+from dynamo_snapshot.agent.service.nodeops import NodeOps
+from dynamo_snapshot.agent.service.podwork import CheckpointWork, PodRef, RestoreWork
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import JOBS, PODS, Client, EventRecorder, KubeError, NotFound
 

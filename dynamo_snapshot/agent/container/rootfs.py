@@ -15,8 +15,8 @@ import stat
 import tarfile
 from pathlib import Path
 
-from dynamo_snapshot.agent import procfs
 from dynamo_snapshot.agent.errors import CheckpointError
+from dynamo_snapshot.agent.host import procfs
 
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")

@@ -10,8 +10,8 @@ from typing import Any
 
 import anyio
 
-from dynamo_snapshot.agent import confined, inroot, procfs
-from dynamo_snapshot.agent.runtime import ContainerInfo
+from dynamo_snapshot.agent.container.runtime import ContainerInfo
+from dynamo_snapshot.agent.host import confined, inroot, procfs
 from dynamo_snapshot.api import names
 
 CONTROL_DIR_ENV = names.ENV_CONTROL_DIR

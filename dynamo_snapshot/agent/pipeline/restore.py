@@ -34,13 +34,15 @@ import anyio
 import structlog
 
 from dynamo_snapshot import lifecycle
-from dynamo_snapshot.agent import artifact, cgroups, control, criu, inroot, pids, procfs
-from dynamo_snapshot.agent.cuda import CudaState, CudaStep, NoCuda
+from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact.pagecheck import PageCheck
+from dynamo_snapshot.agent.artifact.prefetch import Prefetch
+from dynamo_snapshot.agent.container import control, criu
+from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
+from dynamo_snapshot.agent.cuda.step import CudaState, CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import RestoreError
-from dynamo_snapshot.agent.pagecheck import PageCheck
-from dynamo_snapshot.agent.prefetch import Prefetch
-from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
-from dynamo_snapshot.agent.stages import Stages
+from dynamo_snapshot.agent.host import cgroups, inroot, pids, procfs
+from dynamo_snapshot.agent.pipeline.stages import Stages
 
 log = structlog.get_logger(__name__)
 

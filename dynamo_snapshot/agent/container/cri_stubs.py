@@ -2,7 +2,7 @@
 
 The proto comes from the k8s.io/cri-api Go module (through the Go module cache or the Go module
 proxy) or from Debian's golang-github-kubernetes-cri-api-dev; grpcio-tools turns it into
-``dynamo_snapshot/agent/_cri/`` (ignored by git). ``hack/ci/containers.sh`` runs the build step;
+``dynamo_snapshot/agent/container/_cri/`` (ignored by git). ``hack/ci/containers.sh`` runs the build step;
 ``load()`` runs it lazily when the stubs are missing and says what to install when it cannot.
 """
 
@@ -24,7 +24,7 @@ _PROTO_IN_MODULE = Path("pkg/apis/runtime/v1/api.proto")
 _DEBIAN_PROTO = Path("/usr/share/gocode/src/k8s.io/cri-api") / _PROTO_IN_MODULE
 
 _PACKAGE_DIR = Path(__file__).resolve().parent / "_cri"
-_PACKAGE = "dynamo_snapshot.agent._cri"
+_PACKAGE = "dynamo_snapshot.agent.container._cri"
 # The proto is copied under this name so the generated modules import each other by package path.
 _PROTO_NAME = "runtime_v1.proto"
 

@@ -32,13 +32,15 @@ from typing import Any
 import anyio
 import structlog
 
-from dynamo_snapshot.agent import artifact, control, criu, inroot, procfs, rootfs
-from dynamo_snapshot.agent.cgroups import Freezer
-from dynamo_snapshot.agent.cuda import CudaStep, NoCuda
+from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.container import control, criu, rootfs
+from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
+from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import CheckpointError, CriuFailed
-from dynamo_snapshot.agent.guard import Guard
-from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
-from dynamo_snapshot.agent.stages import Stages
+from dynamo_snapshot.agent.host import inroot, procfs
+from dynamo_snapshot.agent.host.cgroups import Freezer
+from dynamo_snapshot.agent.pipeline.guard import Guard
+from dynamo_snapshot.agent.pipeline.stages import Stages
 
 log = structlog.get_logger(__name__)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from dynamo_snapshot.agent import confined
-from dynamo_snapshot.agent.confined import OpenFile
+from dynamo_snapshot.agent.host import confined
+from dynamo_snapshot.agent.host.confined import OpenFile
 
 log = structlog.get_logger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import structlog
 
-from dynamo_snapshot.agent import cuda_devices, procfs
-from dynamo_snapshot.agent.cuda_devices import Gpu, GpuMismatch, NvidiaUsage
-from dynamo_snapshot.agent.cuda_driver import (
+from dynamo_snapshot.agent.cuda import devices as cuda_devices
+from dynamo_snapshot.agent.cuda.devices import Gpu, GpuMismatch, NvidiaUsage
+from dynamo_snapshot.agent.cuda.driver import (
     CheckpointDriver,
     CudaError,
     GpuPair,
@@ -44,6 +44,7 @@ from dynamo_snapshot.agent.cuda_driver import (
     load_driver,
 )
 from dynamo_snapshot.agent.errors import SnapshotError
+from dynamo_snapshot.agent.host import procfs
 
 log = structlog.get_logger(__name__)
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import structlog
 
-from dynamo_snapshot.agent.cuda_devices import recorded_gpus
+from dynamo_snapshot.agent.cuda.devices import recorded_gpus
 from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid, CheckpointError
 from dynamo_snapshot.api import names
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import anyio
 
-from dynamo_snapshot.agent import artifact
-from dynamo_snapshot.agent.prefetch import Prefetch
+from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 
 
 class PageCheck:

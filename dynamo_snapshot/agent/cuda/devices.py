@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from dynamo_snapshot.agent import procfs
+from dynamo_snapshot.agent.host import procfs
 
 log = structlog.get_logger(__name__)
 

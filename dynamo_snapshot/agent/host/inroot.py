@@ -6,10 +6,10 @@ so every read or write of container files goes through this helper instead: it i
 it needs, chroots into ``/proc/<pid>/root`` (whose mounts are the container's), shuts the import
 system so nothing from the container's filesystem can be loaded, and then touches files.
 
-    python -m dynamo_snapshot.agent.inroot --root /proc/<pid>/root extract --archive-fd N [--deleted-fd M]
+    python -m dynamo_snapshot.agent.host.inroot --root /proc/<pid>/root extract --archive-fd N [--deleted-fd M]
                                                      [--skip P]... [--within P]
-    python -m dynamo_snapshot.agent.inroot --root /proc/<pid>/root archive --source /dev/shm --archive-fd N
-    python -m dynamo_snapshot.agent.inroot --root /proc/<pid>/root write --path P --content-fd N
+    python -m dynamo_snapshot.agent.host.inroot --root /proc/<pid>/root archive --source /dev/shm --archive-fd N
+    python -m dynamo_snapshot.agent.host.inroot --root /proc/<pid>/root write --path P --content-fd N
 
 ``run`` is the agent-side wrapper.
 """
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def run(root: str, command: list[str], fds: dict[str, int]) -> None:
     """Run one helper command against ``root``; ``fds`` maps option names (``--archive-fd``) to
     open descriptors passed to the helper."""
-    argv = [sys.executable, "-m", "dynamo_snapshot.agent.inroot", "--root", root, *command]
+    argv = [sys.executable, "-m", "dynamo_snapshot.agent.host.inroot", "--root", root, *command]
     for option, fd in fds.items():
         argv += [option, str(fd)]
     result = await anyio.run_process(argv, check=False, stdin=subprocess.DEVNULL, pass_fds=list(fds.values()))

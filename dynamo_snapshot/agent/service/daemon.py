@@ -23,8 +23,8 @@ import anyio
 import anyio.abc
 import structlog
 
-from dynamo_snapshot.agent import metrics, podwork
-from dynamo_snapshot.agent.operations import Operations, Outcome
+from dynamo_snapshot.agent.service import metrics, podwork
+from dynamo_snapshot.agent.service.operations import Operations, Outcome
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import PODS, Controller, InformerFactory, ObjectKey
 

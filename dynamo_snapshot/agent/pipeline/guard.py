@@ -32,8 +32,8 @@ import anyio
 import anyio.abc
 import structlog
 
-from dynamo_snapshot.agent.artifact import discard_staging, withdraw
-from dynamo_snapshot.agent.cgroups import Freezer
+from dynamo_snapshot.agent.artifact.manifest import discard_staging, withdraw
+from dynamo_snapshot.agent.host.cgroups import Freezer
 
 log = structlog.get_logger(__name__)
 _KILL_WAIT_S = 10.0
@@ -115,7 +115,7 @@ class Guard:
         argv = [
             sys.executable,
             "-m",
-            "dynamo_snapshot.agent.guard",
+            "dynamo_snapshot.agent.pipeline.guard",
             "--freezer",
             str(freezer.path),
             "--spare",

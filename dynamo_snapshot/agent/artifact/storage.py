@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamo_snapshot.agent import confined, procfs
+from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
 from dynamo_snapshot.agent.errors import SnapshotError
-from dynamo_snapshot.agent.runtime import ContainerInfo, CRIClient
+from dynamo_snapshot.agent.host import confined, procfs
 
 
 class StorageMode(enum.StrEnum):

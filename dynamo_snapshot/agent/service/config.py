@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from dynamo_snapshot.agent.criu import CriuSettings
+from dynamo_snapshot.agent.container.criu import CriuSettings
 
 NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
 

@@ -15,15 +15,15 @@ from typing import Protocol
 
 import structlog
 
-from dynamo_snapshot.agent import checkpoint as ckpt
-from dynamo_snapshot.agent import control, criu
-from dynamo_snapshot.agent import restore as rst
-from dynamo_snapshot.agent.cgroups import Freezer
-from dynamo_snapshot.agent.config import RestoreSettings
-from dynamo_snapshot.agent.cuda import CudaStep, NoCuda
-from dynamo_snapshot.agent.podwork import CheckpointWork, RestoreWork
-from dynamo_snapshot.agent.runtime import ContainerInfo, ContainerNotFound, CRIClient
-from dynamo_snapshot.agent.storage import StorageResolver
+from dynamo_snapshot.agent.artifact.storage import StorageResolver
+from dynamo_snapshot.agent.container import control, criu
+from dynamo_snapshot.agent.container.runtime import ContainerInfo, ContainerNotFound, CRIClient
+from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
+from dynamo_snapshot.agent.host.cgroups import Freezer
+from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
+from dynamo_snapshot.agent.pipeline import restore as rst
+from dynamo_snapshot.agent.service.config import RestoreSettings
+from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork
 
 log = structlog.get_logger(__name__)
 

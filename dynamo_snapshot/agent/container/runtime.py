@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import structlog
 
-from dynamo_snapshot.agent import cri_stubs
+from dynamo_snapshot.agent.container import cri_stubs
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""The checkpoint on storage: layout, manifest and its verification, page check, prefetch."""

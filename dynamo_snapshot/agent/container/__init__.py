@@ -1,0 +1,1 @@
+"""The container side: CRI client, control files, rootfs diff, the CRIU driver."""

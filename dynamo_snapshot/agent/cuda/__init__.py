@@ -1,0 +1,1 @@
+"""GPU state: the CUDA checkpoint step, the driver API, which GPUs a process uses."""

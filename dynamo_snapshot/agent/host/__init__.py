@@ -1,0 +1,1 @@
+"""Host facts the agent reads and changes directly: /proc, cgroups, PIDs, confined opens."""
