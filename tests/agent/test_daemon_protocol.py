@@ -63,10 +63,10 @@ class FakeNode:
         self.restore_step: Callable[..., Any] | None = None
         self.restored: set[str] = set()  # containers whose control directory holds restore-complete
 
-    async def checkpoint(self, work: CheckpointWork, confirm, criu_started) -> CheckpointResult:
+    async def checkpoint(self, work: CheckpointWork, hooks) -> CheckpointResult:
         self.calls.append(("checkpoint", work.container_id))
         assert self.checkpoint_step is not None
-        return await self.checkpoint_step(work, confirm, criu_started)
+        return await self.checkpoint_step(work, hooks)
 
     async def restore(self, work: RestoreWork) -> RestoreResult:
         self.calls.append(("restore", work.container_id))
@@ -184,11 +184,11 @@ async def test_checkpoint_verdict_comes_after_the_dump_and_before_the_workload_i
     job = await harness.job("checkpoint-job-ok-1")
     seen: dict[str, Any] = {}
 
-    async def step(work, confirm, criu_started):
+    async def step(work, hooks):
         seen["lease"] = await harness.lease(job["metadata"]["name"])
         seen["verdict before confirm"] = (await harness.annotations(JOBS, work.job)).get(names.ANN_CHECKPOINT_STATUS)
-        criu_started()
-        await confirm(Path("/checkpoints/x/versions/1"))
+        await hooks.dump_started(4242)
+        await hooks.confirm(Path("/checkpoints/x/versions/1"))
         # What follows in the real pipeline is snapshot-complete: the verdict must be there already.
         seen["verdict before snapshot-complete"] = (await harness.annotations(JOBS, work.job))[
             names.ANN_CHECKPOINT_STATUS]
@@ -212,8 +212,8 @@ async def test_checkpoint_verdict_comes_after_the_dump_and_before_the_workload_i
 async def test_a_failed_dump_is_reported_on_the_job_and_the_workload_killed(harness):
     job = await harness.job("checkpoint-job-bad-1")
 
-    async def step(work, confirm, criu_started):
-        criu_started()
+    async def step(work, hooks):
+        await hooks.dump_started(4242)
         raise CriuFailed("dump", 1, "Error (criu/files-ext.c:96): Can't dump file 7 of that type [1] (anon_inode)",
                          None)
 
@@ -236,7 +236,7 @@ async def test_losing_the_lease_aborts_the_dump(harness):
     job = await harness.job("checkpoint-job-lost-1")
     dumping, cancelled = anyio.Event(), anyio.Event()
 
-    async def step(work, confirm, criu_started):
+    async def step(work, hooks):
         dumping.set()
         try:
             await anyio.sleep_forever()
@@ -281,8 +281,8 @@ async def test_a_decided_job_or_a_live_lease_of_another_agent_is_left_alone(harn
 async def test_a_source_pod_is_checkpointed_once_its_target_turns_ready(harness):
     job = await harness.job("checkpoint-job-late-1")
 
-    async def step(work, confirm, criu_started):
-        await confirm(Path("/x"))
+    async def step(work, hooks):
+        await hooks.confirm(Path("/x"))
         return checkpoint_result()
 
     harness.node.checkpoint_step = step
