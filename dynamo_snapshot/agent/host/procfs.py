@@ -82,6 +82,17 @@ def fd_target(pid: int, fd: int) -> str:
     return os.readlink(proc(pid) / "fd" / str(fd))
 
 
+def stdio(pid: int) -> list[str]:
+    """What a process's fds 0, 1 and 2 point at ("" for a closed one)."""
+    out = []
+    for fd in (0, 1, 2):
+        try:
+            out.append(fd_target(pid, fd))
+        except FileNotFoundError:
+            out.append("")
+    return out
+
+
 def tasks_in_pid_namespace(pidns_inode: int) -> dict[int, int]:
     """Every task (threads included) of a PID namespace: {PID in that namespace: host TID}."""
     found: dict[int, int] = {}

@@ -34,10 +34,15 @@ from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import CriuFailed
 from dynamo_snapshot.agent.pipeline.hooks import NO_HOOKS, Hooks
-from dynamo_snapshot.agent.pipeline.stages import Stages
+from dynamo_snapshot.agent.pipeline.stages import Request, Stages
 from dynamo_snapshot.agent.pipeline.target import CheckpointTarget, Guard, Source, manifest_fields
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointRequest(Request):
+    release: bool = True  # give the source its GPU state back (False: left CUDA-checkpointed)
 
 
 class Stage(enum.StrEnum):
@@ -52,15 +57,6 @@ class Stage(enum.StrEnum):
     PROMOTE = "promote"
     CONFIRM = "confirm"
     RELEASE = "release"
-
-
-@dataclass(frozen=True)
-class CheckpointRequest:
-    checkpoint_id: str
-    base_path: Path
-    artifact_version: str = "1"
-    io_threads: int | None = None  # manifest hashing readers (default: artifact.default_io_threads)
-    release: bool = True  # give the source its GPU state back (False: left CUDA-checkpointed)
 
 
 @dataclass(frozen=True)
@@ -160,14 +156,9 @@ class _Run:
         return notified
 
 
-async def checkpoint(
-    target: CheckpointTarget,
-    request: CheckpointRequest,
-    bundle: criu.CriuBundle,
-    cuda: CudaStep | None = None,
-    hooks: Hooks = NO_HOOKS,
-    settings: criu.CriuSettings | None = None,
-) -> CheckpointResult:
+async def checkpoint(target: CheckpointTarget, request: CheckpointRequest, bundle: criu.CriuBundle,
+                     cuda: CudaStep | None = None, hooks: Hooks = NO_HOOKS,
+                     settings: criu.CriuSettings | None = None) -> CheckpointResult:
     cuda = cuda or NoCuda()
     bound = log.bind(**target.describe, checkpoint_id=request.checkpoint_id)
     run = _Run(request, bundle, cuda, hooks, settings or criu.CriuSettings(), bound)

@@ -40,16 +40,6 @@ _UNSAFE_MOUNT_CHARS = set("[]:,")
 _JOIN_CGROUPS = 'while [ "$1" != "--" ]; do echo 0 > "$1" || exit 97; shift; done; shift; exec "$@"'
 
 
-def _stdio(pid: int) -> list[str]:
-    out = []
-    for fd in (0, 1, 2):
-        try:
-            out.append(procfs.fd_target(pid, fd))
-        except FileNotFoundError:
-            out.append("")
-    return out
-
-
 def _external_mounts(info: ContainerInfo, root: int) -> dict[str, str]:
     external: dict[str, str] = {}
     for mount in procfs.mountinfo(root):
@@ -162,7 +152,7 @@ class ContainerTarget:
         workload = Workload(
             root_pid=root,
             tasks=tasks,
-            stdio=_stdio(root),
+            stdio=procfs.stdio(root),
             identity={"containerName": info.name, "image": info.image},
             external_mounts=_external_mounts(info, root),
             reread=reread,

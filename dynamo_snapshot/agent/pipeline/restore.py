@@ -46,12 +46,20 @@ from dynamo_snapshot.agent.cuda.step import CudaState, CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import RestoreError
 from dynamo_snapshot.agent.host import procfs
 from dynamo_snapshot.agent.pipeline.hooks import NO_HOOKS, Hooks
-from dynamo_snapshot.agent.pipeline.stages import Stages
+from dynamo_snapshot.agent.pipeline.stages import Request, Stages
 from dynamo_snapshot.agent.pipeline.target import Destination, RestoreTarget, declared_files
 
 log = structlog.get_logger(__name__)
 
 PIDFILE = "restored.pid"
+
+
+@dataclass(frozen=True)
+class RestoreRequest(Request):
+    work_dir: Path | None = None  # CRIU's restore.log and pidfile; default <base>/<id>/restores/<target's name>
+    prefetch_threads: int = 8  # 0: no prefetch
+    prefetch: Sequence[Path] = ()  # files to read ahead besides the declared ones
+    overlap: bool = True  # verify the page data while CRIU runs (tasks held stopped until it passed)
 
 
 class Stage(enum.StrEnum):
@@ -63,18 +71,6 @@ class Stage(enum.StrEnum):
     CRIU = "criu"
     CUDA = "cuda"
     SIGNAL = "signal"
-
-
-@dataclass(frozen=True)
-class RestoreRequest:
-    checkpoint_id: str
-    base_path: Path
-    artifact_version: str = "1"
-    work_dir: Path | None = None  # CRIU's restore.log and pidfile; default <base>/<id>/restores/<target's name>
-    io_threads: int | None = None  # digest readers
-    prefetch_threads: int = 8  # 0: no prefetch
-    prefetch: Sequence[Path] = ()  # files to read ahead besides the declared ones
-    overlap: bool = True  # verify the page data while CRIU runs (tasks held stopped until it passed)
 
 
 @dataclass(frozen=True)
@@ -203,14 +199,8 @@ class _Run:
             self.bound.info("pruned old restore logs", directory=str(self.restores), removed=len(removed))
 
 
-async def restore(
-    target: RestoreTarget,
-    request: RestoreRequest,
-    bundle: criu.CriuBundle,
-    cuda: CudaStep | None = None,
-    hooks: Hooks = NO_HOOKS,
-    settings: criu.CriuSettings | None = None,
-) -> RestoreResult:
+async def restore(target: RestoreTarget, request: RestoreRequest, bundle: criu.CriuBundle, cuda: CudaStep | None = None,
+                  hooks: Hooks = NO_HOOKS, settings: criu.CriuSettings | None = None) -> RestoreResult:
     bound = log.bind(**target.describe, checkpoint_id=request.checkpoint_id)
     run = _Run(request, bundle, cuda or NoCuda(), hooks, settings or criu.CriuSettings(), bound)
 

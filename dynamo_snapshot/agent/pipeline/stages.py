@@ -1,15 +1,25 @@
-"""Stage bookkeeping shared by the checkpoint and restore pipelines: a log line and the hooks'
-``on_stage`` when a stage starts, its duration when it ends."""
+"""What the checkpoint and restore pipelines share: the request's common fields, and the stage
+bookkeeping (a log line and the hooks' ``on_stage`` when a stage starts, its duration when it ends)."""
 
 from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 
 S = TypeVar("S", bound=enum.StrEnum)
+
+
+@dataclass(frozen=True)
+class Request:
+    checkpoint_id: str
+    base_path: Path  # the storage's mount: <base>/<checkpointID>/versions/<artifactVersion>
+    artifact_version: str = "1"
+    io_threads: int | None = None  # digest readers (default: artifact.default_io_threads)
 
 
 class Stages(Generic[S]):

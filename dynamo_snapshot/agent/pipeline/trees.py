@@ -120,13 +120,8 @@ class TreeTarget:
             )
         # In the host's namespace a thread's TID is what the restore sees.
         tasks = {tid: tid for pid in procfs.process_tree(root) for tid in procfs.threads(pid)}
-        stdio = []
-        for fd in (0, 1, 2):
-            try:
-                stdio.append(procfs.fd_target(root, fd))
-            except FileNotFoundError:
-                stdio.append("")
-        return TreeSource(Workload(root_pid=root, tasks=tasks, stdio=stdio, identity={"processTree": True}))
+        workload = Workload(root_pid=root, tasks=tasks, stdio=procfs.stdio(root), identity={"processTree": True})
+        return TreeSource(workload)
 
 
 class TreeDestination:
@@ -160,16 +155,7 @@ class TreeDestination:
 
     async def run_criu(self, bundle: criu.CriuBundle, images: Path, work_dir: Path, manifest: dict[str, Any],
                        settings: criu.CriuSettings, extra: list[str]) -> None:
-        options = criu.RestoreOptions.configured(
-            settings,
-            images_dir=str(images),
-            work_dir=str(work_dir),
-            pid_ns_fd=None,
-            net_ns_fd=None,
-            external_mounts={},
-            root=None,
-            libdir=plugins_dir(bundle),
-        )
+        options = criu.RestoreOptions.on_host(settings, str(images), str(work_dir), plugins_dir(bundle))
         lock = manifest.get("criu", {}).get("networkLock", settings.network_lock)
         argv = [*bundle.command(), *options.argv(), *(["--network-lock", lock] if lock else []), *extra]
         await criu.run("restore", argv, work_dir / options.log_file)
