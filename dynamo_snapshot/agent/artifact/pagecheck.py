@@ -14,8 +14,8 @@ from typing import Any
 
 import anyio
 
-from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
+from dynamo_snapshot.agent.artifact.verification import is_page_data, verify_digests
 
 
 class PageCheck:
@@ -29,7 +29,7 @@ class PageCheck:
         started = anyio.current_time()
         try:
             await anyio.to_thread.run_sync(
-                lambda: artifact.verify_digests(self.images, self.manifest, artifact.is_page_data, self.io_threads),
+                lambda: verify_digests(self.images, self.manifest, is_page_data, self.io_threads),
                 abandon_on_cancel=True,
             )
         except Exception as exc:  # reported by check()/result(): CRIU's own failure may come first

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import structlog
 
+from dynamo_snapshot.agent.artifact import layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
@@ -79,7 +80,7 @@ class _Run:
         self.request, self.bundle, self.cuda, self.hooks, self.settings = request, bundle, cuda, hooks, settings
         self.bound = bound
         self.stages = Stages[Stage]("checkpoint", bound, hooks)
-        self.layout = artifact.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
+        self.layout = layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
 
     async def dump(self, source: Source, guard: Guard, staging: Path) -> criu.DumpOptions:
         options = source.dump_options(self.settings, staging, self.bundle)

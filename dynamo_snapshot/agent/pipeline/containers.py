@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import structlog
 
-from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import layout
 from dynamo_snapshot.agent.container import control, criu, rootfs
 from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
 from dynamo_snapshot.agent.errors import CheckpointError, RestoreError
@@ -99,13 +99,13 @@ class ContainerSource:
     async def capture_rootfs(self, staging: Path) -> tuple[list[str], list[str]]:
         return await anyio.to_thread.run_sync(
             rootfs.capture, self.upper_dir, set(self.workload.external_mounts),
-            staging / artifact.ROOTFS_DIFF, staging / artifact.DELETED_FILES,
+            staging / layout.ROOTFS_DIFF, staging / layout.DELETED_FILES,
         )
 
     async def capture_dev_shm(self, staging: Path) -> None:
         if "/dev/shm" not in self.workload.external_mounts:
             return
-        fd = os.open(staging / artifact.DEV_SHM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(staging / layout.DEV_SHM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             root = str(procfs.proc(self.workload.root_pid) / "root")
             await inroot.run(root, ["archive", "--source", "/dev/shm"], {"--archive-fd": fd})
@@ -245,10 +245,10 @@ class Placeholder:
                 os.close(fd)
 
     async def restore_rootfs(self, images: Path) -> None:
-        await self._extract(images / artifact.ROOTFS_DIFF, images / artifact.DELETED_FILES, self.mountpoints, "/")
+        await self._extract(images / layout.ROOTFS_DIFF, images / layout.DELETED_FILES, self.mountpoints, "/")
 
     async def restore_dev_shm(self, images: Path) -> None:
-        await self._extract(images / artifact.DEV_SHM, None, set(), "/dev/shm")
+        await self._extract(images / layout.DEV_SHM, None, set(), "/dev/shm")
 
     async def run_criu(self, bundle: criu.CriuBundle, images: Path, work_dir: Path, manifest: dict[str, Any],
                        settings: criu.CriuSettings, extra: list[str]) -> None:

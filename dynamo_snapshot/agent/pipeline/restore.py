@@ -38,7 +38,9 @@ import anyio
 import structlog
 
 from dynamo_snapshot import lifecycle
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import verification
 from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 from dynamo_snapshot.agent.container import criu
@@ -91,9 +93,9 @@ class _Run:
                  settings: criu.CriuSettings, bound: Any):
         self.request, self.bundle, self.cuda, self.settings, self.bound = request, bundle, cuda, settings, bound
         self.stages = Stages[Stage]("restore", bound, hooks)
-        layout = artifact.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
+        layout = artifact_layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
         self.images = layout.final_dir
-        self.restores = request.base_path / request.checkpoint_id / artifact.RESTORES
+        self.restores = request.base_path / request.checkpoint_id / artifact_layout.RESTORES
         self.warm: Prefetch | None = None
         self.host_pid: int | None = None
         self.work_dir: Path | None = None
@@ -105,10 +107,10 @@ class _Run:
             await anyio.to_thread.run_sync(self.bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
         wanted = self.request.checkpoint_id
-        manifest = await anyio.to_thread.run_sync(artifact.verify_listing, self.images, wanted, here)
-        early = artifact.is_parsed if self.request.overlap else (lambda rel: True)
+        manifest = await anyio.to_thread.run_sync(verification.verify_listing, self.images, wanted, here)
+        early = verification.is_parsed if self.request.overlap else (lambda rel: True)
         threads = self.request.io_threads
-        await anyio.to_thread.run_sync(lambda: artifact.verify_digests(self.images, manifest, early, threads))
+        await anyio.to_thread.run_sync(lambda: verification.verify_digests(self.images, manifest, early, threads))
         dest.check(manifest)
         recorded = CudaState.from_manifest(manifest)
         await self.cuda.check_restore(recorded, dest.gpu_view_pid)  # GPUs the target cannot provide: refuse now
@@ -191,7 +193,7 @@ class _Run:
     async def prune(self) -> None:
         """Old restore logs go after a restore that worked (best effort: storage may be read-only)."""
         try:
-            removed = await anyio.to_thread.run_sync(artifact.prune_restore_logs, self.restores)
+            removed = await anyio.to_thread.run_sync(artifact_layout.prune_restore_logs, self.restores)
         except OSError as exc:
             self.bound.warning("could not prune old restore logs", directory=str(self.restores), error=str(exc))
             return

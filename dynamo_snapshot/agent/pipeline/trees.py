@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import layout
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda import devices as cuda_devices
 from dynamo_snapshot.agent.errors import CheckpointError, RestoreError
@@ -61,8 +61,8 @@ class StagingGuard:
 
     async def trip(self) -> None:
         if self.final is not None:
-            await anyio.to_thread.run_sync(artifact.withdraw, self.final)
-        await anyio.to_thread.run_sync(artifact.discard_staging, self.staging, self.kept_log)
+            await anyio.to_thread.run_sync(layout.withdraw, self.final)
+        await anyio.to_thread.run_sync(layout.discard_staging, self.staging, self.kept_log)
 
 
 @dataclass(frozen=True)
