@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynamo_snapshot.agent.errors import AgentError
 from dynamo_snapshot.agent.host import procfs
 
 CGROUP_ROOT = Path(os.environ.get("DYN_SNAPSHOT_CGROUP_ROOT", "/sys/fs/cgroup"))
 _POLL_S = 0.01
 
 
-class CgroupError(RuntimeError):
+class CgroupError(AgentError):
     pass
 
 

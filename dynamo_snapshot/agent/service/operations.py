@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import structlog
 
+from dynamo_snapshot.agent.errors import AgentError
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from dynamo_snapshot.agent.service import metrics
 from dynamo_snapshot.agent.service.lease import CheckpointLease, LeaseUnavailable
@@ -50,7 +51,7 @@ class Outcome(enum.StrEnum):
     RETRY = "retry"  # the API server could not be asked; nothing was touched
 
 
-class CheckpointAborted(RuntimeError):
+class CheckpointAborted(AgentError):
     pass
 
 
