@@ -160,9 +160,9 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
 
 
 def use_host_proc(path: str) -> None:
-    """Read processes from the host's /proc as mounted in the agent (here and in the helper processes)."""
-    os.environ["DYN_SNAPSHOT_HOST_PROC"] = path
-    procfs.PROC = Path(path)
+    """Read processes from the host's /proc as mounted in the agent (the helper processes get every
+    path they need on their command line)."""
+    procfs.configure(Path(path))
 
 
 def main(argv: list[str] | None = None) -> int:
