@@ -14,12 +14,13 @@ from typing import Any
 
 import anyio
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 
 from dynamo_snapshot.agent.errors import CriuFailed, RestoreError
 from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult
 from dynamo_snapshot.agent.pipeline.restore import RestoreResult
 from dynamo_snapshot.agent.service.daemon import Agent
+from dynamo_snapshot.agent.service.metrics import AgentMetrics
 from dynamo_snapshot.agent.service.operations import Operations, Outcome
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork, Work
 from dynamo_snapshot.api import names
@@ -98,6 +99,7 @@ class Harness:
         self.client = client
         self.namespace = namespace
         self.node = node
+        self.registry = CollectorRegistry()  # the agent's metrics, this test's alone
         self.outcomes: list[tuple[Work, Outcome]] = []
         self._changed = anyio.Event()
 
@@ -118,7 +120,7 @@ class Harness:
     async def agent(self, *, drain_timeout: float = 30.0, **lease: Any) -> AsyncIterator[Agent]:
         operations = Operations(self.client, self.node,
                                 EventRecorder(self.client, controller="nvidia.com/snapshot-agent", instance=IDENTITY),
-                                IDENTITY, **lease)
+                                IDENTITY, AgentMetrics(self.registry), **lease)
         agent = Agent(InformerFactory(self.client), operations, node_name=NODE, namespace=self.namespace,
                       drain_timeout=drain_timeout, on_outcome=self.record)
         async with anyio.create_task_group() as tg:
@@ -317,7 +319,7 @@ async def test_restore_annotations_say_in_progress_then_completed(harness):
     # where a restore's time went, for the node's dashboards
     for stage, seconds in (("criu", 0.1), ("verify-pages", 0.2)):
         labels = {"operation": "restore", "stage": stage}
-        assert REGISTRY.get_sample_value("snapshot_agent_stage_duration_seconds_sum", labels) >= seconds
+        assert harness.registry.get_sample_value("snapshot_agent_stage_duration_seconds_sum", labels) >= seconds
 
 
 async def test_a_failed_restore_is_annotated_with_the_reason_and_the_placeholder_killed(harness):

@@ -31,8 +31,8 @@ import structlog
 
 from dynamo_snapshot.agent.errors import AgentError
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
-from dynamo_snapshot.agent.service import metrics
 from dynamo_snapshot.agent.service.lease import CheckpointLease, LeaseUnavailable
+from dynamo_snapshot.agent.service.metrics import AgentMetrics
 from dynamo_snapshot.agent.service.nodeops import NodeOps
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, PodRef, RestoreWork
 from dynamo_snapshot.api import names
@@ -76,6 +76,7 @@ class Operations:
     node: NodeOps
     recorder: EventRecorder
     identity: str
+    metrics: AgentMetrics
     lease_duration_s: int = 15
     lease_renew_every: float = 3.0
     lease_renew_deadline: float = 10.0
@@ -126,7 +127,7 @@ class Operations:
                 if not isinstance(err, Exception):
                     raise  # the agent is stopping: the verdict is written, the stop goes on
                 return Outcome.FAILED
-        metrics.observe_stages("checkpoint", result.seconds)
+        self.metrics.observe_stages("checkpoint", result.seconds)
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         overhead = hooks.ready_to_criu_s
         bound.info("checkpoint completed", directory=str(result.directory), seconds=seconds,
@@ -191,7 +192,7 @@ class Operations:
                 raise
             return Outcome.FAILED
         await self._completed_verdict(work, bound)
-        metrics.observe_stages("restore", {**result.seconds, **result.background_seconds})
+        self.metrics.observe_stages("restore", {**result.seconds, **result.background_seconds})
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         bound.info("restore completed", workload_pid=result.workload_pid, seconds=seconds,
                    total_seconds=round(time.monotonic() - started, 3))
@@ -249,7 +250,7 @@ class _CheckpointHooks(Hooks):
         if self.ready_to_criu_s is not None:
             return
         self.ready_to_criu_s = round(time.monotonic() - self.seen_ready_at, 3)
-        metrics.CHECKPOINT_START_LATENCY.observe(time.monotonic() - self.seen_ready_at)
+        self.ops.metrics.checkpoint_start_latency.observe(time.monotonic() - self.seen_ready_at)
         self.bound.info("checkpoint dump started", seconds_since_ready=self.ready_to_criu_s)
 
     async def confirm(self, directory: Path) -> None:
