@@ -44,7 +44,8 @@ from dynamo_snapshot.agent.artifact import verification
 from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 from dynamo_snapshot.agent.container import criu
-from dynamo_snapshot.agent.cuda.step import CudaState, CudaStep, NoCuda
+from dynamo_snapshot.agent.cuda.state import CudaState
+from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import RestoreError
 from dynamo_snapshot.agent.host import procfs
 from dynamo_snapshot.agent.pipeline.hooks import NO_HOOKS, Hooks
