@@ -80,8 +80,9 @@ def test_pod_mount_storage_is_reached_through_the_container_root(tmp_path: Path,
     base.mkdir()
 
     async def resolve() -> Path:
-        resolver = StorageResolver(StorageMode.POD_MOUNT, "/unused", OneCRI(other_process))  # type: ignore[arg-type]
-        async with resolver.open("c1", ID, str(base)) as path:
+        cri = OneCRI(other_process)
+        resolver = StorageResolver(StorageMode.POD_MOUNT, "/unused", cri)  # type: ignore[arg-type]
+        async with resolver.open(await cri.container_info("c1"), ID, str(base)) as path:
             (path / "probe").write_text("x")
             return path
 
@@ -92,8 +93,9 @@ def test_pod_mount_storage_is_reached_through_the_container_root(tmp_path: Path,
 
 def test_pod_mount_storage_is_refused_when_the_container_restarted_meanwhile(tmp_path: Path, other_process: int):
     async def resolve() -> None:
-        resolver = StorageResolver(StorageMode.POD_MOUNT, str(tmp_path), OneCRI(other_process, os.getpid()))  # type: ignore[arg-type]
-        async with resolver.open("c1", ID):
+        cri = OneCRI(other_process, os.getpid())  # the operation's lookup, then the re-check finds another
+        resolver = StorageResolver(StorageMode.POD_MOUNT, str(tmp_path), cri)  # type: ignore[arg-type]
+        async with resolver.open(await cri.container_info("c1"), ID):
             pass
 
     with pytest.raises(StorageError, match="restarted or exited"):

@@ -126,15 +126,15 @@ class ContainerSource:
 
 
 class ContainerTarget:
-    """A running container, looked up through CRI once, at the resolve stage; every later stage acts on
-    what that lookup found."""
+    """A running container, looked up through CRI once (by the caller, who hands ``info`` down, or at
+    the resolve stage); every later stage acts on what that lookup found."""
 
-    def __init__(self, cri: CRIClient, container_id: str):
-        self.cri, self.container_id = cri, container_id
+    def __init__(self, cri: CRIClient, container_id: str, info: ContainerInfo | None = None):
+        self.cri, self.container_id, self.info = cri, container_id, info
         self.describe = {"container_id": container_id}
 
     async def resolve(self) -> ContainerSource:
-        info = await self.cri.container_info(self.container_id)
+        info = self.info or await self.cri.container_info(self.container_id)
         if not info.running:
             raise CheckpointError(f"container {info.name} ({info.id}) is {info.state}, not running")
         kids = procfs.children(info.pid)
@@ -307,9 +307,11 @@ class Placeholder:
 
 
 class PlaceholderTarget:
-    def __init__(self, cri: CRIClient, container_id: str):
-        self.cri, self.container_id = cri, container_id
+    """A restore placeholder, looked up once (``info`` handed down by the caller, or at the resolve stage)."""
+
+    def __init__(self, cri: CRIClient, container_id: str, info: ContainerInfo | None = None):
+        self.cri, self.container_id, self.info = cri, container_id, info
         self.describe = {"container_id": container_id}
 
     async def resolve(self) -> Placeholder:
-        return Placeholder(await self.cri.container_info(self.container_id))
+        return Placeholder(self.info or await self.cri.container_info(self.container_id))

@@ -66,17 +66,19 @@ class CriuNode:
         self.restore_settings = restore or RestoreSettings()
 
     async def checkpoint(self, work: CheckpointWork, hooks: Hooks) -> ckpt.CheckpointResult:
-        async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
+        info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
+        async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
             request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version)
-            target = ContainerTarget(self.cri, work.container_id)
+            target = ContainerTarget(self.cri, work.container_id, info)
             return await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
 
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
-        async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
+        info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
+        async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
             tuned = self.restore_settings
             request = rst.RestoreRequest(work.checkpoint_id, base, work.artifact_version,
                                          io_threads=tuned.verify_threads, prefetch_threads=tuned.prefetch_threads)
-            target = PlaceholderTarget(self.cri, work.container_id)
+            target = PlaceholderTarget(self.cri, work.container_id, info)
             return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
 
     async def restore_finished(self, container_id: str) -> bool:
