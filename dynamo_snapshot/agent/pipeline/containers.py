@@ -198,6 +198,10 @@ class Placeholder:
     mountpoints: set[str] = field(default_factory=set)
 
     @property
+    def name(self) -> str:
+        return f"placeholder {self.info.name}"
+
+    @property
     def gpu_view_pid(self) -> int:
         return self.info.pid
 

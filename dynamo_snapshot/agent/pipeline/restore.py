@@ -134,7 +134,7 @@ class _Run:
         workload_pid = int((self.work_dir / PIDFILE).read_text())
         self.host_pid = dest.host_pid(workload_pid)
         if self.host_pid is None:
-            raise RestoreError(f"restored workload PID {workload_pid} is not running in the target")
+            raise RestoreError(f"restored workload PID {workload_pid} is not running in {dest.name}")
         await pages.result()  # a bad page kills the target, and the stopped tasks with it
         if self.request.overlap:
             for member in procfs.process_tree(self.host_pid):  # every byte verified: let the restored tasks run

@@ -92,6 +92,7 @@ class CheckpointTarget(Protocol):
 class Destination(Protocol):
     """A resolved restore target."""
 
+    name: str  # for messages: "placeholder main (<id>)", "the host"
     gpu_view_pid: int  # the process whose visible GPUs the restore may use
     prefetch_root: Path  # where the files to read ahead are seen from
 

@@ -125,7 +125,11 @@ class TreeTarget:
 
 
 class TreeDestination:
-    gpu_view_pid = os.getpid()
+    name = "the host"
+
+    @property
+    def gpu_view_pid(self) -> int:
+        return os.getpid()  # the tree is restored as this process's descendant, seeing its GPUs
     prefetch_root = Path("/")
 
     def work_dir(self, restores: Path) -> Path:
