@@ -1,11 +1,15 @@
 """The pipelines' pure parts: the manifest's fields (built in one place for every target), the files a
-restore reads ahead, and the PIDs a checkpoint records."""
+restore reads ahead, the PIDs a checkpoint records; and what a host tree's failed checkpoint leaves."""
 
 from pathlib import Path
 
+import anyio
+
+from dynamo_snapshot.agent.artifact.layout import DUMP_LOG, ArtifactLayout
 from dynamo_snapshot.agent.artifact.manifest import Compatibility
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.pipeline.target import Workload, declared_files, manifest_fields
+from dynamo_snapshot.agent.pipeline.trees import StagingGuard
 
 HERE = Compatibility("4.1", "6.8.0", "x86_64")
 
@@ -52,3 +56,30 @@ def test_a_restore_reads_ahead_only_the_absolute_paths_the_worker_declared():
     assert declared_files(manifest) == ["/models/a", "/models/b"]
     assert declared_files({}) == []
     assert declared_files({"workload": {"rereadAfterRestore": None}}) == []
+
+
+def test_a_failed_tree_checkpoint_leaves_no_version_and_keeps_its_dump_log(tmp_path: Path):
+    layout = ArtifactLayout(tmp_path, "t1")
+    staging = layout.new_staging()
+    (staging / DUMP_LOG).write_text("criu said no\n")
+    kept = layout.failed_log(staging)
+
+    async def fail_after_promotion() -> None:
+        guard = StagingGuard(staging, kept)
+        final = layout.promote(staging)
+        await guard.promoted(final)
+        await guard.trip()  # the confirmation never came
+
+    anyio.run(fail_after_promotion)
+    assert not layout.final_dir.exists()
+    assert not staging.exists()
+
+
+def test_a_failed_tree_checkpoint_before_promotion_removes_the_attempt(tmp_path: Path):
+    layout = ArtifactLayout(tmp_path, "t2")
+    staging = layout.new_staging()
+    (staging / DUMP_LOG).write_text("criu said no\n")
+    kept = layout.failed_log(staging)
+    anyio.run(StagingGuard(staging, kept).trip)
+    assert not staging.exists()
+    assert kept.read_text() == "criu said no\n"
