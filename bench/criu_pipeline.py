@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import structlog  # noqa: E402
 
-from dynamo_snapshot.agent import criu  # noqa: E402
+from dynamo_snapshot.agent.container import criu  # noqa: E402
 from tests.agent import node_harness as harness  # noqa: E402
 
 GIB = 1 << 30

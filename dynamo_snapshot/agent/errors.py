@@ -1,9 +1,16 @@
-"""Errors of the node machinery. Each message names the object and the cause."""
+"""Errors of the node agent, under one root (``AgentError``). Each message names the object and the
+cause. Errors that belong to one module are defined there, derived from ``AgentError`` (CRIError,
+CgroupError, InRootError, CRIStubsUnavailable, GpuMismatch, ConfigError, LeaseUnavailable,
+CheckpointAborted); those the pipelines share are here."""
 
 from __future__ import annotations
 
 
-class SnapshotError(RuntimeError):
+class AgentError(RuntimeError):
+    """The root of every error the agent raises on purpose."""
+
+
+class SnapshotError(AgentError):
     """Base class for checkpoint and restore failures on the node."""
 
 

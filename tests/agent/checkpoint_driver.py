@@ -8,6 +8,7 @@ Prints ``at <stage>`` on stdout when the pipeline reaches STAGE, then waits fore
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
 
@@ -17,17 +18,21 @@ import structlog
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.container.runtime import CRIClient
 from dynamo_snapshot.agent.pipeline import checkpoint
+from dynamo_snapshot.agent.pipeline.containers import ContainerTarget
+from dynamo_snapshot.agent.pipeline.hooks import Hooks
 
 
 async def main(socket: str, container_id: str, base: str, checkpoint_id: str, stop_at: str) -> None:
-    async def observer(stage: checkpoint.Stage) -> None:
-        if stage.value == stop_at:
-            print(f"at {stage.value}", flush=True)
-            await anyio.sleep_forever()
+    class Park(Hooks):
+        async def on_stage(self, stage: enum.StrEnum) -> None:
+            if stage.value == stop_at:
+                print(f"at {stage.value}", flush=True)
+                await anyio.sleep_forever()
 
     async with CRIClient(socket) as cri:
-        request = checkpoint.CheckpointRequest(container_id, checkpoint_id, Path(base))
-        await checkpoint.checkpoint(cri, request, criu.CriuBundle.locate(), observer=observer)
+        request = checkpoint.CheckpointRequest(checkpoint_id, Path(base))
+        target = ContainerTarget(cri, container_id)
+        await checkpoint.checkpoint(target, request, criu.CriuBundle.locate(), hooks=Park())
     print("finished", flush=True)
 
 

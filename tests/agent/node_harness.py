@@ -29,6 +29,7 @@ from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
 from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
 from dynamo_snapshot.agent.pipeline import restore as rst
+from dynamo_snapshot.agent.pipeline.containers import ContainerTarget, PlaceholderTarget
 from dynamo_snapshot.devcluster import images
 from dynamo_snapshot.devcluster.node import Containerd
 
@@ -356,15 +357,15 @@ class Pods:
 def checkpoint(
     node: Node, bundle: criu.CriuBundle, workload: Workload, base: Path, checkpoint_id: str = "ckpt-test"
 ) -> ckpt.CheckpointResult:
-    request = ckpt.CheckpointRequest(workload.container_id, checkpoint_id, base)
-    return node.call(ckpt.checkpoint, node.cri, request, bundle)
+    request = ckpt.CheckpointRequest(checkpoint_id, base)
+    return node.call(ckpt.checkpoint, ContainerTarget(node.cri, workload.container_id), request, bundle)
 
 
 def restore(
     node: Node, bundle: criu.CriuBundle, placeholder: Workload, base: Path, checkpoint_id: str = "ckpt-test"
 ) -> rst.RestoreResult:
-    request = rst.RestoreRequest(placeholder.container_id, checkpoint_id, base)
-    return node.call(rst.restore, node.cri, request, bundle)
+    request = rst.RestoreRequest(checkpoint_id, base)
+    return node.call(rst.restore, PlaceholderTarget(node.cri, placeholder.container_id), request, bundle)
 
 
 def counter_log(node: Node, workload: Workload) -> list[int]:

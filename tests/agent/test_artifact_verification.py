@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import verification
 from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid, CheckpointError
 
 HERE = artifact.Compatibility(criu_version="4.2.1", kernel="6.18.44", architecture="x86_64")
 
 
 def make_artifact(base: Path, checkpoint_id: str = "abc", compatibility: artifact.Compatibility = HERE) -> Path:
-    layout = artifact.ArtifactLayout(base, checkpoint_id)
+    layout = artifact_layout.ArtifactLayout(base, checkpoint_id)
     staging = layout.new_staging()
     (staging / "pages-1.img").write_bytes(os.urandom(64 << 10))
     (staging / "dump.log").write_text("(00.1) Dumping finished successfully\n")
@@ -26,13 +28,13 @@ def make_artifact(base: Path, checkpoint_id: str = "abc", compatibility: artifac
 
 def test_a_promoted_artifact_verifies(tmp_path: Path) -> None:
     final = make_artifact(tmp_path)
-    manifest = artifact.verify(final, "abc", HERE)
+    manifest = verification.verify(final, "abc", HERE)
     assert {f["path"] for f in manifest["files"]} == {"pages-1.img", "dump.log", "deleted-files.json"}
     assert not any((tmp_path / "abc" / "versions" / "tmp").iterdir())
 
 
 def test_the_manifest_is_written_last(tmp_path: Path) -> None:
-    staging = artifact.ArtifactLayout(tmp_path, "abc").new_staging()
+    staging = artifact_layout.ArtifactLayout(tmp_path, "abc").new_staging()
     (staging / "core-1.img").write_bytes(b"x")
     written = artifact.write_manifest(staging, {"checkpointID": "abc"})
     # Every file it lists existed before it, and it does not list itself.
@@ -42,7 +44,7 @@ def test_the_manifest_is_written_last(tmp_path: Path) -> None:
 
 def test_promotion_never_replaces_an_existing_version(tmp_path: Path) -> None:
     make_artifact(tmp_path)
-    layout = artifact.ArtifactLayout(tmp_path, "abc")
+    layout = artifact_layout.ArtifactLayout(tmp_path, "abc")
     with pytest.raises(CheckpointError, match="already exists"):
         layout.new_staging()
     (layout.staging_root / "late").mkdir()
@@ -53,7 +55,7 @@ def test_promotion_never_replaces_an_existing_version(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["../etc", "tmp", "", "a/b", ".hidden"])
 def test_layout_refuses_names_that_are_not_one_directory(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="cannot be a directory name"):
-        artifact.ArtifactLayout(tmp_path, name)
+        artifact_layout.ArtifactLayout(tmp_path, name)
 
 
 def test_a_flipped_byte_is_refused(tmp_path: Path) -> None:
@@ -62,41 +64,41 @@ def test_a_flipped_byte_is_refused(tmp_path: Path) -> None:
     data[1000] ^= 0x01
     (final / "pages-1.img").write_bytes(bytes(data))
     with pytest.raises(ArtifactInvalid, match=r"pages-1\.img has SHA-256"):
-        artifact.verify(final, "abc", HERE)
+        verification.verify(final, "abc", HERE)
 
 
 def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
     final = make_artifact(tmp_path)
     os.truncate(final / "dump.log", 3)
     with pytest.raises(ArtifactInvalid, match=r"dump\.log is 3 bytes"):
-        artifact.verify(final, "abc", HERE)
+        verification.verify(final, "abc", HERE)
 
 
 def test_a_removed_file_is_refused(tmp_path: Path) -> None:
     final = make_artifact(tmp_path)
     (final / "deleted-files.json").unlink()
     with pytest.raises(ArtifactInvalid, match=r"deleted-files\.json is listed in the manifest but missing"):
-        artifact.verify(final, "abc", HERE)
+        verification.verify(final, "abc", HERE)
 
 
 def test_an_unlisted_file_is_refused(tmp_path: Path) -> None:
     final = make_artifact(tmp_path)
     (final / "core-9.img").write_bytes(b"?")
     with pytest.raises(ArtifactInvalid, match=r"does not list: core-9\.img"):
-        artifact.verify(final, "abc", HERE)
+        verification.verify(final, "abc", HERE)
 
 
 def test_no_manifest_means_no_checkpoint(tmp_path: Path) -> None:
     final = make_artifact(tmp_path)
     (final / "manifest.json").unlink()
     with pytest.raises(ArtifactInvalid, match="never completed"):
-        artifact.verify(final, "abc", HERE)
+        verification.verify(final, "abc", HERE)
 
 
 def test_another_checkpoint_id_is_refused(tmp_path: Path) -> None:
     final = make_artifact(tmp_path)
     with pytest.raises(ArtifactInvalid, match="holds checkpoint 'abc', not the requested 'xyz'"):
-        artifact.verify(final, "xyz", HERE)
+        verification.verify(final, "xyz", HERE)
 
 
 def test_a_manifest_path_outside_the_artifact_is_refused(tmp_path: Path) -> None:
@@ -105,7 +107,7 @@ def test_a_manifest_path_outside_the_artifact_is_refused(tmp_path: Path) -> None
     manifest["files"].append({"path": "../../../etc/passwd", "size": 1, "sha256": "0"})
     (final / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactInvalid, match="unsafe path"):
-        artifact.verify(final, "abc", HERE)
+        verification.verify(final, "abc", HERE)
 
 
 @pytest.mark.parametrize(
@@ -121,23 +123,23 @@ def test_a_manifest_path_outside_the_artifact_is_refused(tmp_path: Path) -> None
 def test_an_incompatible_node_is_refused(tmp_path: Path, recorded: artifact.Compatibility, reason: str) -> None:
     final = make_artifact(tmp_path, compatibility=recorded)
     with pytest.raises(ArtifactIncompatible, match=reason):
-        artifact.verify(final, "abc", HERE)
+        verification.verify(final, "abc", HERE)
 
 
 def test_a_different_kernel_is_only_a_warning(tmp_path: Path) -> None:
     final = make_artifact(tmp_path, compatibility=artifact.Compatibility("4.2.0", "6.12.1", "x86_64"))
-    assert artifact.verify(final, "abc", HERE)["checkpointID"] == "abc"
+    assert verification.verify(final, "abc", HERE)["checkpointID"] == "abc"
     assert artifact.check_compatible(artifact.Compatibility("4.2.0", "6.12.1", "x86_64"), HERE) == [
         "made on kernel 6.12.1, restoring on 6.18.44"
     ]
 
 
 def test_a_failed_attempt_keeps_its_dump_log(tmp_path: Path) -> None:
-    layout = artifact.ArtifactLayout(tmp_path, "abc")
+    layout = artifact_layout.ArtifactLayout(tmp_path, "abc")
     staging = layout.new_staging()
     (staging / "dump.log").write_text("Error (criu/cr-dump.c:1): Dumping FAILED.\n")
     (staging / "pages-1.img").write_bytes(b"partial")
-    artifact.discard_staging(staging, layout.failed_log(staging))
+    artifact_layout.discard_staging(staging, layout.failed_log(staging))
     assert not staging.exists()
     assert layout.failed_log(staging).read_text().endswith("Dumping FAILED.\n")
     assert not layout.final_dir.exists()
@@ -155,7 +157,7 @@ def test_old_restore_logs_are_pruned_but_never_a_recent_one_nor_through_a_symlin
     elsewhere = tmp_path / "not-ours"
     elsewhere.mkdir()
     (restores / "link").symlink_to(elsewhere)
-    removed = artifact.prune_restore_logs(restores, keep=8, now=now)
+    removed = artifact_layout.prune_restore_logs(restores, keep=8, now=now)
     assert sorted(removed) == ["r00", "r01", "r02", "r03"]
     assert sorted(p.name for p in restores.iterdir()) == ["link"] + [f"r{i:02d}" for i in range(4, 12)]
     assert elsewhere.exists()
@@ -164,5 +166,5 @@ def test_old_restore_logs_are_pruned_but_never_a_recent_one_nor_through_a_symlin
     for i in range(10):
         (burst / f"b{i}").mkdir(parents=True)
         os.utime(burst / f"b{i}", (now - 10 - i, now - 10 - i))
-    assert artifact.prune_restore_logs(burst, keep=8, now=now) == []
-    assert artifact.prune_restore_logs(tmp_path / "missing", keep=8) == []
+    assert artifact_layout.prune_restore_logs(burst, keep=8, now=now) == []
+    assert artifact_layout.prune_restore_logs(tmp_path / "missing", keep=8) == []

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import verification
 from dynamo_snapshot.agent.errors import CriuFailed
 from dynamo_snapshot.agent.host import procfs
 from dynamo_snapshot.agent.host.cgroups import Freezer
@@ -74,13 +76,13 @@ def test_killing_the_pipeline_leaves_no_promoted_checkpoint_and_no_frozen_worklo
     workload = pods.counter(heap_mib=16)
     freezer = Freezer.of_process(node.info(workload.container_id).pid)
     base = tmp_path / "checkpoints"
-    layout = artifact.ArtifactLayout(base, CHECKPOINT_ID)
+    layout = artifact_layout.ArtifactLayout(base, CHECKPOINT_ID)
 
     _kill_pipeline_at(node, workload, base, stage)
     harness.wait_for(lambda: not _guards_running(freezer), 30, "the checkpoint guard to finish")
 
     if stage is Stage.RELEASE:  # killed after the promotion: the checkpoint is whole
-        artifact.verify(layout.final_dir, CHECKPOINT_ID, artifact.Compatibility.of_this_node("4.2.1"))
+        verification.verify(layout.final_dir, CHECKPOINT_ID, artifact.Compatibility.of_this_node("4.2.1"))
     else:
         assert not layout.final_dir.exists(), f"a checkpoint was promoted although the pipeline died at {stage}"
     assert not layout.staging_root.exists() or not any(layout.staging_root.iterdir())
@@ -110,7 +112,7 @@ def test_criu_failure_reports_the_log_tail_and_kills_the_workload(
     kept = Path(failure.value.log_path)
     assert kept.is_file() and kept.parent.parent == base / CHECKPOINT_ID / "failed"
     assert str(kept) in str(failure.value)
-    layout = artifact.ArtifactLayout(base, CHECKPOINT_ID)
+    layout = artifact_layout.ArtifactLayout(base, CHECKPOINT_ID)
     assert not layout.final_dir.exists()
     assert not any(layout.staging_root.iterdir())
     harness.wait_for(

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import verification
 from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid
 
 CHUNK = 64 << 10
 
 
 def make(base: Path, compatibility: artifact.Compatibility, threads: int = 4) -> tuple[Path, dict]:
-    layout = artifact.ArtifactLayout(base, "gpu")
+    layout = artifact_layout.ArtifactLayout(base, "gpu")
     staging = layout.new_staging()
     (staging / "pages-1.img").write_bytes(os.urandom(5 * CHUNK + 123))
     (staging / "core-1.img").write_bytes(b"core")
@@ -34,7 +36,7 @@ def test_large_files_get_one_digest_per_chunk_whatever_the_thread_count(tmp_path
     entry = next(f for f in parallel["files"] if f["path"] == "pages-1.img")
     assert entry["chunkBytes"] == CHUNK and len(entry["chunkSha256"]) == 6 and "sha256" not in entry
     assert next(f for f in parallel["files"] if f["path"] == "core-1.img")["sha256"]
-    single = artifact.ArtifactLayout(tmp_path / "b", "gpu").new_staging()
+    single = artifact_layout.ArtifactLayout(tmp_path / "b", "gpu").new_staging()
     pages = tmp_path / "a" / "gpu" / "versions" / "1" / "pages-1.img"
     (single / "pages-1.img").write_bytes(pages.read_bytes())
     again = artifact.write_manifest(single, {}, io_threads=1, chunk_bytes=CHUNK)
@@ -48,7 +50,7 @@ def test_a_flipped_byte_in_one_chunk_is_refused_naming_the_range(tmp_path: Path,
     data[3 * CHUNK + 7] ^= 0x40
     (final / "pages-1.img").write_bytes(bytes(data))
     with pytest.raises(ArtifactInvalid, match=rf"pages-1\.img has SHA-256 \w+ in bytes {3 * CHUNK}-{4 * CHUNK}"):
-        artifact.verify(final, "gpu", node(), io_threads=threads)
+        verification.verify(final, "gpu", node(), io_threads=threads)
 
 
 def test_a_chunk_list_that_does_not_fit_the_size_is_refused(tmp_path: Path) -> None:
@@ -56,23 +58,23 @@ def test_a_chunk_list_that_does_not_fit_the_size_is_refused(tmp_path: Path) -> N
     with open(final / "pages-1.img", "ab") as f:
         f.write(b"x" * CHUNK)
     with pytest.raises(ArtifactInvalid, match=r"pages-1\.img is"):
-        artifact.verify(final, "gpu", node())
+        verification.verify(final, "gpu", node())
 
 
 def test_cuda_state_needs_the_same_driver_release(tmp_path: Path) -> None:
     final, _ = make(tmp_path, node())
-    assert artifact.verify(final, "gpu", node())
+    assert verification.verify(final, "gpu", node())
     with pytest.raises(ArtifactIncompatible, match=r"NVIDIA driver 580\.159\.04, this node has driver 575\.57\.08"):
-        artifact.verify(final, "gpu", node(driver="575.57.08"))
+        verification.verify(final, "gpu", node(driver="575.57.08"))
     with pytest.raises(ArtifactIncompatible, match="this node has no CUDA driver"):
-        artifact.verify(final, "gpu", node(driver=None, models=()))
+        verification.verify(final, "gpu", node(driver=None, models=()))
 
 
 def test_cuda_state_needs_gpus_of_the_recorded_models(tmp_path: Path) -> None:
     final, _ = make(tmp_path, node(models=("NVIDIA H200", "NVIDIA H200")))
     with pytest.raises(ArtifactIncompatible, match=r"needs GPUs this node lacks: 2 x NVIDIA H200 \(node has 1\)"):
-        artifact.verify(final, "gpu", node(models=("NVIDIA H200", "NVIDIA H100 80GB HBM3")))
-    assert artifact.verify(final, "gpu", node(models=("NVIDIA H200",) * 4))
+        verification.verify(final, "gpu", node(models=("NVIDIA H200", "NVIDIA H100 80GB HBM3")))
+    assert verification.verify(final, "gpu", node(models=("NVIDIA H200",) * 4))
 
 
 def test_older_manifests_with_plain_gpu_uuids_still_read() -> None:

@@ -4,6 +4,7 @@ device files of a process, the driver's GPU inventory, and the GPU remapping pla
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,9 @@ def test_a_process_without_nvidia_devices_has_none() -> None:
 
 
 @pytest.fixture
-def fake_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(procfs, "PROC", tmp_path)
-    return tmp_path
+def fake_proc(tmp_path: Path) -> Iterator[Path]:
+    with procfs.configured(tmp_path):
+        yield tmp_path
 
 
 def make_process(proc: Path, pid: int, maps: str, fds: dict[int, str]) -> None:

@@ -6,7 +6,7 @@ a real GPU."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -16,7 +16,8 @@ from dynamo_snapshot.agent.cuda import devices as cuda_devices
 from dynamo_snapshot.agent.cuda import step as cuda_module
 from dynamo_snapshot.agent.cuda.devices import Gpu, NvidiaUsage
 from dynamo_snapshot.agent.cuda.driver import CudaError, CudaLockTimeout, NotACudaProcess, ProcessState
-from dynamo_snapshot.agent.cuda.step import CudaHelperProcesses, CudaState, DriverCuda, NoCuda
+from dynamo_snapshot.agent.cuda.state import CudaState
+from dynamo_snapshot.agent.cuda.step import CudaHelperProcesses, DriverCuda, NoCuda
 from dynamo_snapshot.agent.host import procfs
 
 GPU0 = Gpu("GPU-00000000-0000-0000-0000-000000000000", "NVIDIA H200", 0)
@@ -71,7 +72,7 @@ class RecordingDriver:
 
 
 @pytest.fixture
-def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[int, NvidiaUsage]:
+def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, NvidiaUsage]]:
     """Processes 10, 11, 12 (10 and 11 on GPU 0, 12 on GPU 1) and 13 without GPU; a /proc with their
     task directories (the step checks that processes and restore threads still exist)."""
     usage = {
@@ -80,14 +81,14 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[int, NvidiaUsa
         12: NvidiaUsage(12, mapped=("/dev/nvidia1",)),
         13: NvidiaUsage(13),
     }
-    monkeypatch.setattr(procfs, "PROC", tmp_path)
     for pid in usage:
         (tmp_path / str(pid) / "task" / str(pid)).mkdir(parents=True)
     monkeypatch.setattr(cuda_devices, "thread_group_leaders", lambda tids: sorted(set(tids)))
     monkeypatch.setattr(cuda_devices, "nvidia_usage", lambda pid: usage.get(pid, NvidiaUsage(pid)))
     monkeypatch.setattr(cuda_devices, "visible_gpus", lambda pid, node: node)
     monkeypatch.setattr(procfs, "ns_pid", lambda pid, parent=None: pid)
-    return usage
+    with procfs.configured(tmp_path):
+        yield usage
 
 
 def step(

@@ -14,12 +14,13 @@ from typing import Any
 
 import anyio
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 
 from dynamo_snapshot.agent.errors import CriuFailed, RestoreError
 from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult
 from dynamo_snapshot.agent.pipeline.restore import RestoreResult
 from dynamo_snapshot.agent.service.daemon import Agent
+from dynamo_snapshot.agent.service.metrics import AgentMetrics
 from dynamo_snapshot.agent.service.operations import Operations, Outcome
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork, Work
 from dynamo_snapshot.api import names
@@ -63,10 +64,10 @@ class FakeNode:
         self.restore_step: Callable[..., Any] | None = None
         self.restored: set[str] = set()  # containers whose control directory holds restore-complete
 
-    async def checkpoint(self, work: CheckpointWork, confirm, criu_started) -> CheckpointResult:
+    async def checkpoint(self, work: CheckpointWork, hooks) -> CheckpointResult:
         self.calls.append(("checkpoint", work.container_id))
         assert self.checkpoint_step is not None
-        return await self.checkpoint_step(work, confirm, criu_started)
+        return await self.checkpoint_step(work, hooks)
 
     async def restore(self, work: RestoreWork) -> RestoreResult:
         self.calls.append(("restore", work.container_id))
@@ -98,6 +99,7 @@ class Harness:
         self.client = client
         self.namespace = namespace
         self.node = node
+        self.registry = CollectorRegistry()  # the agent's metrics, this test's alone
         self.outcomes: list[tuple[Work, Outcome]] = []
         self._changed = anyio.Event()
 
@@ -118,7 +120,7 @@ class Harness:
     async def agent(self, *, drain_timeout: float = 30.0, **lease: Any) -> AsyncIterator[Agent]:
         operations = Operations(self.client, self.node,
                                 EventRecorder(self.client, controller="nvidia.com/snapshot-agent", instance=IDENTITY),
-                                IDENTITY, **lease)
+                                IDENTITY, AgentMetrics(self.registry), **lease)
         agent = Agent(InformerFactory(self.client), operations, node_name=NODE, namespace=self.namespace,
                       drain_timeout=drain_timeout, on_outcome=self.record)
         async with anyio.create_task_group() as tg:
@@ -184,11 +186,11 @@ async def test_checkpoint_verdict_comes_after_the_dump_and_before_the_workload_i
     job = await harness.job("checkpoint-job-ok-1")
     seen: dict[str, Any] = {}
 
-    async def step(work, confirm, criu_started):
+    async def step(work, hooks):
         seen["lease"] = await harness.lease(job["metadata"]["name"])
         seen["verdict before confirm"] = (await harness.annotations(JOBS, work.job)).get(names.ANN_CHECKPOINT_STATUS)
-        criu_started()
-        await confirm(Path("/checkpoints/x/versions/1"))
+        await hooks.dump_started(4242)
+        await hooks.confirm(Path("/checkpoints/x/versions/1"))
         # What follows in the real pipeline is snapshot-complete: the verdict must be there already.
         seen["verdict before snapshot-complete"] = (await harness.annotations(JOBS, work.job))[
             names.ANN_CHECKPOINT_STATUS]
@@ -212,8 +214,8 @@ async def test_checkpoint_verdict_comes_after_the_dump_and_before_the_workload_i
 async def test_a_failed_dump_is_reported_on_the_job_and_the_workload_killed(harness):
     job = await harness.job("checkpoint-job-bad-1")
 
-    async def step(work, confirm, criu_started):
-        criu_started()
+    async def step(work, hooks):
+        await hooks.dump_started(4242)
         raise CriuFailed("dump", 1, "Error (criu/files-ext.c:96): Can't dump file 7 of that type [1] (anon_inode)",
                          None)
 
@@ -236,7 +238,7 @@ async def test_losing_the_lease_aborts_the_dump(harness):
     job = await harness.job("checkpoint-job-lost-1")
     dumping, cancelled = anyio.Event(), anyio.Event()
 
-    async def step(work, confirm, criu_started):
+    async def step(work, hooks):
         dumping.set()
         try:
             await anyio.sleep_forever()
@@ -281,8 +283,8 @@ async def test_a_decided_job_or_a_live_lease_of_another_agent_is_left_alone(harn
 async def test_a_source_pod_is_checkpointed_once_its_target_turns_ready(harness):
     job = await harness.job("checkpoint-job-late-1")
 
-    async def step(work, confirm, criu_started):
-        await confirm(Path("/x"))
+    async def step(work, hooks):
+        await hooks.confirm(Path("/x"))
         return checkpoint_result()
 
     harness.node.checkpoint_step = step
@@ -317,7 +319,7 @@ async def test_restore_annotations_say_in_progress_then_completed(harness):
     # where a restore's time went, for the node's dashboards
     for stage, seconds in (("criu", 0.1), ("verify-pages", 0.2)):
         labels = {"operation": "restore", "stage": stage}
-        assert REGISTRY.get_sample_value("snapshot_agent_stage_duration_seconds_sum", labels) >= seconds
+        assert harness.registry.get_sample_value("snapshot_agent_stage_duration_seconds_sum", labels) >= seconds
 
 
 async def test_a_failed_restore_is_annotated_with_the_reason_and_the_placeholder_killed(harness):

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from dynamo_snapshot.agent.artifact import layout, verification
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container.criu import CriuBundle
 from dynamo_snapshot.api import names
@@ -26,7 +27,7 @@ def test_checkpoint_and_restore_through_the_pods_own_volume(flow: Flow):
     assert {"name": "checkpoint-storage", "mountPath": POD_BASE_PATH} in source["spec"]["containers"][0]["volumeMounts"]
     # The artifact landed on the PVC (a hostPath volume here), written through the source pod's root.
     here = artifact.Compatibility.of_this_node(CriuBundle.locate().version())
-    artifact.verify(artifact.ArtifactLayout(stack.checkpoints, run.checkpoint_id).final_dir, run.checkpoint_id, here)
+    verification.verify(layout.ArtifactLayout(stack.checkpoints, run.checkpoint_id).final_dir, run.checkpoint_id, here)
 
     started = time.time()
     stack.apply(dgd_manifest("from-pvc", replicas=1, checkpoint_ref="pod-mounted"))

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import verification
 from dynamo_snapshot.agent.container.criu import CriuBundle
 from dynamo_snapshot.api import names
 from dynamo_snapshot.devcluster.images import PLACEHOLDER_IMAGE
@@ -56,8 +58,8 @@ def test_a_checkpoint_is_ready_once_the_agent_confirms_it(flow: Flow):
     assert [e["event"] for e in stack.worker_events(run.source_pod)][-1] == "snapshot-complete"
     # What is on storage is whole: every file as the manifest lists it.
     here = artifact.Compatibility.of_this_node(CriuBundle.locate().version())
-    final = artifact.ArtifactLayout(stack.checkpoints, run.checkpoint_id).final_dir
-    manifest = artifact.verify(final, run.checkpoint_id, here)
+    final = artifact_layout.ArtifactLayout(stack.checkpoints, run.checkpoint_id).final_dir
+    manifest = verification.verify(final, run.checkpoint_id, here)
     assert manifest["workload"]["containerName"] == MAIN
 
 
@@ -133,7 +135,7 @@ def test_a_checkpoint_that_cannot_be_dumped_fails_and_leaves_nothing(flow: Flow)
     assert stack.get("job", job)["metadata"]["annotations"][names.ANN_CHECKPOINT_STATUS] == "failed"
     (event,) = agent_events(flow, job)
     assert event["reason"] == "CheckpointFailed" and "criu dump failed" in event["note"]
-    layout = artifact.ArtifactLayout(stack.checkpoints, ckpt["status"]["checkpointID"])
+    layout = artifact_layout.ArtifactLayout(stack.checkpoints, ckpt["status"]["checkpointID"])
     assert not layout.final_dir.exists()
     assert not any(layout.staging_root.iterdir())
     # The workload was killed, so the Job's pod failed rather than lingering until its deadline.

@@ -83,20 +83,23 @@ class StorageResolver:
     cri: CRIClient
 
     @contextlib.asynccontextmanager
-    async def open(self, container_id: str, checkpoint_id: str, pod_base_path: str | None = None
+    async def open(self, info: ContainerInfo, checkpoint_id: str, pod_base_path: str | None = None
                    ) -> AsyncIterator[Path]:
-        """The checkpoint base path for an operation on ``container_id``, valid inside the block."""
+        """The checkpoint base path for an operation on the container ``info`` (the caller's one lookup),
+        valid inside the block. In podMount mode the container is looked up once more, after the
+        storage is opened through its root: the one re-check that catches a container restarted in
+        between."""
         if self.mode is StorageMode.AGENT_MOUNT:
             base = Path(self.base_path)
             _check_agent_mount(base, checkpoint_id)
             yield base
             return
-        async with self._in_pod(container_id, checkpoint_id, pod_base_path or self.base_path) as base:
+        async with self._in_pod(info, checkpoint_id, pod_base_path or self.base_path) as base:
             yield base
 
     @contextlib.asynccontextmanager
-    async def _in_pod(self, container_id: str, checkpoint_id: str, base_path: str) -> AsyncIterator[Path]:
-        info = await self.cri.container_info(container_id)
+    async def _in_pod(self, info: ContainerInfo, checkpoint_id: str, base_path: str) -> AsyncIterator[Path]:
+        container_id = info.id
         if not info.running:
             raise StorageError(f"container {info.name} ({container_id}) is {info.state}: its storage is unreachable")
         started = _start_time(info.pid)

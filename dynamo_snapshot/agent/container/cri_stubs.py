@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from dynamo_snapshot.agent.errors import AgentError
+
 CRI_API_MODULE = "k8s.io/cri-api"
 CRI_API_VERSION = os.environ.get("DYN_SNAPSHOT_CRI_API_VERSION", "v0.34.4")
 _PROTO_IN_MODULE = Path("pkg/apis/runtime/v1/api.proto")
@@ -29,7 +31,7 @@ _PACKAGE = "dynamo_snapshot.agent.container._cri"
 _PROTO_NAME = "runtime_v1.proto"
 
 
-class CRIStubsUnavailable(RuntimeError):
+class CRIStubsUnavailable(AgentError):
     """The CRI stubs are not generated and cannot be generated here."""
 
 

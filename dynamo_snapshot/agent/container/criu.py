@@ -177,6 +177,12 @@ class RestoreOptions:
         return cls(log_level=settings.log_level, timeout_s=settings.timeout_s, extra_args=settings.extra_args,
                    **fields)  # type: ignore[arg-type]
 
+    @classmethod
+    def on_host(cls, settings: CriuSettings, images_dir: str, work_dir: str, libdir: str | None) -> RestoreOptions:
+        """A plain process tree restored into the host's namespaces, with the host's root."""
+        return cls.configured(settings, images_dir=images_dir, work_dir=work_dir, pid_ns_fd=None, net_ns_fd=None,
+                              external_mounts={}, root=None, libdir=libdir)
+
     def argv(self) -> list[str]:
         args = [
             "restore",

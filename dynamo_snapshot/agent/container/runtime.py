@@ -17,6 +17,7 @@ import grpc
 import structlog
 
 from dynamo_snapshot.agent.container import cri_stubs
+from dynamo_snapshot.agent.errors import AgentError
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +44,7 @@ def default_socket(runtime_type: RuntimeType | str) -> str:
         ) from None
 
 
-class CRIError(RuntimeError):
+class CRIError(AgentError):
     """A CRI call failed; the message names the call, the object and the runtime's reason."""
 
     def __init__(self, call: str, subject: str, cause: grpc.aio.AioRpcError | str):

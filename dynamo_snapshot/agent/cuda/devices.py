@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from dynamo_snapshot.agent.errors import AgentError
 from dynamo_snapshot.agent.host import procfs
 
 log = structlog.get_logger(__name__)
@@ -234,7 +235,7 @@ def visible_gpus(pid: int, node_gpus: list[Gpu]) -> list[Gpu]:
     return sorted(set(visible), key=lambda g: g.minor)
 
 
-class GpuMismatch(ValueError):
+class GpuMismatch(AgentError, ValueError):
     """The target cannot hold the GPUs the checkpoint was taken on."""
 
 

@@ -1,7 +1,8 @@
 """A container's cgroups: freezing (v1 freezer or v2 cgroup.freeze), killing what is inside, joining.
 
-``CGROUP_ROOT`` can point elsewhere (the DaemonSet mounts the host's at /sys/fs/cgroup by default)
-through DYN_SNAPSHOT_CGROUP_ROOT.
+The cgroup hierarchy's mount is configuration: ``/sys/fs/cgroup`` (where the DaemonSet mounts the
+host's) unless the agent's start-up passes another to ``configure``. Nothing is read from the
+environment.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynamo_snapshot.agent.errors import AgentError
 from dynamo_snapshot.agent.host import procfs
 
-CGROUP_ROOT = Path(os.environ.get("DYN_SNAPSHOT_CGROUP_ROOT", "/sys/fs/cgroup"))
+DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_ROOT = DEFAULT_CGROUP_ROOT
 _POLL_S = 0.01
 
 
-class CgroupError(RuntimeError):
+class CgroupError(AgentError):
     pass
+
+
+def configure(root: Path | str) -> None:
+    """Find the cgroup hierarchies below ``root`` from now on (the agent's start-up)."""
+    global CGROUP_ROOT
+    CGROUP_ROOT = Path(root)
 
 
 def _v2() -> bool:

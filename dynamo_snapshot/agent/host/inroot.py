@@ -29,8 +29,10 @@ from collections.abc import Sequence
 
 import anyio
 
+from dynamo_snapshot.agent.errors import AgentError
 
-class InRootError(RuntimeError):
+
+class InRootError(AgentError):
     pass
 
 

@@ -1,6 +1,8 @@
 """Reading processes, namespaces and mounts from the host's /proc (the agent runs with hostPID).
 
-``PROC`` can point elsewhere (``/host/proc`` in the DaemonSet) through DYN_SNAPSHOT_HOST_PROC.
+Which /proc is read is configuration: ``/proc`` unless the agent's ``--host-proc`` names another
+(``/host/proc`` in the DaemonSet), set once at start-up with ``configure`` (a test uses ``configured``).
+Nothing is read from the environment.
 """
 
 from __future__ import annotations
@@ -8,10 +10,29 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-PROC = Path(os.environ.get("DYN_SNAPSHOT_HOST_PROC", "/proc"))
+DEFAULT_PROC = Path("/proc")
+PROC = DEFAULT_PROC
+
+
+def configure(proc_root: Path | str) -> None:
+    """Read processes from ``proc_root`` from now on (the agent's start-up)."""
+    global PROC
+    PROC = Path(proc_root)
+
+
+@contextlib.contextmanager
+def configured(proc_root: Path | str) -> Iterator[Path]:
+    """Read processes from ``proc_root`` within the block, then from the /proc used before."""
+    before = PROC
+    configure(proc_root)
+    try:
+        yield PROC
+    finally:
+        configure(before)
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -80,6 +101,17 @@ def comm(pid: int) -> str:
 
 def fd_target(pid: int, fd: int) -> str:
     return os.readlink(proc(pid) / "fd" / str(fd))
+
+
+def stdio(pid: int) -> list[str]:
+    """What a process's fds 0, 1 and 2 point at ("" for a closed one)."""
+    out = []
+    for fd in (0, 1, 2):
+        try:
+            out.append(fd_target(pid, fd))
+        except FileNotFoundError:
+            out.append("")
+    return out
 
 
 def tasks_in_pid_namespace(pidns_inode: int) -> dict[int, int]:

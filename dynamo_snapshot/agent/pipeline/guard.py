@@ -32,7 +32,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from dynamo_snapshot.agent.artifact.manifest import discard_staging, withdraw
+from dynamo_snapshot.agent.artifact.layout import discard_staging, withdraw
 from dynamo_snapshot.agent.host.cgroups import Freezer
 
 log = structlog.get_logger(__name__)

@@ -1,22 +1,26 @@
-"""Restore of a checkpoint into a placeholder container on this node (SPEC section 7, node side).
+"""The restore pipeline, one for every target (a placeholder container or the host: ``target.py``).
 
-    resolve   placeholder container -> its init (snapshot-init in standby)
+    resolve   the target (a placeholder: looked up once, then checked to be in standby)
     verify    manifest, checkpoint ID, compatibility, every file's size, the SHA-256 of every file but
-              the raw page data; the page data (most of the bytes) is verified from here on in the
-              background by parallel readers, ahead of CRIU's sequential reads
-    pids      raise the placeholder's PID counter above the checkpoint's PIDs; wait until they are free
+              the raw page data; the target's own checks (the placeholder has the checkpoint's mounts);
+              the GPUs the target can see cover the checkpoint's. The page data (most of the bytes) is
+              verified from here on in the background by parallel readers, ahead of CRIU's reads
+              (``overlap``; without it every byte is verified here)
+    pids      the checkpoint's PIDs: reserved in the placeholder's namespace, or free on the host
     rootfs    delete what the workload had deleted, then extract rootfs-diff.tar (confined)
     dev-shm   refill /dev/shm from dev-shm.tar
-    criu      join the placeholder's cgroups, enter its mount/uts/ipc/net/pid namespaces and run CRIU
-              there, from the agent's bundle; the restored subtree keeps its PIDs and, once CRIU exits,
-              is re-parented to snapshot-init; its stdout/stderr become the placeholder's. Its tasks
-              stay stopped until every page byte has passed; then they are let go. Once the page data
-              is verified, the files the worker declared (``rereadAfterRestore``, its weights) are read
-              into the page cache in the background, as the container sees them
+    criu      CRIU restores the subtree with its PIDs, in the target's namespaces; its tasks stay
+              stopped (``--leave-stopped``) until every page byte has passed, then get SIGCONT. Once
+              the page data is verified, the declared files (``rereadAfterRestore``, the worker's
+              weights, and any the caller names) are read into the page cache in the background
     cuda      restore GPU state and unlock (no-op without CUDA)
     signal    restore-complete, naming the restored workload's PID, into the control directory
+    (after)   old restore logs are pruned (best effort)
 
-Any failure kills the placeholder's init, so the runtime restarts the container cleanly.
+Failure rule: any failure from the resolve on kills the target (a placeholder's init, so the runtime
+restarts the container cleanly; a tree restored in part) and stops the prefetch.
+
+A check that must pass before anything is parsed or changed belongs in ``_verify``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 import enum
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,20 +38,31 @@ import anyio
 import structlog
 
 from dynamo_snapshot import lifecycle
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
-from dynamo_snapshot.agent.artifact.pagecheck import PageCheck
+from dynamo_snapshot.agent.artifact import verification
+from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
-from dynamo_snapshot.agent.container import control, criu
-from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
-from dynamo_snapshot.agent.cuda.step import CudaState, CudaStep, NoCuda
+from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.agent.cuda.state import CudaState
+from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import RestoreError
-from dynamo_snapshot.agent.host import cgroups, inroot, pids, procfs
-from dynamo_snapshot.agent.pipeline.stages import Stages
+from dynamo_snapshot.agent.host import procfs
+from dynamo_snapshot.agent.pipeline.hooks import NO_HOOKS, Hooks
+from dynamo_snapshot.agent.pipeline.stages import Request, Stages
+from dynamo_snapshot.agent.pipeline.target import Destination, RestoreTarget, declared_files
 
 log = structlog.get_logger(__name__)
 
-# Joins the cgroups given before "--" (so the restored tasks land in the placeholder's), then execs the rest.
-_JOIN_CGROUPS = 'while [ "$1" != "--" ]; do echo 0 > "$1" || exit 97; shift; done; shift; exec "$@"'
+PIDFILE = "restored.pid"
+
+
+@dataclass(frozen=True)
+class RestoreRequest(Request):
+    work_dir: Path | None = None  # CRIU's restore.log and pidfile; default <base>/<id>/restores/<target's name>
+    prefetch_threads: int = 8  # 0: no prefetch
+    prefetch: Sequence[Path] = ()  # files to read ahead besides the declared ones
+    overlap: bool = True  # verify the page data while CRIU runs (tasks held stopped until it passed)
 
 
 class Stage(enum.StrEnum):
@@ -61,21 +76,9 @@ class Stage(enum.StrEnum):
     SIGNAL = "signal"
 
 
-StageObserver = Callable[[Stage], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class RestoreRequest:
-    container_id: str  # the placeholder
-    checkpoint_id: str
-    base_path: Path
-    artifact_version: str = "1"
-    work_dir: Path | None = None  # CRIU's restore.log and pidfile; default <base>/<id>/restores/<container>
-
-
 @dataclass(frozen=True)
 class RestoreResult:
-    workload_pid: int  # PID of the restored subtree's root in the placeholder's namespace
+    workload_pid: int  # PID of the restored subtree's root as the workload sees it
     host_pid: int
     manifest: dict[str, Any]
     log_path: Path
@@ -84,251 +87,147 @@ class RestoreResult:
     prefetch: Prefetch | None = None  # the declared files, still being read: .wait() for the result
 
 
-def _resolve_placeholder(info: ContainerInfo) -> None:
-    if not info.running:
-        raise RestoreError(f"placeholder {info.name} ({info.id}) is {info.state}, not running")
-    if not control.in_standby(info):
-        raise RestoreError(f"placeholder {info.name} ({info.id}) is not in standby ({control.RESTORE_STANDBY_ENV}=1)")
-    if control.control_dir(info) is None:
-        raise RestoreError(f"placeholder {info.name} ({info.id}) has no {control.CONTROL_DIR_ENV}")
+class _Run:
+    """One restore's state, shared by its stages."""
 
+    def __init__(self, request: RestoreRequest, bundle: criu.CriuBundle, cuda: CudaStep, hooks: Hooks,
+                 settings: criu.CriuSettings, bound: Any):
+        self.request, self.bundle, self.cuda, self.settings, self.bound = request, bundle, cuda, settings, bound
+        self.stages = Stages[Stage]("restore", bound, hooks)
+        layout = artifact_layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
+        self.images = layout.final_dir
+        self.restores = request.base_path / request.checkpoint_id / artifact_layout.RESTORES
+        self.warm: Prefetch | None = None
+        self.host_pid: int | None = None
+        self.work_dir: Path | None = None
+        self.pages: PageCheck | Verified = Verified()
 
-def _check_mounts(info: ContainerInfo, manifest: dict[str, Any]) -> set[str]:
-    """The placeholder's mountpoints; each mount the checkpoint had must exist there."""
-    mountpoints = {m.mountpoint for m in procfs.mountinfo(info.pid)}
-    wanted = set(manifest.get("criu", {}).get("externalMounts", {}))
-    if missing := sorted(wanted - mountpoints):
-        raise RestoreError(f"placeholder {info.name} ({info.id}) lacks mounts the checkpoint had: {', '.join(missing)}")
-    return mountpoints
-
-
-def _open_present(paths: dict[str, Path | None]) -> dict[str, int]:
-    """Open for reading those of ``paths`` (option -> path) that exist."""
-    return {option: os.open(path, os.O_RDONLY) for option, path in paths.items() if path is not None and path.exists()}
-
-
-async def _extract(info: ContainerInfo, archive: Path, deleted: Path | None, skip: set[str], within: str) -> None:
-    fds = _open_present({"--archive-fd": archive, "--deleted-fd": deleted})
-    try:
-        if not fds:
-            return
-        command = ["extract", "--within", within]
-        for path in sorted(skip - {"/"}):
-            command += ["--skip", path]
-        await inroot.run(str(procfs.proc(info.pid) / "root"), command, fds)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def _open_stdio(info: ContainerInfo, recorded: list[str]) -> dict[str, int]:
-    """Open the placeholder init's stdio for every pipe the workload's stdio was, so the restored
-    workload writes into the placeholder's log (CRIU --inherit-fd)."""
-    opened: dict[str, int] = {}
-    for fd, target in enumerate(recorded[:3]):
-        if not target.startswith("pipe:") or target in opened:
-            continue
-        flags = os.O_RDONLY if fd == 0 else os.O_WRONLY
-        with contextlib.suppress(OSError):
-            opened[target] = os.open(procfs.proc(info.pid) / "fd" / str(fd), flags)
-    return opened
-
-
-async def _run_criu(
-    info: ContainerInfo,
-    bundle: criu.CriuBundle,
-    images: Path,
-    work_dir: Path,
-    manifest: dict[str, Any],
-    settings: criu.CriuSettings,
-    extra: list[str],
-) -> None:
-    opened: list[int] = []
-
-    def keep(fd: int) -> int:
-        opened.append(fd)
-        return fd
-
-    try:
-        directory = os.O_RDONLY | os.O_DIRECTORY
-        bundle_fd = keep(os.open(bundle.path, directory))
-        images_fd = keep(os.open(images, directory))
-        work_fd = keep(os.open(work_dir, directory))
-        ns = procfs.proc(info.pid) / "ns"
-        pid_ns_fd = keep(os.open(ns / "pid", os.O_RDONLY))
-        net_ns_fd = keep(os.open(ns / "net", os.O_RDONLY))
-        join = {kind: keep(os.open(ns / kind, os.O_RDONLY)) for kind in ("uts", "ipc")}
-        stdio = _open_stdio(info, manifest.get("workload", {}).get("stdio", []))
-        opened.extend(stdio.values())
-
-        def ref(fd: int) -> str:  # how CRIU, inside the placeholder, reaches a descriptor we opened
-            return f"/proc/self/fd/{fd}"
-
-        options = criu.RestoreOptions.configured(
-            settings,
-            images_dir=ref(images_fd),
-            work_dir=ref(work_fd),
-            pid_ns_fd=pid_ns_fd,
-            net_ns_fd=net_ns_fd,
-            external_mounts={key: mountpoint for mountpoint, key in manifest["criu"]["externalMounts"].items()},
-            inherited_fds=stdio,
-            join_namespaces={kind: ref(fd) for kind, fd in join.items()},
-        )
-        argv = [
-            "/bin/sh",
-            "-c",
-            _JOIN_CGROUPS,
-            "sh",
-            *map(str, cgroups.procs_files(info.pid)),
-            "--",
-            "nsenter",
-            "--target",
-            str(info.pid),
-            "--mount",
-            "--uts",
-            "--ipc",
-            "--net",
-            "--pid",
-            "--",
-            *bundle.command(ref(bundle_fd)),
-            *options.argv(),
-            *extra,
-        ]
-        await criu.run("restore", argv, work_dir / options.log_file, pass_fds=opened)
-    finally:
-        for fd in opened:
-            os.close(fd)
-
-
-async def _prune(restores: Path, bound: Any) -> None:
-    """Old restore logs go after a restore that worked (best effort: storage may be read-only)."""
-    try:
-        removed = await anyio.to_thread.run_sync(artifact.prune_restore_logs, restores)
-    except OSError as exc:
-        bound.warning("could not prune old restore logs", directory=str(restores), error=str(exc))
-        return
-    if removed:
-        bound.info("pruned old restore logs", directory=str(restores), removed=len(removed))
-
-
-def _declared_files(manifest: dict[str, Any]) -> list[str]:
-    declared = manifest.get("workload", {}).get(control.REREAD_FIELD) or []
-    return [p for p in declared if isinstance(p, str) and p.startswith("/")]
-
-
-def _kill_placeholder(info: ContainerInfo) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(info.pid, signal.SIGKILL)
-
-
-async def restore(
-    cri: CRIClient,
-    request: RestoreRequest,
-    bundle: criu.CriuBundle,
-    cuda: CudaStep | None = None,
-    observer: StageObserver | None = None,
-    settings: criu.CriuSettings | None = None,
-    io_threads: int | None = None,
-    prefetch_threads: int = 8,
-) -> RestoreResult:
-    cuda = cuda or NoCuda()
-    settings = settings or criu.CriuSettings()
-    bound = log.bind(container_id=request.container_id, checkpoint_id=request.checkpoint_id)
-    stages = Stages[Stage]("restore", bound, observer)
-    enter, leave = stages.enter, stages.leave
-    warm: Prefetch | None = None
-
-    await enter(Stage.RESOLVE)
-    info = await cri.container_info(request.container_id)
-    try:
-        _resolve_placeholder(info)
-        layout = artifact.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
-        restores = request.base_path / request.checkpoint_id / artifact.RESTORES
-        work_dir = request.work_dir or restores / info.id
-        leave(Stage.RESOLVE)
-
-        await enter(Stage.VERIFY)
-        node_cuda = await cuda.node_state()
+    async def verify(self, dest: Destination) -> tuple[dict[str, Any], CudaState]:
+        node = await self.cuda.node_state()
         here = artifact.Compatibility.of_this_node(
-            await anyio.to_thread.run_sync(bundle.version),
-            node_cuda.driver_version,
-            node_cuda.gpus,
-            node_cuda.gpu_models,
+            await anyio.to_thread.run_sync(self.bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
-        images = layout.final_dir
-        manifest = await anyio.to_thread.run_sync(artifact.verify_listing, images, request.checkpoint_id, here)
-        await anyio.to_thread.run_sync(
-            lambda: artifact.verify_digests(images, manifest, artifact.is_parsed, io_threads)
-        )
-        mountpoints = _check_mounts(info, manifest)
+        wanted = self.request.checkpoint_id
+        manifest = await anyio.to_thread.run_sync(verification.verify_listing, self.images, wanted, here)
+        early = verification.is_parsed if self.request.overlap else (lambda rel: True)
+        threads = self.request.io_threads
+        await anyio.to_thread.run_sync(lambda: verification.verify_digests(self.images, manifest, early, threads))
+        dest.check(manifest)
         recorded = CudaState.from_manifest(manifest)
-        await cuda.check_restore(recorded, info.pid)  # GPUs the placeholder cannot provide: refuse now
+        await self.cuda.check_restore(recorded, dest.gpu_view_pid)  # GPUs the target cannot provide: refuse now
+        return manifest, recorded
+
+    def prefetch(self, dest: Destination, manifest: dict[str, Any]) -> Prefetch | None:
+        request = self.request
+        files = [*declared_files(manifest), *map(str, request.prefetch)] if request.prefetch_threads > 0 else []
+        if not files:
+            return None
+        self.warm = Prefetch(files, threads=request.prefetch_threads, root=dest.prefetch_root)
+        return self.warm
+
+    async def criu(self, dest: Destination, manifest: dict[str, Any], pages: PageCheck | Verified) -> int:
+        assert self.work_dir is not None
+        pages.check()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        held = ["--leave-stopped"] if self.request.overlap else []
+        await dest.run_criu(self.bundle, self.images, self.work_dir, manifest, self.settings, held)
+        workload_pid = int((self.work_dir / PIDFILE).read_text())
+        self.host_pid = dest.host_pid(workload_pid)
+        if self.host_pid is None:
+            raise RestoreError(f"restored workload PID {workload_pid} is not running in {dest.name}")
+        await pages.result()  # a bad page kills the target, and the stopped tasks with it
+        if self.request.overlap:
+            for member in procfs.process_tree(self.host_pid):  # every byte verified: let the restored tasks run
+                os.kill(member, signal.SIGCONT)
+        return workload_pid
+
+    async def stages_after_resolve(self, dest: Destination) -> tuple[dict[str, Any], int]:
+        enter, leave = self.stages.enter, self.stages.leave
+        await enter(Stage.VERIFY)
+        manifest, recorded = await self.verify(dest)
         leave(Stage.VERIFY)
 
-        pages = PageCheck(images, manifest, io_threads)
+        pages = PageCheck(self.images, manifest, self.request.io_threads) if self.request.overlap else Verified()
+        self.pages = pages
         async with lifecycle.background() as group:
             group.start_soon(pages.run)
 
             await enter(Stage.PIDS)
-            await pids.reserve(info.pid, manifest["workload"]["pids"])
+            await dest.reserve_pids(manifest["workload"]["pids"])
             leave(Stage.PIDS)
 
             await enter(Stage.ROOTFS)
-            await _extract(info, images / artifact.ROOTFS_DIFF, images / artifact.DELETED_FILES, mountpoints, "/")
+            await dest.restore_rootfs(self.images)
             leave(Stage.ROOTFS)
 
             await enter(Stage.DEV_SHM)
-            await _extract(info, images / artifact.DEV_SHM, None, set(), "/dev/shm")
+            await dest.restore_dev_shm(self.images)
             leave(Stage.DEV_SHM)
 
-            declared = _declared_files(manifest) if prefetch_threads > 0 else []
-            if declared:  # the files as the restored worker will see them
-                warm = Prefetch(declared, threads=prefetch_threads, root=procfs.proc(info.pid) / "root")
+            if warm := self.prefetch(dest, manifest):
                 group.start_soon(pages.then_prefetch, warm)
 
             await enter(Stage.CRIU)
-            pages.check()
-            work_dir.mkdir(parents=True, exist_ok=True)
-            await _run_criu(info, bundle, images, work_dir, manifest, settings, ["--leave-stopped"])
-            workload_pid = int((work_dir / "restored.pid").read_text())
-            host_pid = procfs.tasks_in_pid_namespace(procfs.namespace_inode(info.pid, "pid")).get(workload_pid)
-            if host_pid is None:
-                raise RestoreError(f"restored workload PID {workload_pid} is not running in placeholder {info.name}")
-            await pages.result()  # a bad page kills the placeholder, and the stopped tasks with it
-            for member in procfs.process_tree(host_pid):  # every byte verified: let the restored tasks run
-                os.kill(member, signal.SIGCONT)
+            workload_pid = await self.criu(dest, manifest, pages)
             leave(Stage.CRIU)
 
         await enter(Stage.CUDA)
-        await cuda.restore(procfs.process_tree(host_pid), recorded)
+        assert self.host_pid is not None
+        await self.cuda.restore(procfs.process_tree(self.host_pid), recorded)
         leave(Stage.CUDA)
 
         await enter(Stage.SIGNAL)
-        await control.signal_container(
-            info,
-            control.RESTORE_COMPLETE,
-            {"checkpointID": request.checkpoint_id, "workloadPID": workload_pid},
-        )
+        await dest.tell_restored(self.request.checkpoint_id, workload_pid)
         leave(Stage.SIGNAL)
+        return manifest, workload_pid
+
+    def failed(self, dest: Destination, exc: BaseException) -> None:
+        self.bound.error("restore failed", error=str(exc), restored_pid=self.host_pid)
+        if self.warm is not None:
+            self.warm.stop()
+        pidfile = self.work_dir / PIDFILE if self.work_dir is not None else None
+        if self.host_pid is None and pidfile is not None and pidfile.exists():  # CRIU finished, the rest did not
+            with contextlib.suppress(ValueError, OSError):
+                self.host_pid = dest.host_pid(int(pidfile.read_text()))
+        dest.kill(self.host_pid)
+
+    async def prune(self) -> None:
+        """Old restore logs go after a restore that worked (best effort: storage may be read-only)."""
+        try:
+            removed = await anyio.to_thread.run_sync(artifact_layout.prune_restore_logs, self.restores)
+        except OSError as exc:
+            self.bound.warning("could not prune old restore logs", directory=str(self.restores), error=str(exc))
+            return
+        if removed:
+            self.bound.info("pruned old restore logs", directory=str(self.restores), removed=len(removed))
+
+
+async def restore(target: RestoreTarget, request: RestoreRequest, bundle: criu.CriuBundle, cuda: CudaStep | None = None,
+                  hooks: Hooks = NO_HOOKS, settings: criu.CriuSettings | None = None) -> RestoreResult:
+    bound = log.bind(**target.describe, checkpoint_id=request.checkpoint_id)
+    run = _Run(request, bundle, cuda or NoCuda(), hooks, settings or criu.CriuSettings(), bound)
+
+    await run.stages.enter(Stage.RESOLVE)
+    dest = await target.resolve()
+    try:
+        dest.ready()
+        run.work_dir = request.work_dir or dest.work_dir(run.restores)
+        run.stages.leave(Stage.RESOLVE)
+        manifest, workload_pid = await run.stages_after_resolve(dest)
     except BaseException as exc:
-        bound.error("restore failed", error=str(exc))
-        if warm is not None:
-            warm.stop()
-        _kill_placeholder(info)
+        run.failed(dest, exc)
         raise
-    await _prune(restores, bound)
-    bound.info(
-        "restored",
-        workload_pid=workload_pid,
-        seconds={k: round(v, 3) for k, v in stages.seconds.items()},
-        verify_pages_seconds=round(pages.seconds, 3),
-    )
+    await run.prune()
+    assert run.host_pid is not None
+    background = {"verify-pages": run.pages.seconds}
+    bound.info("restored", workload_pid=workload_pid, seconds=run.stages.rounded(),
+               verify_pages_seconds=round(run.pages.seconds, 3))
     return RestoreResult(
         workload_pid=workload_pid,
-        host_pid=host_pid,
+        host_pid=run.host_pid,
         manifest=manifest,
-        log_path=work_dir / "restore.log",
-        seconds=stages.seconds,
-        background_seconds={"verify-pages": pages.seconds},
-        prefetch=warm,
+        log_path=run.work_dir / "restore.log",
+        seconds=run.stages.seconds,
+        background_seconds=background,
+        prefetch=run.warm,
     )

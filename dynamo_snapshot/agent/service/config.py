@@ -23,11 +23,12 @@ from typing import Any
 import yaml
 
 from dynamo_snapshot.agent.container.criu import CriuSettings
+from dynamo_snapshot.agent.errors import AgentError
 
 NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
 
 
-class ConfigError(ValueError):
+class ConfigError(AgentError, ValueError):
     pass
 
 

@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from dynamo_snapshot.agent.service import metrics, podwork
+from dynamo_snapshot.agent.service import podwork
 from dynamo_snapshot.agent.service.operations import Operations, Outcome
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import PODS, Controller, InformerFactory, ObjectKey
@@ -102,7 +102,7 @@ class Agent:
     # -- running ---------------------------------------------------------------------------------------------
     async def _operate(self, work: podwork.Work, attempt: str, pod_key: ObjectKey, running: _Running) -> None:
         started = self.clock()
-        metrics.IN_FLIGHT.labels(running.kind).inc()
+        self.operations.metrics.in_flight.labels(running.kind).inc()
         outcome = Outcome.FAILED
         try:
             # Shielded: a stop lets the operation finish; only the drain deadline cancels it (running.scope).
@@ -116,7 +116,7 @@ class Agent:
             log.exception("operation failed unexpectedly", operation=running.kind, namespace=work.pod.namespace,
                           name=work.pod.name, container_id=work.container_id)
         finally:
-            metrics.IN_FLIGHT.labels(running.kind).dec()
+            self.operations.metrics.in_flight.labels(running.kind).dec()
             del self._running[work.key]
             if not self._running:
                 self._idle.set()
@@ -131,8 +131,8 @@ class Agent:
         self._ready_seen.pop(attempt, None)
         self._remember(attempt, outcome)
         if outcome in (Outcome.COMPLETED, Outcome.FAILED):
-            metrics.OPERATIONS.labels(running.kind, outcome.value).inc()
-            metrics.DURATION.labels(running.kind).observe(self.clock() - started)
+            self.operations.metrics.operations.labels(running.kind, outcome.value).inc()
+            self.operations.metrics.duration.labels(running.kind).observe(self.clock() - started)
 
     def _remember(self, attempt: str, outcome: Outcome) -> None:
         self._finished[attempt] = outcome

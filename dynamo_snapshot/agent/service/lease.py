@@ -25,13 +25,14 @@ from typing import Any
 import anyio
 import structlog
 
+from dynamo_snapshot.agent.errors import AgentError
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import LEASES, AlreadyExists, Client, Conflict, KubeError, NotFound
 
 log = structlog.get_logger(__name__)
 
 
-class LeaseUnavailable(RuntimeError):
+class LeaseUnavailable(AgentError):
     """Another holder has the Lease: someone else is finalizing this checkpoint."""
 
 

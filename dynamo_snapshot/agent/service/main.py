@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import prometheus_client
 import structlog
 
 from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
@@ -79,6 +80,7 @@ async def _connect_runtime(cri: CRIClient) -> None:
 
 async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
     from dynamo_snapshot.agent.service.daemon import Agent
+    from dynamo_snapshot.agent.service.metrics import AgentMetrics
     from dynamo_snapshot.agent.service.nodeops import CriuNode
     from dynamo_snapshot.agent.service.operations import Operations
     from dynamo_snapshot.httpserve import ProbeServer
@@ -92,8 +94,8 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             await _connect_runtime(cri)
             storage = StorageResolver(options.storage_mode, options.storage_base_path, cri)
             node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore)
-            operations = Operations(client, node, EventRecorder(client, controller=EVENT_CONTROLLER,
-                                                                instance=identity), identity)
+            recorder = EventRecorder(client, controller=EVENT_CONTROLLER, instance=identity)
+            operations = Operations(client, node, recorder, identity, AgentMetrics(prometheus_client.REGISTRY))
             agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
                           namespace=options.watched_namespace, workers=options.workers,
                           drain_timeout=options.drain_timeout)
@@ -160,9 +162,9 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
 
 
 def use_host_proc(path: str) -> None:
-    """Read processes from the host's /proc as mounted in the agent (here and in the helper processes)."""
-    os.environ["DYN_SNAPSHOT_HOST_PROC"] = path
-    procfs.PROC = Path(path)
+    """Read processes from the host's /proc as mounted in the agent (the helper processes get every
+    path they need on their command line)."""
+    procfs.configure(Path(path))
 
 
 def main(argv: list[str] | None = None) -> int:

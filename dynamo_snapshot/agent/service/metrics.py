@@ -1,36 +1,46 @@
-"""The agent's Prometheus metrics (served on /metrics next to the kube package's informer metrics)."""
+"""The agent's Prometheus metrics, registered in the registry the agent's start-up hands in (the
+process's default one, served on /metrics next to the kube package's informer metrics; a test's own).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-OPERATIONS = Counter(
-    "snapshot_agent_operations_total",
-    "Checkpoint and restore operations by outcome (completed, failed)",
-    ["operation", "result"],
-)
-DURATION = Histogram(
-    "snapshot_agent_operation_duration_seconds",
-    "Wall time of an operation, from start to the verdict written to the API server",
-    ["operation"],
-    buckets=_SECONDS,
-)
-IN_FLIGHT = Gauge("snapshot_agent_operations_in_flight", "Operations running now", ["operation"])
-CHECKPOINT_START_LATENCY = Histogram(
-    "snapshot_agent_checkpoint_start_latency_seconds",
-    "From the agent seeing a source pod's target container Ready to CRIU starting its dump",
-    buckets=_SECONDS,
-)
-STAGE_DURATION = Histogram(
-    "snapshot_agent_stage_duration_seconds",
-    "Time of each stage of a completed checkpoint or restore (verify-pages runs beside the other restore stages)",
-    ["operation", "stage"],
-    buckets=_SECONDS,
-)
 
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.operations = Counter(
+            "snapshot_agent_operations_total",
+            "Checkpoint and restore operations by outcome (completed, failed)",
+            ["operation", "result"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "snapshot_agent_operation_duration_seconds",
+            "Wall time of an operation, from start to the verdict written to the API server",
+            ["operation"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.in_flight = Gauge("snapshot_agent_operations_in_flight", "Operations running now", ["operation"],
+                               registry=registry)
+        self.checkpoint_start_latency = Histogram(
+            "snapshot_agent_checkpoint_start_latency_seconds",
+            "From the agent seeing a source pod's target container Ready to CRIU starting its dump",
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.stage_duration = Histogram(
+            "snapshot_agent_stage_duration_seconds",
+            "Time of each stage of a completed checkpoint or restore (verify-pages runs beside the other restore "
+            "stages)",
+            ["operation", "stage"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
 
-def observe_stages(operation: str, seconds: dict[str, float]) -> None:
-    for stage, value in seconds.items():
-        STAGE_DURATION.labels(operation, stage).observe(value)
+    def observe_stages(self, operation: str, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stage_duration.labels(operation, stage).observe(value)

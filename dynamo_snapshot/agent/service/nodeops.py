@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -22,20 +20,20 @@ from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
 from dynamo_snapshot.agent.host.cgroups import Freezer
 from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
 from dynamo_snapshot.agent.pipeline import restore as rst
+from dynamo_snapshot.agent.pipeline.containers import ContainerTarget, PlaceholderTarget
+from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from dynamo_snapshot.agent.service.config import RestoreSettings
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork
 
 log = structlog.get_logger(__name__)
 
-Confirm = Callable[[Path], Awaitable[None]]
-Moment = Callable[[], None]
 
 
 class NodeOps(Protocol):
-    async def checkpoint(self, work: CheckpointWork, confirm: Confirm, criu_started: Moment) -> ckpt.CheckpointResult:
-        """Checkpoint the work's container; ``confirm`` runs after the promotion (failing it fails the
-        checkpoint), ``criu_started`` when CRIU's dump begins. On failure the workload is killed and no
-        promoted directory is left."""
+    async def checkpoint(self, work: CheckpointWork, hooks: Hooks) -> ckpt.CheckpointResult:
+        """Checkpoint the work's container; ``hooks.confirm`` runs after the promotion (failing it fails
+        the checkpoint), ``hooks.dump_started`` when CRIU's dump begins. On failure the workload is
+        killed and no promoted directory is left."""
         ...
 
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
@@ -67,21 +65,21 @@ class CriuNode:
         self.cuda = cuda or NoCuda()
         self.restore_settings = restore or RestoreSettings()
 
-    async def checkpoint(self, work: CheckpointWork, confirm: Confirm, criu_started: Moment) -> ckpt.CheckpointResult:
-        async def observe(stage: ckpt.Stage) -> None:
-            if stage is ckpt.Stage.DUMP_RUNNING:
-                criu_started()
-
-        async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
-            request = ckpt.CheckpointRequest(work.container_id, work.checkpoint_id, base, work.artifact_version)
-            return await ckpt.checkpoint(self.cri, request, self.bundle, self.cuda, observe, self.settings, confirm)
+    async def checkpoint(self, work: CheckpointWork, hooks: Hooks) -> ckpt.CheckpointResult:
+        info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
+        async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
+            request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version)
+            target = ContainerTarget(self.cri, work.container_id, info)
+            return await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
 
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
-        async with self.storage.open(work.container_id, work.checkpoint_id, work.base_path) as base:
-            request = rst.RestoreRequest(work.container_id, work.checkpoint_id, base, work.artifact_version)
+        info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
+        async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
             tuned = self.restore_settings
-            return await rst.restore(self.cri, request, self.bundle, self.cuda, settings=self.settings,
-                                     io_threads=tuned.verify_threads, prefetch_threads=tuned.prefetch_threads)
+            request = rst.RestoreRequest(work.checkpoint_id, base, work.artifact_version,
+                                         io_threads=tuned.verify_threads, prefetch_threads=tuned.prefetch_threads)
+            target = PlaceholderTarget(self.cri, work.container_id, info)
+            return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
 
     async def restore_finished(self, container_id: str) -> bool:
         info = await self._running(container_id)

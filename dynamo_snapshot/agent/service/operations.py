@@ -23,13 +23,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
-from dynamo_snapshot.agent.service import metrics
+from dynamo_snapshot.agent.errors import AgentError
+from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from dynamo_snapshot.agent.service.lease import CheckpointLease, LeaseUnavailable
+from dynamo_snapshot.agent.service.metrics import AgentMetrics
 from dynamo_snapshot.agent.service.nodeops import NodeOps
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, PodRef, RestoreWork
 from dynamo_snapshot.api import names
@@ -48,7 +51,7 @@ class Outcome(enum.StrEnum):
     RETRY = "retry"  # the API server could not be asked; nothing was touched
 
 
-class CheckpointAborted(RuntimeError):
+class CheckpointAborted(AgentError):
     pass
 
 
@@ -73,6 +76,7 @@ class Operations:
     node: NodeOps
     recorder: EventRecorder
     identity: str
+    metrics: AgentMetrics
     lease_duration_s: int = 15
     lease_renew_every: float = 3.0
     lease_renew_deadline: float = 10.0
@@ -109,23 +113,12 @@ class Operations:
             return Outcome.RETRY
 
         started = time.monotonic()
-        criu_started_at: list[float] = []
-
-        def criu_started() -> None:
-            criu_started_at.append(time.monotonic())
-            metrics.CHECKPOINT_START_LATENCY.observe(criu_started_at[0] - seen_ready_at)
-            bound.info("checkpoint dump started", seconds_since_ready=round(criu_started_at[0] - seen_ready_at, 3))
-
-        async def confirm(_final: object) -> None:
-            if lease.lost:
-                raise CheckpointAborted(lease.lost)
-            await self._job_verdict(work, job, names.STATUS_COMPLETED)
-
+        hooks = _CheckpointHooks(self, work, job, lease, seen_ready_at, bound)
         async with lease.held():
             result = None
             try:
                 with lease.scope:
-                    result = await self.node.checkpoint(work, confirm, criu_started)
+                    result = await self.node.checkpoint(work, hooks)
                 if result is None:
                     raise CheckpointAborted(f"checkpoint aborted: {lease.lost}")
             except BaseException as err:
@@ -134,9 +127,9 @@ class Operations:
                 if not isinstance(err, Exception):
                     raise  # the agent is stopping: the verdict is written, the stop goes on
                 return Outcome.FAILED
-        metrics.observe_stages("checkpoint", result.seconds)
+        self.metrics.observe_stages("checkpoint", result.seconds)
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
-        overhead = round(criu_started_at[0] - seen_ready_at, 3) if criu_started_at else None
+        overhead = hooks.ready_to_criu_s
         bound.info("checkpoint completed", directory=str(result.directory), seconds=seconds,
                    ready_to_criu_seconds=overhead, total_seconds=round(time.monotonic() - started, 3),
                    workload_notified=result.workload_notified)
@@ -199,7 +192,7 @@ class Operations:
                 raise
             return Outcome.FAILED
         await self._completed_verdict(work, bound)
-        metrics.observe_stages("restore", {**result.seconds, **result.background_seconds})
+        self.metrics.observe_stages("restore", {**result.seconds, **result.background_seconds})
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         bound.info("restore completed", workload_pid=result.workload_pid, seconds=seconds,
                    total_seconds=round(time.monotonic() - started, 3))
@@ -241,3 +234,26 @@ class Operations:
                                     f"restore of container {work.container} from checkpoint {work.checkpoint_id} "
                                     f"failed: {reason}")
         await self.node.kill_container(work.container_id)
+
+
+class _CheckpointHooks(Hooks):
+    """What the checkpoint pipeline tells the agent: CRIU started (the ready-to-CRIU latency), and the
+    confirmation, which writes the Job's verdict while the workload is still frozen."""
+
+    def __init__(self, ops: Operations, work: CheckpointWork, job: dict[str, Any], lease: Any,
+                 seen_ready_at: float, bound: Any):
+        self.ops, self.work, self.job, self.lease, self.seen_ready_at, self.bound = (
+            ops, work, job, lease, seen_ready_at, bound)
+        self.ready_to_criu_s: float | None = None
+
+    async def dump_started(self, pid: int) -> None:
+        if self.ready_to_criu_s is not None:
+            return
+        self.ready_to_criu_s = round(time.monotonic() - self.seen_ready_at, 3)
+        self.ops.metrics.checkpoint_start_latency.observe(time.monotonic() - self.seen_ready_at)
+        self.bound.info("checkpoint dump started", seconds_since_ready=self.ready_to_criu_s)
+
+    async def confirm(self, directory: Path) -> None:
+        if self.lease.lost:
+            raise CheckpointAborted(self.lease.lost)
+        await self.ops._job_verdict(self.work, self.job, names.STATUS_COMPLETED)
