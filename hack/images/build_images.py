@@ -251,6 +251,8 @@ def oci_archive(
     entrypoint: list[str] | None = None,
     cmd: list[str] | None = None,
     env: dict[str, str] | None = None,
+    user: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Path:
     """Write an OCI image-layout tarball holding one linux/amd64-or-host image named ``ref``."""
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
@@ -263,6 +265,8 @@ def oci_archive(
             "Entrypoint": entrypoint,
             "Cmd": cmd,
             "WorkingDir": "/",
+            **({"User": user} if user else {}),
+            **({"Labels": labels} if labels else {}),
         },
         "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
     }
