@@ -91,6 +91,14 @@ def install(stack: SnapshotStack) -> None:
 
     helm_install(OPERATOR_RELEASE, "operator", OPERATOR_NAMESPACE, operator_values())
     helm_install(SNAPSHOT_RELEASE, "snapshot", stack.namespace, snapshot_values(stack))
+    # helm --wait counts a rollout done with maxUnavailable pods not ready (here: all of them)
+    for namespace, workload in ((OPERATOR_NAMESPACE, f"deployment/{OPERATOR_RELEASE}-operator"),
+                                (stack.namespace, f"daemonset/{SNAPSHOT_RELEASE}-agent")):
+        result = subprocess.run([str(stack.cluster.bin / "kubectl"), f"--kubeconfig={stack.cluster.kubeconfig}",
+                                 "rollout", "status", "-n", namespace, workload, "--timeout=180s"],
+                                capture_output=True, text=True, timeout=200)
+        if result.returncode != 0:
+            raise RuntimeError(f"{workload} is not ready: {result.stderr.strip()}\n{diagnostics(stack)}")
 
 
 def agent_log(stack: SnapshotStack) -> str:
