@@ -11,7 +11,7 @@ way the user guide installs them, instead of as local processes.
       probes, metrics, the chart's ClusterRole) and of the snapshot chart into the workload namespace
       (the DaemonSet: privileged, hostPID, the node's CRI socket, the checkpoint PVC), each with a
       values file as a user writes it, ``--wait`` for both to be Ready;
-3. the agent's log is its pod's log (``kubectl logs``), a restart of the agent deletes its pod.
+3. the agent's log is its pod's log (the kubelet's files), a restart of the agent deletes its pod.
 
 RBAC is what the charts grant: nothing is added, so a missing permission fails the flow.
 """
@@ -101,13 +101,26 @@ def install(stack: SnapshotStack) -> None:
             raise RuntimeError(f"{workload} is not ready: {result.stderr.strip()}\n{diagnostics(stack)}")
 
 
+def _pod_logs(stack: SnapshotStack, namespace: str, pod_prefix: str, container: str) -> str:
+    """What the containers of the matching pods wrote, every restart in order, from the kubelet's log
+    files (CRI format: ``<time> <stream> <tag> <line>``)."""
+    assert stack.node is not None
+    files = sorted(stack.node.pod_logs.glob(f"{namespace}_{pod_prefix}*/{container}/*.log"),
+                   key=lambda f: f.stat().st_mtime)
+    lines = []
+    for log_file in files:
+        for line in log_file.read_text(errors="replace").splitlines():
+            parts = line.split(" ", 3)
+            lines.append(parts[3] if len(parts) == 4 else line)
+    return "\n".join(lines)
+
+
 def agent_log(stack: SnapshotStack) -> str:
-    return stack.kubectl("logs", "-n", stack.namespace, "-l", AGENT_SELECTOR, "--tail=-1", "--prefix=false",
-                         check=False)
+    return _pod_logs(stack, stack.namespace, f"{SNAPSHOT_RELEASE}-agent-", "agent")
 
 
 def operator_log(stack: SnapshotStack) -> str:
-    return stack.kubectl("logs", "-n", OPERATOR_NAMESPACE, "-l", OPERATOR_SELECTOR, "--tail=-1", check=False)
+    return _pod_logs(stack, OPERATOR_NAMESPACE, f"{OPERATOR_RELEASE}-operator-", "operator")
 
 
 def restart_agent(stack: SnapshotStack) -> None:

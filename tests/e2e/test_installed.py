@@ -64,3 +64,5 @@ def test_a_checkpoint_and_a_restore_run_through_the_installed_operator_and_agent
     assert restored.instance == run.instance and restored.heap_ok
     (pod,) = flow.pods(component_selector("restored"))
     assert pod["metadata"]["annotations"][names.restore_status_annotation("main")] == "completed"
+    # the agent pod's own log tells the restore, as the local agent's does
+    assert [r for r in stack.agent_events("restore completed") if r.get("name") == restored.name]
