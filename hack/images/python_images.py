@@ -157,16 +157,7 @@ def app_layer(out: Path, *, operator: bool) -> object:
 
     cri_stubs.load()  # generates the stubs into the checkout when they are missing, as the agent image does
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        dirs: set[str] = set()
-
-        def parents(name: str) -> None:
-            parts = name.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                d = "/".join(parts[:i])
-                if d not in dirs:
-                    dirs.add(d)
-                    b._add_dir(tar, d)
-
+        parents = b.parent_dirs(tar)
         for source in _package_files():
             rel = source.relative_to(REPO).as_posix()
             name = f"{SITE}/{rel}"
