@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from dynamo_snapshot.agent.artifact import layout, verification
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container.criu import CriuBundle
 from dynamo_snapshot.api import names
@@ -56,7 +57,7 @@ def test_a_checkpoint_and_a_restore_run_through_the_installed_operator_and_agent
     job = stack.get("job", run.job)
     assert job["metadata"]["annotations"][names.ANN_CHECKPOINT_STATUS] == "completed"
     here = artifact.Compatibility.of_this_node(CriuBundle.locate().version())
-    artifact.verify(artifact.ArtifactLayout(stack.checkpoints, run.checkpoint_id).final_dir, run.checkpoint_id, here)
+    verification.verify(layout.ArtifactLayout(stack.checkpoints, run.checkpoint_id).final_dir, run.checkpoint_id, here)
 
     started = time.time()
     stack.apply(dgd_manifest("restored", replicas=1, checkpoint_ref="installed"))
