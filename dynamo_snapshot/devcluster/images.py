@@ -11,6 +11,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 BUILDER = REPO / "hack" / "images" / "build_images.py"
+PYTHON_BUILDER = REPO / "hack" / "images" / "python_images.py"
 PAUSE_IMAGE = "localhost/dynamo-snapshot/pause:node"
 PLACEHOLDER_IMAGE = "localhost/dynamo-snapshot/placeholder:node"
 WORKER_PATH = "/opt/workloads/counter_worker.py"
@@ -19,12 +20,20 @@ WORKER_COMMAND = ["python3", WORKER_PATH]
 
 def builder() -> Any:
     """hack/images/build_images.py: a script of the repository, not part of the package."""
-    name = "dynamo_snapshot_build_images"
+    return _script_module("dynamo_snapshot_build_images", BUILDER)
+
+
+def python_builder() -> Any:
+    """hack/images/python_images.py: the agent and operator images (the installed mode)."""
+    return _script_module("dynamo_snapshot_python_images", PYTHON_BUILDER)
+
+
+def _script_module(name: str, path: Path) -> Any:
     if name in sys.modules:
         return sys.modules[name]
-    if not BUILDER.exists():
-        raise FileNotFoundError(f"{BUILDER} is missing: the local node needs a checkout of the repository")
-    spec = importlib.util.spec_from_file_location(name, BUILDER)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the local node needs a checkout of the repository")
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

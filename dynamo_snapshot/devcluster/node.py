@@ -37,7 +37,7 @@ import anyio
 import structlog
 import yaml
 
-from dynamo_snapshot.devcluster import binaries
+from dynamo_snapshot.devcluster import binaries, service_route
 from dynamo_snapshot.devcluster.cluster import ClusterError, Component, LocalCluster, _free_port
 
 log = structlog.get_logger(__name__)
@@ -193,6 +193,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         _kill_cgroup_tree(cgroup_root)
         _unmount_below(self.root)
         _remove_network_namespaces(self.subnet)
+        service_route.remove(self.bridge)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
@@ -285,8 +286,10 @@ class KubeletNode:
     """containerd and a kubelet registered with ``cluster`` as node ``name``."""
 
     def __init__(self, cluster: LocalCluster, *, name: str | None = None, root: Path | None = None,
-                 pause_image: str = "localhost/dynamo-snapshot/pause:node"):
+                 pause_image: str = "localhost/dynamo-snapshot/pause:node", route_api_server: bool = False):
         self.cluster = cluster
+        # Pods reach the API server at the kubernetes Service (service_route.py): for in-cluster clients.
+        self.route_api_server = route_api_server
         self.name = name or node_name()
         self.root = (root or cluster.root / "node").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -397,6 +400,8 @@ class KubeletNode:
         """Start containerd, import ``images`` (OCI archives), start the kubelet, wait for Node Ready."""
         self.attach()
         try:
+            if self.route_api_server:
+                service_route.install(self.settings["bridge"], self.cluster.ports["kube-apiserver"])
             self.cluster.start_component("containerd")
             for archive in images:
                 self.containerd.import_image(archive)

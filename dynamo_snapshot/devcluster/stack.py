@@ -12,6 +12,10 @@ certificate carries), and in agentMount mode a DaemonSet object describes it to 
 operator discovers checkpoint storage from it) without running any pod (its node selector matches no
 node). In podMount mode the namespace gets a hostPath PersistentVolume bound to ``snapshot-pvc``, which
 the workload pods mount at the base path, and the agent reaches it through them.
+
+``installed=True`` replaces all of that with the real thing (``devcluster/installed.py``): the agent and
+operator images imported into the node, both charts installed with Helm, the operator as its Deployment
+and the agent as the DaemonSet's pod on the kubelet (agentMount).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import anyio
 import yaml
 
-from dynamo_snapshot.devcluster import images
+from dynamo_snapshot.devcluster import images, installed
 from dynamo_snapshot.devcluster.cluster import ClusterError, Component, LocalCluster, _free_port
 from dynamo_snapshot.devcluster.node import KubeletNode
 from dynamo_snapshot.kube import Client, Informer, Resource
@@ -51,7 +55,11 @@ AGENT_RULES = [
 
 class SnapshotStack:
     def __init__(self, root: Path, *, namespace: str = "dynamo-demo", storage_mode: str = "agentMount",
-                 extra_image_files: dict[str, Path] | None = None, criu_config: dict[str, Any] | None = None):
+                 extra_image_files: dict[str, Path] | None = None, criu_config: dict[str, Any] | None = None,
+                 installed: bool = False):
+        if installed and storage_mode != "agentMount":
+            raise ValueError("installed=True runs the snapshot chart in agentMount mode only")
+        self.installed = installed
         self.root = Path(root).resolve()
         self.namespace = namespace
         self.storage_mode = storage_mode
@@ -68,6 +76,17 @@ class SnapshotStack:
     @property
     def agent_log(self) -> Path:
         return self.root / "cluster" / "logs" / f"{AGENT}.log"
+
+    def agent_log_text(self) -> str:
+        """The agent's log: its process's file, or (installed) its pod's."""
+        if self.installed:
+            return installed.agent_log(self)
+        return self.agent_log.read_text(errors="replace") if self.agent_log.exists() else ""
+
+    def operator_log_text(self) -> str:
+        if self.installed:
+            return installed.operator_log(self)
+        return self.operator_log.read_text(errors="replace") if self.operator_log.exists() else ""
 
     @property
     def operator_log(self) -> Path:
@@ -173,7 +192,9 @@ class SnapshotStack:
     def start_node(self) -> KubeletNode:
         assert self.cluster is not None
         archives = images.build(self.root / "images", self.extra_image_files)
-        self.node = KubeletNode(self.cluster).start(archives)
+        if self.installed:
+            archives += installed.archives(self.root / "images")
+        self.node = KubeletNode(self.cluster, route_api_server=self.installed).start(archives)
         for archive in archives:
             archive.unlink()
         return self.node
@@ -181,6 +202,9 @@ class SnapshotStack:
     def start_snapshot(self) -> None:
         """The namespace with the agent's RBAC (and storage), the operator and the agent."""
         assert self.cluster is not None and self.node is not None
+        if self.installed:
+            installed.install(self)
+            return
         self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(self._namespace_objects()))
         self.cluster.add_component(self._operator(self.cluster))
         self.cluster.add_component(self._agent(self.cluster, self.node))
@@ -189,6 +213,9 @@ class SnapshotStack:
 
     def restart_agent(self, *, kill: bool = False) -> None:
         assert self.cluster is not None
+        if self.installed:
+            installed.restart_agent(self)
+            return
         self.cluster.restart_component(AGENT, kill=kill)
 
     def stop(self) -> None:
@@ -277,7 +304,7 @@ class SnapshotStack:
     def agent_events(self, event: str | None = None) -> list[dict[str, Any]]:
         """The agent's log records (JSON lines), optionally only those of one event."""
         found = []
-        for line in self.agent_log.read_text(errors="replace").splitlines() if self.agent_log.exists() else []:
+        for line in self.agent_log_text().splitlines():
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if event is None or record.get("event") == event:

@@ -205,6 +205,21 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
     tar.addfile(info)
 
 
+def parent_dirs(tar: tarfile.TarFile):
+    """A function that adds the directories above a member's name to ``tar``, each once."""
+    dirs: set[str] = set()
+
+    def ensure(name: str) -> None:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in dirs:
+                dirs.add(d)
+                _add_dir(tar, d)
+
+    return ensure
+
+
 SNAPSHOT_INIT_LAUNCHER = f"""#!/usr/bin/python3
 # snapshot-init: PID 1 of the placeholder image (dynamo_snapshot.workload.init).
 import sys
@@ -220,15 +235,7 @@ def app_layer(out: Path, extra_files: dict[str, Path] | None = None) -> Layer:
     ``dynamo_snapshot/__init__.py`` stands in for the full package."""
     workload = REPO / "dynamo_snapshot" / "workload"
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        dirs: set[str] = set()
-
-        def ensure_parents(name: str) -> None:
-            parts = name.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                d = "/".join(parts[:i])
-                if d not in dirs:
-                    dirs.add(d)
-                    _add_dir(tar, d)
+        ensure_parents = parent_dirs(tar)
 
         pkg = f"{APP_PREFIX}/dynamo_snapshot"
         ensure_parents(f"{pkg}/workload/x")
@@ -251,6 +258,8 @@ def oci_archive(
     entrypoint: list[str] | None = None,
     cmd: list[str] | None = None,
     env: dict[str, str] | None = None,
+    user: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Path:
     """Write an OCI image-layout tarball holding one linux/amd64-or-host image named ``ref``."""
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
@@ -263,6 +272,8 @@ def oci_archive(
             "Entrypoint": entrypoint,
             "Cmd": cmd,
             "WorkingDir": "/",
+            **({"User": user} if user else {}),
+            **({"Labels": labels} if labels else {}),
         },
         "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
     }

@@ -1,7 +1,7 @@
 """One whole system per test module, all real: control plane, a kubelet node on containerd, the operator
 and the snapshot agent (``dynamo_snapshot.devcluster.stack``), in the module's ``STORAGE_MODE``
-(agentMount by default). Skips with the reason when this machine cannot run it (not root, no
-containerd, no CRIU, no kubelet)."""
+(agentMount by default), installed from the charts when the module sets ``INSTALLED = True``.
+Skips with the reason when this machine cannot run it (not root, no containerd, no CRIU, no kubelet)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if reason:
         pytest.skip(f"the end-to-end flow needs a real node: {reason}")
     mode = getattr(request.module, "STORAGE_MODE", "agentMount")
+    install = getattr(request.module, "INSTALLED", False)
     # The node tests' counter (it can hold an io_uring, which CRIU cannot dump) rides along in the image.
     extra = {"/opt/workloads/counter.py": WORKLOADS / "counter.py"}
     root = tmp_path_factory.mktemp("stack")
-    with SnapshotStack(root, namespace="e2e", storage_mode=mode, extra_image_files=extra).running() as s:
+    with SnapshotStack(root, namespace="e2e", storage_mode=mode, extra_image_files=extra,
+                       installed=install).running() as s:
         yield s
-        for log in (s.agent_log, s.operator_log):
-            print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        for what, text in (("agent", s.agent_log_text()), ("operator", s.operator_log_text())):
+            print(f"--- last lines of the {what}'s log ---\n" + "\n".join(text.splitlines()[-30:]))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def overlay_upper_dir(pid: int) -> Path:
             upper = mount.super_option("upperdir")
             if not upper:
                 raise CheckpointError(f"the root overlay of process {pid} has no upperdir")
-            path = procfs.host_path(upper)
+            path = procfs.host_path(upper, pid)
             if not path.is_dir():
                 raise CheckpointError(f"overlay upperdir {path} of process {pid} is not visible to the agent")
             return path

@@ -41,12 +41,16 @@ def proc(pid: int | str) -> Path:
     return PROC / str(pid)
 
 
-def host_path(path: str) -> Path:
-    """A path of the host's mount namespace as the agent reaches it (through the host init's root
-    when the host's /proc is mounted elsewhere, as in the DaemonSet)."""
-    if PROC == Path("/proc"):
+def host_path(path: str, container_pid: int) -> Path:
+    """A path of the runtime's mount namespace (an overlay upperdir, say) as the agent reaches it: as is
+    when the agent shares that namespace, else (the DaemonSet, /proc at /host/proc) through the root of
+    the process that started the container ``container_pid`` - its shim (containerd) or conmon (CRI-O),
+    which live where the runtime does. Not through PID 1: an init may refuse /proc/1/root to everyone
+    (it does on Firecracker VMs), and in a nested node (kind) PID 1 is not the runtime's."""
+    if PROC == DEFAULT_PROC:
         return Path(path)
-    return PROC / "1" / "root" / path.lstrip("/")
+    parent = status_field(container_pid, "PPid")
+    return PROC / parent / "root" / path.lstrip("/")
 
 
 def children(pid: int) -> list[int]:

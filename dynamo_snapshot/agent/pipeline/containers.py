@@ -161,7 +161,7 @@ class ContainerTarget:
             info=info,
             workload=workload,
             freezer=Freezer.of_process(root),
-            upper_dir=rootfs.overlay_upper_dir(root),
+            upper_dir=rootfs.overlay_upper_dir(info.pid),  # the container init: its parent is the shim
             net_ns=procfs.namespace_inode(root, "net"),
             pid_ns=procfs.namespace_inode(root, "pid"),
         )
