@@ -1,10 +1,11 @@
 """snapshotctl: checkpoint and restore pods without the operator (needs the snapshot chart's agent).
 
-    snapshotctl checkpoint -f pod.yaml --container NAME [--checkpoint-id ID] [--namespace NS] [--wait]
-    snapshotctl restore -f pod.yaml --checkpoint-id ID --containers a,b
+    snapshotctl checkpoint --manifest pod.yaml --container NAME [--checkpoint-id ID] [--namespace NS] [--wait]
+    snapshotctl restore --manifest pod.yaml --checkpoint-id ID --containers a,b
     snapshotctl restore --pod NAME --checkpoint-id ID --containers a,b
 
-Manifests and flags are validated before anything touches a cluster. Exit codes: 0 done, 1 the cluster
+(`-f`/`--filename` is the same as upstream's `--manifest`.) Stages: parse the flags, `plan` (the manifest
+and every flag checked, once - nothing has touched a cluster yet), connect, then the command. Exit codes: 0 done, 1 the cluster
 refused or could not be reached, 2 bad manifest or flags, 3 the checkpoint failed, 4 --wait timed out.
 """
 
@@ -25,6 +26,11 @@ from dynamo_snapshot.api import OperatorConfig, StorageAccessMode, names
 from dynamo_snapshot.cli.manifest import (
     DEFAULT_PLACEHOLDER_PATTERN,
     ManifestError,
+    check_base_path,
+    check_checkpoint_id,
+    check_name,
+    check_pattern,
+    check_quantity,
     load_pod,
     parse_container_list,
     pod_template,
@@ -112,14 +118,9 @@ async def _wait_for_job(client: Client, namespace: str, name: str, target: str,
     return verdict, detail
 
 
-async def checkpoint(client: Client, args: argparse.Namespace, pod: dict[str, Any], namespace: str) -> Outcome:
-    containers = parse_container_list(args.container, "--container")
-    if len(containers) != 1:
-        raise ManifestError("--container: name exactly one container to checkpoint")
-    (target,) = containers
-    require_placeholder(require_containers(pod, containers, "--container"), args.placeholder_pattern)
-    own_id = require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
-    checkpoint_id = args.checkpoint_id or own_id or _new_checkpoint_id()
+async def checkpoint(client: Client, args: argparse.Namespace, plan: Plan, namespace: str) -> Outcome:
+    pod, (target,), checkpoint_id = plan.pod, plan.containers, plan.checkpoint_id
+    assert pod is not None
     storage = await _storage(client, namespace, args)
     name = job_name(checkpoint_id, names.DEFAULT_ARTIFACT_VERSION)
     body = checkpoint_job(
@@ -151,13 +152,9 @@ async def checkpoint(client: Client, args: argparse.Namespace, pod: dict[str, An
 
 
 # -- restore -------------------------------------------------------------------------------------------------
-async def restore_new_pod(client: Client, args: argparse.Namespace, pod: dict[str, Any], namespace: str,
-                          containers: list[str]) -> Outcome:
-    require_placeholder(require_containers(pod, containers, "--containers"), args.placeholder_pattern)
-    require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
-    if (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true":
-        raise ManifestError(f"the manifest is labelled {names.LABEL_IS_CHECKPOINT_SOURCE}=true: a restore pod "
-                            "must not be a checkpoint source")
+async def restore_new_pod(client: Client, args: argparse.Namespace, plan: Plan, namespace: str) -> Outcome:
+    pod, containers = plan.pod, plan.containers
+    assert pod is not None
     storage = await _storage(client, namespace, args)
     shaped = restore_template(pod_template(pod), targets=containers, checkpoint_id=args.checkpoint_id,
                               artifact_version=names.DEFAULT_ARTIFACT_VERSION, storage=storage,
@@ -174,8 +171,8 @@ async def restore_new_pod(client: Client, args: argparse.Namespace, pod: dict[st
                    [f"restore pod: {namespace}/{name} (checkpoint {args.checkpoint_id})"])
 
 
-async def restore_existing_pod(client: Client, args: argparse.Namespace, namespace: str,
-                               containers: list[str]) -> Outcome:
+async def restore_existing_pod(client: Client, args: argparse.Namespace, plan: Plan, namespace: str) -> Outcome:
+    containers = plan.containers
     try:
         pod = await client.get(PODS, args.pod, namespace)
     except NotFound:
@@ -201,28 +198,65 @@ async def restore_existing_pod(client: Client, args: argparse.Namespace, namespa
 
 
 # -- entry point ---------------------------------------------------------------------------------------------
-async def _run(args: argparse.Namespace) -> Outcome:
-    # Everything that can be checked without a cluster is checked before connecting to one.
+@dataclass
+class Plan:
+    """What the flags and the manifest ask for, checked once before any cluster is contacted."""
+
+    pod: dict[str, Any] | None
+    containers: list[str]
+    checkpoint_id: str
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Every check that needs no cluster: the flags, the manifest, and their agreement."""
+    check_pattern(args.placeholder_pattern)
+    args.base_path = check_base_path(args.base_path)
+    for flag, value in (("--pvc", args.pvc), ("--namespace", args.namespace), ("--pod", getattr(args, "pod", None))):
+        if value is not None:
+            check_name(value, flag, limit=253 if flag != "--namespace" else 63)
+    if args.checkpoint_id is not None:
+        check_checkpoint_id(args.checkpoint_id)
     pod = load_pod(args.filename) if getattr(args, "filename", None) else None
-    if args.command == "restore":
-        containers = parse_container_list(args.containers, "--containers")
-        if (pod is None) == (args.pod is None):
-            raise ManifestError("restore: give either -f pod.yaml (a new restore pod) or --pod NAME (an existing one)")
-        if pod is not None:
-            require_placeholder(require_containers(pod, containers, "--containers"), args.placeholder_pattern)
-            require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
-    else:
-        require_containers(pod, parse_container_list(args.container, "--container"), "--container")
+    if pod is not None and args.namespace and pod.get("metadata", {}).get("namespace") not in (None, args.namespace):
+        raise ManifestError(f"the manifest's namespace {pod['metadata']['namespace']} disagrees with "
+                            f"--namespace {args.namespace}: remove one of them")
+    if args.command == "checkpoint":
+        check_quantity(args.shared_memory, "--shared-memory")
+        if not args.timeout > 0 or args.timeout != args.timeout:
+            raise ManifestError(f"--timeout: {args.timeout} must be a positive number of seconds")
+        if args.active_deadline_seconds < 1:
+            raise ManifestError(f"--active-deadline-seconds: {args.active_deadline_seconds} must be at least 1")
+        containers = parse_container_list(args.container, "--container")
+        if len(containers) != 1:
+            raise ManifestError("--container: name exactly one container to checkpoint")
+        assert pod is not None  # argparse requires the manifest
+        targets = require_containers(pod, containers, "--container")
+        own_id = require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+        require_placeholder(targets, args.placeholder_pattern)
+        return Plan(pod, containers, args.checkpoint_id or own_id or _new_checkpoint_id())
+    containers = parse_container_list(args.containers, "--containers")
+    if (pod is None) == (args.pod is None):
+        raise ManifestError("restore: give either --manifest pod.yaml (a new restore pod) or --pod NAME "
+                            "(an existing one)")
+    if pod is not None:
+        targets = require_containers(pod, containers, "--containers")
+        require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+        require_placeholder(targets, args.placeholder_pattern)
+        if (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true":
+            raise ManifestError(f"the manifest is labelled {names.LABEL_IS_CHECKPOINT_SOURCE}=true: a restore pod "
+                                "must not be a checkpoint source")
+    return Plan(pod, containers, args.checkpoint_id)
+
+
+async def _run(args: argparse.Namespace, checked: Plan) -> Outcome:
     async with Client.from_config(args.kubeconfig) as client:
+        pod = checked.pod
         namespace = args.namespace or (pod or {}).get("metadata", {}).get("namespace") or client.namespace
-        if pod is not None and pod.get("metadata", {}).get("namespace") not in (None, namespace):
-            raise ManifestError(f"the manifest's namespace {pod['metadata']['namespace']} disagrees with "
-                                f"--namespace {namespace}: remove one of them")
         if args.command == "checkpoint":
-            return await checkpoint(client, args, pod, namespace)
+            return await checkpoint(client, args, checked, namespace)
         if pod is not None:
-            return await restore_new_pod(client, args, pod, namespace, containers)
-        return await restore_existing_pod(client, args, namespace, containers)
+            return await restore_new_pod(client, args, checked, namespace)
+        return await restore_existing_pod(client, args, checked, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snapshotctl", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ckpt = commands.add_parser("checkpoint", parents=[common], help="checkpoint a container of a pod manifest")
-    ckpt.add_argument("-f", "--filename", required=True, help="the Pod manifest (- for stdin)")
+    ckpt.add_argument("-f", "--filename", "--manifest", dest="filename", required=True,
+                      help="the Pod manifest (- for stdin)")
     ckpt.add_argument("--container", required=True, help="the container to checkpoint")
     ckpt.add_argument("--checkpoint-id", help="the ID to store it under (default: the manifest's label, else new)")
     ckpt.add_argument("--wait", action="store_true", help="show progress until the checkpoint completes or fails")
@@ -245,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--shared-memory", default=DEFAULT_SHARED_MEMORY, help="/dev/shm size of the pod")
     ckpt.add_argument("--active-deadline-seconds", type=int, default=DEFAULT_DEADLINE)
     rst = commands.add_parser("restore", parents=[common], help="restore containers from a checkpoint")
-    rst.add_argument("-f", "--filename", help="create a new restore pod from this Pod manifest")
+    rst.add_argument("-f", "--filename", "--manifest", dest="filename",
+                     help="create a new restore pod from this Pod manifest")
     rst.add_argument("--pod", help="or: patch restore metadata onto this existing snapshot-compatible pod")
     rst.add_argument("--checkpoint-id", required=True)
     rst.add_argument("--containers", required=True, help="comma-separated containers to restore")
@@ -256,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(os.environ.get("DYN_SNAPSHOT_LOG_LEVEL", "warning"))  # stdout is for results only
     try:
-        outcome = anyio.run(_run, args)
+        checked = plan(args)
+        outcome = anyio.run(_run, args, checked)
     except ManifestError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -123,7 +123,7 @@ def test_job_shape():
     assert pod["metadata"]["annotations"][names.ANN_ARTIFACT_VERSION] == "1"
     assert pod["spec"]["restartPolicy"] == "Never"
     main, sidecar = pod["spec"]["containers"]
-    assert main["readinessProbe"] == {"exec": {"command": ["cat", "/snapshot-control/ready-for-snapshot"]},
+    assert main["readinessProbe"] == {"exec": {"command": ["sh", "-c", "cat /snapshot-control/ready-for-snapshot 2>/dev/null || cat /snapshot-control/ready-for-checkpoint"]},
                                       "periodSeconds": 1, "failureThreshold": 3}
     assert "livenessProbe" not in main and "startupProbe" not in main
     assert {"name": "snapshot-control", "mountPath": "/snapshot-control", "subPath": "main"} in main["volumeMounts"]
