@@ -105,14 +105,14 @@ def check_pod_shape(pod: dict[str, Any], path: str) -> None:
     for key in ("kind", "apiVersion"):
         if pod.get(key) is not None:
             _expect(pod[key], str, f"{path}: {key}", "a string")
-    meta = _expect(pod.get("metadata") or {}, dict, f"{path}: metadata", "an object")
+    meta = pod["metadata"] = _expect(pod.get("metadata") or {}, dict, f"{path}: metadata", "an object")
     for key in ("name", "namespace", "generateName"):
         if meta.get(key) is not None:
             _expect(meta[key], str, f"{path}: metadata.{key}", "a string")
     for key in ("labels", "annotations"):
         if meta.get(key) is not None:
             _string_map(meta[key], f"{path}: metadata.{key}")
-    spec = _expect(pod.get("spec") or {}, dict, f"{path}: spec", "an object")
+    spec = pod["spec"] = _expect(pod.get("spec") or {}, dict, f"{path}: spec", "an object")
     for key in ("containers", "initContainers", "volumes"):
         for index, item in enumerate(_list_of_objects(spec.get(key) or [], f"{path}: spec.{key}")):
             if key == "volumes":
