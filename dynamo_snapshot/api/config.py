@@ -165,12 +165,12 @@ def load_config(path: str | Path) -> OperatorConfig:
 
 
 __all__ = [
+    "PLATFORM_KEY",
     "CheckpointConfig",
     "OperatorConfig",
     "PVCStorage",
     "StorageAccessMode",
     "StorageConfig",
-    "PLATFORM_KEY",
     "load_config",
     "parse_config",
     "validate_config",

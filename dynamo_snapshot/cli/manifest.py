@@ -59,7 +59,7 @@ def _read(path: str) -> str:
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ManifestError(f"{where}: expected {what}, got {type(value).__name__}")
     return value
 

@@ -5,8 +5,9 @@
     snapshotctl restore --pod NAME --checkpoint-id ID --containers a,b
 
 (`-f`/`--filename` is the same as upstream's `--manifest`.) Stages: parse the flags, `plan` (the manifest
-and every flag checked, once - nothing has touched a cluster yet), connect, then the command. Exit codes: 0 done, 1 the cluster
-refused or could not be reached, 2 bad manifest or flags, 3 the checkpoint failed, 4 --wait timed out.
+and every flag checked, once - nothing has touched a cluster yet), connect, then the command.
+Exit codes: 0 done, 1 the cluster refused or could not be reached, 2 bad manifest or flags, 3 the
+checkpoint failed, 4 --wait timed out.
 """
 
 from __future__ import annotations
