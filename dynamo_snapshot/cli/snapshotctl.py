@@ -45,7 +45,7 @@ from dynamo_snapshot.controllers.checkpoint.outcome import describe_pod_failure,
 from dynamo_snapshot.controllers.common import DAEMONSETS
 from dynamo_snapshot.controllers.podshape import restore_template
 from dynamo_snapshot.controllers.storage import Storage, StorageUnavailable, resolve_storage
-from dynamo_snapshot.kube import JOBS, PODS, AlreadyExists, Client, Informer, KubeError, NotFound
+from dynamo_snapshot.kube import JOBS, PODS, AlreadyExists, Client, ConfigError, Informer, KubeError, NotFound
 
 EXIT_OK, EXIT_CLUSTER, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 DEFAULT_SHARED_MEMORY = "8Gi"
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checked = plan(args)
         outcome = anyio.run(_run, args, checked)
-    except ManifestError as err:
+    except (ManifestError, ConfigError) as err:  # ConfigError: the kubeconfig
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KubeError as err:

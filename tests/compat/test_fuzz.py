@@ -117,3 +117,24 @@ def test_misspelt_operator_settings_are_refused_with_the_closest_one():
             assert message in str(err)
         else:
             raise AssertionError(f"{text} was accepted")
+
+
+KUBECONFIG_KEYS = st.sampled_from(["clusters", "users", "contexts", "current-context", "name", "cluster", "user",
+                                   "context", "server", "token", "namespace", "x"])
+kubeconfigs = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                            st.dictionaries(KUBECONFIG_KEYS, inner, max_size=4)),
+                           max_leaves=14)
+
+
+@FUZZ
+@given(document=st.one_of(kubeconfigs, st.binary(max_size=80)))
+def test_a_fuzzed_kubeconfig_is_loaded_or_refused_by_name(tmp_path_factory, document):
+    from dynamo_snapshot.kube.config import load_kubeconfig
+    from dynamo_snapshot.kube.errors import ConfigError
+
+    path = tmp_path_factory.mktemp("k") / "kubeconfig"
+    path.write_bytes(document if isinstance(document, bytes) else yaml.safe_dump(document).encode())
+    try:
+        load_kubeconfig(str(path))
+    except ConfigError as err:
+        assert "kubeconfig" in str(err) or str(path) in str(err) or ":" in str(err), err
