@@ -14,7 +14,7 @@ import yaml
 
 from dynamo_snapshot.api import StorageAccessMode, parse_config
 from dynamo_snapshot.controllers.podshape import checkpoint_source_template
-from tests.controllers.support import Cluster, agent_daemonset
+from tests.controllers.support import Cluster, agent_daemonset, enabled_config
 from tests.helm.conftest import OPERATOR_CHART, SNAPSHOT_CHART
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "snapshotctl-pod.yaml"
@@ -179,3 +179,16 @@ def test_snapshotctl_refuses_an_empty_restore_checkpoint_id(tmp_path):
     result = snapshotctl("restore", "--manifest", str(EXAMPLE), "--containers", "main", "--checkpoint-id", "",
                          kubeconfig=tmp_path / "no-such-kubeconfig")
     assert result.returncode == 2 and "--checkpoint-id" in result.stderr
+
+
+@pytest.mark.integration
+def test_upstreams_sample_with_gms_enabled_fails_naming_the_field(cluster, start_operator):
+    cluster.apply(agent_daemonset())
+    start_operator(enabled_config())
+    sample = json.loads(json.dumps(UPSTREAM_SAMPLE))
+    sample["metadata"]["name"] = "with-gms"
+    sample["spec"]["gpuMemoryService"]["enabled"] = True
+    cluster.apply(sample)
+    failed = cluster.wait_phase("with-gms", "Failed")
+    assert failed["status"]["message"].startswith("spec.gpuMemoryService.enabled: GMS + Snapshot is not supported")
+    assert not json.loads(cluster.kubectl("get", "jobs", "-n", cluster.namespace, "-o", "json"))["items"]
