@@ -131,7 +131,7 @@ def test_failed_checkpoint_exits_3_with_the_reason(tmp_path, kubeconfig, kubectl
     finally:
         waiting.kill()
     assert waiting.returncode == 3, err
-    assert "checkpoint ID: mine" in out and "OOMKilled" in out
+    assert "status=failed" in out and "checkpoint_id=mine" in out and "OOMKilled" in out
 
 
 @pytest.mark.integration

@@ -135,13 +135,25 @@ def snapshotctl(*args: str, kubeconfig: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
-def test_snapshotctl_checkpoint_with_the_readmes_flags_creates_the_job(kubeconfig, kubectl, namespace):
-    Cluster(kubectl, namespace).apply(agent_daemonset())
-    result = snapshotctl("checkpoint", "--manifest", str(EXAMPLE), "--container", "main", "--namespace", namespace,
-                         "-o", "json", kubeconfig=kubeconfig)
-    assert result.returncode == 0, result.stderr
-    job = json.loads(result.stdout)["job"]
-    assert json.loads(kubectl("get", "job", job, "-n", namespace, "-o", "json"))["metadata"]["name"] == job
+def test_snapshotctl_checkpoint_with_the_readmes_flags_waits_and_prints_key_value_lines(kubeconfig, kubectl,
+                                                                                         namespace):
+    cluster = Cluster(kubectl, namespace)
+    cluster.apply(agent_daemonset())
+    waiting = subprocess.Popen([sys.executable, "-m", "dynamo_snapshot.cli.snapshotctl", "checkpoint", "--manifest",
+                                str(EXAMPLE), "--container", "main", "--namespace", namespace,
+                                "--checkpoint-id", "manual-snapshot-123", f"--kubeconfig={kubeconfig}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = cluster.wait_created("job", "checkpoint-job-manual-snapshot-123-1")
+        cluster.agent_verdict(job["metadata"]["name"], "completed")  # the test plays the agent
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, err
+    lines = dict(line.split("=", 1) for line in out.splitlines())
+    assert lines == {"status": "completed", "namespace": namespace, "name": "vllm-worker-snapshot",
+                     "checkpoint_job": "checkpoint-job-manual-snapshot-123-1", "checkpoint_id": "manual-snapshot-123",
+                     "checkpoint_location": "/checkpoints/manual-snapshot-123"}
 
 
 @pytest.mark.integration
@@ -152,6 +164,17 @@ def test_snapshotctl_restore_with_the_readmes_flags_creates_a_restore_pod(kubeco
     assert result.returncode == 0, result.stderr
     pod = json.loads(kubectl("get", "pod", json.loads(result.stdout)["pod"], "-n", namespace, "-o", "json"))
     assert pod["metadata"]["labels"]["nvidia.com/snapshot-checkpoint-id"] == "manual-snapshot-123"
+
+
+def test_snapshotctl_takes_the_container_from_the_manifests_annotation(tmp_path):
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    pod["metadata"]["annotations"] = {"nvidia.com/snapshot-target-containers": "main"}
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(yaml.safe_dump(pod))
+    # no --container: the annotation names it, so the only failure left is the missing kubeconfig
+    result = snapshotctl("checkpoint", "--manifest", str(manifest), "--timeout", "45m",
+                         kubeconfig=tmp_path / "no-such-kubeconfig")
+    assert result.returncode == 2 and "no kubeconfig at" in result.stderr, result.stderr
 
 
 def test_snapshotctl_names_an_annotation_mismatch_before_reading_the_kubeconfig(tmp_path):
