@@ -12,6 +12,7 @@ from dynamo_snapshot.api.checkpoint import (
     DynamoCheckpointStatus,
     Identity,
     Phase,
+    refuse_out_of_scope,
 )
 from dynamo_snapshot.api.config import (
     CheckpointConfig,
@@ -73,5 +74,6 @@ __all__ = [
     "load_config",
     "names",
     "parse_config",
+    "refuse_out_of_scope",
     "to_dict",
 ]

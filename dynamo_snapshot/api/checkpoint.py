@@ -9,6 +9,7 @@ import msgspec
 from msgspec import Meta
 
 from dynamo_snapshot.api import names
+from dynamo_snapshot.api.decode import InvalidObject
 from dynamo_snapshot.api.meta import Base, Condition, JSONObject, ObjectMeta
 
 BackendFramework = Literal["vllm", "sglang", "trtllm"]
@@ -54,9 +55,23 @@ class CheckpointJob(Base):
     backoff_limit: int | None = None
 
 
+class GPUMemoryService(Base):
+    """Upstream's GMS + Snapshot switch: accepted by the schema, out of scope here (refused when enabled)."""
+
+    enabled: bool = False
+
+
 class DynamoCheckpointSpec(Base):
     identity: Identity
     job: CheckpointJob
+    gpu_memory_service: GPUMemoryService | None = None
+
+
+def refuse_out_of_scope(spec: DynamoCheckpointSpec) -> None:
+    """Features upstream's schema has and this project does not implement: refused by name when enabled."""
+    if spec.gpu_memory_service is not None and spec.gpu_memory_service.enabled:
+        raise InvalidObject("spec.gpuMemoryService.enabled", "GMS + Snapshot is not supported by dynamo-snapshot "
+                            "(upstream disables it too); set it to false or remove spec.gpuMemoryService")
 
 
 class DynamoCheckpointStatus(Base):

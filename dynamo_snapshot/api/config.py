@@ -1,7 +1,14 @@
-"""Operator configuration (a file or ConfigMap, not a CRD): SPEC section 2."""
+"""Operator configuration (a file or ConfigMap, not a CRD): SPEC section 2.
+
+Parsing, in order: read the file (missing, a directory, not UTF-8: named errors); YAML (too deep: named);
+unwrap upstream's platform-chart shape (`dynamo-operator: {checkpoint: ...}`, same meaning); refuse every
+key that is not a setting (naming it, with the closest one); the guide's shared-agent values (`pvc.create:
+true` without `storage.accessMode`) mean podMount, as upstream; convert to the structs; cross-field rules.
+"""
 
 from __future__ import annotations
 
+import difflib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -35,6 +42,8 @@ class PVCStorage(Base):
 
 class StorageConfig(Base):
     type: Literal["pvc"] = "pvc"
+    # Left out: podMount when pvc.create is true (the operator creates the PVCs only pods mount), else
+    # agentMount - as upstream, whose operator has no such setting (see docs/compatibility.md).
     access_mode: StorageAccessMode = StorageAccessMode.AGENT_MOUNT
     pvc: PVCStorage = msgspec.field(default_factory=PVCStorage)
 
@@ -61,26 +70,102 @@ def validate_config(config: OperatorConfig) -> OperatorConfig:
     return config
 
 
+PLATFORM_KEY = "dynamo-operator"  # upstream's platform chart nests the operator's values under it
+
+
+def _fields(type_: type) -> dict[str, type]:
+    info = msgspec.inspect.type_info(type_)
+    return {f.encode_name: f.type for f in info.fields} if isinstance(info, msgspec.inspect.StructType) else {}
+
+
+def refuse_unknown_keys(raw: object, type_: type, path: str = "") -> None:
+    """Every key of `raw` must be a field of `type_` (recursively): a misspelt setting is refused, naming
+    it and the closest field, never ignored."""
+    if not isinstance(raw, dict):
+        return  # the conversion names the wrong type
+    known = {}
+    for name, info in _fields(type_).items():
+        known[name] = getattr(info, "cls", None)
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str):
+            raise InvalidObject(where, f"keys must be strings, got {type(key).__name__} {key!r}")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+            hint = f" - did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(known))})"
+            raise InvalidObject(where, f"unknown setting{hint}")
+        if known[key] is not None:
+            refuse_unknown_keys(value, known[key], where)
+
+
+def _unwrap_platform_shape(raw: dict) -> dict:
+    if PLATFORM_KEY not in raw:
+        return raw
+    if set(raw) != {PLATFORM_KEY}:
+        others = ", ".join(sorted(str(k) for k in raw if k != PLATFORM_KEY))
+        raise InvalidObject(PLATFORM_KEY, f"give the settings either under {PLATFORM_KEY}: or at the top "
+                            f"level, not both (also found: {others})")
+    inner = raw[PLATFORM_KEY]
+    if inner is None:
+        return {}
+    if not isinstance(inner, dict):
+        raise InvalidObject(PLATFORM_KEY, f"must be a mapping, got {type(inner).__name__}")
+    for key in inner:
+        if key != "checkpoint":
+            raise InvalidObject(f"{PLATFORM_KEY}.{key}", "not a setting of this operator (only "
+                                f"{PLATFORM_KEY}.checkpoint is read): remove it")
+    return inner
+
+
+def _default_access_mode(raw: dict) -> None:
+    storage = (raw.get("checkpoint") or {}).get("storage") if isinstance(raw.get("checkpoint"), dict) else None
+    if isinstance(storage, dict) and "accessMode" not in storage:
+        pvc = storage.get("pvc")
+        if isinstance(pvc, dict) and pvc.get("create") is True:
+            storage["accessMode"] = StorageAccessMode.POD_MOUNT.value
+
+
 def parse_config(data: str | bytes | dict | None) -> OperatorConfig:
     """Parse YAML/JSON text or a dict; an empty document is the default configuration."""
-    raw = yaml.safe_load(data) if isinstance(data, str | bytes) else data
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidObject("", f"not UTF-8 text (byte {err.start}): an operator configuration is YAML") from None
+    try:
+        raw = yaml.safe_load(data) if isinstance(data, str) else data
+    except RecursionError:
+        raise InvalidObject("", "nested too deeply to be an operator configuration") from None
+    except yaml.YAMLError as err:
+        raise InvalidObject("", f"not valid YAML: {err}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise InvalidObject("", f"operator configuration must be a mapping, got {type(raw).__name__}")
-    return validate_config(convert(raw, OperatorConfig))
+    raw = _unwrap_platform_shape(raw)
+    try:
+        refuse_unknown_keys(raw, OperatorConfig)
+        _default_access_mode(raw)
+        return validate_config(convert(raw, OperatorConfig))
+    except RecursionError:
+        raise InvalidObject("", "nested too deeply to be an operator configuration") from None
 
 
 def load_config(path: str | Path) -> OperatorConfig:
     try:
-        return parse_config(Path(path).read_text())
+        data = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise InvalidObject("", f"{path} is a directory; --config names the configuration file") from None
+    except OSError as err:
+        raise InvalidObject("", f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return parse_config(data)
     except InvalidObject as err:
         raise InvalidObject(err.path, f"{err.problem} (in {path})") from None
-    except yaml.YAMLError as err:
-        raise InvalidObject("", f"{path} is not valid YAML: {err}") from None
 
 
 __all__ = [
+    "PLATFORM_KEY",
     "CheckpointConfig",
     "OperatorConfig",
     "PVCStorage",

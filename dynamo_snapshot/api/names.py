@@ -64,6 +64,8 @@ CONTROL_DIR = "/snapshot-control"
 ENV_CONTROL_DIR = "DYN_SNAPSHOT_CONTROL_DIR"
 ENV_RESTORE_STANDBY = "DYN_SNAPSHOT_RESTORE_STANDBY"
 FILE_READY_FOR_SNAPSHOT = "ready-for-snapshot"
+# What guide-era upstream workers write instead; read with the same meaning (docs/compatibility.md)
+FILE_READY_FOR_CHECKPOINT_LEGACY = "ready-for-checkpoint"
 # In the ready-for-snapshot body: the files a worker re-reads after a restore (dynamo_snapshot.workload
 # writes the same name and limit; it cannot import this package)
 FIELD_REREAD_AFTER_RESTORE = "rereadAfterRestore"

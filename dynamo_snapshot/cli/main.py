@@ -20,7 +20,7 @@ def _operator(args: argparse.Namespace) -> int:
     from dynamo_snapshot import logs
     from dynamo_snapshot.api import InvalidObject
     from dynamo_snapshot.controllers.operator import Operator, OperatorOptions
-    from dynamo_snapshot.kube import KubeError
+    from dynamo_snapshot.kube import ConfigError, KubeError
     from dynamo_snapshot.lifecycle import run_until_signalled
 
     logs.configure(args.log_level)
@@ -36,9 +36,15 @@ def _operator(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     try:
-        anyio.run(run_until_signalled, Operator(options).run)
+        try:
+            anyio.run(run_until_signalled, Operator(options).run)
+        except BaseExceptionGroup as group:  # a start-up error raised inside the signal handler's task group
+            raise _single(group) from None
     except InvalidObject as err:
         print(f"error: invalid operator configuration: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:  # the kubeconfig: a usage error
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except KubeError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -46,6 +52,13 @@ def _operator(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one error of a (nested) exception group, or the group itself when there are several."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]
+    return group
 
 
 def build_parser() -> argparse.ArgumentParser:

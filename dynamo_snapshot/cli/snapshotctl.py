@@ -1,11 +1,13 @@
 """snapshotctl: checkpoint and restore pods without the operator (needs the snapshot chart's agent).
 
-    snapshotctl checkpoint -f pod.yaml --container NAME [--checkpoint-id ID] [--namespace NS] [--wait]
-    snapshotctl restore -f pod.yaml --checkpoint-id ID --containers a,b
+    snapshotctl checkpoint --manifest pod.yaml --container NAME [--checkpoint-id ID] [--namespace NS] [--no-wait]
+    snapshotctl restore --manifest pod.yaml --checkpoint-id ID --containers a,b
     snapshotctl restore --pod NAME --checkpoint-id ID --containers a,b
 
-Manifests and flags are validated before anything touches a cluster. Exit codes: 0 done, 1 the cluster
-refused or could not be reached, 2 bad manifest or flags, 3 the checkpoint failed, 4 --wait timed out.
+(`-f`/`--filename` is the same as upstream's `--manifest`.) Stages: parse the flags, `plan` (the manifest
+and every flag checked, once - nothing has touched a cluster yet), connect, then the command.
+Exit codes: 0 done, 1 the cluster refused or could not be reached, 2 bad manifest or flags, 3 the
+checkpoint failed, 4 the wait timed out. Output: upstream's `key=value` lines, or `-o json`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +28,11 @@ from dynamo_snapshot.api import OperatorConfig, StorageAccessMode, names
 from dynamo_snapshot.cli.manifest import (
     DEFAULT_PLACEHOLDER_PATTERN,
     ManifestError,
+    check_base_path,
+    check_checkpoint_id,
+    check_name,
+    check_pattern,
+    check_quantity,
     load_pod,
     parse_container_list,
     pod_template,
@@ -38,11 +46,12 @@ from dynamo_snapshot.controllers.checkpoint.outcome import describe_pod_failure,
 from dynamo_snapshot.controllers.common import DAEMONSETS
 from dynamo_snapshot.controllers.podshape import restore_template
 from dynamo_snapshot.controllers.storage import Storage, StorageUnavailable, resolve_storage
-from dynamo_snapshot.kube import JOBS, PODS, AlreadyExists, Client, Informer, KubeError, NotFound
+from dynamo_snapshot.kube import JOBS, PODS, AlreadyExists, Client, ConfigError, Informer, KubeError, NotFound
 
 EXIT_OK, EXIT_CLUSTER, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 DEFAULT_SHARED_MEMORY = "8Gi"
 DEFAULT_DEADLINE = 3600
+DEFAULT_WAIT = 45 * 60.0  # upstream's --timeout
 
 
 @dataclass
@@ -112,14 +121,9 @@ async def _wait_for_job(client: Client, namespace: str, name: str, target: str,
     return verdict, detail
 
 
-async def checkpoint(client: Client, args: argparse.Namespace, pod: dict[str, Any], namespace: str) -> Outcome:
-    containers = parse_container_list(args.container, "--container")
-    if len(containers) != 1:
-        raise ManifestError("--container: name exactly one container to checkpoint")
-    (target,) = containers
-    require_placeholder(require_containers(pod, containers, "--container"), args.placeholder_pattern)
-    own_id = require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
-    checkpoint_id = args.checkpoint_id or own_id or _new_checkpoint_id()
+async def checkpoint(client: Client, args: argparse.Namespace, plan: Plan, namespace: str) -> Outcome:
+    pod, (target,), checkpoint_id = plan.pod, plan.containers, plan.checkpoint_id
+    assert pod is not None
     storage = await _storage(client, namespace, args)
     name = job_name(checkpoint_id, names.DEFAULT_ARTIFACT_VERSION)
     body = checkpoint_job(
@@ -131,33 +135,37 @@ async def checkpoint(client: Client, args: argparse.Namespace, pod: dict[str, An
     except AlreadyExists:
         raise ManifestError(f"Job {namespace}/{name} already exists: checkpoint ID {checkpoint_id} is taken "
                             "(delete the Job or choose another --checkpoint-id)") from None
-    outcome = Outcome({"checkpointID": checkpoint_id, "job": name, "namespace": namespace},
-                      [f"checkpoint ID: {checkpoint_id}", f"job: {namespace}/{name}"])
+    location = f"{storage.base_path}/{checkpoint_id}"
+    outcome = Outcome({"checkpointID": checkpoint_id, "job": name, "namespace": namespace})
+    status, detail = "created", ""
     if args.wait:
-        verdict, detail = None, ""
+        verdict = None
         with anyio.move_on_after(args.timeout):
             verdict, detail = await _wait_for_job(client, namespace, name, target,
                                                   say=lambda line: print(line, file=sys.stderr, flush=True))
-        outcome.fields["status"] = verdict or "timeout"
-        if verdict == names.STATUS_COMPLETED:
-            outcome.lines.append("status: completed")
-        elif verdict == names.STATUS_FAILED:
-            outcome.lines.append("status: failed" + (f" ({detail})" if detail else ""))
-            outcome.code = EXIT_FAILED
-        else:
-            outcome.lines.append(f"status: not finished after {args.timeout:.0f}s")
-            outcome.code = EXIT_TIMEOUT
+        status = outcome.fields["status"] = verdict or "timeout"
+        outcome.code = {names.STATUS_COMPLETED: EXIT_OK, names.STATUS_FAILED: EXIT_FAILED}.get(status, EXIT_TIMEOUT)
+        if status == "timeout":
+            detail = f"not finished after {args.timeout:.0f}s"
+    # upstream's output: key=value lines
+    outcome.lines = [f"status={status}", f"namespace={namespace}", f"name={pod['metadata'].get('name', '')}",
+                     f"checkpoint_job={name}", f"checkpoint_id={checkpoint_id}", f"checkpoint_location={location}"]
+    if detail:
+        outcome.lines.append(f"message={detail}")
     return outcome
 
 
 # -- restore -------------------------------------------------------------------------------------------------
-async def restore_new_pod(client: Client, args: argparse.Namespace, pod: dict[str, Any], namespace: str,
-                          containers: list[str]) -> Outcome:
-    require_placeholder(require_containers(pod, containers, "--containers"), args.placeholder_pattern)
-    require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
-    if (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true":
-        raise ManifestError(f"the manifest is labelled {names.LABEL_IS_CHECKPOINT_SOURCE}=true: a restore pod "
-                            "must not be a checkpoint source")
+def _restore_lines(namespace: str, pod: str, checkpoint_id: str, storage: Storage | None) -> list[str]:
+    """Upstream's output: key=value lines (the restore is requested, not waited for)."""
+    location = f"{storage.base_path}/{checkpoint_id}" if storage else ""
+    return ["status=requested", f"namespace={namespace}", f"name={pod}", f"restore_pod={pod}",
+            f"checkpoint_id={checkpoint_id}", f"checkpoint_location={location}"]
+
+
+async def restore_new_pod(client: Client, args: argparse.Namespace, plan: Plan, namespace: str) -> Outcome:
+    pod, containers = plan.pod, plan.containers
+    assert pod is not None
     storage = await _storage(client, namespace, args)
     shaped = restore_template(pod_template(pod), targets=containers, checkpoint_id=args.checkpoint_id,
                               artifact_version=names.DEFAULT_ARTIFACT_VERSION, storage=storage,
@@ -171,11 +179,11 @@ async def restore_new_pod(client: Client, args: argparse.Namespace, pod: dict[st
     created = await client.create(PODS, body, namespace, field_manager="snapshotctl")
     name = created["metadata"]["name"]
     return Outcome({"pod": name, "namespace": namespace, "checkpointID": args.checkpoint_id},
-                   [f"restore pod: {namespace}/{name} (checkpoint {args.checkpoint_id})"])
+                   _restore_lines(namespace, name, args.checkpoint_id, storage))
 
 
-async def restore_existing_pod(client: Client, args: argparse.Namespace, namespace: str,
-                               containers: list[str]) -> Outcome:
+async def restore_existing_pod(client: Client, args: argparse.Namespace, plan: Plan, namespace: str) -> Outcome:
+    containers = plan.containers
     try:
         pod = await client.get(PODS, args.pod, namespace)
     except NotFound:
@@ -197,37 +205,103 @@ async def restore_existing_pod(client: Client, args: argparse.Namespace, namespa
     }}
     await client.patch(PODS, args.pod, patch, namespace)
     return Outcome({"pod": args.pod, "namespace": namespace, "checkpointID": args.checkpoint_id},
-                   [f"restore requested: {namespace}/{args.pod} from checkpoint {args.checkpoint_id}"])
+                   _restore_lines(namespace, args.pod, args.checkpoint_id, None))
 
 
 # -- entry point ---------------------------------------------------------------------------------------------
-async def _run(args: argparse.Namespace) -> Outcome:
-    # Everything that can be checked without a cluster is checked before connecting to one.
+@dataclass
+class Plan:
+    """What the flags and the manifest ask for, checked once before any cluster is contacted."""
+
+    pod: dict[str, Any] | None
+    containers: list[str]
+    checkpoint_id: str
+
+
+def _targets(flag_value: str | None, pod: dict[str, Any] | None, flag: str) -> str:
+    """The flag, else (as upstream) the manifest's target-containers annotation."""
+    if flag_value is not None:
+        return flag_value
+    annotation = ((pod or {}).get("metadata") or {}).get("annotations", {}).get(names.ANN_TARGET_CONTAINERS)
+    if annotation is None:
+        raise ManifestError(f"{flag}: required (or annotate the manifest with {names.ANN_TARGET_CONTAINERS})")
+    return annotation
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    """Every check that needs no cluster: the flags, the manifest, and their agreement."""
+    check_pattern(args.placeholder_pattern)
+    args.base_path = check_base_path(args.base_path)
+    for flag, value in (("--pvc", args.pvc), ("--namespace", args.namespace), ("--pod", getattr(args, "pod", None))):
+        if value is not None:
+            check_name(value, flag, limit=253 if flag != "--namespace" else 63)
+    if args.checkpoint_id is not None:
+        check_checkpoint_id(args.checkpoint_id)
     pod = load_pod(args.filename) if getattr(args, "filename", None) else None
-    if args.command == "restore":
-        containers = parse_container_list(args.containers, "--containers")
-        if (pod is None) == (args.pod is None):
-            raise ManifestError("restore: give either -f pod.yaml (a new restore pod) or --pod NAME (an existing one)")
-        if pod is not None:
-            require_placeholder(require_containers(pod, containers, "--containers"), args.placeholder_pattern)
-            require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
-    else:
-        require_containers(pod, parse_container_list(args.container, "--container"), "--container")
-    async with Client.from_config(args.kubeconfig) as client:
+    if pod is not None and args.namespace and pod.get("metadata", {}).get("namespace") not in (None, args.namespace):
+        raise ManifestError(f"the manifest's namespace {pod['metadata']['namespace']} disagrees with "
+                            f"--namespace {args.namespace}: remove one of them")
+    if args.command == "checkpoint":
+        check_quantity(args.shared_memory, "--shared-memory")
+        if not args.timeout > 0 or args.timeout != args.timeout:
+            raise ManifestError(f"--timeout: {args.timeout} must be a positive number of seconds")
+        if args.active_deadline_seconds < 1:
+            raise ManifestError(f"--active-deadline-seconds: {args.active_deadline_seconds} must be at least 1")
+        assert pod is not None  # argparse requires the manifest
+        containers = parse_container_list(_targets(args.container, pod, "--container"), "--container")
+        if len(containers) != 1:
+            raise ManifestError("--container: name exactly one container to checkpoint")
+        targets = require_containers(pod, containers, "--container")
+        own_id = require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+        require_placeholder(targets, args.placeholder_pattern)
+        return Plan(pod, containers, args.checkpoint_id or own_id or _new_checkpoint_id())
+    if (pod is None) == (args.pod is None):
+        raise ManifestError("restore: give either --manifest pod.yaml (a new restore pod) or --pod NAME "
+                            "(an existing one)")
+    if args.containers is None and pod is None:
+        raise ManifestError("--containers: required with --pod (name the containers to restore)")
+    containers = parse_container_list(_targets(args.containers, pod, "--containers"), "--containers")
+    if pod is not None:
+        targets = require_containers(pod, containers, "--containers")
+        require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+        require_placeholder(targets, args.placeholder_pattern)
+        if (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true":
+            raise ManifestError(f"the manifest is labelled {names.LABEL_IS_CHECKPOINT_SOURCE}=true: a restore pod "
+                                "must not be a checkpoint source")
+    return Plan(pod, containers, args.checkpoint_id)
+
+
+async def _run(args: argparse.Namespace, checked: Plan) -> Outcome:
+    async with Client.from_config(args.kubeconfig, context=args.kube_context) as client:
+        pod = checked.pod
         namespace = args.namespace or (pod or {}).get("metadata", {}).get("namespace") or client.namespace
-        if pod is not None and pod.get("metadata", {}).get("namespace") not in (None, namespace):
-            raise ManifestError(f"the manifest's namespace {pod['metadata']['namespace']} disagrees with "
-                                f"--namespace {namespace}: remove one of them")
         if args.command == "checkpoint":
-            return await checkpoint(client, args, pod, namespace)
+            return await checkpoint(client, args, checked, namespace)
         if pod is not None:
-            return await restore_new_pod(client, args, pod, namespace, containers)
-        return await restore_existing_pod(client, args, namespace, containers)
+            return await restore_new_pod(client, args, checked, namespace)
+        return await restore_existing_pod(client, args, checked, namespace)
+
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|h|m|s)")
+
+
+def _duration(text: str) -> float:
+    """Seconds (`600`) or a Go duration as upstream's --timeout takes (`45m`, `1h30m`, `90s`)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 600, 90s, 45m, 1h30m)")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)")
+    common.add_argument("--kube-context", help="kubeconfig context (default: the current one)")
     common.add_argument("-n", "--namespace", help="namespace (default: the manifest's, else the kubeconfig's)")
     common.add_argument("-o", "--output", choices=("text", "json"), default="text")
     common.add_argument("--placeholder-pattern", default=DEFAULT_PLACEHOLDER_PATTERN,
@@ -237,18 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snapshotctl", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ckpt = commands.add_parser("checkpoint", parents=[common], help="checkpoint a container of a pod manifest")
-    ckpt.add_argument("-f", "--filename", required=True, help="the Pod manifest (- for stdin)")
-    ckpt.add_argument("--container", required=True, help="the container to checkpoint")
+    ckpt.add_argument("-f", "--filename", "--manifest", dest="filename", required=True,
+                      help="the Pod manifest (- for stdin)")
+    ckpt.add_argument("--container", help="the container to checkpoint (default: the manifest's "
+                      f"{names.ANN_TARGET_CONTAINERS} annotation)")
     ckpt.add_argument("--checkpoint-id", help="the ID to store it under (default: the manifest's label, else new)")
-    ckpt.add_argument("--wait", action="store_true", help="show progress until the checkpoint completes or fails")
-    ckpt.add_argument("--timeout", type=float, default=DEFAULT_DEADLINE, help="--wait gives up after this (s)")
+    ckpt.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                      help="wait, showing progress, until the checkpoint completes or fails (default, as upstream)")
+    ckpt.add_argument("--timeout", type=_duration, default=DEFAULT_WAIT,
+                      help="stop waiting after this: seconds or a duration such as 45m (default: 45m)")
     ckpt.add_argument("--shared-memory", default=DEFAULT_SHARED_MEMORY, help="/dev/shm size of the pod")
     ckpt.add_argument("--active-deadline-seconds", type=int, default=DEFAULT_DEADLINE)
     rst = commands.add_parser("restore", parents=[common], help="restore containers from a checkpoint")
-    rst.add_argument("-f", "--filename", help="create a new restore pod from this Pod manifest")
+    rst.add_argument("-f", "--filename", "--manifest", dest="filename",
+                     help="create a new restore pod from this Pod manifest")
     rst.add_argument("--pod", help="or: patch restore metadata onto this existing snapshot-compatible pod")
     rst.add_argument("--checkpoint-id", required=True)
-    rst.add_argument("--containers", required=True, help="comma-separated containers to restore")
+    rst.add_argument("--containers", help="comma-separated containers to restore (default: the manifest's "
+                     f"{names.ANN_TARGET_CONTAINERS} annotation)")
     return parser
 
 
@@ -256,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(os.environ.get("DYN_SNAPSHOT_LOG_LEVEL", "warning"))  # stdout is for results only
     try:
-        outcome = anyio.run(_run, args)
-    except ManifestError as err:
+        checked = plan(args)
+        outcome = anyio.run(_run, args, checked)
+    except (ManifestError, ConfigError) as err:  # ConfigError: the kubeconfig
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KubeError as err:

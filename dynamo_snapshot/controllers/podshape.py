@@ -107,6 +107,15 @@ def _exec_probe(path: str, period: int = 1, failure_threshold: int = 3) -> dict[
     return {"exec": {"command": ["cat", path]}, "periodSeconds": period, "failureThreshold": failure_threshold}
 
 
+def _ready_probe() -> dict[str, Any]:
+    """Ready when the worker wrote ready-for-snapshot, or the guide-era ready-for-checkpoint."""
+    current, legacy = (f"{names.CONTROL_DIR}/{f}" for f in (names.FILE_READY_FOR_SNAPSHOT,
+                                                             names.FILE_READY_FOR_CHECKPOINT_LEGACY))
+    probe = _exec_probe(current)
+    probe["exec"]["command"] = ["sh", "-c", f"cat {current} 2>/dev/null || cat {legacy}"]
+    return probe
+
+
 def checkpoint_source_template(
     template: Template,
     *,
@@ -129,7 +138,7 @@ def checkpoint_source_template(
     _add_shared_memory(spec, [container], shared_memory)
     _add_storage(spec, [container], storage)
     _keep_init_first(container)
-    container["readinessProbe"] = _exec_probe(f"{names.CONTROL_DIR}/{names.FILE_READY_FOR_SNAPSHOT}")
+    container["readinessProbe"] = _ready_probe()
     container.pop("livenessProbe", None)
     container.pop("startupProbe", None)
     return shaped

@@ -134,7 +134,8 @@ async def _run_exec(spec: ExecConfig, server: str) -> tuple[str, float]:
 
 # -- kubeconfig ----------------------------------------------------------------------------------------
 def _named(entries: list[dict[str, Any]] | None, kind: str) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e.get(kind) or {} for e in entries or [] if isinstance(e, dict) and "name" in e}
+    return {e["name"]: e.get(kind) or {} for e in entries or []
+            if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get(kind) or {}, dict)}
 
 
 def _merge(files: list[Path]) -> tuple[dict[str, Any], dict[Path, Path]]:
@@ -146,8 +147,16 @@ def _merge(files: list[Path]) -> tuple[dict[str, Any], dict[Path, Path]]:
             doc = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
             continue
-        except (OSError, yaml.YAMLError) as err:
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot read kubeconfig {path}: {err}") from err
+        except RecursionError:
+            raise ConfigError(f"kubeconfig {path} is nested too deeply") from None
+        if not isinstance(doc, dict) or any(not isinstance(doc.get(k) or [], list) for k in ("clusters", "users",
+                                                                                            "contexts")):
+            raise ConfigError(f"kubeconfig {path} is not a kubeconfig (a mapping with clusters, users and "
+                              "contexts lists)")
+        if not isinstance(doc.get("current-context") or "", str):
+            raise ConfigError(f"kubeconfig {path}: current-context must be a string")
         if not merged["current-context"] and doc.get("current-context"):
             merged["current-context"] = doc["current-context"]
         for kind, singular in (("clusters", "cluster"), ("users", "user"), ("contexts", "context")):

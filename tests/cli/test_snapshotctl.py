@@ -74,7 +74,7 @@ def test_bad_manifests_are_rejected_before_touching_a_cluster(tmp_path, nowhere,
 def test_restore_needs_exactly_one_target(tmp_path, nowhere):
     result = snapshotctl("restore", "--checkpoint-id", "abc", "--containers", "main", "-f",
                          str(pod_yaml(tmp_path)), "--pod", "p", kubeconfig=nowhere)
-    assert result.returncode == 2 and "either -f pod.yaml" in result.stderr
+    assert result.returncode == 2 and "either --manifest pod.yaml" in result.stderr
 
 
 def test_unreachable_cluster_is_exit_1(tmp_path, nowhere):
@@ -131,7 +131,7 @@ def test_failed_checkpoint_exits_3_with_the_reason(tmp_path, kubeconfig, kubectl
     finally:
         waiting.kill()
     assert waiting.returncode == 3, err
-    assert "checkpoint ID: mine" in out and "OOMKilled" in out
+    assert "status=failed" in out and "checkpoint_id=mine" in out and "OOMKilled" in out
 
 
 @pytest.mark.integration

@@ -18,6 +18,9 @@ LLAMA_ID = "96429b2725761a09"  # the legacy identity hash of meta-llama/Llama-2-
 LLAMA_JOB = f"checkpoint-job-{LLAMA_ID}-1"
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dynamocheckpoint.yaml"
 
+READY_PROBE = ["sh", "-c", "cat /snapshot-control/ready-for-snapshot 2>/dev/null "
+               "|| cat /snapshot-control/ready-for-checkpoint"]
+
 
 @pytest.fixture
 def agent_mount(cluster):
@@ -45,7 +48,7 @@ def test_seed_example_reaches_ready_once_the_agent_confirms(agent_mount, start_o
     assert pod["metadata"]["labels"]["nvidia.com/snapshot-is-checkpoint-source"] == "true"
     assert pod["metadata"]["annotations"]["nvidia.com/snapshot-target-containers"] == "main"
     main = pod["spec"]["containers"][0]
-    assert main["readinessProbe"]["exec"]["command"] == ["cat", "/snapshot-control/ready-for-snapshot"]
+    assert main["readinessProbe"]["exec"]["command"] == READY_PROBE
     assert {"name": "DYN_SNAPSHOT_CONTROL_DIR", "value": "/snapshot-control"} in main["env"]
     assert any(e["name"] == "HF_TOKEN" for e in main["env"])  # the user's env is kept
 

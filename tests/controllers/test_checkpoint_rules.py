@@ -19,6 +19,9 @@ from dynamo_snapshot.controllers.storage import (
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, 0, tzinfo=dt.UTC)
 
+READY_PROBE = ["sh", "-c", "cat /snapshot-control/ready-for-snapshot 2>/dev/null "
+               "|| cat /snapshot-control/ready-for-checkpoint"]
+
 
 def _job(conditions=(), annotation=None):
     annotations = {names.ANN_CHECKPOINT_STATUS: annotation} if annotation else {}
@@ -123,7 +126,7 @@ def test_job_shape():
     assert pod["metadata"]["annotations"][names.ANN_ARTIFACT_VERSION] == "1"
     assert pod["spec"]["restartPolicy"] == "Never"
     main, sidecar = pod["spec"]["containers"]
-    assert main["readinessProbe"] == {"exec": {"command": ["cat", "/snapshot-control/ready-for-snapshot"]},
+    assert main["readinessProbe"] == {"exec": {"command": READY_PROBE},
                                       "periodSeconds": 1, "failureThreshold": 3}
     assert "livenessProbe" not in main and "startupProbe" not in main
     assert {"name": "snapshot-control", "mountPath": "/snapshot-control", "subPath": "main"} in main["volumeMounts"]

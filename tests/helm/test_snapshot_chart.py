@@ -194,7 +194,7 @@ def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
 
 
 @pytest.mark.parametrize(("values", "names"), [
-    ({}, "storage.pvc.size"),
+    ({"storage.pvc.size": ""}, "storage.pvc.size"),
     ({"storage.accessMode": "hostMount", **SIZE}, "storage.accessMode"),
     ({"storage.type": "s3", **SIZE}, "storage.type"),
     ({"runtime.type": "docker", **SIZE}, "runtime.type"),
@@ -208,7 +208,7 @@ def test_bad_values_fail_naming_the_value(helm, values, names):
 
 
 def test_size_error_says_how_to_reuse_an_existing_pvc(helm):
-    error = helm.template_error(SNAPSHOT_CHART, values={})
+    error = helm.template_error(SNAPSHOT_CHART, values={"storage.pvc.size": ""})
     assert "storage.pvc.create=false" in error and "storage.pvc.name" in error
 
 

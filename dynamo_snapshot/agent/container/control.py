@@ -96,5 +96,7 @@ async def read_signal(info: ContainerInfo, name: str) -> bytes | None:
 async def read_reread_declaration(info: ContainerInfo) -> list[str]:
     """The container's declaration (see ``parse_reread_declaration``); [] without one."""
     content = await read_signal(info, READY_FOR_SNAPSHOT)
+    if content is None:  # a guide-era worker: its ready-for-checkpoint declares nothing more
+        return []
     where = f"container {info.name}: {control_dir(info)}/{READY_FOR_SNAPSHOT}"
-    return [] if content is None else parse_reread_declaration(content, where)
+    return parse_reread_declaration(content, where)

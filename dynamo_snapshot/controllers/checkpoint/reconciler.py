@@ -23,6 +23,7 @@ from dynamo_snapshot.api import (
     Phase,
     convert,
     names,
+    refuse_out_of_scope,
 )
 from dynamo_snapshot.controllers.checkpoint import outcome as outcomes
 from dynamo_snapshot.controllers.checkpoint.cleanup import (
@@ -212,6 +213,7 @@ class _Reconcile:
             return None
         try:
             ckpt = convert(self.raw, DynamoCheckpoint)
+            refuse_out_of_scope(ckpt.spec)
             checkpoint_id = resolve_checkpoint_id(ckpt)
         except (InvalidObject, MissingAutoCheckpointID) as err:
             await self._decide(Phase.FAILED, REASON_INVALID, str(err))

@@ -43,10 +43,32 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" (required "image.repository is required" .Values.image.repository) (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* The checkpoint values: `checkpoint`, with upstream's platform-chart shape `dynamo-operator.checkpoint`
+laid over it (same meaning; docs/compatibility.md). As upstream, `pvc.create: true` without a
+`storage.accessMode` of its own means podMount. */}}
+{{- define "operator.checkpointValues" -}}
+{{- $c := deepCopy .Values.checkpoint -}}
+{{- $platform := index .Values "dynamo-operator" | default dict -}}
+{{- range $key, $_ := $platform -}}
+{{- if ne $key "checkpoint" -}}
+{{- fail (printf "dynamo-operator.%s is not a setting of this chart (only dynamo-operator.checkpoint is read): remove it" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- $up := $platform.checkpoint | default dict -}}
+{{- if $up -}}
+{{- $c = mustMergeOverwrite $c (deepCopy $up) -}}
+{{- $upStorage := $up.storage | default dict -}}
+{{- if and (not (hasKey $upStorage "accessMode")) ($upStorage.pvc | default dict).create -}}
+{{- $_ := set $c.storage "accessMode" "podMount" -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $c -}}
+{{- end -}}
+
 {{/* The operator's configuration file, built field by field so that a misspelt value fails here instead
 of being ignored by the operator. */}}
 {{- define "operator.config" -}}
-{{- $c := .Values.checkpoint -}}
+{{- $c := include "operator.checkpointValues" . | fromYaml -}}
 {{- $pvc := $c.storage.pvc -}}
 {{- $pvcOut := dict "pvcName" $pvc.pvcName "basePath" (clean $pvc.basePath) "create" $pvc.create "storageClassName" $pvc.storageClassName "accessMode" $pvc.accessMode -}}
 {{- if $pvc.size -}}
@@ -58,7 +80,7 @@ of being ignored by the operator. */}}
 
 {{/* Values that would give an operator that starts but cannot work: refuse them, naming the value. */}}
 {{- define "operator.validate" -}}
-{{- $c := .Values.checkpoint -}}
+{{- $c := include "operator.checkpointValues" . | fromYaml -}}
 {{- $pvc := $c.storage.pvc -}}
 {{- if not (kindIs "bool" $c.enabled) -}}
 {{- fail (printf "checkpoint.enabled must be true or false, got %v" $c.enabled) -}}
