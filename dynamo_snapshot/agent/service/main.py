@@ -161,6 +161,24 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
     )
 
 
+def kubeconfig_problem(kubeconfig: str | None) -> str | None:
+    """Why the cluster configuration cannot be used, in one line naming the file (None when it can)."""
+    from dynamo_snapshot.kube import ConfigError as KubeConfigError
+    from dynamo_snapshot.kube import load_config
+
+    flag = f"--kubeconfig {kubeconfig}" if kubeconfig else "the cluster configuration"
+    try:
+        load_config(kubeconfig)
+    except KubeConfigError as err:
+        return f"{flag}: {err}"
+    except IsADirectoryError:
+        return f"{flag}: is a directory; pass a kubeconfig file"
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError) as err:
+        # not text, not the kubeconfig schema (a fuzzed or wrong file): what Python says, without a traceback
+        return f"{flag}: not a usable kubeconfig ({type(err).__name__}: {str(err)[:200]})"
+    return None
+
+
 def use_host_proc(path: str) -> None:
     """Read processes from the host's /proc as mounted in the agent (the helper processes get every
     path they need on their command line)."""
@@ -176,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
     options = options_from(args, parser)
+    if reason := kubeconfig_problem(options.kubeconfig):
+        parser.error(reason)
     use_host_proc(args.host_proc)
     try:
         bundle = CriuBundle.locate()
