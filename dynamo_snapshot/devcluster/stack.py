@@ -182,6 +182,10 @@ class SnapshotStack:
         """The namespace with the agent's RBAC (and storage), the operator and the agent."""
         assert self.cluster is not None and self.node is not None
         self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(self._namespace_objects()))
+        if self.storage_mode == "podMount":
+            # A pod of an unbound claim is unschedulable and waits for the scheduler's requeue: bound first.
+            self.cluster.kubectl("wait", "-n", self.namespace, f"pvc/{PVC_NAME}",
+                                 "--for=jsonpath={.status.phase}=Bound", "--timeout=120s")
         self.cluster.add_component(self._operator(self.cluster))
         self.cluster.add_component(self._agent(self.cluster, self.node))
         self.cluster.start_component("operator")

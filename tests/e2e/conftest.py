@@ -29,6 +29,10 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield s
         for log in (s.agent_log, s.operator_log):
             print(f"--- last lines of {log} ---\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        # what a timed-out wait needs to be explained: where each pod got to, and the namespace's events
+        print("--- pods ---\n" + s.kubectl("get", "pods", "-n", s.namespace, "-o", "wide", check=False))
+        print("--- events ---\n" + s.kubectl("get", "events", "-n", s.namespace, "--sort-by=.lastTimestamp",
+                                           check=False)[-6000:])
 
 
 @pytest.fixture

@@ -88,6 +88,11 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
 
     identity = options.identity or f"snapshot-agent-{options.node_name}-{uuid.uuid4().hex[:8]}"
     probes = ProbeServer(options.metrics_bind_address)
+    # Not ready until the pod cache is synced: a /readyz that answered before the agent even watched pods
+    # told the DaemonSet (and the dev stack, which starts tests on it) that a blind agent was serving.
+    agent: Agent | None = None
+    probes.add_readiness_check("pods", lambda: None if agent is not None and agent.synced
+                               else "pod cache is syncing")
     async with Client.from_config(options.kubeconfig) as client, CRIClient(options.runtime_socket) as cri:
         async with anyio.create_task_group() as tg:
             await tg.start(probes.serve)
@@ -99,7 +104,6 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
                           namespace=options.watched_namespace, workers=options.workers,
                           drain_timeout=options.drain_timeout)
-            probes.add_readiness_check("pods", lambda: None if agent.synced else "pod cache is syncing")
             log.info("snapshot agent starting", node=options.node_name, identity=identity,
                      runtime=f"{options.runtime_type}:{options.runtime_socket}",
                      storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path))
