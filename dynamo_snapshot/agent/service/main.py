@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +77,12 @@ async def _connect_runtime(cri: CRIClient) -> None:
                 await anyio.sleep(2.0)
 
 
+def agent_identity(node_name: str) -> str:
+    """One identity per node, the same after a restart: a restarted agent recognises its own node's
+    checkpoint Leases and takes them over at once (one agent runs per node: the DaemonSet's)."""
+    return f"snapshot-agent-{node_name}"
+
+
 async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
     from dynamo_snapshot.agent.service.daemon import Agent
     from dynamo_snapshot.agent.service.metrics import AgentMetrics
@@ -86,7 +91,7 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
     from dynamo_snapshot.httpserve import ProbeServer
     from dynamo_snapshot.kube import Client, EventRecorder, InformerFactory
 
-    identity = options.identity or f"snapshot-agent-{options.node_name}-{uuid.uuid4().hex[:8]}"
+    identity = options.identity or agent_identity(options.node_name)
     probes = ProbeServer(options.metrics_bind_address)
     # Not ready until the pod cache is synced: a /readyz that answered before the agent even watched pods
     # told the DaemonSet (and the dev stack, which starts tests on it) that a blind agent was serving.

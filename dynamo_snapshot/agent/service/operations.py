@@ -102,7 +102,8 @@ class Operations:
             return Outcome.SKIPPED
         lease = CheckpointLease(self.client, work.pod.namespace, work.job, work.checkpoint_id, self.identity,
                                 duration_s=self.lease_duration_s, renew_every=self.lease_renew_every,
-                                renew_deadline=self.lease_renew_deadline)
+                                renew_deadline=self.lease_renew_deadline,
+                                job_uid=job["metadata"].get("uid") or work.job_uid)
         try:
             await lease.acquire()
         except LeaseUnavailable as err:
