@@ -22,6 +22,14 @@ current-context: x
 """
 
 
+@pytest.fixture(autouse=True)
+def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() points the logs at the stderr it finds (here capsys's, closed after the test): not in tests."""
+    from dynamo_snapshot import logs
+
+    monkeypatch.setattr(logs, "configure", lambda *_args, **_kw: None)
+
+
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exited:
         main.main(["--node-name=n", "--namespace=ns", *args])

@@ -295,8 +295,8 @@ async def test_a_restarted_agent_takes_over_its_own_nodes_live_lease_at_once(har
         "spec": {"holderIdentity": IDENTITY, "leaseDurationSeconds": 600,
                  "renewTime": "2099-01-01T00:00:00.000000Z"}}, harness.namespace)
 
-    async def step(work, confirm, criu_started):
-        await confirm(Path("/x"))
+    async def step(work, hooks):
+        await hooks.confirm(Path("/x"))
         return checkpoint_result()
 
     harness.node.checkpoint_step = step
