@@ -133,6 +133,14 @@ async def test_bookmarks_advance_the_resource_version(client: Client, namespace)
         tg.cancel_scope.cancel()
 
 
+async def expire_behind(local_cluster, proxy) -> None:
+    """Expire the cut-off informer's resourceVersion: compact etcd's history and restart the API server,
+    whose watch cache then starts after it (its next watch gets 410 Gone); then let the informer back."""
+    local_cluster.compact_etcd()
+    await anyio.to_thread.run_sync(functools.partial(local_cluster.restart_component, "kube-apiserver", kill=True))
+    proxy.restore()
+
+
 async def test_expired_resource_version_relists_and_reports_deletes(local_cluster, cluster_config, client,
                                                                    namespace, proxy):
     for name in "abcd":
@@ -148,12 +156,7 @@ async def test_expired_resource_version_relists_and_reports_deletes(local_cluste
             await client.delete(CONFIGMAPS, "b", namespace)
             await client.patch(CONFIGMAPS, "c", {"data": {"v": "changed"}}, namespace)
             await client.create(CONFIGMAPS, cm("e"), namespace)
-            # Expire the informer's resourceVersion: compact etcd's history and restart the API server, whose
-            # watch cache then starts after it. Its next watch gets 410 Gone.
-            local_cluster.compact_etcd()
-            await anyio.to_thread.run_sync(functools.partial(local_cluster.restart_component, "kube-apiserver",
-                                                             kill=True))
-            proxy.restore()
+            await expire_behind(local_cluster, proxy)
 
             await wait_for_marker(client, informer, namespace)
             assert informer.reflector.stats.lists.get("expired", 0) >= 1
@@ -192,10 +195,7 @@ async def test_a_410_after_an_apiserver_restart_relists_at_once_without_a_backof
             await tg.start(informer.run)
             await proxy.cut()
             await client.create(CONFIGMAPS, cm("b"), namespace)
-            local_cluster.compact_etcd()
-            await anyio.to_thread.run_sync(functools.partial(local_cluster.restart_component, "kube-apiserver",
-                                                             kill=True))
-            proxy.restore()
+            await expire_behind(local_cluster, proxy)
             await wait_for_marker(client, informer, namespace)
             assert informer.reflector.stats.lists.get("expired", 0) >= 1
             assert f"{namespace}/b" in view.objects
