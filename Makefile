@@ -51,7 +51,7 @@ e2e:
 	hack/kind/e2e.sh
 
 stop:
-	-pkill -f "$(CURDIR)/.local/cluster" || true
+	-$(BIN)/python -m dynamo_snapshot.devcluster.pids stop .local/cluster
 	-$(BIN)/python -m dynamo_snapshot.devcluster.node clean .local/cluster
 
 clean:

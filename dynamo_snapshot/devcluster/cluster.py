@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from dynamo_snapshot.devcluster import binaries
+from dynamo_snapshot.devcluster import binaries, pids
 from dynamo_snapshot.devcluster.certs import CertificateAuthority, KeyPair, service_account_keys
 
 SERVICE_CIDR = "10.0.0.0/24"
@@ -269,6 +269,7 @@ class LocalCluster:
             start_new_session=True,
         )
         log.close()
+        pids.record(self.root, name, component.process.pid)
         deadline = time.monotonic() + timeout
         # Startup has no event to wait on but the health endpoint, so poll it.
         while not self._healthy(component.health_url()):
@@ -286,6 +287,7 @@ class LocalCluster:
         component = self._components[name]
         process = component.process
         if process is None or process.poll() is not None:
+            pids.forget(self.root, name)
             return
         try:
             os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
@@ -295,6 +297,7 @@ class LocalCluster:
             process.wait()
         except ProcessLookupError:
             pass
+        pids.forget(self.root, name)
 
     def restart_component(self, name: str, *, kill: bool = False) -> None:
         self.stop_component(name, kill=kill)

@@ -458,7 +458,8 @@ def clean_up_after(directory: Path) -> list[Path]:
     (``make stop`` after ``dynamo-snapshot demo --keep``): shims, pods, mounts, cgroups, bridges, log
     links. Returns the node directories cleaned."""
     cleaned = []
-    for settings_file in sorted(Path(directory).rglob("node.json")):
+    # Absolute: mountinfo and the shims' command lines name absolute paths (a relative one matched nothing).
+    for settings_file in sorted(Path(directory).resolve().rglob("node.json")):
         node_dir = settings_file.parent
         settings = json.loads(settings_file.read_text())
         containerd = Containerd(node_dir / "containerd", pause_image="", metrics_port=None,

@@ -206,6 +206,10 @@ class SnapshotStack:
             installed.install(self)
             return
         self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(self._namespace_objects()))
+        if self.storage_mode == "podMount":
+            # A pod of an unbound claim is unschedulable and waits for the scheduler's requeue: bound first.
+            self.cluster.kubectl("wait", "-n", self.namespace, f"pvc/{PVC_NAME}",
+                                 "--for=jsonpath={.status.phase}=Bound", "--timeout=120s")
         self.cluster.add_component(self._operator(self.cluster))
         self.cluster.add_component(self._agent(self.cluster, self.node))
         self.cluster.start_component("operator")

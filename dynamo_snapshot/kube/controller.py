@@ -13,10 +13,12 @@
         tg.start_soon(ctrl.run)                        # waits for its informers to sync first
 
 Outcomes, as controller-runtime's: an exception is logged with the key and the key is retried with
-backoff (5 ms doubling to 1000 s per key, 10/s overall); `Result(requeue=True)` retries with backoff
-without an error; `Result(requeue_after=s)` comes back after s seconds, backoff reset; anything else
-resets the key's backoff. A key is never reconciled by two workers at once, and a key that changes while
-it is reconciled is reconciled once more afterwards, so reconcile always sees the latest state.
+backoff (5 ms doubling to 1000 s per key, 10/s overall; a failure because the server was away -
+unreachable, 429, 5xx - is not counted against the overall 10/s, so an API server restart leaves no
+debt); `Result(requeue=True)` retries with backoff without an error; `Result(requeue_after=s)` comes back
+after s seconds, backoff reset; anything else resets the key's backoff. A key is never reconciled by two
+workers at once, and a key that changes while it is reconciled is reconciled once more afterwards, so
+reconcile always sees the latest state.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import anyio.abc
 import structlog
 
 from dynamo_snapshot.kube import metrics
+from dynamo_snapshot.kube.errors import ApiError, TooManyRequests, TransportError
 from dynamo_snapshot.kube.informer import Informer
 from dynamo_snapshot.kube.resources import ObjectKey, object_key, owner_references
 from dynamo_snapshot.kube.workqueue import RateLimiter, ShutDown, WorkQueue
@@ -57,6 +60,12 @@ def owner_keys(kind: str, *, controller_only: bool = True) -> Mapper:
         return [ObjectKey(namespace, ref["name"]) for ref in owner_references(obj)
                 if ref.get("kind") == kind and (ref.get("controller") or not controller_only)]
     return mapper
+
+
+def server_away(err: BaseException) -> bool:
+    """A failure that says the API server was unreachable or overloaded, not that this key is wrong."""
+    return isinstance(err, TransportError | TooManyRequests) or (
+        isinstance(err, ApiError) and err.status in (500, 502, 503, 504))
 
 
 def generation_changed(old: Any, new: Any) -> bool:
@@ -145,7 +154,7 @@ class Controller:
             fields = {"namespace": key.namespace, "name": key.name} if isinstance(key, ObjectKey) else {}
             self._log.error("reconcile failed", key=str(key), **fields, error=str(err),
                             error_type=type(err).__name__, retries=self.queue.num_requeues(key), exc_info=err)
-            self.queue.add_rate_limited(key)
+            self.queue.add_rate_limited(key, budget=not server_away(err))
             return
         self._time.observe(time.monotonic() - started)
         if result is not None and result.requeue_after is not None and result.requeue_after > 0:

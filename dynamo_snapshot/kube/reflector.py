@@ -10,7 +10,8 @@
 - A watch that cannot connect (refused, reset, timed out) is retried from the same resourceVersion: the
   server is probably restarting, and its history may still be there. Other errors relist.
 - Every failure waits first: about 0.8 s doubling to 30 s with jitter, starting over after two minutes
-  without failures.
+  without failures or after a watch stream that worked. A 410 is the exception: the server answered, so
+  the relist is at once (only a second 410 before a list succeeded waits).
 
 What the reflector learns goes to a sink (the informer): a whole list (`on_list`), one event
 (`on_event`), or a bookmark (`on_bookmark`). Objects are plain dicts or the msgspec struct type given;
@@ -56,6 +57,11 @@ class Backoff:
         self.clock = clock
         self._next = initial
         self._last: float | None = None
+
+    def reset(self) -> None:
+        """Start over from the initial delay (the connection worked again)."""
+        self._next = self.initial
+        self._last = None
 
     def next_delay(self) -> float:
         now = self.clock()
@@ -132,15 +138,18 @@ class Reflector:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """List and watch until cancelled. With `tg.start(reflector.run)`, returns once the first list is in."""
         need_list, reason, started = True, "initial", False
+        expired_in_a_row = False
         while True:
             try:
                 if need_list:
                     await self._list(reason)
                     need_list = False
+                    expired_in_a_row = False
                     if not started:
                         started = True
                         task_status.started()
                 if await self._watch():
+                    self.backoff.reset()  # the server answered a whole stream: failures start over
                     continue  # a stream that ran its course: watch again at once
                 self._log.debug("watch ended at once without events", resource_version=self._rv)
             except Exception as err:  # cancellation is not an Exception: it passes
@@ -149,6 +158,11 @@ class Reflector:
                     self.stats.expired += 1
                     need_list, reason = True, "expired"
                     self._log.info("resource version expired, relisting", resource_version=self._rv, error=str(err))
+                    if not expired_in_a_row:
+                        # The server answered: it is up, only its history is gone. Relist now, not after a
+                        # backoff grown while it was away (a second 410 in a row does wait).
+                        expired_in_a_row = True
+                        continue
                 elif isinstance(err, TransportError | TooManyRequests) or (
                         isinstance(err, ApiError) and err.status >= 500 and not need_list):
                     # The server is away or busy: its history may still be there when it is back.

@@ -7,7 +7,8 @@ Guarantees:
 - `add_after` delays a key (an earlier time wins over a later one for the same key);
 - `add_rate_limited` delays by the rate limiter: by default the larger of a per-key exponential backoff
   (5 ms doubling to 1000 s) and an overall token bucket (10 per second, bursts of 100); `forget` resets
-  the key's backoff after a success;
+  the key's backoff after a success; a failure because the server was away (`budget=False`) does not
+  draw on the bucket, so an API server restart does not leave every later retry in debt;
 - after `shutdown` adds are ignored, workers still get what is queued, then `get` raises ShutDown.
   `shutdown_with_drain` also waits for the keys being processed.
 
@@ -45,8 +46,9 @@ class ShutDown(Exception):
 
 
 class RateLimiter(Protocol):
-    def when(self, item: Hashable) -> float:
-        """How long to wait before the item may be processed again (records one failure)."""
+    def when(self, item: Hashable, *, budget: bool = True) -> float:
+        """How long to wait before the item may be processed again (records one failure). ``budget=False``:
+        the failure was the server being away, not the item; it does not draw on an overall budget."""
 
     def forget(self, item: Hashable) -> None:
         """The item succeeded: start its backoff from the beginning next time."""
@@ -62,7 +64,7 @@ class ExponentialFailureRateLimiter:
         self.cap = cap
         self._failures: dict[Hashable, int] = {}
 
-    def when(self, item: Hashable) -> float:
+    def when(self, item: Hashable, *, budget: bool = True) -> float:
         failures = self._failures.get(item, 0)
         self._failures[item] = failures + 1
         if failures > 64:  # 2**64 * base is far past any cap; avoid huge floats
@@ -87,7 +89,9 @@ class BucketRateLimiter:
         self._tokens = float(burst)
         self._last = clock()
 
-    def when(self, item: Hashable) -> float:
+    def when(self, item: Hashable, *, budget: bool = True) -> float:
+        if not budget:
+            return 0.0  # a restart's failed retries would otherwise leave every later retry in debt
         now = self.clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.qps)
         self._last = now
@@ -107,8 +111,8 @@ class MaxOfRateLimiter:
     def __init__(self, *limiters: RateLimiter):
         self.limiters = limiters
 
-    def when(self, item: Hashable) -> float:
-        return max(limiter.when(item) for limiter in self.limiters)
+    def when(self, item: Hashable, *, budget: bool = True) -> float:
+        return max(limiter.when(item, budget=budget) for limiter in self.limiters)
 
     def forget(self, item: Hashable) -> None:
         for limiter in self.limiters:
@@ -199,10 +203,12 @@ class WorkQueue(Generic[K]):
         heapq.heappush(self._heap, (due, next(self._seq), key))
         self._notify()  # a getter may be waiting for a later time
 
-    def add_rate_limited(self, key: K) -> None:
+    def add_rate_limited(self, key: K, *, budget: bool = True) -> None:
+        """Retry after the rate limiter's delay. ``budget=False`` for a failure that was the server being
+        away (unreachable, 429, 5xx): the key's own backoff applies, the overall bucket is not drawn on."""
         if self.name:
             self._retries.inc()
-        self.add_after(key, self.rate_limiter.when(key))
+        self.add_after(key, self.rate_limiter.when(key, budget=budget))
 
     def forget(self, key: K) -> None:
         self.rate_limiter.forget(key)

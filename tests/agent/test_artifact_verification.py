@@ -168,3 +168,18 @@ def test_old_restore_logs_are_pruned_but_never_a_recent_one_nor_through_a_symlin
         os.utime(burst / f"b{i}", (now - 10 - i, now - 10 - i))
     assert artifact_layout.prune_restore_logs(burst, keep=8, now=now) == []
     assert artifact_layout.prune_restore_logs(tmp_path / "missing", keep=8) == []
+
+
+def test_a_fresh_attempt_withdraws_the_unconfirmed_version_an_earlier_killed_attempt_left(tmp_path: Path):
+    """An agent killed between promotion and confirmation leaves versions/1 that no verdict vouches for;
+    the next attempt of the same checkpoint (it holds the Lease, its Job has no verdict) is not blocked
+    by it (`version 1 already exists`) but withdraws it and dumps afresh."""
+    layout = artifact_layout.ArtifactLayout(tmp_path, "abc")
+    left = layout.promote(layout.new_staging())
+    (left / "pages-1.img").write_bytes(b"from the killed attempt")
+    with pytest.raises(CheckpointError, match="already exists"):
+        layout.new_staging()
+    assert layout.withdraw_unconfirmed() is True
+    assert not layout.final_dir.exists() and not list(layout.versions_dir.glob("*/pages-1.img"))
+    assert layout.new_staging().parent == layout.staging_root
+    assert layout.withdraw_unconfirmed() is False  # nothing left to withdraw

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from dynamo_snapshot.agent.errors import CriuFailed, RestoreError
 from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult
 from dynamo_snapshot.agent.pipeline.restore import RestoreResult
+from dynamo_snapshot.agent.service import main
 from dynamo_snapshot.agent.service.daemon import Agent
 from dynamo_snapshot.agent.service.metrics import AgentMetrics
 from dynamo_snapshot.agent.service.operations import Operations, Outcome
@@ -204,6 +205,9 @@ async def test_checkpoint_verdict_comes_after_the_dump_and_before_the_workload_i
     lease = seen["lease"]
     assert lease["metadata"]["labels"][names.LABEL_CHECKPOINT_ID] == CHECKPOINT_ID  # what the operator watches
     assert lease["spec"]["holderIdentity"] == IDENTITY and lease["spec"]["leaseDurationSeconds"] == 15
+    # owned by the Job: a Lease left by an agent killed before it could delete it goes with the Job
+    assert lease["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job",
+                                                     "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}]
     assert seen["verdict before confirm"] is None
     assert seen["verdict before snapshot-complete"] == names.STATUS_COMPLETED
     assert await harness.lease(job["metadata"]["name"]) is None  # released once done
@@ -275,9 +279,32 @@ async def test_a_decided_job_or_a_live_lease_of_another_agent_is_left_alone(harn
         await harness.pod("decided", "c-decided", source_of=decided)
         await harness.pod("held", "c-held", source_of=held)
         assert await harness.outcome_for("c-decided") is Outcome.SKIPPED
-        assert await harness.outcome_for("c-held") is Outcome.SKIPPED
+        assert await harness.outcome_for("c-held") is Outcome.RETRY  # looked at again until the holder is gone
     assert harness.node.calls == []
     assert names.ANN_CHECKPOINT_STATUS not in await harness.annotations(JOBS, "checkpoint-job-held-1")
+
+
+async def test_a_restarted_agent_takes_over_its_own_nodes_live_lease_at_once(harness):
+    """The agent's identity is its node's: the Lease its killed predecessor left (live for 10 more minutes)
+    is recognised as its own, not waited out."""
+    assert main.agent_identity("vm") == main.agent_identity("vm") == "snapshot-agent-vm"
+    job = await harness.job("checkpoint-job-mine-1")
+    await harness.client.create(LEASES, {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "checkpoint-job-mine-1", "labels": {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID}},
+        "spec": {"holderIdentity": IDENTITY, "leaseDurationSeconds": 600,
+                 "renewTime": "2099-01-01T00:00:00.000000Z"}}, harness.namespace)
+
+    async def step(work, hooks):
+        await hooks.confirm(Path("/x"))
+        return checkpoint_result()
+
+    harness.node.checkpoint_step = step
+    async with harness.agent():
+        await harness.pod("mine", "c-mine", source_of=job)
+        assert await harness.outcome_for("c-mine") is Outcome.COMPLETED
+    assert (await harness.annotations(JOBS, "checkpoint-job-mine-1"))[names.ANN_CHECKPOINT_STATUS] == "completed"
+    assert await harness.lease("checkpoint-job-mine-1") is None
 
 
 async def test_a_source_pod_is_checkpointed_once_its_target_turns_ready(harness):

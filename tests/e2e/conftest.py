@@ -31,6 +31,10 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield s
         for what, text in (("agent", s.agent_log_text()), ("operator", s.operator_log_text())):
             print(f"--- last lines of the {what}'s log ---\n" + "\n".join(text.splitlines()[-30:]))
+        # what a timed-out wait needs to be explained: where each pod got to, and the namespace's events
+        print("--- pods ---\n" + s.kubectl("get", "pods", "-n", s.namespace, "-o", "wide", check=False))
+        print("--- events ---\n" + s.kubectl("get", "events", "-n", s.namespace, "--sort-by=.lastTimestamp",
+                                           check=False)[-6000:])
 
 
 @pytest.fixture

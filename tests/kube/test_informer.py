@@ -22,6 +22,7 @@ from dynamo_snapshot.kube import (
     index_by_label,
     store_key,
 )
+from dynamo_snapshot.kube.reflector import Backoff, Reflector
 from tests.kube.support import View
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -132,6 +133,14 @@ async def test_bookmarks_advance_the_resource_version(client: Client, namespace)
         tg.cancel_scope.cancel()
 
 
+async def expire_behind(local_cluster, proxy) -> None:
+    """Expire the cut-off informer's resourceVersion: compact etcd's history and restart the API server,
+    whose watch cache then starts after it (its next watch gets 410 Gone); then let the informer back."""
+    local_cluster.compact_etcd()
+    await anyio.to_thread.run_sync(functools.partial(local_cluster.restart_component, "kube-apiserver", kill=True))
+    proxy.restore()
+
+
 async def test_expired_resource_version_relists_and_reports_deletes(local_cluster, cluster_config, client,
                                                                    namespace, proxy):
     for name in "abcd":
@@ -147,12 +156,7 @@ async def test_expired_resource_version_relists_and_reports_deletes(local_cluste
             await client.delete(CONFIGMAPS, "b", namespace)
             await client.patch(CONFIGMAPS, "c", {"data": {"v": "changed"}}, namespace)
             await client.create(CONFIGMAPS, cm("e"), namespace)
-            # Expire the informer's resourceVersion: compact etcd's history and restart the API server, whose
-            # watch cache then starts after it. Its next watch gets 410 Gone.
-            local_cluster.compact_etcd()
-            await anyio.to_thread.run_sync(functools.partial(local_cluster.restart_component, "kube-apiserver",
-                                                             kill=True))
-            proxy.restore()
+            await expire_behind(local_cluster, proxy)
 
             await wait_for_marker(client, informer, namespace)
             assert informer.reflector.stats.lists.get("expired", 0) >= 1
@@ -160,6 +164,42 @@ async def test_expired_resource_version_relists_and_reports_deletes(local_cluste
             assert f"{namespace}/c" in view.events("update") and f"{namespace}/e" in view.events("add")
             assert view.objects == await server_view(client, namespace)
             assert view.errors == []
+            tg.cancel_scope.cancel()
+
+
+class _DelaysSeen(Backoff):
+    """A real backoff that notes, for every wait, whether a 410 was still waiting for its relist."""
+
+    def __init__(self) -> None:
+        super().__init__(initial=0.3, cap=0.3)
+        self.reflector: Reflector | None = None
+        self.waits_before_relist = 0
+
+    def next_delay(self) -> float:
+        assert self.reflector is not None
+        stats = self.reflector.stats
+        if stats.expired > stats.lists.get("expired", 0):
+            self.waits_before_relist += 1
+        return super().next_delay()
+
+
+async def test_a_410_after_an_apiserver_restart_relists_at_once_without_a_backoff(local_cluster, cluster_config,
+                                                                                 client, namespace, proxy):
+    await client.create(CONFIGMAPS, cm("a"), namespace)
+    backoff = _DelaysSeen()
+    async with Client(proxy.config_through(cluster_config)) as remote:
+        informer = Informer(remote, CONFIGMAPS, namespace=namespace, backoff=backoff)
+        backoff.reflector = informer.reflector
+        view = View(informer)
+        async with anyio.create_task_group() as tg:
+            await tg.start(informer.run)
+            await proxy.cut()
+            await client.create(CONFIGMAPS, cm("b"), namespace)
+            await expire_behind(local_cluster, proxy)
+            await wait_for_marker(client, informer, namespace)
+            assert informer.reflector.stats.lists.get("expired", 0) >= 1
+            assert f"{namespace}/b" in view.objects
+            assert backoff.waits_before_relist == 0  # the server answered 410: the relist did not wait
             tg.cancel_scope.cancel()
 
 

@@ -52,6 +52,33 @@ def test_default_limiter_is_the_max_of_both():
     assert isinstance(default_rate_limiter(), MaxOfRateLimiter)
 
 
+def test_failures_while_the_server_was_away_leave_the_overall_budget_untouched():
+    """An API server restart fails every reconcile with a transport error: ~600 retries drawn from the
+    bucket left a fresh key 50 s in debt; retried with budget=False, only the per-key backoff applies."""
+    clock = FakeClock()
+    limiter = MaxOfRateLimiter(ExponentialFailureRateLimiter(0.005, 1000.0), BucketRateLimiter(10.0, 100, clock=clock))
+    for i in range(600):
+        assert limiter.when(f"x{i}", budget=False) == 0.005
+    assert limiter.num_requeues("x1") == 1  # the key's own backoff still counts
+    assert limiter.when("fresh") == 0.005  # no debt: the bucket still holds its burst
+    assert all(limiter.when(i) == 0.005 for i in range(98))
+
+
+async def test_a_transport_error_is_retried_without_drawing_on_the_overall_budget():
+    from dynamo_snapshot.kube import Controller, TransportError
+
+    clock = FakeClock()
+    limiter = MaxOfRateLimiter(ExponentialFailureRateLimiter(0.005, 1000.0), BucketRateLimiter(10.0, 100, clock=clock))
+
+    async def reconcile(key: str) -> None:
+        raise TransportError("GET", f"/api/v1/{key}", OSError("connection refused"))
+
+    controller = Controller("away", reconcile, rate_limiter=limiter)
+    for i in range(300):
+        await controller._reconcile(f"k{i}")
+    assert limiter.when("fresh") == 0.005  # 300 failed retries spent nothing of the 100-burst bucket
+
+
 async def test_a_key_is_queued_once_however_often_added():
     queue: WorkQueue[str] = WorkQueue()
     for _ in range(1000):

@@ -74,6 +74,15 @@ class ArtifactLayout:
         staging.mkdir(parents=True)
         return staging
 
+    def withdraw_unconfirmed(self) -> bool:
+        """Take out a version left by an earlier attempt that never got its verdict (its agent was killed
+        between the promotion and the confirmation). Called only by an attempt that holds the checkpoint's
+        Lease for a Job without a verdict: nothing vouches for that version, so a fresh one replaces it."""
+        if not self.final_dir.exists():
+            return False
+        withdraw(self.final_dir)
+        return True
+
     def promote(self, staging: Path) -> Path:
         """Move the staging directory to its final name in one rename that never replaces anything."""
         _fsync_dir(staging)

@@ -167,6 +167,9 @@ async def checkpoint(target: CheckpointTarget, request: CheckpointRequest, bundl
     await run.stages.enter(Stage.RESOLVE)
     source = await target.resolve()
     criu_version = await anyio.to_thread.run_sync(bundle.version)
+    if await anyio.to_thread.run_sync(run.layout.withdraw_unconfirmed):
+        bound.warning("withdrew an unconfirmed version an earlier attempt left; dumping afresh",
+                      directory=str(run.layout.final_dir))
     staging = run.layout.new_staging()
     run.stages.leave(Stage.RESOLVE)
 

@@ -32,17 +32,28 @@ class ConfigError(AgentError, ValueError):
     pass
 
 
+def _short(value: Any) -> str:
+    """A value for a message: its repr, cut short (a fuzzed or binary value can be huge or deeply nested)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _typed(section: dict[str, Any], key: str, kind: type, where: str) -> Any:
     value = section[key]
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {_short(value)}")
     return value
 
 
 def _section(data: Any, where: str, known: set[str]) -> dict[str, Any]:
     section = data or {}
     if not isinstance(section, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {section!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {_short(section)}")
+    if odd := [key for key in section if not isinstance(key, str)]:
+        raise ConfigError(f"{where}: keys must be strings, got {_short(odd[0])} (known: {', '.join(sorted(known))})")
     if unknown := sorted(set(section) - known):
         raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return section
@@ -65,8 +76,9 @@ def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSetti
         fields["tcp_established"] = _typed(section, "tcpEstablished", bool, where)
     if "networkLock" in section:
         lock = section["networkLock"] or ""
-        if lock not in NETWORK_LOCKS:
-            raise ConfigError(f"{where}.networkLock: {lock!r} is not one of {', '.join(map(repr, NETWORK_LOCKS))}")
+        if not isinstance(lock, str) or lock not in NETWORK_LOCKS:
+            choices = ", ".join(map(repr, NETWORK_LOCKS))
+            raise ConfigError(f"{where}.networkLock: {_short(lock)} is not one of {choices}")
         fields["network_lock"] = lock
     if "timeoutSeconds" in section:
         timeout = _typed(section, "timeoutSeconds", int, where)
@@ -76,7 +88,7 @@ def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSetti
     if "extraArgs" in section:
         extra = section["extraArgs"] or []
         if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-            raise ConfigError(f"{where}.extraArgs: expected a list of strings, got {extra!r}")
+            raise ConfigError(f"{where}.extraArgs: expected a list of strings, got {_short(extra)}")
         fields["extra_args"] = tuple(extra)
     return CriuSettings(**{**defaults.__dict__, **fields})
 
@@ -104,20 +116,30 @@ def restore_settings(data: dict[str, Any] | None, where: str = "restore") -> Res
 
 
 def load(path: str | Path | None) -> AgentConfig:
-    """The agent's configuration file (defaults when there is none)."""
+    """The agent's configuration file (defaults when there is none). Anything wrong with it - missing,
+    unreadable, not text, not YAML, too deeply nested, not the schema - is a ConfigError naming the file
+    and the field."""
     if path is None:
         return AgentConfig()
+    where = f"agent configuration {path}"
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ConfigError(f"agent configuration {path} does not exist") from None
+        raise ConfigError(f"{where} does not exist (--config)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where} is a directory; --config takes a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {err.start}); --config takes a YAML file") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"agent configuration {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"{where} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be an agent configuration") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"agent configuration {path}: expected a mapping at the top level")
-    if unknown := sorted(set(data) - {"criu", "restore"}):
-        raise ConfigError(f"agent configuration {path}: unknown keys {', '.join(unknown)} (known: criu, restore)")
+        raise ConfigError(f"{where}: expected a mapping at the top level (criu, restore), got {_short(data)}")
     try:
-        return AgentConfig(criu_settings(data.get("criu")), restore_settings(data.get("restore")))
+        top = _section(data, "(top level)", {"criu", "restore"})
+        return AgentConfig(criu_settings(top.get("criu")), restore_settings(top.get("restore")))
     except ConfigError as err:
-        raise ConfigError(f"agent configuration {path}: {err}") from None
+        raise ConfigError(f"{where}: {err}") from None

@@ -1,6 +1,10 @@
 """The Lease the agent holds while it checkpoints (SPEC section 4): named after the checkpoint Job, in
 the Job's namespace, labelled with the checkpoint ID (the operator watches only such Leases).
 
+The Lease is owned by the Job (garbage-collected with it, should the agent die before deleting it), and
+its holder is the agent of the node (``snapshot-agent-<node>``, the same after a restart), so a restarted
+agent takes over its own node's Lease at once instead of waiting for its dead predecessor's to expire.
+
 While the Lease is live, a Job that completed without the agent's verdict is waited for instead of
 failed. So the agent takes it before the dump, renews it every ``renew_every`` seconds, and gives up the
 dump when it can no longer vouch for it: another holder took the Lease, or it went unrenewed for
@@ -62,7 +66,7 @@ def live_holder(lease: dict[str, Any], now: datetime) -> str | None:
 
 class CheckpointLease:
     def __init__(self, client: Client, namespace: str, job_name: str, checkpoint_id: str, identity: str, *,
-                 duration_s: int = 15, renew_every: float = 3.0, renew_deadline: float = 10.0):
+                 duration_s: int = 15, renew_every: float = 3.0, renew_deadline: float = 10.0, job_uid: str = ""):
         if not renew_every < renew_deadline < duration_s:
             raise ValueError("a checkpoint Lease needs renew_every < renew_deadline < duration")
         self.client = client
@@ -70,6 +74,7 @@ class CheckpointLease:
         self.name = job_name
         self.checkpoint_id = checkpoint_id
         self.identity = identity
+        self.job_uid = job_uid
         self.duration_s = duration_s
         self.renew_every = renew_every
         self.renew_deadline = renew_deadline
@@ -83,6 +88,10 @@ class CheckpointLease:
         lease = dict(existing or {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease"})
         metadata = dict(lease.get("metadata") or {"name": self.name, "namespace": self.namespace})
         metadata["labels"] = {**(metadata.get("labels") or {}), names.LABEL_CHECKPOINT_ID: self.checkpoint_id}
+        if self.job_uid:
+            # Owned by the Job: a Lease an agent could not delete (killed) goes with the Job, not never.
+            metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": self.name,
+                                            "uid": self.job_uid}]
         lease["metadata"] = metadata
         spec = dict(lease.get("spec") or {})
         mine = spec.get("holderIdentity") == self.identity

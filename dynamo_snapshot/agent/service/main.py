@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +77,12 @@ async def _connect_runtime(cri: CRIClient) -> None:
                 await anyio.sleep(2.0)
 
 
+def agent_identity(node_name: str) -> str:
+    """One identity per node, the same after a restart: a restarted agent recognises its own node's
+    checkpoint Leases and takes them over at once (one agent runs per node: the DaemonSet's)."""
+    return f"snapshot-agent-{node_name}"
+
+
 async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
     from dynamo_snapshot.agent.service.daemon import Agent
     from dynamo_snapshot.agent.service.metrics import AgentMetrics
@@ -86,8 +91,13 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
     from dynamo_snapshot.httpserve import ProbeServer
     from dynamo_snapshot.kube import Client, EventRecorder, InformerFactory
 
-    identity = options.identity or f"snapshot-agent-{options.node_name}-{uuid.uuid4().hex[:8]}"
+    identity = options.identity or agent_identity(options.node_name)
     probes = ProbeServer(options.metrics_bind_address)
+    # Not ready until the pod cache is synced: a /readyz that answered before the agent even watched pods
+    # told the DaemonSet (and the dev stack, which starts tests on it) that a blind agent was serving.
+    agent: Agent | None = None
+    probes.add_readiness_check("pods", lambda: None if agent is not None and agent.synced
+                               else "pod cache is syncing")
     async with Client.from_config(options.kubeconfig) as client, CRIClient(options.runtime_socket) as cri:
         async with anyio.create_task_group() as tg:
             await tg.start(probes.serve)
@@ -99,7 +109,6 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
                           namespace=options.watched_namespace, workers=options.workers,
                           drain_timeout=options.drain_timeout)
-            probes.add_readiness_check("pods", lambda: None if agent.synced else "pod cache is syncing")
             log.info("snapshot agent starting", node=options.node_name, identity=identity,
                      runtime=f"{options.runtime_type}:{options.runtime_socket}",
                      storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path))
@@ -161,6 +170,24 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
     )
 
 
+def kubeconfig_problem(kubeconfig: str | None) -> str | None:
+    """Why the cluster configuration cannot be used, in one line naming the file (None when it can)."""
+    from dynamo_snapshot.kube import ConfigError as KubeConfigError
+    from dynamo_snapshot.kube import load_config
+
+    flag = f"--kubeconfig {kubeconfig}" if kubeconfig else "the cluster configuration"
+    try:
+        load_config(kubeconfig)
+    except KubeConfigError as err:
+        return f"{flag}: {err}"
+    except IsADirectoryError:
+        return f"{flag}: is a directory; pass a kubeconfig file"
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError) as err:
+        # not text, not the kubeconfig schema (a fuzzed or wrong file): what Python says, without a traceback
+        return f"{flag}: not a usable kubeconfig ({type(err).__name__}: {str(err)[:200]})"
+    return None
+
+
 def use_host_proc(path: str) -> None:
     """Read processes from the host's /proc as mounted in the agent (the helper processes get every
     path they need on their command line)."""
@@ -176,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
     options = options_from(args, parser)
+    if reason := kubeconfig_problem(options.kubeconfig):
+        parser.error(reason)
     use_host_proc(args.host_proc)
     try:
         bundle = CriuBundle.locate()

@@ -47,8 +47,8 @@ VERDICT_ATTEMPTS = 5
 class Outcome(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
-    SKIPPED = "skipped"  # nothing to do (decided already, or someone else holds the checkpoint)
-    RETRY = "retry"  # the API server could not be asked; nothing was touched
+    SKIPPED = "skipped"  # nothing to do (decided already, the Job is gone)
+    RETRY = "retry"  # the API server could not be asked, or another holder has the Lease; nothing was touched
 
 
 class CheckpointAborted(AgentError):
@@ -102,12 +102,16 @@ class Operations:
             return Outcome.SKIPPED
         lease = CheckpointLease(self.client, work.pod.namespace, work.job, work.checkpoint_id, self.identity,
                                 duration_s=self.lease_duration_s, renew_every=self.lease_renew_every,
-                                renew_deadline=self.lease_renew_deadline)
+                                renew_deadline=self.lease_renew_deadline,
+                                job_uid=job["metadata"].get("uid") or work.job_uid)
         try:
             await lease.acquire()
         except LeaseUnavailable as err:
-            bound.info("another agent is finalizing this checkpoint", reason=str(err))
-            return Outcome.SKIPPED
+            # Looked at again later, not remembered as done: when that holder is gone (its Lease expires
+            # or the Job gets its verdict), this Ready pod still needs an agent; nothing else would change
+            # the pod to bring it back (a restarted agent used to leave such a source Creating for good).
+            bound.info("another agent is finalizing this checkpoint; will look again", reason=str(err))
+            return Outcome.RETRY
         except KubeError as err:
             bound.warning("cannot take the checkpoint lease; will look again", error=str(err))
             return Outcome.RETRY
