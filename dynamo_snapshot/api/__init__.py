@@ -22,7 +22,7 @@ from dynamo_snapshot.api.config import (
     load_config,
     parse_config,
 )
-from dynamo_snapshot.api.decode import InvalidObject, convert, decode_json, to_dict
+from dynamo_snapshot.api.decode import InvalidObject, Malformed, convert, decode_json, malformed_of, to_dict
 from dynamo_snapshot.api.dgd import (
     CheckpointMode,
     ComponentCheckpointStatus,
@@ -57,6 +57,7 @@ __all__ = [
     "EnvVar",
     "Identity",
     "InvalidObject",
+    "Malformed",
     "ObjectMeta",
     "OperatorConfig",
     "OwnerReference",
@@ -71,6 +72,7 @@ __all__ = [
     "decode_json",
     "find_condition",
     "load_config",
+    "malformed_of",
     "names",
     "parse_config",
     "to_dict",

@@ -10,6 +10,7 @@ from msgspec import Meta
 
 from dynamo_snapshot.api import names
 from dynamo_snapshot.api.meta import Base, Condition, JSONObject, ObjectMeta
+from dynamo_snapshot.api.podtemplate import PodTemplateShape, check_shape
 
 BackendFramework = Literal["vllm", "sglang", "trtllm"]
 BACKEND_FRAMEWORKS: tuple[str, ...] = ("vllm", "sglang", "trtllm")
@@ -52,6 +53,9 @@ class CheckpointJob(Base):
     shared_memory: str = "8Gi"
     # Accepted for compatibility and ignored: checkpoint Jobs are always single-attempt.
     backoff_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        check_shape(self.pod_template_spec, PodTemplateShape, "podTemplateSpec")
 
 
 class DynamoCheckpointSpec(Base):

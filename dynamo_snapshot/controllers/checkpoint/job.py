@@ -13,7 +13,6 @@ JOB_TTL_SECONDS = 300
 # Held on the Job until the operator has recorded its outcome: the TTL controller (or a user) deleting a
 # finished Job while the operator is down must not lose the verdict.
 OUTCOME_FINALIZER = "nvidia.com/checkpoint-outcome"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
 def owner_reference(ckpt: DynamoCheckpoint) -> dict[str, Any]:
