@@ -14,13 +14,14 @@ import msgspec
 
 
 class _Shape(msgspec.Struct, rename="camel", kw_only=True):
-    """Fields not named here are ignored (and kept in the plain JSON the struct was checked from)."""
+    """Fields not named here are ignored (and kept in the plain JSON the struct was checked from). A field
+    may be absent but not null: the planners read `spec.get("containers", [])` and the like."""
 
 
 class EnvShape(_Shape):
     name: str
     value: str | None = None
-    value_from: dict[str, Any] | None = None
+    value_from: dict[str, Any] = {}
 
 
 class MountShape(_Shape):
@@ -32,20 +33,20 @@ Quantity = str | int | float
 
 
 class ResourcesShape(_Shape):
-    requests: dict[str, Quantity] | None = None
-    limits: dict[str, Quantity] | None = None
+    requests: dict[str, Quantity] = {}
+    limits: dict[str, Quantity] = {}
 
 
 class ContainerShape(_Shape):
     name: str = ""
     image: str = ""
-    command: list[str] | None = None
-    args: list[str] | None = None
-    env: list[EnvShape] | None = None
-    volume_mounts: list[MountShape] | None = None
-    resources: ResourcesShape | None = None
-    startup_probe: dict[str, Any] | None = None
-    readiness_probe: dict[str, Any] | None = None
+    command: list[str] = []
+    args: list[str] = []
+    env: list[EnvShape] = []
+    volume_mounts: list[MountShape] = []
+    resources: ResourcesShape = msgspec.field(default_factory=ResourcesShape)
+    startup_probe: dict[str, Any] = {}
+    readiness_probe: dict[str, Any] = {}
 
 
 class VolumeShape(_Shape):
@@ -53,21 +54,21 @@ class VolumeShape(_Shape):
 
 
 class MetadataShape(_Shape):
-    labels: dict[str, str] | None = None
-    annotations: dict[str, str] | None = None
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
 
 
 class PodSpecShape(_Shape):
-    containers: list[ContainerShape] | None = None
-    init_containers: list[ContainerShape] | None = None
-    volumes: list[VolumeShape] | None = None
+    containers: list[ContainerShape] = []
+    init_containers: list[ContainerShape] = []
+    volumes: list[VolumeShape] = []
     # a DGD's extraPodSpec: the main container, merged into containers[0]
-    main_container: ContainerShape | None = None
+    main_container: ContainerShape = msgspec.field(default_factory=ContainerShape)
 
 
 class PodTemplateShape(_Shape):
-    metadata: MetadataShape | None = None
-    spec: PodSpecShape | None = None
+    metadata: MetadataShape = msgspec.field(default_factory=MetadataShape)
+    spec: PodSpecShape = msgspec.field(default_factory=PodSpecShape)
 
 
 def check_shape(value: Any, shape: type, field: str) -> None:
