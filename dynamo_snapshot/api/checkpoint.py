@@ -50,7 +50,7 @@ class CheckpointJob(Base):
     pod_template_spec: JSONObject
     target_container_name: DNSLabel = "main"
     active_deadline_seconds: PositiveInt = 3600
-    shared_memory: str = "8Gi"
+    shared_memory: str | int = "8Gi"  # a quantity: the schema says int-or-string
     # Accepted for compatibility and ignored: checkpoint Jobs are always single-attempt.
     backoff_limit: int | None = None
 

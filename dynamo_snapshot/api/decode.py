@@ -82,12 +82,51 @@ def _translate(err: msgspec.ValidationError, type_: Any) -> InvalidObject:
     return InvalidObject(path, problem)
 
 
+_JSON_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "null": type(None), "array": list,
+               "object": dict}
+
+
+def _fits(value: Any, got: str) -> bool:
+    kind = _JSON_TYPES.get(got)
+    return kind is not None and type(value) is kind
+
+
+def _name_keys(invalid: InvalidObject, obj: Any) -> InvalidObject:
+    """msgspec writes a mapping's key as `[...]`: name it from the object (the first key whose value at
+    the rest of the path has the type msgspec got), so the message says `services[Worker]`."""
+    if "[...]" not in invalid.path:
+        return invalid
+    got = re.search(r"got (\w+)$", invalid.problem)
+    parts = re.findall(r"[^.\[\]]+|\[[^\]]*\]", invalid.path)
+
+    def walk(node: Any, i: int) -> str | None:
+        if i == len(parts):
+            return "" if got is None or _fits(node, got[1]) else None
+        part = parts[i]
+        if part == "[...]" and isinstance(node, dict):
+            for key, value in node.items():
+                rest = walk(value, i + 1)
+                if rest is not None:
+                    return f"[{key}]{rest}"
+            return None
+        if part.startswith("[") and isinstance(node, list) and part[1:-1].isdigit() and int(part[1:-1]) < len(node):
+            rest = walk(node[int(part[1:-1])], i + 1)
+            return None if rest is None else f"{part}{rest}"
+        if not part.startswith("[") and isinstance(node, dict) and part in node:
+            rest = walk(node[part], i + 1)
+            return None if rest is None else f".{part}{rest}"
+        return None
+
+    named = walk(obj, 0)
+    return InvalidObject(named.lstrip("."), invalid.problem) if named else invalid
+
+
 def convert(obj: Any, type_: type[T]) -> T:
     """Convert a plain dict (as read from the API server) into `type_`, raising InvalidObject."""
     try:
         return msgspec.convert(obj, type_)
     except msgspec.ValidationError as err:
-        raise _translate(err, type_) from None
+        raise _name_keys(_translate(err, type_), obj) from None
 
 
 def decode_json(data: bytes | str, type_: type[T]) -> T:
@@ -135,7 +174,7 @@ def malformed_of(type_: Any) -> Any:
             meta = msgspec.convert(envelope.metadata, ObjectMeta)
         except msgspec.ValidationError:
             return None  # not even an object with metadata: nothing a controller could write to
-        invalid = _translate(err, type_)
+        invalid = _name_keys(_translate(err, type_), msgspec.json.decode(raw))
         status = envelope.status if isinstance(envelope.status, dict) else {}
         defaults = {f.name: f.default for f in msgspec.structs.fields(type_)}
         return Malformed(metadata=meta, status=status, path=invalid.path, problem=invalid.problem,

@@ -20,7 +20,7 @@ CHECKPOINT_PATHS = [
     "spec.job.podTemplateSpec.spec.containers.0.args", "spec.job.podTemplateSpec.spec.containers.0.volumeMounts",
     "spec.job.podTemplateSpec.spec.containers.0.resources", "spec.job.podTemplateSpec.spec.volumes",
     "spec.job.targetContainerName", "spec.job.activeDeadlineSeconds", "spec.job.sharedMemory",
-    "spec.job.backoffLimit",
+    "spec.job.backoffLimit", "spec.job.podTemplateSpec.spec.containers.0.resources.limits.cpu",
 ]
 _SERVICE = "spec.services.Worker"
 DGD_PATHS = [
@@ -32,7 +32,13 @@ DGD_PATHS = [
     f"{_SERVICE}.extraPodSpec.mainContainer.name", f"{_SERVICE}.extraPodSpec.mainContainer.volumeMounts",
     f"{_SERVICE}.extraPodSpec.containers", f"{_SERVICE}.checkpoint", f"{_SERVICE}.checkpoint.enabled",
     f"{_SERVICE}.checkpoint.checkpointRef", f"{_SERVICE}.checkpoint.identity", f"{_SERVICE}.componentType",
+    # quantities: the schema keeps these open (a stored object may hold anything there), the operator does not
+    f"{_SERVICE}.resources.limits.cpu", f"{_SERVICE}.extraPodSpec.mainContainer.resources.limits.cpu",
 ]
+
+
+QUANTITY = {"DynamoCheckpoint": "spec.job.podTemplateSpec.spec.containers.0.resources.limits.cpu",
+            "DynamoGraphDeployment": f"{_SERVICE}.resources.limits.cpu"}
 
 
 def _deep(depth: int) -> Any:
@@ -97,7 +103,10 @@ def base_dgd(name: str) -> dict[str, Any]:
 def malformed(kind: str, name: str, rng: random.Random) -> dict[str, Any]:
     obj = copy.deepcopy(base_checkpoint(name) if kind == "DynamoCheckpoint" else base_dgd(name))
     paths = CHECKPOINT_PATHS if kind == "DynamoCheckpoint" else DGD_PATHS
-    for path in rng.sample(paths, rng.randint(1, 3)):
+    chosen = rng.sample(paths, rng.randint(1, 3))
+    if rng.random() < 0.3:  # the quantities the schema leaves open: so that some objects reach the operator
+        chosen.append(QUANTITY[kind])
+    for path in chosen:
         _set(obj, path, copy.deepcopy(rng.choice(VALUES)))
     return obj
 

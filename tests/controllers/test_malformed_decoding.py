@@ -74,7 +74,7 @@ def test_an_object_that_does_not_fit_is_cached_as_malformed_naming_the_field(kin
         field = "spec.job.podTemplateSpec.spec.containers[0].env"
     else:
         base["spec"]["services"]["Worker"]["extraPodSpec"]["mainContainer"] = "x"
-        field = "spec.services[...].extraPodSpec.mainContainer"
+        field = "spec.services[Worker].extraPodSpec.mainContainer"
     raw = msgspec.json.encode(_with_namespace(base))
     with pytest.raises(msgspec.ValidationError) as err:
         msgspec.json.decode(raw, type=kind)

@@ -47,6 +47,7 @@ from dynamo_snapshot.kube import (
     EventRecorder,
     Informer,
     InformerFactory,
+    Invalid,
     NotFound,
     ObjectKey,
     Result,
@@ -155,8 +156,11 @@ class _Reconcile:
         problems: list[str] = []
         for plan in plans:
             problems += plan.problems
-            await self._ensure_checkpoint(dgd, plan)
-            await self._ensure_generation(dgd, plan)
+            try:
+                await self._ensure_checkpoint(dgd, plan)
+                await self._ensure_generation(dgd, plan)
+            except Invalid as err:  # the spec builds an object the API server refuses: retrying cannot help
+                problems.append(f"component {plan.component}: the API server refused {err.message}")
         await self._retire_old_generations(plans)
         checkpoints = {p.component: p.checkpoint_status for p in plans if p.checkpoint_status}
         await self._write_status(self._state(plans, problems), plans, problems, checkpoints)
