@@ -11,7 +11,13 @@ from dynamo_snapshot.controllers.entry import run as run_operator
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dynamo_snapshot.cli.demo import run_demo
+    try:
+        from dynamo_snapshot.cli.demo import run_demo
+    except ModuleNotFoundError as err:
+        if err.name != "cryptography":
+            raise
+        print(f"error: {err.msg}", file=sys.stderr)
+        return 2
 
     return run_demo(keep=args.keep, workdir=args.workdir)
 
