@@ -12,13 +12,13 @@ from dynamo_snapshot.controllers.storage import (
     Storage,
     resolve_storage,
 )
-from tests.controllers.support import decoded_checkpoint
+from tests.controllers.support import decoded_checkpoint as ckpt_
 
 
 def test_job_shape():
     storage = Storage(mode=OperatorConfig().checkpoint.storage.access_mode, pvc_name="snapshot-pvc",
                       base_path="/checkpoints")
-    job = build_checkpoint_job(decoded_checkpoint(), name=job_name("abc", "1"), checkpoint_id="abc", artifact_version="1",
+    job = build_checkpoint_job(ckpt_(), name=job_name("abc", "1"), checkpoint_id="abc", artifact_version="1",
                                storage=storage)
     assert job["metadata"]["name"] == "checkpoint-job-abc-1"
     assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
@@ -44,27 +44,27 @@ def test_job_shape():
 
 
 def test_a_command_keeps_snapshot_init_as_pid_1():
-    ckpt = decoded_checkpoint()
+    ckpt = ckpt_()
     ckpt.spec.job.pod_template_spec["spec"]["containers"][0]["command"] = ["python3", "-m", "dynamo.vllm"]
     job = build_checkpoint_job(ckpt, name="j", checkpoint_id="abc", artifact_version="1", storage=None)
     main, sidecar = job["spec"]["template"]["spec"]["containers"]
     assert main["command"] == ["/usr/local/bin/snapshot-init", "--", "python3", "-m", "dynamo.vllm"]
     assert "command" not in sidecar
     # without a command the image's entrypoint (snapshot-init) runs: nothing to add
-    assert "command" not in build_checkpoint_job(decoded_checkpoint(), name="j", checkpoint_id="abc", artifact_version="1",
+    assert "command" not in build_checkpoint_job(ckpt_(), name="j", checkpoint_id="abc", artifact_version="1",
                                                  storage=None)["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_pod_mount_job_mounts_the_pvc_at_base_path():
     config = parse_config("checkpoint: {enabled: true, storage: {accessMode: podMount}}")
     storage = resolve_storage("ns", config, pvc_names=["snapshot-pvc"])
-    job = build_checkpoint_job(decoded_checkpoint(), name="j", checkpoint_id="abc", artifact_version="1", storage=storage)
+    job = build_checkpoint_job(ckpt_(), name="j", checkpoint_id="abc", artifact_version="1", storage=storage)
     main = job["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "checkpoint-storage", "mountPath": "/checkpoints"} in main["volumeMounts"]
 
 
 def test_missing_target_container_names_the_field():
-    ckpt = decoded_checkpoint()
+    ckpt = ckpt_()
     ckpt.spec.job.target_container_name = "worker"
     with pytest.raises(MissingContainer, match=r"spec\.job\.targetContainerName: no container named 'worker'"):
         build_checkpoint_job(ckpt, name="j", checkpoint_id="abc", artifact_version="1", storage=None)
