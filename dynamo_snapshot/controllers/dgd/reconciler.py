@@ -145,7 +145,7 @@ class _Reconcile:
         except InvalidObject as err:
             await self._fail_invalid(err)
             return None
-        self.old = dgd.status
+        self.dgd = dgd
         storage = self._storage()
         plans = [
             plan_component(self.raw, dgd, component, service,
@@ -174,7 +174,7 @@ class _Reconcile:
                                               field_manager=FIELD_MANAGER)
                 self.log.info("created automatic checkpoint", component=plan.component,
                               checkpoint=plan.auto_checkpoint_name, worker_hash=plan.worker_hash)
-                await self.ctrl.recorder.normal(self.raw, "CheckpointCreated",
+                await self.ctrl.recorder.normal(dgd, "CheckpointCreated",
                                                 f"created checkpoint {plan.auto_checkpoint_name} for component "
                                                 f"{plan.component} (worker hash {plan.worker_hash})")
             except AlreadyExists:
@@ -310,8 +310,8 @@ class _Reconcile:
     async def _write_status(self, state: str, plans: list[ComponentPlan], problems: list[str],
                             checkpoints: dict[str, ComponentCheckpointStatus]) -> None:
         now = utcnow()
-        generation = self.meta.get("generation") or 0
-        old = self.old
+        generation = self.dgd.metadata.generation
+        old = self.dgd.status
         waiting = [p.waiting for p in plans if p.waiting]
         if problems:
             ready, reason, message = False, "checkpoint_error", "; ".join(problems)
@@ -333,10 +333,10 @@ class _Reconcile:
         body.setdefault("checkpoints", {})  # a merge patch keeps what is left out: say "none" explicitly
         await self.ctrl.client.patch_status(
             DYNAMO_GRAPH_DEPLOYMENTS, self.name,
-            {"metadata": {"resourceVersion": self.meta["resourceVersion"]}, "status": body}, self.namespace)
+            {"metadata": {"resourceVersion": self.dgd.metadata.resource_version}, "status": body}, self.namespace)
         previous = find_condition(old.conditions, "Ready")
         if problems and message != (previous.message if previous else None):
-            await self.ctrl.recorder.warning(self.raw, "CheckpointError", message)
+            await self.ctrl.recorder.warning(self.dgd, "CheckpointError", message)
 
 
 
