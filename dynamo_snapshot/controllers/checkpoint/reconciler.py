@@ -55,6 +55,7 @@ from dynamo_snapshot.kube import (
     LEASES,
     PODS,
     AlreadyExists,
+    BadRequest,
     Client,
     Conflict,
     Controller,
@@ -303,7 +304,7 @@ class _Reconcile:
             await self.ctrl.recorder.normal(self.ckpt, REASON_JOB_CREATED, f"created checkpoint Job {name}")
         except AlreadyExists:
             pass  # created by an earlier pass whose status write was lost: adopt it below
-        except Invalid as err:
+        except (Invalid, BadRequest) as err:  # a pod the API server refuses (or cannot even read)
             await self._decide(Phase.FAILED, REASON_INVALID,
                                f"the API server rejected checkpoint Job {name}: {err.message}", created=False)
             return None

@@ -41,6 +41,7 @@ from dynamo_snapshot.kube import (
     DYNAMO_GRAPH_DEPLOYMENTS,
     PODS,
     AlreadyExists,
+    BadRequest,
     Client,
     Conflict,
     Controller,
@@ -159,7 +160,7 @@ class _Reconcile:
             try:
                 await self._ensure_checkpoint(dgd, plan)
                 await self._ensure_generation(dgd, plan)
-            except Invalid as err:  # the spec builds an object the API server refuses: retrying cannot help
+            except (Invalid, BadRequest) as err:  # the spec builds an object the API server refuses: no retry
                 problems.append(f"component {plan.component}: the API server refused {err.message}")
         await self._retire_old_generations(plans)
         checkpoints = {p.component: p.checkpoint_status for p in plans if p.checkpoint_status}
