@@ -13,7 +13,7 @@ include images/Makefile.inc
 .venv/bin/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -e '.[test,devcluster]'
 	touch $@
 
 # The local control plane binaries (built from the Go module proxy, cached in ~/.cache/dynamo-snapshot).

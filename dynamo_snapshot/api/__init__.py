@@ -23,7 +23,7 @@ from dynamo_snapshot.api.config import (
     load_config,
     parse_config,
 )
-from dynamo_snapshot.api.decode import InvalidObject, convert, decode_json, to_dict
+from dynamo_snapshot.api.decode import InvalidObject, Malformed, convert, decode_json, malformed_of, to_dict
 from dynamo_snapshot.api.dgd import (
     CheckpointMode,
     ComponentCheckpointStatus,
@@ -58,6 +58,7 @@ __all__ = [
     "EnvVar",
     "Identity",
     "InvalidObject",
+    "Malformed",
     "ObjectMeta",
     "OperatorConfig",
     "OwnerReference",
@@ -72,6 +73,7 @@ __all__ = [
     "decode_json",
     "find_condition",
     "load_config",
+    "malformed_of",
     "names",
     "parse_config",
     "refuse_out_of_scope",

@@ -11,6 +11,7 @@ from msgspec import Meta
 from dynamo_snapshot.api import names
 from dynamo_snapshot.api.decode import InvalidObject
 from dynamo_snapshot.api.meta import Base, Condition, JSONObject, ObjectMeta
+from dynamo_snapshot.api.podtemplate import PodTemplateShape, check_shape
 
 BackendFramework = Literal["vllm", "sglang", "trtllm"]
 BACKEND_FRAMEWORKS: tuple[str, ...] = ("vllm", "sglang", "trtllm")
@@ -50,9 +51,12 @@ class CheckpointJob(Base):
     pod_template_spec: JSONObject
     target_container_name: DNSLabel = "main"
     active_deadline_seconds: PositiveInt = 3600
-    shared_memory: str = "8Gi"
+    shared_memory: str | int = "8Gi"  # a quantity: the schema says int-or-string
     # Accepted for compatibility and ignored: checkpoint Jobs are always single-attempt.
     backoff_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        check_shape(self.pod_template_spec, PodTemplateShape, "podTemplateSpec")
 
 
 class GPUMemoryService(Base):

@@ -9,7 +9,7 @@ import msgspec
 
 T = TypeVar("T")
 
-__all__ = ["InvalidObject", "convert", "decode_json", "to_dict"]
+__all__ = ["InvalidObject", "Malformed", "convert", "decode_json", "malformed_of", "to_dict"]
 
 
 class InvalidObject(ValueError):
@@ -21,7 +21,8 @@ class InvalidObject(ValueError):
         super().__init__(f"{path}: {problem}" if path else problem)
 
 
-_AT = re.compile(r"^(?P<problem>.*?) - at `\$(?P<path>[^`]*)`$", re.S)
+_AT = re.compile(r"^(?P<problem>.*?)(?P<at>( - at `\$[^`]*`)+)$", re.S)
+_AT_PART = re.compile(r" - at `\$([^`]*)`")
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 
 
@@ -65,7 +66,10 @@ def _allowed_values(type_: Any, path: str) -> list[str] | None:
 def _translate(err: msgspec.ValidationError, type_: Any) -> InvalidObject:
     text = str(err)
     match = _AT.match(text)
-    path, problem = (_path_from(match["path"]), match["problem"]) if match else ("", text)
+    # a shape check inside a struct (api.podtemplate) adds its own inner path: innermost first
+    parts = _AT_PART.findall(match["at"]) if match else []
+    path = _path_from("".join(reversed(parts)))
+    problem = match["problem"] if match else text
     missing = _MISSING.match(problem)
     if missing:
         field = missing["field"]
@@ -78,12 +82,51 @@ def _translate(err: msgspec.ValidationError, type_: Any) -> InvalidObject:
     return InvalidObject(path, problem)
 
 
+_JSON_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "null": type(None), "array": list,
+               "object": dict}
+
+
+def _fits(value: Any, got: str) -> bool:
+    kind = _JSON_TYPES.get(got)
+    return kind is not None and type(value) is kind
+
+
+def _name_keys(invalid: InvalidObject, obj: Any) -> InvalidObject:
+    """msgspec writes a mapping's key as `[...]`: name it from the object (the first key whose value at
+    the rest of the path has the type msgspec got), so the message says `services[Worker]`."""
+    if "[...]" not in invalid.path:
+        return invalid
+    got = re.search(r"got (\w+)$", invalid.problem)
+    parts = re.findall(r"[^.\[\]]+|\[[^\]]*\]", invalid.path)
+
+    def walk(node: Any, i: int) -> str | None:
+        if i == len(parts):
+            return "" if got is None or _fits(node, got[1]) else None
+        part = parts[i]
+        if part == "[...]" and isinstance(node, dict):
+            for key, value in node.items():
+                rest = walk(value, i + 1)
+                if rest is not None:
+                    return f"[{key}]{rest}"
+            return None
+        if part.startswith("[") and isinstance(node, list) and part[1:-1].isdigit() and int(part[1:-1]) < len(node):
+            rest = walk(node[int(part[1:-1])], i + 1)
+            return None if rest is None else f"{part}{rest}"
+        if not part.startswith("[") and isinstance(node, dict) and part in node:
+            rest = walk(node[part], i + 1)
+            return None if rest is None else f".{part}{rest}"
+        return None
+
+    named = walk(obj, 0)
+    return InvalidObject(named.lstrip("."), invalid.problem) if named else invalid
+
+
 def convert(obj: Any, type_: type[T]) -> T:
     """Convert a plain dict (as read from the API server) into `type_`, raising InvalidObject."""
     try:
         return msgspec.convert(obj, type_)
     except msgspec.ValidationError as err:
-        raise _translate(err, type_) from None
+        raise _name_keys(_translate(err, type_), obj) from None
 
 
 def decode_json(data: bytes | str, type_: type[T]) -> T:
@@ -96,3 +139,49 @@ def decode_json(data: bytes | str, type_: type[T]) -> T:
 def to_dict(obj: Any) -> Any:
     """The CRD-shaped plain value of an api struct (camelCase keys, defaults omitted)."""
     return msgspec.to_builtins(obj)
+
+
+class _Envelope(msgspec.Struct):
+    metadata: dict[str, Any] = {}
+    status: Any = None
+
+
+class Malformed(msgspec.Struct, kw_only=True):
+    """The cache's stand-in for an object the API server holds that does not fit its api struct: its
+    metadata and stored status, and what is wrong (`path`, `problem`), so a controller can mark it failed
+    by name once instead of failing on it at every retry."""
+
+    metadata: Any  # api.meta.ObjectMeta
+    status: dict[str, Any]
+    path: str
+    problem: str
+    kind: str = ""
+    api_version: str = ""
+
+    @property
+    def message(self) -> str:
+        return f"invalid {self.kind or 'object'}: {self.path}: {self.problem}" if self.path else \
+            f"invalid {self.kind or 'object'}: {self.problem}"
+
+
+def malformed_of(type_: Any) -> Any:
+    """An informer's `on_mismatch` for `type_`: the raw JSON and msgspec's error become a `Malformed`."""
+    from dynamo_snapshot.api.meta import ObjectMeta
+
+    def stand_in(raw: bytes, err: msgspec.ValidationError) -> Malformed | None:
+        try:
+            envelope = msgspec.json.decode(raw, type=_Envelope)
+            meta = msgspec.convert(envelope.metadata, ObjectMeta)
+        except msgspec.ValidationError:
+            return None  # not even an object with metadata: nothing a controller could write to
+        invalid = _name_keys(_translate(err, type_), msgspec.json.decode(raw))
+        status = envelope.status if isinstance(envelope.status, dict) else {}
+        defaults = {f.name: f.default for f in msgspec.structs.fields(type_)}
+        return Malformed(metadata=meta, status=status, path=invalid.path, problem=invalid.problem,
+                         kind=defaults.get("kind", ""), api_version=defaults.get("api_version", ""))
+
+    stand_in.__name__ = f"malformed_of({getattr(type_, '__name__', type_)})"
+    return _MALFORMED.setdefault(type_, stand_in)
+
+
+_MALFORMED: dict[Any, Any] = {}

@@ -11,6 +11,7 @@ from msgspec import Meta
 from dynamo_snapshot.api import names
 from dynamo_snapshot.api.checkpoint import BackendFramework
 from dynamo_snapshot.api.meta import Base, Condition, JSONObject, ObjectMeta
+from dynamo_snapshot.api.podtemplate import MetadataShape, PodSpecShape, ResourcesShape, check_shape
 
 
 class CheckpointMode(StrEnum):
@@ -53,6 +54,11 @@ class Service(Base):
     # A PodSpec fragment; its `mainContainer` is the main container.
     extra_pod_spec: JSONObject | None = None
     checkpoint: ServiceCheckpoint | None = None
+
+    def __post_init__(self) -> None:
+        check_shape(self.extra_pod_spec, PodSpecShape, "extraPodSpec")
+        check_shape(self.extra_pod_metadata, MetadataShape, "extraPodMetadata")
+        check_shape(self.resources, ResourcesShape, "resources")
 
 
 class DynamoGraphDeploymentSpec(Base):

@@ -20,6 +20,8 @@ LABEL_DGD_NAME = "nvidia.com/dynamo-graph-deployment-name"
 LABEL_COMPONENT = "nvidia.com/dynamo-component"
 LABEL_WORKER_HASH = "nvidia.com/dynamo-worker-hash"
 LABEL_APP_COMPONENT = "app.kubernetes.io/component"
+# Set by the Job controller on a Job's pods (Kubernetes' name, not ours)
+LABEL_JOB_NAME = "batch.kubernetes.io/job-name"
 AGENT_COMPONENT = "snapshot-agent"
 STORAGE_COMPONENT = "checkpoint-storage"
 
@@ -37,6 +39,12 @@ ANN_AUTO_CHECKPOINT = "nvidia.com/dynamo-auto-checkpoint"
 ANN_DELETION_POLICY = "nvidia.com/dynamo-checkpoint-deletion-policy"
 ANN_STORAGE_TYPE = "nvidia.com/snapshot-storage-type"
 ANN_STORAGE_BASE_PATH = "nvidia.com/snapshot-storage-base-path"
+# On a DGD's ReplicaSet: the hash of the pod template the operator wrote
+ANN_POD_TEMPLATE_HASH = "nvidia.com/dynamo-pod-template-hash"
+
+# Condition types of a batch/v1 Job (status True when reached)
+JOB_COMPLETE = "Complete"
+JOB_FAILED = "Failed"
 
 DEFAULT_ARTIFACT_VERSION = "1"
 

@@ -96,7 +96,7 @@ async def _wait_for_job(client: Client, namespace: str, name: str, target: str,
     caller bounds the wait. Returns the verdict (None when cancelled) and the pod's failure reason."""
     jobs: Informer[Any] = Informer(client, JOBS, namespace=namespace, field_selector=f"metadata.name={name}")
     pods: Informer[Any] = Informer(client, PODS, namespace=namespace,
-                                   label_selector=f"batch.kubernetes.io/job-name={name}")
+                                   label_selector=f"{names.LABEL_JOB_NAME}={name}")
     seen: set[str] = set()
 
     def progress(pod: dict[str, Any]) -> None:

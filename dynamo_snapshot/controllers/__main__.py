@@ -1,5 +1,5 @@
 import sys
 
-from dynamo_snapshot.cli.main import main
+from dynamo_snapshot.controllers.entry import main
 
-sys.exit(main(["operator", *sys.argv[1:]]))
+sys.exit(main())

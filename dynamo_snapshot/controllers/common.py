@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from dynamo_snapshot.api import Condition, find_condition
 from dynamo_snapshot.kube import Resource
+from dynamo_snapshot.kube.resources import meta, owner_references
 
 DAEMONSETS = Resource("apps", "v1", "daemonsets", "DaemonSet")
 REPLICASETS = Resource("apps", "v1", "replicasets", "ReplicaSet")
@@ -23,7 +25,7 @@ def timestamp(moment: dt.datetime) -> str:
 
 
 def with_condition(
-    conditions: list[dict[str, Any]] | None,
+    conditions: list[Condition],
     type_: str,
     status: bool,
     reason: str,
@@ -31,26 +33,14 @@ def with_condition(
     *,
     generation: int,
     now: dt.datetime,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """`conditions` with `type_` set; lastTransitionTime moves only when the status flips."""
     wanted = "True" if status else "False"
-    result = []
-    previous = None
-    for condition in conditions or []:
-        if condition.get("type") == type_:
-            previous = condition
-        else:
-            result.append(condition)
-    changed = previous is None or previous.get("status") != wanted
-    result.append({
-        "type": type_,
-        "status": wanted,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": timestamp(now) if changed else previous.get("lastTransitionTime") or timestamp(now),
-        "observedGeneration": generation,
-    })
-    return result
+    previous = find_condition(conditions, type_)
+    changed = previous is None or previous.status != wanted
+    return [*(c for c in conditions if c.type != type_), Condition(
+        type=type_, status=wanted, reason=reason, message=message, observed_generation=generation,
+        last_transition_time=timestamp(now) if changed else previous.last_transition_time or timestamp(now))]
 
 
 def controller_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
@@ -60,12 +50,13 @@ def controller_reference(api_version: str, kind: str, name: str, uid: str) -> di
 
 
 def metadata(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj.get("metadata") or {}
+    """The metadata of a plain-dict object (Jobs, Pods, ...); api structs have `.metadata`."""
+    return meta(obj)
 
 
 def is_deleting(obj: dict[str, Any] | None) -> bool:
     return bool(obj and metadata(obj).get("deletionTimestamp"))
 
 
-def owned_by(obj: dict[str, Any], owner_uid: str) -> bool:
-    return any(ref.get("uid") == owner_uid for ref in metadata(obj).get("ownerReferences") or [])
+def owned_by(obj: Any, owner_uid: str) -> bool:
+    return any(ref["uid"] == owner_uid for ref in owner_references(obj))

@@ -16,6 +16,7 @@ from dynamo_snapshot.controllers.dgd.reconciler import DGDController, uses_check
 from dynamo_snapshot.controllers.pvc_controller import PVCController
 from dynamo_snapshot.httpserve import ProbeServer
 from dynamo_snapshot.kube import Client, EventRecorder, InformerFactory, LeaderElector
+from dynamo_snapshot.kube.config import load_config as load_cluster_config
 
 log = structlog.get_logger("dynamo_snapshot.operator")
 
@@ -42,6 +43,7 @@ class Operator:
     def __init__(self, options: OperatorOptions, config: OperatorConfig | None = None):
         self.options = options
         self.config = config or (load_config(options.config_path) if options.config_path else OperatorConfig())
+        self.cluster = load_cluster_config(options.kubeconfig)  # ConfigError now, not inside the task group
         self.probes = ProbeServer(options.health_probe_bind_address)
         self.metrics = (ProbeServer(options.metrics_bind_address)
                         if options.metrics_bind_address != options.health_probe_bind_address else None)
@@ -51,7 +53,7 @@ class Operator:
                                         else "informer caches are syncing")
 
     async def run(self) -> None:
-        async with Client.from_config(self.options.kubeconfig) as client:
+        async with Client(self.cluster) as client:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.probes.serve)
                 if self.metrics is not None:

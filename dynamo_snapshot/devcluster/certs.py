@@ -7,10 +7,15 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+MISSING_EXTRA = "the local dev cluster needs the devcluster extra: pip install 'dynamo-snapshot[devcluster]'"
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ModuleNotFoundError as err:  # development-only: see docs/decisions.md, "The dev cluster's dependency"
+    raise ModuleNotFoundError(f"{MISSING_EXTRA} ({err})", name=err.name) from err
 
 _VALIDITY = dt.timedelta(days=365)
 

@@ -57,6 +57,7 @@ from dynamo_snapshot.kube.store import (
     index_by_label,
     index_by_namespace,
     index_by_owner,
+    owner_key,
 )
 from dynamo_snapshot.kube.workqueue import (
     BucketRateLimiter,
@@ -137,6 +138,7 @@ __all__ = [
     "load_kubeconfig",
     "object_key",
     "object_reference",
+    "owner_key",
     "owner_keys",
     "owner_references",
     "resource_version",

@@ -73,7 +73,8 @@ class EventRecorder:
         """Record an event about `obj` (type Normal or Warning; action defaults to the reason)."""
         regarding = object_reference(obj)
         namespace = regarding.get("namespace") or "default"
-        note = note[:_MAX_NOTE]
+        # the API server counts bytes, not characters
+        note = note.encode()[:_MAX_NOTE].decode(errors="ignore")
         action = action or reason
         key = (regarding.get("uid") or f"{namespace}/{regarding.get('name')}", type, reason, action, note)
         now = time.monotonic()

@@ -15,7 +15,8 @@
 
 What the reflector learns goes to a sink (the informer): a whole list (`on_list`), one event
 (`on_event`), or a bookmark (`on_bookmark`). Objects are plain dicts or the msgspec struct type given;
-objects that do not fit the type are left out of the cache, with a warning, as if a selector excluded them.
+objects that do not fit the type are left out of the cache, with a warning, as if a selector excluded them,
+unless `on_mismatch` gives a stand-in for them (the controllers' `api.Malformed`, which names the field).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class _Key(msgspec.Struct):
 class Reflector:
     def __init__(self, client: Client, resource: Resource, sink: ReflectorSink, *, namespace: str | None = None,
                  label_selector: str | None = None, field_selector: str | None = None, type: Any = Any,
-                 transform: Callable[[Any], Any] | None = None, page_size: int = 500,
+                 transform: Callable[[Any], Any] | None = None,
+                 on_mismatch: Callable[[bytes, msgspec.ValidationError], Any] | None = None, page_size: int = 500,
                  watch_timeout: tuple[float, float] = (300.0, 600.0), backoff: Backoff | None = None,
                  name: str | None = None):
         self.client = client
@@ -120,6 +122,7 @@ class Reflector:
         self.field_selector = field_selector
         self.type = type
         self.transform = transform
+        self.on_mismatch = on_mismatch
         self.page_size = page_size
         self.watch_timeout = watch_timeout
         self.backoff = backoff or Backoff()
@@ -231,6 +234,9 @@ class Reflector:
             try:
                 item = decoder(self.type).decode(item)
             except msgspec.ValidationError as err:
+                stand_in = self.on_mismatch(item, err) if self.on_mismatch is not None else None
+                if stand_in is not None:
+                    return stand_in
                 key = decoder(_Key).decode(item).metadata
                 self._log.warning("object does not fit its type; left out of the cache",
                                   object=f"{key.namespace}/{key.name}", type=getattr(self.type, "__name__", ""),

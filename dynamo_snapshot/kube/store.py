@@ -25,6 +25,7 @@ __all__ = [
     "index_by_label",
     "index_by_namespace",
     "index_by_owner",
+    "owner_key",
 ]
 
 T = TypeVar("T")
@@ -47,10 +48,15 @@ def index_by_label(label: str) -> IndexFunc:
     return index
 
 
+def owner_key(namespace: str, kind: str, name: str) -> str:
+    """The value `index_by_owner` files an object under for one owner."""
+    return f"{namespace}/{kind}/{name}"
+
+
 def index_by_owner(obj: Any) -> list[str]:
-    """An index by owner: `<namespace>/<owner kind>/<owner name>` for each ownerReference."""
+    """An index by owner: `owner_key(namespace, owner kind, owner name)` for each ownerReference."""
     namespace = index_by_namespace(obj)[0]
-    return [f"{namespace}/{ref['kind']}/{ref['name']}" for ref in owner_references(obj)]
+    return [owner_key(namespace, ref["kind"], ref["name"]) for ref in owner_references(obj)]
 
 
 class _Reader(Generic[T]):

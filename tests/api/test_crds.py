@@ -125,3 +125,38 @@ def test_dgd_keeps_upstream_fields_it_does_not_own(kubectl, namespace):
     worker = stored["spec"]["services"]["VllmDecodeWorker"]
     assert worker["dynamoNamespace"] == "vllm-disagg"
     assert worker["checkpoint"]["startupPolicy"] == "Immediate" and worker["checkpoint"]["deletionPolicy"] == "Delete"
+
+
+@pytest.mark.parametrize(
+    ("template", "field"),
+    [
+        ("main", "spec.job.podTemplateSpec"),
+        ({"spec": {"containers": "main"}}, "spec.job.podTemplateSpec.spec.containers"),
+        ({"spec": {"containers": [{"name": "main", "env": {"A": "1"}}]}},
+         "spec.job.podTemplateSpec.spec.containers[0].env"),
+        ({"spec": {"containers": [{"name": "main", "env": [{"name": "A", "value": 1}]}]}},
+         "spec.job.podTemplateSpec.spec.containers[0].env[0].value"),
+        ({"metadata": {"labels": []}, "spec": {"containers": [{"name": "main"}]}},
+         "spec.job.podTemplateSpec.metadata.labels"),
+    ],
+)
+def test_a_pod_template_with_wrong_types_is_refused_at_apply_time(kubectl, namespace, template, field):
+    doc = yaml.safe_load(_checkpoint("badtemplate"))
+    doc["spec"]["job"]["podTemplateSpec"] = template
+    result = kubectl.run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=False)
+    assert result.returncode != 0 and field in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra_pod_spec", "field"),
+    [
+        ({"mainContainer": "vllm"}, "extraPodSpec.mainContainer"),
+        ({"mainContainer": {"env": {"A": "1"}}}, "extraPodSpec.mainContainer.env"),
+        ({"mainContainer": {"args": "--model x"}}, "extraPodSpec.mainContainer.args"),
+    ],
+)
+def test_a_dgd_main_container_with_wrong_types_is_refused_at_apply_time(kubectl, namespace, extra_pod_spec, field):
+    doc = yaml.safe_load((EXAMPLES / "dgd-checkpoint.yaml").read_text())
+    doc["spec"]["services"]["VllmDecodeWorker"]["extraPodSpec"] = extra_pod_spec
+    result = kubectl.run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=False)
+    assert result.returncode != 0 and field in result.stderr

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from dynamo_snapshot.api import DynamoCheckpoint, convert
+
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR = [sys.executable, "-m", "dynamo_snapshot.controllers"]
 
@@ -223,3 +225,15 @@ class Cluster:
             "spec": {"holderIdentity": "snapshot-agent-node-1", "leaseDurationSeconds": duration,
                      "renewTime": now_rfc3339(-renewed_ago), "acquireTime": now_rfc3339(-renewed_ago)},
         })
+
+
+def decoded_checkpoint(**meta: Any) -> DynamoCheckpoint:
+    """A DynamoCheckpoint struct with a main container (probes set) and a sidecar."""
+    return convert({
+        "metadata": {"name": "c", "namespace": "ns", "uid": "u-1", **meta},
+        "spec": {"identity": {"model": "meta-llama/Llama-2-7b-hf", "backendFramework": "vllm"},
+                 "job": {"podTemplateSpec": {"spec": {"containers": [
+                     {"name": "main", "image": "placeholder", "livenessProbe": {"exec": {"command": ["x"]}},
+                      "startupProbe": {"exec": {"command": ["y"]}}, "readinessProbe": {"httpGet": {"port": 80}}},
+                     {"name": "sidecar", "image": "s"}]}}}},
+    }, DynamoCheckpoint)

@@ -17,7 +17,7 @@ from typing import Any
 
 from dynamo_snapshot.api import names
 
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+JOB_NAME_LABEL = names.LABEL_JOB_NAME
 
 
 @dataclass(frozen=True)

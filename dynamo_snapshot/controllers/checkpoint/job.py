@@ -13,7 +13,6 @@ JOB_TTL_SECONDS = 300
 # Held on the Job until the operator has recorded its outcome: the TTL controller (or a user) deleting a
 # finished Job while the operator is down must not lose the verdict.
 OUTCOME_FINALIZER = "nvidia.com/checkpoint-outcome"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
 def owner_reference(ckpt: DynamoCheckpoint) -> dict[str, Any]:
@@ -67,5 +66,5 @@ def build_checkpoint_job(
     return checkpoint_job(
         name=name, namespace=ckpt.metadata.namespace, pod_template=job_spec.pod_template_spec,
         target=job_spec.target_container_name, checkpoint_id=checkpoint_id, artifact_version=artifact_version,
-        shared_memory=job_spec.shared_memory, active_deadline_seconds=job_spec.active_deadline_seconds,
+        shared_memory=str(job_spec.shared_memory), active_deadline_seconds=job_spec.active_deadline_seconds,
         storage=storage, owner=owner_reference(ckpt))

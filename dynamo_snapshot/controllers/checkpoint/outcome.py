@@ -104,8 +104,8 @@ def decide(
 ) -> Outcome:
     name = job["metadata"]["name"]
     verdict = job.get("metadata", {}).get("annotations", {}).get(names.ANN_CHECKPOINT_STATUS)
-    complete = job_condition(job, "Complete")
-    failed = job_condition(job, "Failed")
+    complete = job_condition(job, names.JOB_COMPLETE)
+    failed = job_condition(job, names.JOB_FAILED)
 
     if verdict == names.STATUS_FAILED:
         reason = REASON_VERIFICATION_FAILED if complete else REASON_JOB_FAILED

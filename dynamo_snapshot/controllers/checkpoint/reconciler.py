@@ -17,28 +17,28 @@ from dynamo_snapshot.api import (
     COND_JOB_COMPLETED,
     COND_JOB_CREATED,
     TERMINAL_PHASES,
+    Condition,
     DynamoCheckpoint,
+    DynamoCheckpointStatus,
     InvalidObject,
+    Malformed,
     OperatorConfig,
     Phase,
-    convert,
+    malformed_of,
     names,
     refuse_out_of_scope,
+    to_dict,
 )
 from dynamo_snapshot.controllers.checkpoint import outcome as outcomes
-from dynamo_snapshot.controllers.checkpoint.cleanup import (
-    CLEANUP_FINALIZER,
-    UnsafeCleanupPath,
-    build_cleanup_job,
-    cleanup_target,
-)
+from dynamo_snapshot.controllers.checkpoint.cleanup import CLEANUP_FINALIZER
+from dynamo_snapshot.controllers.checkpoint.finalize import Finalize
 from dynamo_snapshot.controllers.checkpoint.ids import (
     MissingAutoCheckpointID,
     artifact_version,
     job_name,
     resolve_checkpoint_id,
 )
-from dynamo_snapshot.controllers.checkpoint.job import JOB_NAME_LABEL, OUTCOME_FINALIZER, build_checkpoint_job
+from dynamo_snapshot.controllers.checkpoint.job import OUTCOME_FINALIZER, build_checkpoint_job
 from dynamo_snapshot.controllers.common import (
     FIELD_MANAGER,
     is_deleting,
@@ -57,6 +57,7 @@ from dynamo_snapshot.kube import (
     LEASES,
     PODS,
     AlreadyExists,
+    BadRequest,
     Client,
     Conflict,
     Controller,
@@ -69,6 +70,7 @@ from dynamo_snapshot.kube import (
     Result,
     index_by_label,
     index_by_owner,
+    owner_key,
 )
 
 log = structlog.get_logger("dynamo_snapshot.controllers.checkpoint")
@@ -85,24 +87,28 @@ REASON_INVALID = "InvalidCheckpoint"
 REASON_JOB_CREATED = "JobCreated"
 REASON_BACKOFF_IGNORED = "BackoffLimitIgnored"
 REASON_FOREIGN_JOB = "JobOwnedByAnotherObject"
-REASON_CLEANUP_STARTED = "CleanupStarted"
-REASON_CLEANUP_DONE = "CleanupSucceeded"
-REASON_CLEANUP_FAILED = "CleanupFailed"
-REASON_CLEANUP_SKIPPED = "CleanupSkipped"
-CLEANUP_RETRY_SECONDS = 30
 
 DISABLED_MESSAGE = "checkpoint functionality is disabled in the operator configuration"
 
 
-def _index_by_resolved_id(obj: Any) -> list[str]:
+def _index_by_resolved_id(obj: DynamoCheckpoint | Malformed) -> list[str]:
+    if isinstance(obj, Malformed):
+        return []
     try:
-        return [resolve_checkpoint_id(convert(obj, DynamoCheckpoint))]
-    except (InvalidObject, MissingAutoCheckpointID):
+        return [resolve_checkpoint_id(obj)]
+    except MissingAutoCheckpointID:
         return []
 
 
-def _creation_order(obj: dict[str, Any]) -> tuple[str, str]:
-    return (metadata(obj).get("creationTimestamp") or "", metadata(obj).get("name") or "")
+def _creation_order(obj: DynamoCheckpoint) -> tuple[str, str]:
+    return (obj.metadata.creation_timestamp or "", obj.metadata.name)
+
+
+def checkpoint_informer(factory: InformerFactory, namespace: str | None,
+                        indexers: dict[str, Any] | None = None) -> Informer[DynamoCheckpoint | Malformed]:
+    """The DynamoCheckpoints as api structs; one that does not fit is cached as a `Malformed` naming the field."""
+    return factory.informer(DYNAMO_CHECKPOINTS, namespace=namespace, type=DynamoCheckpoint,
+                            on_mismatch=malformed_of(DynamoCheckpoint), indexers=indexers)
 
 
 class CheckpointController:
@@ -121,14 +127,13 @@ class CheckpointController:
         self.config = config
         self.recorder = recorder
         self.clock = clock
-        self.checkpoints: Informer[Any] = factory.informer(
-            DYNAMO_CHECKPOINTS, namespace=namespace, indexers={CHECKPOINT_ID_INDEX: _index_by_resolved_id})
+        self.checkpoints = checkpoint_informer(factory, namespace, {CHECKPOINT_ID_INDEX: _index_by_resolved_id})
         self.jobs: Informer[Any] = factory.informer(
             JOBS, namespace=namespace, label_selector=names.LABEL_CHECKPOINT_ID,
             indexers={OWNER_INDEX: index_by_owner})
         self.pods: Informer[Any] = factory.informer(
             PODS, namespace=namespace, label_selector=f"{names.LABEL_IS_CHECKPOINT_SOURCE}=true",
-            indexers={JOB_NAME_INDEX: index_by_label(JOB_NAME_LABEL)})
+            indexers={JOB_NAME_INDEX: index_by_label(names.LABEL_JOB_NAME)})
         self.leases: Informer[Any] = factory.informer(LEASES, namespace=namespace,
                                                       label_selector=names.LABEL_CHECKPOINT_ID)
         self.storage = StorageView(factory, config, namespace=namespace)
@@ -149,33 +154,52 @@ class CheckpointController:
     def _checkpoints_with_same_id(self, obj: Any) -> list[ObjectKey]:
         namespace = metadata(obj).get("namespace", "")
         checkpoint_id = (metadata(obj).get("labels") or {}).get(names.LABEL_CHECKPOINT_ID, "")
-        return [ObjectKey(namespace, metadata(c)["name"])
+        return [ObjectKey(namespace, c.metadata.name)
                 for c in self.checkpoints.store.by_index(CHECKPOINT_ID_INDEX, checkpoint_id)
-                if metadata(c).get("namespace") == namespace]
+                if c.metadata.namespace == namespace]
 
     def _undecided_in_namespace(self, obj: Any) -> list[ObjectKey]:
         namespace = metadata(obj).get("namespace", "")
-        return [ObjectKey(namespace, metadata(c)["name"])
+        return [ObjectKey(namespace, c.metadata.name)
                 for c in self.checkpoints.store.by_index("namespace", namespace)
-                if (c.get("status") or {}).get("phase") not in TERMINAL_PHASES]
+                if isinstance(c, DynamoCheckpoint) and c.status.phase not in TERMINAL_PHASES]
 
     # -- reconcile -----------------------------------------------------------------------------------------
     async def reconcile(self, key: ObjectKey) -> Result | None:
-        raw = self.checkpoints.store.get_by_name(key.namespace, key.name)
-        if raw is None:
+        ckpt = self.checkpoints.store.get_by_name(key.namespace, key.name)
+        if ckpt is None:
             await self._release_jobs_of_gone_checkpoint(key)
             return None
         try:
-            return await _Reconcile(self, raw).run()
+            if isinstance(ckpt, Malformed):
+                return await self._fail_malformed(ckpt)
+            return await _Reconcile(self, ckpt).run()
         except Conflict:
             # Our cache was behind the object we wrote; the newer version is on its way to the cache.
             log.info("checkpoint changed while reconciling; reconciling again", namespace=key.namespace,
                      name=key.name)
             return Result(requeue=True)
 
+    async def _fail_malformed(self, obj: Malformed) -> None:
+        """Failed once, naming the field; a deleted one is let go (its spec cannot say what to clean)."""
+        m = obj.metadata
+        if m.deletion_timestamp:
+            if CLEANUP_FINALIZER in m.finalizers:
+                await self.client.patch(DYNAMO_CHECKPOINTS, m.name, {"metadata": {
+                    "finalizers": [f for f in m.finalizers if f != CLEANUP_FINALIZER],
+                    "resourceVersion": m.resource_version}}, m.namespace)
+            return
+        status = {"phase": Phase.FAILED.value, "message": obj.message, "observedGeneration": m.generation}
+        if all(obj.status.get(k) == v for k, v in status.items()):
+            return
+        await self.client.patch_status(DYNAMO_CHECKPOINTS, m.name, {
+            "metadata": {"resourceVersion": m.resource_version}, "status": status}, m.namespace)
+        log.warning("checkpoint is invalid", namespace=m.namespace, name=m.name, field=obj.path,
+                    problem=obj.problem)
+        await self.recorder.warning(obj, REASON_INVALID, obj.message)
+
     async def _release_jobs_of_gone_checkpoint(self, key: ObjectKey) -> None:
-        owner = f"{key.namespace}/{names.CHECKPOINT_KIND}/{key.name}"
-        for job in self.jobs.store.by_index(OWNER_INDEX, owner):
+        for job in self.jobs.store.by_index(OWNER_INDEX, owner_key(key.namespace, names.CHECKPOINT_KIND, key.name)):
             await self.release_job(job)
 
     async def release_job(self, job: dict[str, Any]) -> None:
@@ -194,31 +218,31 @@ class CheckpointController:
 class _Reconcile:
     """One pass over one DynamoCheckpoint."""
 
-    def __init__(self, ctrl: CheckpointController, raw: dict[str, Any]):
+    def __init__(self, ctrl: CheckpointController, ckpt: DynamoCheckpoint):
         self.ctrl = ctrl
-        self.raw = raw
-        self.meta = metadata(raw)
-        self.namespace = self.meta["namespace"]
-        self.name = self.meta["name"]
-        self.status: dict[str, Any] = dict(raw.get("status") or {})
-        self.phase = self.status.get("phase")
+        self.ckpt = ckpt
+        self.meta = ckpt.metadata
+        self.namespace = self.meta.namespace
+        self.name = self.meta.name
+        self.status = ckpt.status
+        self.phase = self.status.phase
+        self.checkpoint_id = ""
         self.now = ctrl.clock()
         self.log = log.bind(namespace=self.namespace, name=self.name)
 
     async def run(self) -> Result | None:
-        if is_deleting(self.raw):
-            return await _Finalize(self.ctrl, self.raw).run()
+        if self.meta.deletion_timestamp:
+            return await Finalize(self.ctrl, self.ckpt).run()
         if self.phase in TERMINAL_PHASES:
             await self._release_decided_job()
             return None
+        ckpt = self.ckpt
         try:
-            ckpt = convert(self.raw, DynamoCheckpoint)
             refuse_out_of_scope(ckpt.spec)
             checkpoint_id = resolve_checkpoint_id(ckpt)
         except (InvalidObject, MissingAutoCheckpointID) as err:
             await self._decide(Phase.FAILED, REASON_INVALID, str(err))
             return None
-        self.ckpt = ckpt
         self.checkpoint_id = checkpoint_id
         owner = self._id_owner()
         if owner is not None:
@@ -246,11 +270,11 @@ class _Reconcile:
     def _id_owner(self) -> str | None:
         """The earlier DynamoCheckpoint of the namespace with the same ID, if any."""
         same = [c for c in self.ctrl.checkpoints.store.by_index(CHECKPOINT_ID_INDEX, self.checkpoint_id)
-                if metadata(c).get("namespace") == self.namespace]
+                if c.metadata.namespace == self.namespace]
         first = min(same, key=_creation_order, default=None)
-        if first is None or metadata(first).get("uid") == self.meta.get("uid"):
+        if first is None or first.metadata.uid == self.meta.uid:
             return None
-        return metadata(first)["name"]
+        return first.metadata.name
 
     async def _live_job(self, name: str) -> dict[str, Any] | None:
         try:
@@ -274,16 +298,16 @@ class _Reconcile:
             return None
         if self.ckpt.spec.job.backoff_limit is not None:
             await self.ctrl.recorder.normal(
-                self.raw, REASON_BACKOFF_IGNORED,
+                self.ckpt, REASON_BACKOFF_IGNORED,
                 f"spec.job.backoffLimit={self.ckpt.spec.job.backoff_limit} is deprecated and ignored: "
                 "checkpoint Jobs are always single-attempt")
         try:
             await self.ctrl.client.create(JOBS, body, self.namespace, field_manager=FIELD_MANAGER)
             self.log.info("created checkpoint job", job=name, checkpoint_id=self.checkpoint_id)
-            await self.ctrl.recorder.normal(self.raw, REASON_JOB_CREATED, f"created checkpoint Job {name}")
+            await self.ctrl.recorder.normal(self.ckpt, REASON_JOB_CREATED, f"created checkpoint Job {name}")
         except AlreadyExists:
             pass  # created by an earlier pass whose status write was lost: adopt it below
-        except Invalid as err:
+        except (Invalid, BadRequest) as err:  # a pod the API server refuses (or cannot even read)
             await self._decide(Phase.FAILED, REASON_INVALID,
                                f"the API server rejected checkpoint Job {name}: {err.message}", created=False)
             return None
@@ -293,7 +317,7 @@ class _Reconcile:
 
     async def _follow_job(self, job: dict[str, Any]) -> Result | None:
         name = metadata(job)["name"]
-        if not owned_by(job, self.meta.get("uid", "")):
+        if not owned_by(job, self.meta.uid):
             if is_deleting(job):
                 return None  # a previous object's Job on its way out; its deletion brings us back
             await self._decide(Phase.FAILED, REASON_FOREIGN_JOB,
@@ -308,7 +332,7 @@ class _Reconcile:
             verdict = outcomes.Outcome(Phase.FAILED, outcomes.REASON_JOB_DELETED,
                                        f"checkpoint Job {name} was deleted before the checkpoint completed")
         if verdict.phase is None:
-            if self.phase != Phase.CREATING or self.status.get("jobName") != name:
+            if self.phase != Phase.CREATING or self.status.job_name != name:
                 await self._write_status(Phase.CREATING, verdict.message, job_name=name, conditions=[
                     (COND_JOB_CREATED, True, REASON_JOB_CREATED, f"created Job {name}")])
             return Result(requeue_after=verdict.requeue_after) if verdict.requeue_after else None
@@ -318,9 +342,9 @@ class _Reconcile:
         return None
 
     async def _release_decided_job(self) -> None:
-        name = self.status.get("jobName")
+        name = self.status.job_name
         job = self.ctrl.jobs.store.get_by_name(self.namespace, name) if name else None
-        if job is not None and owned_by(job, self.meta.get("uid", "")):
+        if job is not None and owned_by(job, self.meta.uid):
             await self.ctrl.release_job(job)
 
     # -- writing -----------------------------------------------------------------------------------------
@@ -344,103 +368,25 @@ class _Reconcile:
         conditions: list[tuple[str, bool, str, str]] = (),
         event: tuple[str, str] | None = None,
     ) -> bool:
-        generation = self.meta.get("generation") or 0
-        status = dict(self.status)
-        status["phase"] = phase.value
-        status["message"] = message
-        status["observedGeneration"] = generation
-        checkpoint_id = getattr(self, "checkpoint_id", None)
-        if checkpoint_id:
-            status["checkpointID"] = checkpoint_id
-            status["identityHash"] = checkpoint_id  # deprecated alias, always equal
-        if job_name:
-            status["jobName"] = job_name
-        if phase is Phase.READY:
-            status["createdAt"] = timestamp(self.now)
+        generation = self.meta.generation
+        old = self.status
+        checkpoint_id = self.checkpoint_id
+        condition_list: list[Condition] = old.conditions
         for type_, ok, reason, text in conditions:
-            status["conditions"] = with_condition(status.get("conditions"), type_, ok, reason, text,
-                                                  generation=generation, now=self.now)
-        if status == self.status:
+            condition_list = with_condition(condition_list, type_, ok, reason, text, generation=generation,
+                                            now=self.now)
+        status = DynamoCheckpointStatus(
+            phase=phase, message=message, observed_generation=generation,
+            # identityHash: the deprecated alias, always equal
+            checkpoint_id=checkpoint_id or old.checkpoint_id, identity_hash=checkpoint_id or old.identity_hash,
+            job_name=job_name or old.job_name, created_at=timestamp(self.now) if phase is Phase.READY
+            else old.created_at, conditions=condition_list)
+        if status == old:
             return True
-        patch = {"metadata": {"resourceVersion": self.meta["resourceVersion"]}, "status": status}
+        patch = {"metadata": {"resourceVersion": self.meta.resource_version}, "status": to_dict(status)}
         await self.ctrl.client.patch_status(DYNAMO_CHECKPOINTS, self.name, patch, self.namespace)
-        self.log.info("checkpoint status", phase=phase.value, message=message,
-                      checkpoint_id=checkpoint_id or "")
-        if event is not None and (phase.value != self.phase or message != self.status.get("message")):
+        self.log.info("checkpoint status", phase=phase.value, message=message, checkpoint_id=checkpoint_id)
+        if event is not None and (phase != self.phase or message != old.message):
             event_type, reason = event
-            await self.ctrl.recorder.event(self.raw, event_type, reason, message)
+            await self.ctrl.recorder.event(self.ckpt, event_type, reason, message)
         return True
-
-
-class _Finalize:
-    """A deleted automatic checkpoint: stop its checkpoint Job, then run the cleanup Job that removes
-    `<basePath>/<id>`; the finalizer holds the object until that Job succeeds."""
-
-    def __init__(self, ctrl: CheckpointController, raw: dict[str, Any]):
-        self.ctrl = ctrl
-        self.raw = raw
-        self.meta = metadata(raw)
-        self.namespace = self.meta["namespace"]
-        self.status = raw.get("status") or {}
-        self.log = log.bind(namespace=self.namespace, name=self.meta["name"])
-
-    async def run(self) -> Result | None:
-        if CLEANUP_FINALIZER not in (self.meta.get("finalizers") or []):
-            return None
-        running = self._own_job(self.status.get("jobName"))
-        if running is not None:
-            # Nothing may write the artifact while it is removed: the checkpoint Job goes first.
-            await self.ctrl.release_job(running)
-            if not is_deleting(running):
-                await self.ctrl.client.delete(JOBS, metadata(running)["name"], self.namespace,
-                                              propagation_policy="Foreground")
-            return None  # its deletion brings us back
-        checkpoint_id = self.status.get("checkpointID") or \
-            (self.meta.get("labels") or {}).get(names.LABEL_CHECKPOINT_ID, "")
-        if not checkpoint_id:
-            return await self._release("no checkpoint ID was ever recorded: nothing to clean up")
-        try:
-            storage = self.ctrl.storage.resolve(self.namespace)
-            body = build_cleanup_job(convert(self.raw, DynamoCheckpoint), checkpoint_id, storage,
-                                     self.ctrl.config.checkpoint.cleanup_image)
-        except (StorageUnavailable, StorageNotReady, UnsafeCleanupPath, InvalidObject) as err:
-            await self.ctrl.recorder.warning(self.raw, REASON_CLEANUP_SKIPPED,
-                                             f"artifacts of checkpoint {checkpoint_id} not removed: {err}")
-            return await self._release(str(err))
-        name = body["metadata"]["name"]
-        job = self._own_job(name)
-        if job is None:
-            try:
-                await self.ctrl.client.create(JOBS, body, self.namespace, field_manager=FIELD_MANAGER)
-                await self.ctrl.recorder.normal(self.raw, REASON_CLEANUP_STARTED,
-                                                f"removing checkpoint artifacts with Job {name}")
-            except AlreadyExists:
-                pass
-            return None
-        if outcomes.job_condition(job, "Complete"):
-            removed = cleanup_target(storage.base_path, checkpoint_id)
-            await self.ctrl.recorder.normal(self.raw, REASON_CLEANUP_DONE, f"removed {removed}")
-            return await self._release("artifacts removed")
-        failed = outcomes.job_condition(job, "Failed")
-        if failed:
-            wait = CLEANUP_RETRY_SECONDS - outcomes.seconds_since(failed.get("lastTransitionTime"), self.ctrl.clock())
-            if wait > 0:
-                return Result(requeue_after=wait)
-            await self.ctrl.recorder.warning(self.raw, REASON_CLEANUP_FAILED,
-                                             f"cleanup Job {name} failed ({failed.get('message', '')}); retrying")
-            await self.ctrl.client.delete(JOBS, name, self.namespace, propagation_policy="Background")
-        return None
-
-    def _own_job(self, name: str | None) -> dict[str, Any] | None:
-        job = self.ctrl.jobs.store.get_by_name(self.namespace, name) if name else None
-        return job if job is not None and owned_by(job, self.meta.get("uid", "")) else None
-
-    async def _release(self, why: str) -> None:
-        finalizers = [f for f in self.meta.get("finalizers") or [] if f != CLEANUP_FINALIZER]
-        try:
-            await self.ctrl.client.patch(DYNAMO_CHECKPOINTS, self.meta["name"], {"metadata": {
-                "finalizers": finalizers, "resourceVersion": self.meta["resourceVersion"]}}, self.namespace)
-        except NotFound:
-            return None
-        self.log.info("checkpoint finalized", why=why)
-        return None

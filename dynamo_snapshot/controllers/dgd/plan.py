@@ -8,14 +8,14 @@ from typing import Any
 
 from dynamo_snapshot.api import (
     CheckpointMode,
+    ComponentCheckpointStatus,
     DeletionPolicy,
     DynamoCheckpoint,
     DynamoGraphDeployment,
-    InvalidObject,
+    Malformed,
     Phase,
     Service,
     StartupPolicy,
-    convert,
 )
 from dynamo_snapshot.controllers.checkpoint.ids import MissingAutoCheckpointID, artifact_version, resolve_checkpoint_id
 from dynamo_snapshot.controllers.dgd.autocheckpoint import (
@@ -44,19 +44,18 @@ class ComponentPlan:
     auto_checkpoint: dict[str, Any] | None = None  # to create when absent
     auto_checkpoint_name: str | None = None
     deletion_policy: DeletionPolicy = DeletionPolicy.DELETE
-    checkpoint_status: dict[str, Any] | None = None
+    checkpoint_status: ComponentCheckpointStatus | None = None
     restore: bool = False
     waiting: str | None = None  # why replicas are held at 0
     problems: list[str] = field(default_factory=list)
 
 
-def _checkpoint_view(raw: dict[str, Any] | None) -> tuple[DynamoCheckpoint | None, str]:
-    if raw is None:
+def _checkpoint_view(found: DynamoCheckpoint | Malformed | None) -> tuple[DynamoCheckpoint | None, str]:
+    if not isinstance(found, DynamoCheckpoint):
         return None, ""
     try:
-        ckpt = convert(raw, DynamoCheckpoint)
-        return ckpt, resolve_checkpoint_id(ckpt)
-    except (InvalidObject, MissingAutoCheckpointID):
+        return found, resolve_checkpoint_id(found)
+    except MissingAutoCheckpointID:
         return None, ""
 
 
@@ -66,7 +65,7 @@ def plan_component(
     component: str,
     service: Service,
     *,
-    get_checkpoint: Callable[[str], dict[str, Any] | None],
+    get_checkpoint: Callable[[str], DynamoCheckpoint | Malformed | None],
     storage: Storage | None,
 ) -> ComponentPlan:
     raw_service = (dgd_raw.get("spec", {}).get("services") or {}).get(component) or {}
@@ -116,8 +115,8 @@ def plan_component(
 
     phase = ckpt.status.phase if ckpt is not None else None
     ready = phase is Phase.READY
-    plan.checkpoint_status = {"checkpointName": name, "checkpointID": checkpoint_id,
-                              "identityHash": checkpoint_id, "ready": ready}
+    plan.checkpoint_status = ComponentCheckpointStatus(checkpoint_name=name, checkpoint_id=checkpoint_id,
+                                                       identity_hash=checkpoint_id, ready=ready)
     if ready and ckpt is not None:
         if storage is None:
             plan.problems.append(f"component {component}: checkpoint {name} is Ready but checkpoint storage is "

@@ -8,12 +8,26 @@ from typing import Any
 
 import structlog
 
-from dynamo_snapshot.api import DeletionPolicy, DynamoGraphDeployment, InvalidObject, convert, names
+from dynamo_snapshot.api import (
+    ComponentCheckpointStatus,
+    DeletionPolicy,
+    DynamoCheckpoint,
+    DynamoGraphDeployment,
+    DynamoGraphDeploymentStatus,
+    InvalidObject,
+    Malformed,
+    convert,
+    find_condition,
+    names,
+    to_dict,
+)
+from dynamo_snapshot.controllers.checkpoint.reconciler import checkpoint_informer
 from dynamo_snapshot.controllers.common import (
     FIELD_MANAGER,
     REPLICASETS,
     is_deleting,
     metadata,
+    timestamp,
     utcnow,
     with_condition,
 )
@@ -27,37 +41,47 @@ from dynamo_snapshot.kube import (
     DYNAMO_GRAPH_DEPLOYMENTS,
     PODS,
     AlreadyExists,
+    BadRequest,
     Client,
     Conflict,
     Controller,
     EventRecorder,
     Informer,
     InformerFactory,
+    Invalid,
     NotFound,
     ObjectKey,
     Result,
     index_by_label,
 )
+from dynamo_snapshot.kube.resources import labels_of, object_key
 
 log = structlog.get_logger("dynamo_snapshot.controllers.dgd")
 
 DGD_INDEX = "dgd"
-TEMPLATE_HASH_ANNOTATION = "nvidia.com/dynamo-pod-template-hash"
 STATE_PENDING = "pending"
 STATE_SUCCESSFUL = "successful"
 STATE_FAILED = "failed"
 
 
 def _dgd_keys_of(obj: Any) -> list[ObjectKey]:
-    meta = metadata(obj)
-    dgd = (meta.get("labels") or {}).get(names.LABEL_DGD_NAME)
-    return [ObjectKey(meta.get("namespace", ""), dgd)] if dgd else []
+    dgd = labels_of(obj).get(names.LABEL_DGD_NAME)
+    return [ObjectKey(object_key(obj).namespace, dgd)] if dgd else []
 
 
-def uses_checkpoints(dgd: Any) -> bool:
-    services = ((dgd.get("spec") or {}).get("services") or {}).values()
-    return any(((s or {}).get("checkpoint") or {}).get("enabled") or ((s or {}).get("checkpoint") or {}).get(
-        "checkpointRef") for s in services)
+def _checkpoint_settings(dgd: dict[str, Any]) -> list[dict[str, Any]]:
+    """The services' `checkpoint` sections of a DGD as stored: what is not a mapping is left out (the
+    reconcile names it when it marks the DGD failed)."""
+    spec = dgd.get("spec")
+    services = spec.get("services") if isinstance(spec, dict) else None
+    if not isinstance(services, dict):
+        return []
+    sections = [s.get("checkpoint") for s in services.values() if isinstance(s, dict)]
+    return [c for c in sections if isinstance(c, dict)]
+
+
+def uses_checkpoints(dgd: dict[str, Any]) -> bool:
+    return any(c.get("enabled") is True or c.get("checkpointRef") for c in _checkpoint_settings(dgd))
 
 
 class DGDController:
@@ -70,7 +94,7 @@ class DGDController:
         self.replicasets: Informer[Any] = factory.informer(
             REPLICASETS, namespace=namespace, label_selector=names.LABEL_DGD_NAME,
             indexers={DGD_INDEX: index_by_label(names.LABEL_DGD_NAME)})
-        self.checkpoints: Informer[Any] = factory.informer(DYNAMO_CHECKPOINTS, namespace=namespace)
+        self.checkpoints = checkpoint_informer(factory, namespace)
         # the DGDs' pods, for the restores the snapshot agent failed (the reason goes into the status)
         self.pods: Informer[Any] = factory.informer(
             PODS, namespace=namespace, label_selector=names.LABEL_DGD_NAME,
@@ -82,13 +106,12 @@ class DGDController:
         self.controller.watch(self.checkpoints, mapper=self._dgds_using)
         self.controller.watch(self.pods, mapper=_dgd_keys_of)
 
-    def _dgds_using(self, ckpt: Any) -> list[ObjectKey]:
+    def _dgds_using(self, ckpt: DynamoCheckpoint | Malformed) -> list[ObjectKey]:
         """A checkpoint's phase matters to its own DGD and to every DGD that references it."""
         keys = _dgd_keys_of(ckpt)
-        namespace, name = metadata(ckpt).get("namespace", ""), metadata(ckpt).get("name")
+        namespace, name = ckpt.metadata.namespace, ckpt.metadata.name
         for dgd in self.dgds.store.by_index("namespace", namespace):
-            services = (dgd.get("spec") or {}).get("services") or {}
-            if any(((s or {}).get("checkpoint") or {}).get("checkpointRef") == name for s in services.values()):
+            if any(c.get("checkpointRef") == name for c in _checkpoint_settings(dgd)):
                 keys.append(ObjectKey(namespace, metadata(dgd)["name"]))
         return keys
 
@@ -121,8 +144,9 @@ class _Reconcile:
         try:
             dgd = convert(self.raw, DynamoGraphDeployment)
         except InvalidObject as err:
-            await self._write_status(STATE_FAILED, [], [f"invalid DynamoGraphDeployment: {err}"], {})
+            await self._fail_invalid(err)
             return None
+        self.dgd = dgd
         storage = self._storage()
         plans = [
             plan_component(self.raw, dgd, component, service,
@@ -133,8 +157,11 @@ class _Reconcile:
         problems: list[str] = []
         for plan in plans:
             problems += plan.problems
-            await self._ensure_checkpoint(dgd, plan)
-            await self._ensure_generation(dgd, plan)
+            try:
+                await self._ensure_checkpoint(dgd, plan)
+                await self._ensure_generation(dgd, plan)
+            except (Invalid, BadRequest) as err:  # the spec builds an object the API server refuses: no retry
+                problems.append(f"component {plan.component}: the API server refused {err.message}")
         await self._retire_old_generations(plans)
         checkpoints = {p.component: p.checkpoint_status for p in plans if p.checkpoint_status}
         await self._write_status(self._state(plans, problems), plans, problems, checkpoints)
@@ -148,7 +175,7 @@ class _Reconcile:
                                               field_manager=FIELD_MANAGER)
                 self.log.info("created automatic checkpoint", component=plan.component,
                               checkpoint=plan.auto_checkpoint_name, worker_hash=plan.worker_hash)
-                await self.ctrl.recorder.normal(self.raw, "CheckpointCreated",
+                await self.ctrl.recorder.normal(dgd, "CheckpointCreated",
                                                 f"created checkpoint {plan.auto_checkpoint_name} for component "
                                                 f"{plan.component} (worker hash {plan.worker_hash})")
             except AlreadyExists:
@@ -159,30 +186,29 @@ class _Reconcile:
 
     async def _align_deletion_policy(self, dgd: DynamoGraphDeployment, plan: ComponentPlan) -> None:
         """Delete: the DGD owns the checkpoint. Retain: no owner reference (detached), so it outlives the DGD."""
-        raw = self.ctrl.checkpoints.store.get_by_name(self.namespace, plan.auto_checkpoint_name)
-        if raw is None or is_deleting(raw):
+        ckpt = self.ctrl.checkpoints.store.get_by_name(self.namespace, plan.auto_checkpoint_name)
+        if ckpt is None or ckpt.metadata.deletion_timestamp:
             return
-        meta = metadata(raw)
-        refs = meta.get("ownerReferences") or []
-        ours = [r for r in refs if r.get("uid") == dgd.metadata.uid]
+        meta = ckpt.metadata
+        ours = [r for r in meta.owner_references if r.uid == dgd.metadata.uid]
         want_owner = plan.deletion_policy is DeletionPolicy.DELETE
-        policy = (meta.get("annotations") or {}).get(names.ANN_DELETION_POLICY)
+        policy = meta.annotations.get(names.ANN_DELETION_POLICY)
         if bool(ours) == want_owner and policy == plan.deletion_policy.value:
             return
-        others = [r for r in refs if r.get("uid") != dgd.metadata.uid]
+        others = [to_dict(r) for r in meta.owner_references if r.uid != dgd.metadata.uid]
         patch = {"metadata": {
-            "resourceVersion": meta["resourceVersion"],
+            "resourceVersion": meta.resource_version,
             "ownerReferences": [*others, dgd_owner_reference(dgd)] if want_owner else others,
             "annotations": {names.ANN_DELETION_POLICY: plan.deletion_policy.value},
         }}
-        await self.ctrl.client.patch(DYNAMO_CHECKPOINTS, meta["name"], patch, self.namespace)
+        await self.ctrl.client.patch(DYNAMO_CHECKPOINTS, meta.name, patch, self.namespace)
 
     # -- workloads --------------------------------------------------------------------------------------
     async def _ensure_generation(self, dgd: DynamoGraphDeployment, plan: ComponentPlan) -> None:
         existing = self.ctrl.replicasets.store.get_by_name(self.namespace, plan.replicaset_name)
         if existing is None:
             body = replicaset(dgd, plan.component, plan.worker_hash, plan.template, plan.replicas)
-            body["metadata"]["annotations"] = {TEMPLATE_HASH_ANNOTATION: template_hash(plan.template)}
+            body["metadata"]["annotations"] = {names.ANN_POD_TEMPLATE_HASH: template_hash(plan.template)}
             try:
                 await self.ctrl.client.create(REPLICASETS, body, self.namespace, field_manager=FIELD_MANAGER)
                 self.log.info("created worker generation", component=plan.component,
@@ -196,10 +222,10 @@ class _Reconcile:
             patch["replicas"] = plan.replicas
         wanted_hash = template_hash(plan.template)
         meta_patch: dict[str, Any] = {"resourceVersion": metadata(existing)["resourceVersion"]}
-        if (metadata(existing).get("annotations") or {}).get(TEMPLATE_HASH_ANNOTATION) != wanted_hash:
+        if (metadata(existing).get("annotations") or {}).get(names.ANN_POD_TEMPLATE_HASH) != wanted_hash:
             # Only pods created from now on get the new shape: a ReplicaSet never touches running pods.
             patch["template"] = plan.template
-            meta_patch["annotations"] = {TEMPLATE_HASH_ANNOTATION: wanted_hash}
+            meta_patch["annotations"] = {names.ANN_POD_TEMPLATE_HASH: wanted_hash}
         if patch:
             await self.ctrl.client.patch(REPLICASETS, plan.replicaset_name,
                                          {"metadata": meta_patch, "spec": patch}, self.namespace)
@@ -264,11 +290,29 @@ class _Reconcile:
             return STATE_SUCCESSFUL
         return STATE_PENDING
 
-    async def _write_status(self, state: str, plans: list[ComponentPlan], problems: list[str],
-                            checkpoints: dict[str, Any]) -> None:
-        now = utcnow()
+    async def _fail_invalid(self, err: InvalidObject) -> None:
+        """A DGD that does not fit its schema: `failed` once, its Ready condition naming the field."""
+        message = f"invalid DynamoGraphDeployment: {err}"
+        stored = self.raw.get("status")
+        conditions = stored.get("conditions") if isinstance(stored, dict) else None
+        ready = next((c for c in conditions or [] if isinstance(c, dict) and c.get("type") == "Ready"), {})
+        if isinstance(stored, dict) and stored.get("state") == STATE_FAILED and ready.get("message") == message:
+            return
         generation = self.meta.get("generation") or 0
-        old = dict(self.raw.get("status") or {})
+        condition = {"type": "Ready", "status": "False", "reason": "invalid_spec", "message": message,
+                     "lastTransitionTime": timestamp(utcnow()), "observedGeneration": generation}
+        await self.ctrl.client.patch_status(DYNAMO_GRAPH_DEPLOYMENTS, self.name, {
+            "metadata": {"resourceVersion": self.meta["resourceVersion"]},
+            "status": {"state": STATE_FAILED, "observedGeneration": generation, "conditions": [condition]}},
+            self.namespace)
+        self.log.warning("deployment is invalid", field=err.path, problem=err.problem)
+        await self.ctrl.recorder.warning(self.raw, "InvalidSpec", message)
+
+    async def _write_status(self, state: str, plans: list[ComponentPlan], problems: list[str],
+                            checkpoints: dict[str, ComponentCheckpointStatus]) -> None:
+        now = utcnow()
+        generation = self.dgd.metadata.generation
+        old = self.dgd.status
         waiting = [p.waiting for p in plans if p.waiting]
         if problems:
             ready, reason, message = False, "checkpoint_error", "; ".join(problems)
@@ -280,23 +324,20 @@ class _Reconcile:
         else:
             pending = [self._pending(p) for p in plans if not self._available(p)]
             ready, reason, message = False, "components_pending", "components not yet available: " + ", ".join(pending)
-        status = {**old, "state": state, "checkpoints": checkpoints, "observedGeneration": generation}
-        status["conditions"] = with_condition(old.get("conditions"), "Ready", ready, reason, message,
-                                              generation=generation, now=now)
+        status = DynamoGraphDeploymentStatus(
+            state=state, checkpoints=checkpoints, observed_generation=generation,
+            conditions=with_condition(old.conditions, "Ready", ready, reason, message, generation=generation,
+                                      now=now))
         if status == old:
             return
+        body = to_dict(status)
+        body.setdefault("checkpoints", {})  # a merge patch keeps what is left out: say "none" explicitly
         await self.ctrl.client.patch_status(
             DYNAMO_GRAPH_DEPLOYMENTS, self.name,
-            {"metadata": {"resourceVersion": self.meta["resourceVersion"]}, "status": status}, self.namespace)
-        if problems and message != _condition_message(old, "Ready"):
-            await self.ctrl.recorder.warning(self.raw, "CheckpointError", message)
-
-
-def _condition_message(status: dict[str, Any], type_: str) -> str | None:
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == type_:
-            return condition.get("message")
-    return None
+            {"metadata": {"resourceVersion": self.dgd.metadata.resource_version}, "status": body}, self.namespace)
+        previous = find_condition(old.conditions, "Ready")
+        if problems and message != (previous.message if previous else None):
+            await self.ctrl.recorder.warning(self.dgd, "CheckpointError", message)
 
 
 
