@@ -9,6 +9,8 @@
     restore:
       verifyThreads: 16      # parallel SHA-256 readers of a checkpoint (default: CPUs, at most 16)
       prefetchThreads: 8     # parallel readers of the files a worker declared; 0: no prefetch
+    keys:
+      directory: /etc/dynamo-snapshot/keys   # the checkpoint keys (a Secret mounted only here; docs/security.md)
 
 A missing file or key keeps the default; an unknown key or a value of the wrong type is an error that
 names it, since a misspelt option silently ignored would make the agent do something else than asked.
@@ -16,12 +18,14 @@ names it, since a misspelt option silently ignored would make the agent do somet
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dynamo_snapshot.agent.artifact.authn import DEFAULT_KEY_DIRECTORY, KEY_DIRECTORY_ENV
 from dynamo_snapshot.agent.container.criu import CriuSettings
 from dynamo_snapshot.agent.errors import AgentError
 
@@ -91,6 +95,17 @@ class RestoreSettings:
 class AgentConfig:
     criu: CriuSettings = field(default_factory=CriuSettings)
     restore: RestoreSettings = field(default_factory=RestoreSettings)
+    key_directory: str = field(default_factory=lambda: key_directory(None))
+
+
+def key_directory(data: dict[str, Any] | None, where: str = "keys") -> str:
+    section = _section(data, where, {"directory"})
+    if "directory" not in section:
+        return os.environ.get(KEY_DIRECTORY_ENV, DEFAULT_KEY_DIRECTORY)
+    directory = _typed(section, "directory", str, where)
+    if not directory.startswith("/"):
+        raise ConfigError(f"{where}.directory: expected an absolute path, got {directory!r}")
+    return directory
 
 
 def restore_settings(data: dict[str, Any] | None, where: str = "restore") -> RestoreSettings:
@@ -115,9 +130,11 @@ def load(path: str | Path | None) -> AgentConfig:
         raise ConfigError(f"agent configuration {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"agent configuration {path}: expected a mapping at the top level")
-    if unknown := sorted(set(data) - {"criu", "restore"}):
-        raise ConfigError(f"agent configuration {path}: unknown keys {', '.join(unknown)} (known: criu, restore)")
+    if unknown := sorted(set(data) - {"criu", "restore", "keys"}):
+        raise ConfigError(f"agent configuration {path}: unknown keys {', '.join(unknown)} (known: criu, keys, restore)")
     try:
-        return AgentConfig(criu_settings(data.get("criu")), restore_settings(data.get("restore")))
+        return AgentConfig(
+            criu_settings(data.get("criu")), restore_settings(data.get("restore")), key_directory(data.get("keys"))
+        )
     except ConfigError as err:
         raise ConfigError(f"agent configuration {path}: {err}") from None
