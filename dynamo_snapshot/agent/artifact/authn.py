@@ -30,7 +30,7 @@ from typing import Any
 
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact import verification
-from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError
+from dynamo_snapshot.agent.errors import AgentError, ArtifactInvalid, CheckpointError
 from dynamo_snapshot.agent.host import confined
 from dynamo_snapshot.api import names
 
@@ -47,7 +47,7 @@ DEFAULT_KEY_DIRECTORY = "/etc/dynamo-snapshot/keys"
 KEY_DIRECTORY_ENV = "DYN_SNAPSHOT_KEY_DIRECTORY"  # overrides the default (tests, the local stack)
 
 
-class KeyringError(ValueError):
+class KeyringError(AgentError, ValueError):
     """The key directory is unusable (the agent does not start)."""
 
 
