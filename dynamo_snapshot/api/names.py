@@ -88,5 +88,7 @@ SNAPSHOT_INIT_PATH = "/usr/local/bin/snapshot-init"
 VERSIONS_DIR = "versions"
 STAGING_DIR = "tmp"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_MAC_FILE = "manifest.json.mac"  # HMAC-SHA256 of manifest.json by an agent key (docs/security.md)
+MANIFEST_KEY_FIELD = "keyID"  # the manifest field naming the key that authenticated it
 DUMP_LOG_FILE = "dump.log"
 DELETED_FILES_FILE = "deleted-files.json"

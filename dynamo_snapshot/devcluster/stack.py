@@ -47,7 +47,7 @@ POD_BASE_PATH = "/checkpoints"  # where pods mount the checkpoint PVC (podMount)
 # The snapshot chart's agent Role (helm/snapshot/templates/rbac.yaml); tests/helm checks they agree.
 AGENT_RULES = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "patch"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "delete"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
@@ -116,7 +116,12 @@ class SnapshotStack:
 
     def _agent(self, cluster: LocalCluster, node: KubeletNode) -> Component:
         config = self.root / "agent.yaml"
-        config.write_text(yaml.safe_dump({"criu": self.criu_config}))
+        keys = self.root / "agent-keys"  # the checkpoint keys, readable by the agent only (the chart's Secret)
+        if not keys.is_dir():
+            from dynamo_snapshot.agent.artifact import authn
+
+            authn.create_key(keys, "k1")
+        config.write_text(yaml.safe_dump({"criu": self.criu_config, "keys": {"directory": str(keys)}}))
         kubeconfig = cluster.kubeconfig_for(f"system:serviceaccount:{self.namespace}:{AGENT}")
         base = str(self.checkpoints) if self.storage_mode == "agentMount" else POD_BASE_PATH
         port = self.ports["agent"]

@@ -104,7 +104,7 @@ def test_another_checkpoint_id_is_refused(tmp_path: Path) -> None:
 def test_a_manifest_path_outside_the_artifact_is_refused(tmp_path: Path) -> None:
     final = make_artifact(tmp_path)
     manifest = json.loads((final / "manifest.json").read_text())
-    manifest["files"].append({"path": "../../../etc/passwd", "size": 1, "sha256": "0"})
+    manifest["files"].append({"path": "../../../etc/passwd", "size": 1, "sha256": "0" * 64})
     (final / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactInvalid, match="unsafe path"):
         verification.verify(final, "abc", HERE)
@@ -183,3 +183,44 @@ def test_a_fresh_attempt_withdraws_the_unconfirmed_version_an_earlier_killed_att
     assert not layout.final_dir.exists() and not list(layout.versions_dir.glob("*/pages-1.img"))
     assert layout.new_staging().parent == layout.staging_root
     assert layout.withdraw_unconfirmed() is False  # nothing left to withdraw
+
+
+def _rewrite(final: Path, change) -> None:
+    path = final / artifact_layout.MANIFEST
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(files=["pages-1.img"]), r"field files\[0\] must be an object"),
+        (
+            lambda m: m["files"][0].update(size="1870"),
+            r"field files\[0\]\.size must be a byte count \(integer\), got a string",
+        ),
+        (lambda m: m["files"][0].update(path=7), r"field files\[0\]\.path must be a relative path, got int 7"),
+        (lambda m: m["files"][0].update(sha256=None), r"field files\[0\]\.sha256 must be a SHA-256 hex digest"),
+        (lambda m: m.update(workload="x"), "field workload must be an object, got a string"),
+        (lambda m: m.update(workload={"pids": ["1"]}), r"field workload\.pids\[0\] must be PIDs \(integers\)"),
+        (lambda m: m.update(workload={"rereadAfterRestore": [5]}), r"workload\.rereadAfterRestore\[0\] must be"),
+        (lambda m: m.update(criu={"externalMounts": []}), r"field criu\.externalMounts must be an object"),
+        (lambda m: m.pop("compatibility"), "field compatibility is missing"),
+        (lambda m: m.update(formatVersion="1"), "field formatVersion must be an integer"),
+    ],
+)
+def test_a_malformed_manifest_field_is_refused_by_name(tmp_path: Path, change, message: str) -> None:
+    final = make_artifact(tmp_path)
+    _rewrite(final, change)
+    with pytest.raises(ArtifactInvalid, match=message):
+        verification.verify(final, "abc", HERE)
+
+
+def test_a_symlinked_file_is_reported_as_a_link_not_as_missing(tmp_path: Path) -> None:
+    final = make_artifact(tmp_path)
+    (tmp_path / "outside").write_text("[]\n")
+    (final / "deleted-files.json").unlink()
+    (final / "deleted-files.json").symlink_to(tmp_path / "outside")
+    with pytest.raises(ArtifactInvalid, match=r"deleted-files\.json is a symbolic link"):
+        verification.verify(final, "abc", HERE)

@@ -26,6 +26,7 @@ from dynamo_snapshot.agent.service.operations import Operations, Outcome
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork, Work
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import (
+    DYNAMO_CHECKPOINTS,
     EVENTS_V1,
     JOBS,
     LEASES,
@@ -131,15 +132,24 @@ class Harness:
 
     # -- objects ------------------------------------------------------------------------------------------
     async def job(self, name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        """A checkpoint Job as the operator makes it: controlled by a DynamoCheckpoint."""
+        ckpt = await self.client.create(DYNAMO_CHECKPOINTS, {
+            "apiVersion": names.API_VERSION, "kind": names.CHECKPOINT_KIND, "metadata": {"name": f"{name}-ckpt"},
+            "spec": {"identity": {"model": "m", "backendFramework": "vllm"}, "job": {
+                "targetContainerName": "main", "podTemplateSpec": {"spec": {"containers": [
+                    {"name": "main", "image": "placeholder:1"}]}}}}}, self.namespace)
+        owner = {"apiVersion": names.API_VERSION, "kind": names.CHECKPOINT_KIND, "name": ckpt["metadata"]["name"],
+                 "uid": ckpt["metadata"]["uid"], "controller": True}
         body = {"apiVersion": "batch/v1", "kind": "Job",
                 "metadata": {"name": name, "labels": {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID},
-                             "annotations": annotations or {}},
+                             "annotations": annotations or {}, "ownerReferences": [owner]},
                 "spec": {"suspend": True, "backoffLimit": 0, "template": {"spec": {
                     "restartPolicy": "Never", "containers": [{"name": "main", "image": "placeholder:1"}]}}}}
         return await self.client.create(JOBS, body, self.namespace)
 
     async def pod(self, name: str, container_id: str, *, source_of: dict[str, Any] | None = None,
-                  annotations: dict[str, str] | None = None, ready: bool = True) -> dict[str, Any]:
+                  annotations: dict[str, str] | None = None, ready: bool = True, image: str = "placeholder:1",
+                  owned: bool = True) -> dict[str, Any]:
         """A pod on the agent's node whose container `main` runs as `container_id` (the kubelet's part)."""
         labels = {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID}
         metadata: dict[str, Any] = {"name": name, "labels": labels,
@@ -147,11 +157,14 @@ class Harness:
         if source_of is not None:
             labels[names.LABEL_IS_CHECKPOINT_SOURCE] = "true"
             job = source_of["metadata"]
-            metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": job["name"],
-                                            "uid": job["uid"], "controller": True}]
+            if owned:
+                metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": job["name"],
+                                                "uid": job["uid"], "controller": True}]
+            else:  # what anyone who can create pods can write
+                labels["batch.kubernetes.io/job-name"] = job["name"]
         body = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
                 "spec": {"nodeName": NODE, "restartPolicy": "Never" if source_of else "Always",
-                         "containers": [{"name": "main", "image": "placeholder:1"}]}}
+                         "containers": [{"name": "main", "image": image}]}}
         created = await self.client.create(PODS, body, self.namespace)
         status = {"phase": "Running", "containerStatuses": [{
             "name": "main", "image": "placeholder:1", "imageID": "", "ready": ready, "started": True,
@@ -321,6 +334,17 @@ async def test_a_source_pod_is_checkpointed_once_its_target_turns_ready(harness)
         pod["status"]["containerStatuses"][0]["ready"] = True  # ready-for-snapshot appeared
         await harness.client.patch_status(PODS, "late", {"status": pod["status"]}, harness.namespace)
         assert await harness.outcome_for("c-late") is Outcome.COMPLETED
+
+
+async def test_a_pod_posing_as_the_checkpoint_source_is_not_dumped_and_the_job_not_decided(harness):
+    job = await harness.job("checkpoint-job-victim-1")
+    async with harness.agent():
+        await harness.pod("labelled", "c-labelled", source_of=job, owned=False)
+        await harness.pod("other-image", "c-other", source_of=job, image="attacker:1")
+        assert await harness.outcome_for("c-other") is Outcome.SKIPPED
+    assert harness.node.calls == []
+    assert names.ANN_CHECKPOINT_STATUS not in await harness.annotations(JOBS, "checkpoint-job-victim-1")
+    assert not [w for w, _ in harness.outcomes if w.container_id == "c-labelled"]  # a label names no Job
 
 
 # -- restores ------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ def pod(*, source: bool, ready: bool = True, container_id: str | None = "contain
                 "annotations": {names.ANN_TARGET_CONTAINERS: targets, **(annotations or {})}}
     if source:
         labels[names.LABEL_IS_CHECKPOINT_SOURCE] = "true"
-        metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": "job-1", "uid": "j"}]
+        metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": "job-1", "uid": "j",
+                                        "controller": True}]
     status = {"name": "main", "ready": ready, "state": {"running": {}} if container_id else {"waiting": {}}}
     if container_id:
         status["containerID"] = container_id

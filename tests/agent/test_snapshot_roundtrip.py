@@ -63,8 +63,9 @@ def test_artifact_is_promoted_complete_with_every_file_in_the_manifest(stored: S
     assert not any((final.parent / "tmp").iterdir()), "staging directories were left behind"
     manifest = json.loads((final / "manifest.json").read_text())
     listed = {f["path"]: f for f in manifest["files"]}
-    on_disk = {p.name for p in final.iterdir()} - {"manifest.json"}
+    on_disk = {p.name for p in final.iterdir()} - {"manifest.json", "manifest.json.mac"}
     assert set(listed) == on_disk
+    assert (final / "manifest.json.mac").read_text().startswith(f"hmac-sha256 {manifest['keyID']} ")
     for name in ("dump.log", "rootfs-diff.tar", "deleted-files.json", "dev-shm.tar", "pstree.img"):
         assert name in listed
     for name, entry in listed.items():

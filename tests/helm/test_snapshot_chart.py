@@ -1,6 +1,8 @@
 """The snapshot chart rendered by the real helm: the agent DaemonSet's contract with the agent and the
 operator in each storage mode, runtime, RBAC scope and OpenShift, and values refused with a clear error."""
 
+import base64
+
 import pytest
 import yaml
 
@@ -47,7 +49,7 @@ def test_lint_passes_in_every_mode(helm, mode):
 def test_agent_mount_daemonset_is_the_agent_contract(helm):
     objects = render(helm, **SIZE)
     assert kinds(objects) == ["ConfigMap", "DaemonSet", "PersistentVolumeClaim", "Role", "RoleBinding",
-                              "ServiceAccount"]
+                              "Secret", "ServiceAccount"]
     ds = only(objects, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     assert ds["metadata"]["labels"]["app.kubernetes.io/component"] == "snapshot-agent"
@@ -218,3 +220,17 @@ def test_the_local_stack_grants_its_agent_what_the_chart_grants(helm):
     must be the chart's, or the local runs prove an agent the chart would not allow."""
     role = next(o for o in render(helm, **SIZE) if o["kind"] in ("Role", "ClusterRole"))
     assert role["rules"] == AGENT_RULES
+
+
+def test_the_checkpoint_keys_are_a_kept_secret_mounted_only_into_the_agent(helm):
+    objects = render(helm, **SIZE)
+    secret = only(objects, "Secret")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    (key,) = secret["data"].values()
+    assert len(base64.b64decode(key)) >= 32
+    path, volume = mounts(objects)["keys"]
+    assert path == "/etc/dynamo-snapshot/keys"
+    assert volume["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400}
+    reuse = render(helm, **SIZE, **{"keys.create": "false", "keys.secretName": "my-keys"})
+    assert "Secret" not in kinds(reuse)
+    assert mounts(reuse)["keys"][1]["secret"]["secretName"] == "my-keys"

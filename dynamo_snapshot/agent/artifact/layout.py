@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynamo_snapshot.agent.artifact import beneath
 from dynamo_snapshot.agent.errors import CheckpointError
 from dynamo_snapshot.api import names
 
@@ -134,7 +135,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 def discard_staging(staging: Path, keep_log_at: Path | None = None) -> None:
     """Remove a failed attempt's staging directory, keeping its dump log for the post-mortem."""
     if keep_log_at is not None and (staging / DUMP_LOG).is_file():
-        keep_log_at.parent.mkdir(parents=True, exist_ok=True)
+        beneath.make_dirs(keep_log_at.parents[3], keep_log_at.parent)  # <base>/<id>/failed/<attempt>, no link
         os.replace(staging / DUMP_LOG, keep_log_at)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(staging)
@@ -151,16 +152,11 @@ def prune_restore_logs(
     """Remove the oldest restore work directories beyond the newest ``keep``: a checkpoint restored by a
     fleet for months would otherwise collect one CRIU log per restore. Never one younger than
     ``min_age_s`` (another node may be restoring from the same checkpoint into it right now), never
-    through a symlink. Returns the names removed."""
-    try:
-        entries = [e for e in os.scandir(restores) if e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return []
-    aged = sorted(((e.stat(follow_symlinks=False).st_mtime, e) for e in entries), key=lambda t: t[0], reverse=True)
+    through a symlink: ``<id>/restores`` and what is in it are reached by descriptors from the base
+    path (``beneath``). Returns the names removed."""
+    base = restores.parent.parent
+    aged = sorted(beneath.scan_dirs(base, restores), key=lambda t: t[1], reverse=True)
     now = time.time() if now is None else now
-    removed = []
-    for mtime, entry in aged[keep:]:
-        if now - mtime >= min_age_s:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.name)
+    removed = [name for name, mtime in aged[keep:] if now - mtime >= min_age_s]
+    beneath.remove_children(base, restores, removed)
     return removed

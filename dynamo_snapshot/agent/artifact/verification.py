@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from dynamo_snapshot.agent.artifact import fields as manifest_fields
 from dynamo_snapshot.agent.artifact.layout import MANIFEST
 from dynamo_snapshot.agent.artifact.manifest import (
     MANIFEST_FORMAT,
@@ -29,6 +30,9 @@ from dynamo_snapshot.agent.artifact.manifest import (
     read_manifest,
 )
 from dynamo_snapshot.agent.errors import ArtifactInvalid
+from dynamo_snapshot.api import names
+
+_SIDECARS = (MANIFEST, names.MANIFEST_MAC_FILE)  # beside the files the manifest lists
 
 log = structlog.get_logger(__name__)
 
@@ -45,10 +49,14 @@ def verify(
     return manifest
 
 
-def verify_listing(directory: Path, checkpoint_id: str, here: Compatibility) -> dict[str, Any]:
+def verify_listing(
+    directory: Path, checkpoint_id: str, here: Compatibility, manifest: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Every check of ``verify`` but the digests: manifest, checkpoint ID, compatibility, every listed
-    file present with its size, nothing unlisted. Returns the manifest."""
-    manifest = read_manifest(directory)
+    file present with its size, nothing unlisted. Returns the manifest (``manifest``, the one
+    ``authn.open_manifest`` authenticated, when given)."""
+    manifest = read_manifest(directory) if manifest is None else manifest
+    manifest_fields.check(manifest, str(directory / MANIFEST))
     if manifest.get("formatVersion") != MANIFEST_FORMAT:
         raise ArtifactInvalid(
             f"{directory / MANIFEST} has format version {manifest.get('formatVersion')!r}; "
@@ -72,13 +80,15 @@ def verify_listing(directory: Path, checkpoint_id: str, here: Compatibility) -> 
             raise ArtifactInvalid(f"{directory / MANIFEST} lists an unsafe path {rel!r}")
         listed[rel] = entry
     present = {
-        p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir() and p.name != MANIFEST
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir() and p.name not in _SIDECARS
     }
     if extra := sorted(present - set(listed)):
         raise ArtifactInvalid(f"{directory} holds files the manifest does not list: {', '.join(extra[:5])}")
     for rel, entry in sorted(listed.items()):
         path = directory / rel
-        if not path.is_file() or path.is_symlink():
+        if path.is_symlink():
+            raise ArtifactInvalid(f"{path} is a symbolic link; an artifact holds regular files only")
+        if not path.is_file():
             raise ArtifactInvalid(f"{path} is listed in the manifest but missing")
         size = path.stat().st_size
         if size != entry.get("size"):

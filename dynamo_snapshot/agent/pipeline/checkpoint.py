@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 import structlog
 
-from dynamo_snapshot.agent.artifact import layout
+from dynamo_snapshot.agent.artifact import authn, layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
@@ -81,6 +81,7 @@ class _Run:
         self.bound = bound
         self.stages = Stages[Stage]("checkpoint", bound, hooks)
         self.layout = layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
+        self.keyring = request.keyring or authn.default_keyring()  # before anything is touched: no key, no checkpoint
 
     async def dump(self, source: Source, guard: Guard, staging: Path) -> criu.DumpOptions:
         options = source.dump_options(self.settings, staging, self.bundle)
@@ -126,7 +127,8 @@ class _Run:
             request.checkpoint_id, request.artifact_version, artifact.now_rfc3339(), here, workload,
             archived, deleted, options, cuda_state.manifest_block(workload.vpid_of),
         )
-        manifest = await anyio.to_thread.run_sync(artifact.write_manifest, staging, fields, request.io_threads)
+        write = authn.write_manifest
+        manifest = await anyio.to_thread.run_sync(write, staging, fields, self.keyring, request.io_threads)
         leave(Stage.MANIFEST)
 
         await enter(Stage.PROMOTE)

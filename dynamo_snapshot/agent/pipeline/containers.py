@@ -24,7 +24,7 @@ import anyio
 import structlog
 
 from dynamo_snapshot.agent.artifact import layout
-from dynamo_snapshot.agent.container import control, criu, rootfs
+from dynamo_snapshot.agent.container import control, criu, privilege, rootfs
 from dynamo_snapshot.agent.container.runtime import ContainerInfo, CRIClient
 from dynamo_snapshot.agent.errors import CheckpointError, RestoreError
 from dynamo_snapshot.agent.host import cgroups, inroot, pids, procfs
@@ -223,8 +223,10 @@ class Placeholder:
         if control.control_dir(info) is None:
             raise RestoreError(f"placeholder {info.name} ({info.id}) has no {control.CONTROL_DIR_ENV}")
 
-    def check(self, manifest: dict[str, Any]) -> None:
-        """Each mount the checkpoint had must exist in the placeholder."""
+    def check(self, manifest: dict[str, Any], images: Path) -> None:
+        """Each mount the checkpoint had must exist in the placeholder, and no image thread may hold more
+        privilege than the placeholder's init (``container.privilege``)."""
+        privilege.check_images(images, self.info.pid)
         self.mountpoints = {m.mountpoint for m in procfs.mountinfo(self.info.pid)}
         wanted = set(manifest.get("criu", {}).get("externalMounts", {}))
         if missing := sorted(wanted - self.mountpoints):

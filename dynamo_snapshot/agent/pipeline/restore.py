@@ -38,9 +38,9 @@ import anyio
 import structlog
 
 from dynamo_snapshot import lifecycle
+from dynamo_snapshot.agent.artifact import authn, beneath, verification
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
-from dynamo_snapshot.agent.artifact import verification
 from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 from dynamo_snapshot.agent.container import criu
@@ -101,6 +101,7 @@ class _Run:
         self.host_pid: int | None = None
         self.work_dir: Path | None = None
         self.pages: PageCheck | Verified = Verified()
+        self.keyring = request.keyring or authn.default_keyring()
 
     async def verify(self, dest: Destination) -> tuple[dict[str, Any], CudaState]:
         node = await self.cuda.node_state()
@@ -108,11 +109,11 @@ class _Run:
             await anyio.to_thread.run_sync(self.bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
         wanted = self.request.checkpoint_id
-        manifest = await anyio.to_thread.run_sync(verification.verify_listing, self.images, wanted, here)
+        manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.images, wanted, here, self.keyring)
         early = verification.is_parsed if self.request.overlap else (lambda rel: True)
         threads = self.request.io_threads
         await anyio.to_thread.run_sync(lambda: verification.verify_digests(self.images, manifest, early, threads))
-        dest.check(manifest)
+        await anyio.to_thread.run_sync(dest.check, manifest, self.images)
         recorded = CudaState.from_manifest(manifest)
         await self.cuda.check_restore(recorded, dest.gpu_view_pid)  # GPUs the target cannot provide: refuse now
         return manifest, recorded
@@ -128,7 +129,7 @@ class _Run:
     async def criu(self, dest: Destination, manifest: dict[str, Any], pages: PageCheck | Verified) -> int:
         assert self.work_dir is not None
         pages.check()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        beneath.make_dirs(self.request.base_path, self.work_dir)  # <id>/restores/<name>, never through a link
         held = ["--leave-stopped"] if self.request.overlap else []
         await dest.run_criu(self.bundle, self.images, self.work_dir, manifest, self.settings, held)
         workload_pid = int((self.work_dir / PIDFILE).read_text())
@@ -195,7 +196,7 @@ class _Run:
         """Old restore logs go after a restore that worked (best effort: storage may be read-only)."""
         try:
             removed = await anyio.to_thread.run_sync(artifact_layout.prune_restore_logs, self.restores)
-        except OSError as exc:
+        except (OSError, beneath.UnsafePath) as exc:
             self.bound.warning("could not prune old restore logs", directory=str(self.restores), error=str(exc))
             return
         if removed:

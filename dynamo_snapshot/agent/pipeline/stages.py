@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from dynamo_snapshot.agent.artifact.authn import Keyring
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 
 S = TypeVar("S", bound=enum.StrEnum)
@@ -20,6 +21,7 @@ class Request:
     base_path: Path  # the storage's mount: <base>/<checkpointID>/versions/<artifactVersion>
     artifact_version: str = "1"
     io_threads: int | None = None  # digest readers (default: artifact.default_io_threads)
+    keyring: Keyring | None = None  # the checkpoint keys (default: authn.default_keyring(), read at the start)
 
 
 class Stages(Generic[S]):

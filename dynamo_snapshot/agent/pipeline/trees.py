@@ -139,8 +139,8 @@ class TreeDestination:
     def ready(self) -> None:
         return None
 
-    def check(self, manifest: dict[str, Any]) -> None:
-        return None
+    def check(self, manifest: dict[str, Any], images: Path) -> None:
+        return None  # a host tree is restored by root, as it was: no placeholder to bound it
 
     async def reserve_pids(self, wanted: Sequence[int]) -> None:
         busy = [pid for pid in wanted if procfs.proc(pid).exists()]

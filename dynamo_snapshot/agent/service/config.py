@@ -9,6 +9,8 @@
     restore:
       verifyThreads: 16      # parallel SHA-256 readers of a checkpoint (default: CPUs, at most 16)
       prefetchThreads: 8     # parallel readers of the files a worker declared; 0: no prefetch
+    keys:
+      directory: /etc/dynamo-snapshot/keys   # the checkpoint keys (a Secret mounted only here; docs/security.md)
 
 A missing file or key keeps the default; an unknown key or a value of the wrong type is an error that
 names it, since a misspelt option silently ignored would make the agent do something else than asked.
@@ -16,12 +18,14 @@ names it, since a misspelt option silently ignored would make the agent do somet
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dynamo_snapshot.agent.artifact.authn import DEFAULT_KEY_DIRECTORY, KEY_DIRECTORY_ENV
 from dynamo_snapshot.agent.container.criu import CriuSettings
 from dynamo_snapshot.agent.errors import AgentError
 
@@ -103,6 +107,17 @@ class RestoreSettings:
 class AgentConfig:
     criu: CriuSettings = field(default_factory=CriuSettings)
     restore: RestoreSettings = field(default_factory=RestoreSettings)
+    key_directory: str = field(default_factory=lambda: key_directory(None))
+
+
+def key_directory(data: dict[str, Any] | None, where: str = "keys") -> str:
+    section = _section(data, where, {"directory"})
+    if "directory" not in section:
+        return os.environ.get(KEY_DIRECTORY_ENV, DEFAULT_KEY_DIRECTORY)
+    directory = _typed(section, "directory", str, where)
+    if not directory.startswith("/"):
+        raise ConfigError(f"{where}.directory: expected an absolute path, got {directory!r}")
+    return directory
 
 
 def restore_settings(data: dict[str, Any] | None, where: str = "restore") -> RestoreSettings:
@@ -137,9 +152,11 @@ def load(path: str | Path | None) -> AgentConfig:
     except RecursionError:
         raise ConfigError(f"{where} is nested too deeply to be an agent configuration") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level (criu, restore), got {_short(data)}")
+        raise ConfigError(f"{where}: expected a mapping at the top level (criu, keys, restore), got {_short(data)}")
     try:
-        top = _section(data, "(top level)", {"criu", "restore"})
-        return AgentConfig(criu_settings(top.get("criu")), restore_settings(top.get("restore")))
+        top = _section(data, "(top level)", {"criu", "restore", "keys"})
+        return AgentConfig(
+            criu_settings(top.get("criu")), restore_settings(top.get("restore")), key_directory(top.get("keys"))
+        )
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

@@ -21,6 +21,7 @@ import anyio
 import prometheus_client
 import structlog
 
+from dynamo_snapshot.agent.artifact.authn import Keyring, KeyringError
 from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
 from dynamo_snapshot.agent.container.criu import CriuBundle, CriuSettings
 from dynamo_snapshot.agent.container.runtime import CRIClient, CRIError, RuntimeType, default_socket
@@ -45,6 +46,7 @@ class AgentOptions:
     storage_base_path: str
     criu: CriuSettings
     restore: RestoreSettings = field(default_factory=RestoreSettings)
+    keyring: Keyring | None = None  # None: authn.default_keyring()
     metrics_bind_address: str = ":9090"
     kubeconfig: str | None = None
     workers: int = 2
@@ -103,7 +105,7 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             await tg.start(probes.serve)
             await _connect_runtime(cri)
             storage = StorageResolver(options.storage_mode, options.storage_base_path, cri)
-            node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore)
+            node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore, options.keyring)
             recorder = EventRecorder(client, controller=EVENT_CONTROLLER, instance=identity)
             operations = Operations(client, node, recorder, identity, AgentMetrics(prometheus_client.REGISTRY))
             agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
@@ -151,7 +153,8 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
         parser.error(f"--namespace is required with {why} (or POD_NAMESPACE)")
     try:
         configured = load(args.config)
-    except ConfigError as err:
+        keyring = Keyring.from_directory(configured.key_directory)
+    except (ConfigError, KeyringError) as err:
         parser.error(str(err))
     return AgentOptions(
         node_name=args.node_name,
@@ -163,6 +166,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
         storage_base_path=args.storage_base_path.rstrip("/") or "/",
         criu=configured.criu,
         restore=configured.restore,
+        keyring=keyring,
         metrics_bind_address=args.metrics_bind_address,
         kubeconfig=args.kubeconfig,
         workers=args.workers,

@@ -13,10 +13,12 @@ from typing import Protocol
 
 import structlog
 
+from dynamo_snapshot.agent.artifact import authn
 from dynamo_snapshot.agent.artifact.storage import StorageResolver
 from dynamo_snapshot.agent.container import control, criu
 from dynamo_snapshot.agent.container.runtime import ContainerInfo, ContainerNotFound, CRIClient
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
+from dynamo_snapshot.agent.errors import CheckpointError, RestoreError
 from dynamo_snapshot.agent.host.cgroups import Freezer
 from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
 from dynamo_snapshot.agent.pipeline import restore as rst
@@ -57,27 +59,51 @@ class NodeOps(Protocol):
 class CriuNode:
     def __init__(self, cri: CRIClient, bundle: criu.CriuBundle, storage: StorageResolver,
                  settings: criu.CriuSettings, cuda: CudaStep | None = None,
-                 restore: RestoreSettings | None = None):
+                 restore: RestoreSettings | None = None, keyring: authn.Keyring | None = None):
         self.cri = cri
         self.bundle = bundle
         self.storage = storage
         self.settings = settings
         self.cuda = cuda or NoCuda()
         self.restore_settings = restore or RestoreSettings()
+        self.keyring = keyring or authn.default_keyring()
+        self._foreign: set[str] = set()  # containers refused as not the pod's (or not a placeholder): never killed
+
+    async def _check_owned(self, work: CheckpointWork | RestoreWork, info: ContainerInfo, placeholder: bool) -> None:
+        """The container is the pod's, by the runtime's word (its sandbox's pod UID, namespace, name and
+        the container's name; pod status can be patched by others), and for a restore a placeholder in
+        standby. Otherwise it is remembered as foreign, so nothing kills it, and refused."""
+        meta = (await self.cri.sandbox_status(info.sandbox_id)).status.metadata
+        why = ""
+        if (meta.uid, meta.namespace, meta.name) != (work.pod.uid, work.pod.namespace, work.pod.name):
+            why = f"belongs to pod {meta.namespace}/{meta.name} (uid {meta.uid}), not {work.pod}"
+        elif info.name != work.container:
+            why = f"is container {info.name!r} of the pod, not {work.container!r}"
+        elif placeholder and not control.in_standby(info):
+            why = f"is not a placeholder in standby ({control.RESTORE_STANDBY_ENV}=1); it is left running"
+        if why:
+            self._foreign.add(work.container_id)
+            log.warning("container refused", namespace=work.pod.namespace, name=work.pod.name,
+                        container_id=work.container_id, reason=why)
+            error = RestoreError if placeholder else CheckpointError
+            raise error(f"container {work.container_id} {why}; refused")
 
     async def checkpoint(self, work: CheckpointWork, hooks: Hooks) -> ckpt.CheckpointResult:
         info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
+        await self._check_owned(work, info, placeholder=False)
         async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
-            request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version)
+            request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version, keyring=self.keyring)
             target = ContainerTarget(self.cri, work.container_id, info)
             return await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
 
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
         info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
+        await self._check_owned(work, info, placeholder=True)
         async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
             tuned = self.restore_settings
             request = rst.RestoreRequest(work.checkpoint_id, base, work.artifact_version,
-                                         io_threads=tuned.verify_threads, prefetch_threads=tuned.prefetch_threads)
+                                         io_threads=tuned.verify_threads, keyring=self.keyring,
+                                         prefetch_threads=tuned.prefetch_threads)
             target = PlaceholderTarget(self.cri, work.container_id, info)
             return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
 
@@ -99,6 +125,8 @@ class CriuNode:
         return info if info.running else None
 
     async def kill_workload(self, container_id: str) -> None:
+        if container_id in self._foreign:
+            return
         if info := await self._running(container_id):
             freezer = Freezer.of_process(info.pid)
             killed = freezer.kill_all_but(info.pid)
@@ -106,6 +134,9 @@ class CriuNode:
             log.info("workload killed", container_id=container_id, pids=killed)
 
     async def kill_container(self, container_id: str) -> None:
+        if container_id in self._foreign:
+            log.info("container not killed: it was refused as not the pod's placeholder", container_id=container_id)
+            return
         if info := await self._running(container_id):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(info.pid, signal.SIGKILL)

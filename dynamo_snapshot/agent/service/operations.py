@@ -34,7 +34,7 @@ from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from dynamo_snapshot.agent.service.lease import CheckpointLease, LeaseUnavailable
 from dynamo_snapshot.agent.service.metrics import AgentMetrics
 from dynamo_snapshot.agent.service.nodeops import NodeOps
-from dynamo_snapshot.agent.service.podwork import CheckpointWork, PodRef, RestoreWork
+from dynamo_snapshot.agent.service.podwork import CheckpointWork, PodRef, RestoreWork, source_mismatch
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import JOBS, PODS, Client, EventRecorder, KubeError, NotFound
 
@@ -93,8 +93,8 @@ class Operations:
         except KubeError as err:
             bound.warning("cannot read the checkpoint Job; will look again", error=str(err))
             return Outcome.RETRY
-        if work.job_uid and job["metadata"].get("uid") != work.job_uid:
-            bound.warning("the source pod's Job was replaced by another of the same name; nothing to confirm")
+        if mismatch := source_mismatch(work, job):
+            bound.warning("not the checkpoint Job's source pod; refused, nothing dumped", reason=mismatch)
             return Outcome.SKIPPED
         verdict = (job["metadata"].get("annotations") or {}).get(names.ANN_CHECKPOINT_STATUS)
         if verdict or _job_finished(job):

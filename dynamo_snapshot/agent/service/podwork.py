@@ -43,7 +43,8 @@ class _ContainerWork:
 @dataclass(frozen=True)
 class CheckpointWork(_ContainerWork):
     job: str
-    job_uid: str  # "" when only the Job-name label names it
+    job_uid: str  # from the pod's controller owner reference
+    container_spec: tuple[Any, ...] | None = None  # the target's (image, command, args) in the pod spec
 
     @property
     def key(self) -> str:
@@ -91,13 +92,47 @@ def running_container_id(pod: dict[str, Any], name: str) -> str | None:
     return strip_runtime(status["containerID"])
 
 
+def _controller(obj: dict[str, Any], kind: str, api_prefix: str) -> dict[str, Any] | None:
+    for ref in _meta(obj).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == kind and str(ref.get("apiVersion", "")).startswith(api_prefix):
+            return ref
+    return None
+
+
 def owning_job(pod: dict[str, Any]) -> tuple[str, str] | None:
-    """The Job that runs a source pod: (name, uid)."""
-    for ref in _meta(pod).get("ownerReferences") or []:
-        if ref.get("kind") == "Job" and ref.get("apiVersion", "").startswith("batch/"):
-            return ref.get("name", ""), ref.get("uid", "")
-    name = (_meta(pod).get("labels") or {}).get(JOB_NAME_LABEL)
-    return (name, "") if name else None
+    """The Job that controls a source pod: (name, uid), from its controller owner reference only (a
+    Job-name label anyone can set names nothing)."""
+    ref = _controller(pod, "Job", "batch/")
+    if ref is None or not ref.get("name") or not ref.get("uid"):
+        return None
+    return ref["name"], ref["uid"]
+
+
+def _container_spec(spec: dict[str, Any], name: str) -> tuple[Any, ...] | None:
+    for container in (spec or {}).get("containers") or []:
+        if isinstance(container, dict) and container.get("name") == name:
+            return (container.get("image"), container.get("command"), container.get("args"))
+    return None
+
+
+def source_mismatch(work: CheckpointWork, job: dict[str, Any]) -> str | None:
+    """Why the source pod of ``work`` is not the one the checkpoint Job ``job`` created (pure), or None.
+
+    The chain: the pod's controller is this Job (uid), the Job's controller is a DynamoCheckpoint, the
+    Job carries the pod's checkpoint ID, and the pod's target container runs what the Job's template
+    says (image, command, args): a pod made to look like the source dumps nothing under another ID."""
+    meta = _meta(job)
+    if meta.get("uid") != work.job_uid:
+        return f"its controller Job uid {work.job_uid} is not Job {work.job}'s ({meta.get('uid')})"
+    if _controller(job, names.CHECKPOINT_KIND, f"{names.GROUP}/") is None:
+        return f"Job {work.job} is not controlled by a {names.CHECKPOINT_KIND}"
+    job_id = (meta.get("labels") or {}).get(names.LABEL_CHECKPOINT_ID)
+    if job_id != work.checkpoint_id:
+        return f"Job {work.job} is for checkpoint {job_id!r}, the pod says {work.checkpoint_id!r}"
+    template = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if _container_spec(template, work.container) != work.container_spec:
+        return f"container {work.container} does not run what Job {work.job}'s template says (image, command, args)"
+    return None
 
 
 def _ref(pod: dict[str, Any]) -> PodRef:
@@ -131,7 +166,8 @@ def checkpoint_work(pod: dict[str, Any]) -> CheckpointWork | None:
         return None
     return CheckpointWork(pod=_ref(pod), container=targets[0], container_id=container_id,
                           checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
-                          job=job[0], job_uid=job[1])
+                          job=job[0], job_uid=job[1],
+                          container_spec=_container_spec(pod.get("spec") or {}, targets[0]))
 
 
 def restore_work(pod: dict[str, Any]) -> list[RestoreWork]:

@@ -325,7 +325,8 @@ class _Reconcile:
                                "delete it or give this checkpoint another artifact version", created=False)
             return None
         lease = self.ctrl.leases.store.get_by_name(self.namespace, name)
-        pods = self.ctrl.pods.store.by_index(JOB_NAME_INDEX, name)
+        # The Job-name label is anyone's to set: only the Job's own pods (owned by its uid) count.
+        pods = [p for p in self.ctrl.pods.store.by_index(JOB_NAME_INDEX, name) if owned_by(p, metadata(job)["uid"])]
         verdict = outcomes.decide(job, lease=lease, pods=pods, target=self.ckpt.spec.job.target_container_name,
                                   now=self.now)
         if verdict.phase is None and is_deleting(job):

@@ -44,6 +44,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: snapshot-agent
 {{- end -}}
 
+{{- define "snapshot.keySecretName" -}}
+{{- .Values.keys.secretName | default (printf "%s-keys" (include "snapshot.agentName" .)) -}}
+{{- end -}}
+
 {{- define "snapshot.agentMount" -}}
 {{- if eq .Values.storage.accessMode "agentMount" -}}true{{- end -}}
 {{- end -}}
