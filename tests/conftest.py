@@ -18,24 +18,13 @@ import pytest
 
 from dynamo_snapshot.devcluster import LocalCluster, MissingBinaries
 from dynamo_snapshot.devcluster import binaries as k8s_binaries
+from tests.keys import ensure_session_keys
 
 REPO = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO / "helm" / "operator" / "crds"
 
 
-def _test_keys() -> None:
-    """One checkpoint key directory for the whole session (agents started by tests inherit it)."""
-    import tempfile
-
-    from dynamo_snapshot.agent.artifact import authn
-
-    if authn.KEY_DIRECTORY_ENV not in os.environ:
-        directory = Path(tempfile.mkdtemp(prefix="snapshot-test-keys-"))
-        authn.create_key(directory, "k-test")
-        os.environ[authn.KEY_DIRECTORY_ENV] = str(directory)
-
-
-_test_keys()
+ensure_session_keys()
 
 
 class Kubectl:

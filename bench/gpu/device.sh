@@ -19,6 +19,13 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export DYN_SNAPSHOT_CRIU_BUNDLE=${DYN_SNAPSHOT_CRIU_BUNDLE:-$PWD/.carry/criu}
 B=$DYN_SNAPSHOT_CRIU_BUNDLE
 CRIU="$B/ld.so --library-path $B/lib $B/criu"
+# The pipeline signs and verifies every checkpoint: one key for this batch unless one is given.
+if [ -z "${DYN_SNAPSHOT_KEY_DIRECTORY:-}" ]; then
+  export DYN_SNAPSHOT_KEY_DIRECTORY=/var/tmp/dynamo-snapshot-keys
+  [ -n "$(ls -A "$DYN_SNAPSHOT_KEY_DIRECTORY" 2>/dev/null)" ] || python3 -c \
+    'import sys; from dynamo_snapshot.agent.artifact import authn; authn.create_key(sys.argv[1], "k-bench")' \
+    "$DYN_SNAPSHOT_KEY_DIRECTORY" || exit 1
+fi
 mkdir -p /run/dynamo-snapshot-criu  # the bundle's RUNDIR
 # CRIU keeps its kernel-probe cache there only on tmpfs (as /run is on a usual node); without it
 # every CRIU run probes the kernel again (about 0.8 s here).

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.gpu.worker_client import Worker
+from tests.keys import ensure_session_keys
+
+ensure_session_keys()  # the pipeline signs and verifies checkpoints with the session's key
 
 REASON = "no NVIDIA GPU / CUDA checkpoint API"
 REPO = Path(__file__).resolve().parents[2]
