@@ -286,10 +286,13 @@ class KubeletNode:
     """containerd and a kubelet registered with ``cluster`` as node ``name``."""
 
     def __init__(self, cluster: LocalCluster, *, name: str | None = None, root: Path | None = None,
-                 pause_image: str = "localhost/dynamo-snapshot/pause:node", route_api_server: bool = False):
+                 pause_image: str = "localhost/dynamo-snapshot/pause:node", route_api_server: bool = False,
+                 gpu_plugin: list[str] | None = None):
         self.cluster = cluster
         # Pods reach the API server at the kubernetes Service (service_route.py): for in-cluster clients.
         self.route_api_server = route_api_server
+        # Arguments of the GPU device plugin (devcluster/gpu_plugin.py) when the node offers nvidia.com/gpu.
+        self.gpu_plugin = gpu_plugin
         self.name = name or node_name()
         self.root = (root or cluster.root / "node").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -319,7 +322,8 @@ class KubeletNode:
         if path.exists():
             return json.loads(path.read_text())
         settings = {
-            "ports": {name: _free_port() for name in ("kubelet", "kubelet-healthz", "containerd-metrics")},
+            "ports": {name: _free_port()
+                      for name in ("kubelet", "kubelet-healthz", "containerd-metrics", "gpu-plugin")},
             "bridge": "dsn" + secrets.token_hex(3),
             "subnet": f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}.0/24",
         }
@@ -387,12 +391,23 @@ class KubeletNode:
             lambda: f"http://127.0.0.1:{self.ports['kubelet-healthz']}/healthz",
         )
 
+    def _gpu_plugin_component(self) -> Component:
+        import sys
+
+        port = self.ports["gpu-plugin"]
+        argv = [sys.executable, "-m", "dynamo_snapshot.devcluster.gpu_plugin",
+                f"--device-plugin-dir={self.root / 'kubelet' / 'device-plugins'}", f"--health-port={port}",
+                *(self.gpu_plugin or [])]
+        return Component("gpu-plugin", lambda: argv, lambda: f"http://127.0.0.1:{port}/healthz")
+
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def attach(self) -> KubeletNode:
         """Register containerd and the kubelet as components of the cluster (does not start them)."""
         if not self._attached:
             self.cluster.add_component(self.containerd.component())
             self.cluster.add_component(self._kubelet_component())
+            if self.gpu_plugin is not None:
+                self.cluster.add_component(self._gpu_plugin_component())
             self._attached = True
         return self
 
@@ -410,6 +425,11 @@ class KubeletNode:
             self.cluster.kubectl("wait", f"node/{self.name}", "--for=create", f"--timeout={int(ready_timeout)}s")
             self.cluster.kubectl("wait", f"node/{self.name}", "--for=condition=Ready",
                                  f"--timeout={int(ready_timeout)}s")
+            if self.gpu_plugin is not None:
+                self.cluster.start_component("gpu-plugin")
+                self.cluster.kubectl("wait", f"node/{self.name}",
+                                     r"--for=jsonpath={.status.allocatable.nvidia\.com/gpu}",
+                                     f"--timeout={int(ready_timeout)}s")
         except BaseException:
             self.stop()
             raise
@@ -418,6 +438,8 @@ class KubeletNode:
     def stop(self) -> None:
         """Stop the kubelet and containerd and remove everything the node's pods left on the host."""
         if self._attached:
+            if self.gpu_plugin is not None:
+                self.cluster.stop_component("gpu-plugin")
             self.cluster.stop_component("kubelet")
             if self.cluster.running("containerd"):
                 self.containerd.remove_sandboxes()
