@@ -16,7 +16,10 @@ Stages, in order:
 The stubs come from the k8s.io/kubelet Go module's api.proto (``deviceplugin_stubs``); ``allocation`` and
 ``discover`` are pure (a root directory stands in for ``/``), so the tests run them on fake device nodes.
 
-    python -m dynamo_snapshot.devcluster.gpu_plugin --device-plugin-dir /var/lib/kubelet/device-plugins
+    python -m dynamo_snapshot.devcluster.gpu_plugin      # --device-plugin-dir /var/lib/kubelet/device-plugins
+
+The kubelet's device-plugin directory is fixed (``/var/lib/kubelet/device-plugins``, not below its
+``--root-dir``): on one machine only one kubelet at a time can take device plugins.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RESOURCE = "nvidia.com/gpu"
+# Fixed in the kubelet (pluginapi.DevicePluginPath), whatever its --root-dir: one device-plugin kubelet a machine.
+KUBELET_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 API_VERSION = "v1beta1"
 SOCKET_NAME = "dynamo-snapshot-gpu.sock"
 KUBELET_SOCKET = "kubelet.sock"
@@ -97,7 +102,8 @@ def allocation(inventory: Inventory, device_ids: list[str]) -> dict:
             **inventory.extra_env}
     if inventory.tools:
         envs["PATH"] = f"{CONTAINER_BIN_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    return {"devices": [(n, n, "rw") for n in nodes], "mounts": mounts, "envs": envs}
+    # inside the container every node is /dev/<name>, wherever the host keeps it (tests: fake nodes)
+    return {"devices": [(f"/dev/{Path(n).name}", n, "rw") for n in nodes], "mounts": mounts, "envs": envs}
 
 
 class _Service:
@@ -216,8 +222,8 @@ def _serve_health(port: int, registered: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_plugin", description=__doc__.split("\n")[0])
-    parser.add_argument("--device-plugin-dir", required=True, type=Path,
-                        help="the kubelet's device-plugins directory (<root-dir>/device-plugins)")
+    parser.add_argument("--device-plugin-dir", type=Path, default=Path(KUBELET_DEVICE_PLUGIN_DIR),
+                        help="the kubelet's device-plugins directory (fixed in the kubelet)")
     parser.add_argument("--root", type=Path, default=Path("/"), help="where dev/nvidia* are (tests: fake nodes)")
     parser.add_argument("--health-port", type=int, help="serve /healthz on 127.0.0.1 (200 once registered)")
     parser.add_argument("--no-driver-files", action="store_true", help="hand containers device nodes only")

@@ -68,7 +68,9 @@ def missing() -> str | None:
 
 
 def _cni_bin_dir() -> str | None:
-    return next((d for d in CNI_BIN_DIRS if Path(d, "bridge").exists()), None)
+    """$DYN_SNAPSHOT_CNI_BIN (plugins unpacked elsewhere, as on the GPU machine) or a distribution's place."""
+    dirs = (os.environ.get("DYN_SNAPSHOT_CNI_BIN", ""), *CNI_BIN_DIRS)
+    return next((d for d in dirs if d and Path(d, "bridge").exists()), None)
 
 
 def node_name() -> str:
@@ -394,9 +396,11 @@ class KubeletNode:
     def _gpu_plugin_component(self) -> Component:
         import sys
 
+        from dynamo_snapshot.devcluster import gpu_plugin as gpu_plugin_module
+
         port = self.ports["gpu-plugin"]
         argv = [sys.executable, "-m", "dynamo_snapshot.devcluster.gpu_plugin",
-                f"--device-plugin-dir={self.root / 'kubelet' / 'device-plugins'}", f"--health-port={port}",
+                f"--device-plugin-dir={gpu_plugin_module.KUBELET_DEVICE_PLUGIN_DIR}", f"--health-port={port}",
                 *(self.gpu_plugin or [])]
         return Component("gpu-plugin", lambda: argv, lambda: f"http://127.0.0.1:{port}/healthz")
 

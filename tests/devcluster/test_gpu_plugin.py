@@ -90,7 +90,7 @@ def test_a_pod_asking_for_nvidia_com_gpu_runs_with_its_device_node_on_a_real_kub
                             "--timeout=120s")
             lines = cluster.kubectl("logs", "gpu", "-n", "default").split()
             gpus = [n for n in lines if n in ("nvidia0", "nvidia1")]
-            assert len(gpus) == 1
+            assert len(gpus) == 1, lines
             assert {"nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"} <= set(lines)
             assert f"visible={gpus[0]}" in lines
             too_many = {**pod, "metadata": {"name": "three", "namespace": "default"}}
