@@ -28,7 +28,7 @@ if [ -f "$CARRY/runtime.tar.xz" ] && [ ! -e "$WORK/runtime.done" ]; then
   mkdir -p "$WORK/runtime" && tar -xJf "$CARRY/runtime.tar.xz" -C "$WORK/runtime" && touch "$WORK/runtime.done"
 fi
 if [ -f "$CARRY/base-layer.tar.xz" ]; then
-  v=$(python3 -c 'import importlib.util as u; s=u.spec_from_file_location("b","hack/images/build_images.py"); m=u.module_from_spec(s); s.loader.exec_module(m); print(m._recipe_version("debian-bookworm-python3", m.DEBIAN_SUITE, *m.BASE_PACKAGES, *m.BASE_TRIM))')
+  v=$(PYTHONPATH=$PWD python3 -c 'from dynamo_snapshot.devcluster.images import builder; m=builder(); print(m._recipe_version("debian-bookworm-python3", m.DEBIAN_SUITE, *m.BASE_PACKAGES, *m.BASE_TRIM))')
   d=$WORK/cache/images/$v
   [ -f "$d/layer.tar" ] || { mkdir -p "$d" && xz -dc "$CARRY/base-layer.tar.xz" >"$d/layer.tar.tmp" && mv "$d/layer.tar.tmp" "$d/layer.tar" && cp "$CARRY/layer.tar.json" "$d/"; }
 fi
@@ -42,6 +42,7 @@ export PYTHONPATH=$PWD:$WORK/site
 export DYNAMO_SNAPSHOT_CACHE=$WORK/cache
 export PATH=$WORK/runtime/bin:$PATH
 export DYN_SNAPSHOT_CNI_BIN=${DYN_SNAPSHOT_CNI_BIN:-$WORK/runtime/cni}
+[ -d "$CARRY/criu" ] && : "${DYN_SNAPSHOT_CRIU_BUNDLE:=$CARRY/criu}"
 export DYN_SNAPSHOT_CRIU_BUNDLE=${DYN_SNAPSHOT_CRIU_BUNDLE:-$PWD/.carry/criu}
 B=$DYN_SNAPSHOT_CRIU_BUNDLE
 mkdir -p /run/dynamo-snapshot-criu
