@@ -27,15 +27,15 @@ done
 if [ -f "$CARRY/runtime.tar.xz" ] && [ ! -e "$WORK/runtime.done" ]; then
   mkdir -p "$WORK/runtime" && tar -xJf "$CARRY/runtime.tar.xz" -C "$WORK/runtime" && touch "$WORK/runtime.done"
 fi
+if ls "$CARRY"/whl/*.whl >/dev/null 2>&1 && [ ! -e "$WORK/whl.done" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$CARRY"/whl/*.whl && touch "$WORK/whl.done"
+fi
 if [ -f "$CARRY/base-layer.tar.xz" ]; then
-  v=$(PYTHONPATH=$PWD python3 -c 'from dynamo_snapshot.devcluster.images import builder; m=builder(); print(m._recipe_version("debian-bookworm-python3", m.DEBIAN_SUITE, *m.BASE_PACKAGES, *m.BASE_TRIM))')
+  v=$(PYTHONPATH=$PWD:$WORK/site python3 -c 'from dynamo_snapshot.devcluster.images import builder; m=builder(); print(m._recipe_version("debian-bookworm-python3", m.DEBIAN_SUITE, *m.BASE_PACKAGES, *m.BASE_TRIM))')
   d=$WORK/cache/images/$v
   [ -f "$d/layer.tar" ] || { mkdir -p "$d" && xz -dc "$CARRY/base-layer.tar.xz" >"$d/layer.tar.tmp" && mv "$d/layer.tar.tmp" "$d/layer.tar" && cp "$CARRY/layer.tar.json" "$d/"; }
 fi
 if [ -f "$CARRY/stubs.tar.xz" ]; then tar -xJf "$CARRY/stubs.tar.xz" -C dynamo_snapshot; fi
-if ls "$CARRY"/whl/*.whl >/dev/null 2>&1 && [ ! -e "$WORK/whl.done" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$CARRY"/whl/*.whl && touch "$WORK/whl.done"
-fi
 [ -n "${UNPACK_ONLY:-}" ] && { ls -la "$K8S" "$WORK"; exit 0; }
 
 export PYTHONPATH=$PWD:$WORK/site
@@ -56,3 +56,6 @@ if "$B/ld.so" --library-path "$B/lib" "$B/criu" check --feature network_lock_nft
 } 2>&1 | tee "$OUT/node-e2e.log"
 timeout "${NODE_TIMEOUT:-540}" python3 bench/gpu/node_e2e.py --work "$WORK" --out "$OUT" --network-lock "$LOCK" \
   --weights-gib "${WEIGHTS_GIB:-1}" --batch-sizes "${BATCH_SIZES:-1,2,4}" ${NODE_ARGS:-} 2>&1 | tee -a "$OUT/node-e2e.log"
+# node_e2e.py packs the logs itself; a run stopped by the timeout leaves that to here
+[ -f "$OUT/node-logs.tgz" ] || tar -czf "$OUT/node-logs.tgz" -C "$WORK/s" cluster/logs --ignore-failed-read 2>/dev/null
+cp "$WORK/s/cluster/logs/gpu-plugin.log" "$OUT/" 2>/dev/null || true

@@ -142,6 +142,7 @@ def main() -> int:
         _, cold_state = run.step("cold", wait_serving, stack, "run=cold", args.timeout)
         run.results["cold_apply_to_serving_s"] = round(time.time() - t0, 2)
         run.results["cold_state"] = cold_state
+        run.save()
         ckpt = {"apiVersion": names.API_VERSION, "kind": names.CHECKPOINT_KIND, "metadata": {"name": "gpu-worker"},
                 "spec": {"identity": {"model": "bench/gpu-stand-in", "backendFramework": "vllm"},
                          "job": {"activeDeadlineSeconds": 900, "sharedMemory": "1Gi", "podTemplateSpec": {
@@ -150,7 +151,7 @@ def main() -> int:
         stack.apply(ckpt)
         done = run.step("checkpoint", stack.wait_object, DYNAMO_CHECKPOINTS, "gpu-worker",
                         lambda c: c.get("status", {}).get("phase") in ("Ready", "Failed"), "a checkpoint verdict",
-                        args.timeout + 300)
+                        args.timeout)
         run.results["checkpoint_apply_to_ready_s"] = round(time.time() - t0, 2)
         run.results["checkpoint_status"] = done.get("status")
         if done["status"]["phase"] != "Ready":
