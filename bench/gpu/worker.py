@@ -248,12 +248,16 @@ class Worker:
         threading.Thread(target=spin, name="spin", daemon=True).start()
         return {"spinning_ms": ms}
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, host: str = "127.0.0.1", mark_ready: bool = False) -> None:
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", port))
+        server.bind((host, port))
         server.listen(16)
         print(json.dumps({"event": "ready", "pid": os.getpid(), "timings": self.timings}), flush=True)
+        if mark_ready and workload.enabled() and not workload.restore_standby():
+            # a checkpoint source pod: compile helpers stopped, then the agent is told (the pod's flow)
+            workload.mark_ready_for_snapshot(reread_after_restore=[str(self.args.weights)])
+            print(json.dumps({"event": "ready-for-snapshot", "pid": os.getpid()}), flush=True)
         while True:
             conn, _ = server.accept()
             with conn:
@@ -284,8 +288,11 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--load-threads", type=int, default=16)
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 in a pod)")
+    parser.add_argument("--mark-ready", action="store_true",
+                        help="in a checkpoint source pod, tell the agent once warmed up (dynamo_snapshot.workload)")
     args = parser.parse_args()
-    Worker(args).serve(args.port)
+    Worker(args).serve(args.port, args.host, args.mark_ready)
 
 
 if __name__ == "__main__":

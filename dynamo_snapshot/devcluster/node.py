@@ -54,7 +54,7 @@ def missing() -> str | None:
     """One line saying why this machine cannot run a node, or None when it can."""
     if os.geteuid() != 0:
         return "needs root (containerd, runc and the kubelet run as root)"
-    for tool in ("containerd", "ctr", "runc", "nsenter", "ip"):
+    for tool in ("containerd", "ctr", "runc", "nsenter"):  # `ip` only cleans up (absent on some GPU machines)
         if shutil.which(tool) is None:
             return f"{tool} is not installed (run hack/ci/containers.sh)"
     if _cni_bin_dir() is None:
@@ -68,7 +68,9 @@ def missing() -> str | None:
 
 
 def _cni_bin_dir() -> str | None:
-    return next((d for d in CNI_BIN_DIRS if Path(d, "bridge").exists()), None)
+    """$DYN_SNAPSHOT_CNI_BIN (plugins unpacked elsewhere, as on the GPU machine) or a distribution's place."""
+    dirs = (os.environ.get("DYN_SNAPSHOT_CNI_BIN", ""), *CNI_BIN_DIRS)
+    return next((d for d in dirs if d and Path(d, "bridge").exists()), None)
 
 
 def node_name() -> str:
@@ -194,7 +196,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         _unmount_below(self.root)
         _remove_network_namespaces(self.subnet)
         service_route.remove(self.bridge)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        if shutil.which("ip"):
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
 def _kill_shims(socket_path: str) -> None:
@@ -243,6 +246,8 @@ def _remove_network_namespaces(subnet: str) -> None:
     """containerd pins each pod's network namespace at /var/run/netns/cni-*; a pod killed without CNI
     teardown leaves it. Ours are those holding an address of this node's (random) subnet."""
     network = ipaddress.ip_network(subnet, strict=False)
+    if shutil.which("ip") is None:
+        return
     for pinned in Path("/var/run/netns").glob("cni-*"):
         shown = subprocess.run(["nsenter", f"--net={pinned}", "ip", "-o", "-4", "addr", "show"],
                                capture_output=True, text=True)
@@ -286,10 +291,13 @@ class KubeletNode:
     """containerd and a kubelet registered with ``cluster`` as node ``name``."""
 
     def __init__(self, cluster: LocalCluster, *, name: str | None = None, root: Path | None = None,
-                 pause_image: str = "localhost/dynamo-snapshot/pause:node", route_api_server: bool = False):
+                 pause_image: str = "localhost/dynamo-snapshot/pause:node", route_api_server: bool = False,
+                 gpu_plugin: list[str] | None = None):
         self.cluster = cluster
         # Pods reach the API server at the kubernetes Service (service_route.py): for in-cluster clients.
         self.route_api_server = route_api_server
+        # Arguments of the GPU device plugin (devcluster/gpu_plugin.py) when the node offers nvidia.com/gpu.
+        self.gpu_plugin = gpu_plugin
         self.name = name or node_name()
         self.root = (root or cluster.root / "node").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -319,7 +327,8 @@ class KubeletNode:
         if path.exists():
             return json.loads(path.read_text())
         settings = {
-            "ports": {name: _free_port() for name in ("kubelet", "kubelet-healthz", "containerd-metrics")},
+            "ports": {name: _free_port()
+                      for name in ("kubelet", "kubelet-healthz", "containerd-metrics", "gpu-plugin")},
             "bridge": "dsn" + secrets.token_hex(3),
             "subnet": f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}.0/24",
         }
@@ -387,12 +396,25 @@ class KubeletNode:
             lambda: f"http://127.0.0.1:{self.ports['kubelet-healthz']}/healthz",
         )
 
+    def _gpu_plugin_component(self) -> Component:
+        import sys
+
+        from dynamo_snapshot.devcluster import gpu_plugin as gpu_plugin_module
+
+        port = self.ports["gpu-plugin"]
+        argv = [sys.executable, "-m", "dynamo_snapshot.devcluster.gpu_plugin",
+                f"--device-plugin-dir={gpu_plugin_module.KUBELET_DEVICE_PLUGIN_DIR}", f"--health-port={port}",
+                *(self.gpu_plugin or [])]
+        return Component("gpu-plugin", lambda: argv, lambda: f"http://127.0.0.1:{port}/healthz")
+
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def attach(self) -> KubeletNode:
         """Register containerd and the kubelet as components of the cluster (does not start them)."""
         if not self._attached:
             self.cluster.add_component(self.containerd.component())
             self.cluster.add_component(self._kubelet_component())
+            if self.gpu_plugin is not None:
+                self.cluster.add_component(self._gpu_plugin_component())
             self._attached = True
         return self
 
@@ -410,6 +432,11 @@ class KubeletNode:
             self.cluster.kubectl("wait", f"node/{self.name}", "--for=create", f"--timeout={int(ready_timeout)}s")
             self.cluster.kubectl("wait", f"node/{self.name}", "--for=condition=Ready",
                                  f"--timeout={int(ready_timeout)}s")
+            if self.gpu_plugin is not None:
+                self.cluster.start_component("gpu-plugin")
+                self.cluster.kubectl("wait", f"node/{self.name}",
+                                     r"--for=jsonpath={.status.allocatable.nvidia\.com/gpu}",
+                                     f"--timeout={int(ready_timeout)}s")
         except BaseException:
             self.stop()
             raise
@@ -418,6 +445,8 @@ class KubeletNode:
     def stop(self) -> None:
         """Stop the kubelet and containerd and remove everything the node's pods left on the host."""
         if self._attached:
+            if self.gpu_plugin is not None:
+                self.cluster.stop_component("gpu-plugin")
             self.cluster.stop_component("kubelet")
             if self.cluster.running("containerd"):
                 self.containerd.remove_sandboxes()

@@ -56,11 +56,12 @@ AGENT_RULES = [
 class SnapshotStack:
     def __init__(self, root: Path, *, namespace: str = "dynamo-demo", storage_mode: str = "agentMount",
                  extra_image_files: dict[str, Path] | None = None, criu_config: dict[str, Any] | None = None,
-                 installed: bool = False):
+                 installed: bool = False, gpu_plugin: list[str] | None = None):
         if installed and storage_mode != "agentMount":
             raise ValueError("installed=True runs the snapshot chart in agentMount mode only")
         self.installed = installed
         self.root = Path(root).resolve()
+        self.gpu_plugin = gpu_plugin  # the node offers nvidia.com/gpu through devcluster/gpu_plugin.py
         self.namespace = namespace
         self.storage_mode = storage_mode
         self.extra_image_files = extra_image_files or {}
@@ -199,7 +200,8 @@ class SnapshotStack:
         archives = images.build(self.root / "images", self.extra_image_files)
         if self.installed:
             archives += installed.archives(self.root / "images")
-        self.node = KubeletNode(self.cluster, route_api_server=self.installed).start(archives)
+        self.node = KubeletNode(self.cluster, route_api_server=self.installed,
+                                gpu_plugin=self.gpu_plugin).start(archives)
         for archive in archives:
             archive.unlink()
         return self.node

@@ -1,0 +1,189 @@
+"""The GPU worker on a real kubelet: the local stack (control plane, kubelet on containerd, the GPU device
+plugin, operator, agent) on this GPU machine, the stand-in worker (worker.py) in the placeholder image asking
+for ``nvidia.com/gpu: 1``, checkpointed by the agent through a DynamoCheckpoint and restored by a DGD with
+``startupPolicy: WaitForCheckpoint``. Run by node-e2e.sh; every step's time and verdict go to results.json.
+
+Stages, in order (each recorded; the first failure ends the run with its error):
+    stack      SnapshotStack up with the GPU plugin; the worker files in the placeholder image
+    cold       a plain pod of the worker: apply -> serving (its TCP server answers ``state``)
+    checkpoint a DynamoCheckpoint of the same container: apply -> Ready (agent stage times from its log)
+    restore    a DGD (WaitForCheckpoint, checkpointRef): apply -> restored pod serving; its ``state``
+               equals the cold worker's (weight checksum, compiled outputs, captured graph), over a new
+               TCP connection
+
+The one test shortcut: PyTorch and its Python come from the machine (hostPath mounts of /opt/torch and of
+the host's /usr subtrees over the image's), not from the image; snapshot-init and dynamo_snapshot.workload
+are the image's (/usr/local, /opt/dynamo-snapshot stay the image's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from dynamo_snapshot.api import names  # noqa: E402
+from dynamo_snapshot.devcluster.images import PLACEHOLDER_IMAGE  # noqa: E402
+from dynamo_snapshot.devcluster.stack import SnapshotStack  # noqa: E402
+from dynamo_snapshot.kube import DYNAMO_CHECKPOINTS  # noqa: E402
+
+PORT = 7000
+# Host trees mounted over the image's: the host's Python (3.12) and what torch.compile needs (a C compiler,
+# headers). /usr/local (snapshot-init) and /opt/dynamo-snapshot stay the image's.
+HOST_TREES = ("/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/include", "/usr/share")
+
+
+def container(weights: Path, batch_sizes: str, torch_root: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    trees = [t for t in HOST_TREES if Path(t).is_dir()] + [torch_root, str(weights.parent)]
+    volumes = [{"name": f"host{i}", "hostPath": {"path": t, "type": "Directory"}} for i, t in enumerate(trees)]
+    mounts = [{"name": f"host{i}", "mountPath": t, "readOnly": True} for i, t in enumerate(trees)]
+    main = {
+        "name": "main", "image": PLACEHOLDER_IMAGE, "imagePullPolicy": "IfNotPresent",
+        "command": [names.SNAPSHOT_INIT_PATH, "--", f"{torch_root}/.venv/bin/python3", "/opt/workloads/worker.py",
+                    "--weights", str(weights), "--port", str(PORT), "--host", "0.0.0.0",
+                    "--batch-sizes", batch_sizes, "--mark-ready"],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "PYTHONPATH", "value": "/opt/dynamo-snapshot"}],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "volumeMounts": mounts,
+    }
+    return main, volumes
+
+
+def ask(ip: str, cmd: str, timeout: float = 60) -> dict[str, Any]:
+    with socket.create_connection((ip, PORT), timeout=timeout) as conn:
+        conn.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def wait_serving(stack: SnapshotStack, selector: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    """The first pod of ``selector`` whose worker answers ``state`` (its TCP server is the readiness)."""
+    def serving() -> tuple[str, dict[str, Any]] | None:
+        for pod in stack.list("pods", selector):
+            ip = pod.get("status", {}).get("podIP")
+            if not ip:
+                continue
+            try:
+                return pod["metadata"]["name"], ask(ip, "state", timeout=5)
+            except OSError:
+                continue
+        return None
+
+    return stack.wait_until(serving, f"a serving worker ({selector})", timeout=timeout)
+
+
+class Run:
+    def __init__(self, out: Path):
+        self.out = out
+        self.results: dict[str, Any] = {"steps": {}}
+
+    def step(self, name: str, fn, *args: Any) -> Any:
+        t0 = time.time()
+        print(f"== {name}", flush=True)
+        try:
+            value = fn(*args)
+        except BaseException as err:
+            self.results["steps"][name] = {"ok": False, "s": round(time.time() - t0, 2),
+                                           "error": f"{type(err).__name__}: {err}"[:4000]}
+            self.save()
+            traceback.print_exc()
+            raise
+        self.results["steps"][name] = {"ok": True, "s": round(time.time() - t0, 2)}
+        print(f"   {name}: {time.time() - t0:.1f} s", flush=True)
+        self.save()
+        return value
+
+    def save(self) -> None:
+        (self.out / "node-e2e.json").write_text(json.dumps(self.results, indent=2, default=str))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/dynamo-snapshot-node"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--weights-gib", type=float, default=1.0)
+    parser.add_argument("--batch-sizes", default="1,2,4")
+    parser.add_argument("--network-lock", default="nftables")
+    parser.add_argument("--torch-root", default="/opt/torch")
+    parser.add_argument("--timeout", type=float, default=240)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = Run(args.out)
+    weights = args.work / "weights" / "weights.safetensors"
+    if not weights.exists():
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        run.step("weights", subprocess.run, [sys.executable, str(REPO / "bench/gpu/weights.py"), "--out",
+                                             str(weights), "--gib", str(args.weights_gib)], None, None, None, True)
+    extra = {"/opt/workloads/worker.py": REPO / "bench/gpu/worker.py",
+             "/opt/workloads/weights.py": REPO / "bench/gpu/weights.py"}
+    stack = SnapshotStack(args.work / "s", namespace="gpu", extra_image_files=extra, gpu_plugin=[],
+                          criu_config={"networkLock": args.network_lock, "timeoutSeconds": 300})
+    main_container, volumes = container(weights, args.batch_sizes, args.torch_root)
+    try:
+        run.step("stack", stack.start)
+        cold = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cold", "labels": {"run": "cold"}},
+                "spec": {"restartPolicy": "Never", "containers": [main_container], "volumes": volumes}}
+        t0 = time.time()
+        stack.apply(cold)
+        _, cold_state = run.step("cold", wait_serving, stack, "run=cold", args.timeout)
+        run.results["cold_apply_to_serving_s"] = round(time.time() - t0, 2)
+        run.results["cold_state"] = cold_state
+        run.save()
+        ckpt = {"apiVersion": names.API_VERSION, "kind": names.CHECKPOINT_KIND, "metadata": {"name": "gpu-worker"},
+                "spec": {"identity": {"model": "bench/gpu-stand-in", "backendFramework": "vllm"},
+                         "job": {"activeDeadlineSeconds": 900, "sharedMemory": "1Gi", "podTemplateSpec": {
+                             "spec": {"containers": [main_container], "volumes": volumes}}}}}
+        t0 = time.time()
+        stack.apply(ckpt)
+        done = run.step("checkpoint", stack.wait_object, DYNAMO_CHECKPOINTS, "gpu-worker",
+                        lambda c: c.get("status", {}).get("phase") in ("Ready", "Failed"), "a checkpoint verdict",
+                        args.timeout)
+        run.results["checkpoint_apply_to_ready_s"] = round(time.time() - t0, 2)
+        run.results["checkpoint_status"] = done.get("status")
+        if done["status"]["phase"] != "Ready":
+            raise RuntimeError(f"checkpoint failed: {done.get('status')}")
+        main_dgd = {k: v for k, v in main_container.items() if k != "name"}
+        dgd = {"apiVersion": names.API_VERSION, "kind": names.DGD_KIND, "metadata": {"name": "gpu"},
+               "spec": {"backendFramework": "vllm", "services": {"worker": {
+                   "componentType": "worker", "replicas": 1,
+                   "extraPodSpec": {"mainContainer": main_dgd, "volumes": volumes},
+                   "checkpoint": {"enabled": True, "checkpointRef": "gpu-worker",
+                                  "startupPolicy": "WaitForCheckpoint"}}}}}
+        t0 = time.time()
+        stack.apply(dgd)
+        selector = f"run!=cold,!{names.LABEL_IS_CHECKPOINT_SOURCE}"  # the DGD's pods
+        pod, restored = run.step("restore", wait_serving, stack, selector, args.timeout)
+        run.results["restored_apply_to_serving_s"] = round(time.time() - t0, 2)
+        run.results["restored_pod"] = pod
+        run.results["restored_state"] = restored
+        same = all(restored.get(k) == cold_state.get(k) for k in ("weights", "outputs", "graph"))
+        run.results["restored_equals_cold"] = same
+        print(json.dumps({k: run.results.get(k) for k in ("cold_apply_to_serving_s", "checkpoint_apply_to_ready_s",
+                                                          "restored_apply_to_serving_s", "restored_equals_cold")}))
+        return 0 if same else 1
+    except BaseException:
+        return 1
+    finally:
+        run.results["agent_stage_events"] = [r for r in stack.agent_events() if "stage" in json.dumps(r)][-60:]
+        run.save()
+        subprocess.run(["tar", "-czf", str(args.out / "node-logs.tgz"), "-C", str(args.work / "s"), "cluster/logs",
+                        "--ignore-failed-read"], capture_output=True)
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
