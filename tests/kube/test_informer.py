@@ -52,6 +52,9 @@ async def test_handlers_indexes_snapshots_and_resync(client: Client, namespace):
     async with anyio.create_task_group() as tg:
         await tg.start(informer.run)
         assert informer.has_synced
+        # The first list is served from the API server's watch cache, which may lag a write made a moment
+        # ago (as in client-go); what it missed arrives as watch events, in order.
+        await wait_for_marker(client, informer, namespace, name="zz-synced")
         assert {f"{namespace}/a", f"{namespace}/b"} <= set(view.objects)
         assert "managedFields" not in informer.store.get(f"{namespace}/a")["metadata"]
         before = informer.store.snapshot()
