@@ -12,7 +12,9 @@
 #   whl/*.whl          Python packages the machine's python3 lacks (structlog, msgspec, cryptography, ...)
 #   stubs.tar.xz       the generated CRI and device-plugin stubs (no grpcio-tools there)
 # CRIU: $DYN_SNAPSHOT_CRIU_BUNDLE (default .carry/criu). Results: $OUT/node-e2e.json, node-e2e.log,
-# node-logs.tgz (every component's log). UNPACK_ONLY=1 stops after unpacking.
+# node-logs.tgz (every component's log), and the same worker restored through agent.tree (the host
+# process-tree front end of the same pipeline) in tree-results.json / tree.log for comparison (SKIP_TREE=1
+# leaves it out). UNPACK_ONLY=1 stops after unpacking.
 set -uo pipefail
 OUT=${OUT:-$PWD/bench-gpu-out}
 CARRY=${NODE_CARRY:-.carry/node}
@@ -59,3 +61,14 @@ timeout "${NODE_TIMEOUT:-540}" python3 bench/gpu/node_e2e.py --work "$WORK" --ou
 # node_e2e.py packs the logs itself; a run stopped by the timeout leaves that to here
 [ -f "$OUT/node-logs.tgz" ] || tar -czf "$OUT/node-logs.tgz" -C "$WORK/s" cluster/logs --ignore-failed-read 2>/dev/null
 cp "$WORK/s/cluster/logs/gpu-plugin.log" "$OUT/" 2>/dev/null || true
+if [ -z "${SKIP_TREE:-}" ]; then
+  # the same worker and weights, restored through agent.tree on this machine: the container path must not be slower
+  export DYN_SNAPSHOT_KEY_DIRECTORY=${DYN_SNAPSHOT_KEY_DIRECTORY:-/var/tmp/dynamo-snapshot-keys}
+  [ -n "$(ls -A "$DYN_SNAPSHOT_KEY_DIRECTORY" 2>/dev/null)" ] || python3 -c \
+    'import sys; from dynamo_snapshot.agent.artifact import authn; authn.create_key(sys.argv[1], "k-bench")' \
+    "$DYN_SNAPSHOT_KEY_DIRECTORY"
+  timeout "${TREE_TIMEOUT:-300}" python3 bench/gpu/run.py --work /var/tmp/dynamo-snapshot-bench --out "$WORK/tree" \
+    --network-lock "$LOCK" --weights-gib "${WEIGHTS_GIB:-1}" --batch-sizes "${BATCH_SIZES:-1,2,4}" \
+    --no-compression-probe ${TREE_ARGS:-} >"$OUT/tree.log" 2>&1
+  cp "$WORK/tree/results.json" "$OUT/tree-results.json" 2>/dev/null || true
+fi

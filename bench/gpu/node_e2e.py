@@ -10,6 +10,13 @@ Stages, in order (each recorded; the first failure ends the run with its error):
     restore    a DGD (WaitForCheckpoint, checkpointRef): apply -> restored pod serving; its ``state``
                equals the cold worker's (weight checksum, compiled outputs, captured graph), over a new
                TCP connection
+    scale      the DGD scaled to 2: a second restored pod serves while the cold pod keeps serving
+    mismatch   the node's driver release made to differ (a bind mount over /proc/driver/nvidia/version), the
+               DGD scaled to 3: the agent refuses the restore, the reason lands in the pod's annotation and
+               the DGD's status; the mount is taken off again
+
+One GPU holds them all: the device plugin offers it as four ``nvidia.com/gpu`` (``--replicas 4``, NVIDIA's
+time-slicing), so the cold pod, the checkpoint's source pod and the restored pods share it.
 
 The one test shortcut: PyTorch and its Python come from the machine (hostPath mounts of /opt/torch and of
 the host's /usr subtrees over the image's), not from the image; snapshot-init and dynamo_snapshot.workload
@@ -31,6 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from dynamo_snapshot.agent.cuda import devices as cuda_devices  # noqa: E402
 from dynamo_snapshot.api import names  # noqa: E402
 from dynamo_snapshot.devcluster.images import PLACEHOLDER_IMAGE  # noqa: E402
 from dynamo_snapshot.devcluster.stack import SnapshotStack  # noqa: E402
@@ -70,20 +78,63 @@ def ask(ip: str, cmd: str, timeout: float = 60) -> dict[str, Any]:
     return json.loads(data)
 
 
-def wait_serving(stack: SnapshotStack, selector: str, timeout: float) -> tuple[str, dict[str, Any]]:
-    """The first pod of ``selector`` whose worker answers ``state`` (its TCP server is the readiness)."""
-    def serving() -> tuple[str, dict[str, Any]] | None:
+def wait_serving(stack: SnapshotStack, selector: str, timeout: float, count: int = 1,
+                 ) -> list[tuple[str, dict[str, Any]]]:
+    """``count`` pods of ``selector`` whose workers answer ``state`` (the TCP server is the readiness)."""
+    def serving() -> list[tuple[str, dict[str, Any]]] | None:
+        found = []
         for pod in stack.list("pods", selector):
             ip = pod.get("status", {}).get("podIP")
-            if not ip:
+            if not ip or pod.get("status", {}).get("phase") != "Running":
                 continue
             try:
-                return pod["metadata"]["name"], ask(ip, "state", timeout=5)
-            except OSError:
+                found.append((pod["metadata"]["name"], ask(ip, "state", timeout=5)))
+            except (OSError, ValueError):
                 continue
-        return None
+        return found if len(found) >= count else None
 
-    return stack.wait_until(serving, f"a serving worker ({selector})", timeout=timeout)
+    return stack.wait_until(serving, f"{count} serving worker(s) ({selector})", timeout=timeout)
+
+
+def refused_restore(stack: SnapshotStack, selector: str) -> dict[str, Any] | None:
+    """A pod of ``selector`` whose restore the agent failed: its name and the agent's message."""
+    for pod in stack.list("pods", selector):
+        annotations = pod["metadata"].get("annotations") or {}
+        if annotations.get(names.restore_status_annotation("main")) == names.STATUS_FAILED:
+            return {"pod": pod["metadata"]["name"],
+                    "message": annotations.get(names.restore_message_annotation("main"))}
+    return None
+
+
+def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("weights", "outputs", "graph"))
+
+
+def ask_pod(stack: SnapshotStack, pod: str) -> dict[str, Any]:
+    return ask(stack.get("pod", pod)["status"]["podIP"], "state")
+
+
+def refuse_on_other_driver(stack: SnapshotStack, selector: str, timeout: float) -> dict[str, Any]:
+    """Scale to 3 while the node reports another driver release: the restore must be refused by name."""
+    version = Path("/proc/driver/nvidia/version")
+    real = version.read_text()
+    fake = Path("/run/dynamo-snapshot-fake-driver-version")
+    release = cuda_devices.driver_version()
+    if release is None:
+        raise RuntimeError(f"no driver release in {version}")
+    major, _, rest = release.partition(".")
+    fake.write_text(real.replace(release, f"{int(major) + 1}.{rest}", 1))
+    subprocess.run(["mount", "--bind", str(fake), str(version)], check=True)
+    try:
+        stack.kubectl("patch", "dgd", "gpu", "-n", stack.namespace, "--type=merge",
+                      "-p", json.dumps({"spec": {"services": {"worker": {"replicas": 3}}}}))
+        refused = stack.wait_until(lambda: refused_restore(stack, selector), "a refused restore", timeout=timeout)
+    finally:
+        subprocess.run(["umount", str(version)], check=False)
+    dgd = stack.get("dgd", "gpu")
+    refused["dgd_status"] = dgd.get("status")
+    refused["names_driver"] = "driver" in (refused.get("message") or "")
+    return refused
 
 
 class Run:
@@ -120,6 +171,7 @@ def main() -> int:
     parser.add_argument("--network-lock", default="nftables")
     parser.add_argument("--torch-root", default="/opt/torch")
     parser.add_argument("--timeout", type=float, default=240)
+    parser.add_argument("--skip-mismatch", action="store_true", help="leave out the driver-mismatch refusal")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.out)
@@ -130,7 +182,7 @@ def main() -> int:
                                              str(weights), "--gib", str(args.weights_gib)], None, None, None, True)
     extra = {"/opt/workloads/worker.py": REPO / "bench/gpu/worker.py",
              "/opt/workloads/weights.py": REPO / "bench/gpu/weights.py"}
-    stack = SnapshotStack(args.work / "s", namespace="gpu", extra_image_files=extra, gpu_plugin=[],
+    stack = SnapshotStack(args.work / "s", namespace="gpu", extra_image_files=extra, gpu_plugin=["--replicas", "4"],
                           criu_config={"networkLock": args.network_lock, "timeoutSeconds": 300})
     main_container, volumes = container(weights, args.batch_sizes, args.torch_root)
     try:
@@ -139,7 +191,7 @@ def main() -> int:
                 "spec": {"restartPolicy": "Never", "containers": [main_container], "volumes": volumes}}
         t0 = time.time()
         stack.apply(cold)
-        _, cold_state = run.step("cold", wait_serving, stack, "run=cold", args.timeout)
+        [(_, cold_state)] = run.step("cold", wait_serving, stack, "run=cold", args.timeout)
         run.results["cold_apply_to_serving_s"] = round(time.time() - t0, 2)
         run.results["cold_state"] = cold_state
         run.save()
@@ -166,14 +218,27 @@ def main() -> int:
         t0 = time.time()
         stack.apply(dgd)
         selector = f"run!=cold,!{names.LABEL_IS_CHECKPOINT_SOURCE}"  # the DGD's pods
-        pod, restored = run.step("restore", wait_serving, stack, selector, args.timeout)
+        [(pod, restored)] = run.step("restore", wait_serving, stack, selector, args.timeout)
         run.results["restored_apply_to_serving_s"] = round(time.time() - t0, 2)
         run.results["restored_pod"] = pod
         run.results["restored_state"] = restored
-        same = all(restored.get(k) == cold_state.get(k) for k in ("weights", "outputs", "graph"))
+        same = same_state(restored, cold_state)
         run.results["restored_equals_cold"] = same
-        print(json.dumps({k: run.results.get(k) for k in ("cold_apply_to_serving_s", "checkpoint_apply_to_ready_s",
-                                                          "restored_apply_to_serving_s", "restored_equals_cold")}))
+        run.save()
+        t0 = time.time()
+        stack.kubectl("patch", "dgd", "gpu", "-n", stack.namespace, "--type=merge",
+                      "-p", json.dumps({"spec": {"services": {"worker": {"replicas": 2}}}}))
+        both = run.step("scale", wait_serving, stack, selector, args.timeout, 2)
+        run.results["scaled_pod_apply_to_serving_s"] = round(time.time() - t0, 2)
+        run.results["scaled_equals_cold"] = all(same_state(state, cold_state) for _, state in both)
+        run.results["cold_still_serving"] = same_state(ask_pod(stack, "cold"), cold_state)
+        run.save()
+        if not args.skip_mismatch:
+            run.results["mismatch"] = run.step("mismatch", refuse_on_other_driver, stack, selector, args.timeout)
+        print(json.dumps({k: run.results.get(k) for k in (
+            "cold_apply_to_serving_s", "checkpoint_apply_to_ready_s", "restored_apply_to_serving_s",
+            "scaled_pod_apply_to_serving_s", "restored_equals_cold", "scaled_equals_cold", "cold_still_serving")}))
+        same = same and run.results["scaled_equals_cold"] and run.results["cold_still_serving"]
         return 0 if same else 1
     except BaseException:
         return 1

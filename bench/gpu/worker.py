@@ -248,6 +248,15 @@ class Worker:
         threading.Thread(target=spin, name="spin", daemon=True).start()
         return {"spinning_ms": ms}
 
+    @staticmethod
+    def await_outcome() -> None:
+        """The workload contract beside the server: the checkpointed source exits 0 (its pod's Job completes
+        and hands its GPU back); a restored copy learns restore-complete and serves on."""
+        outcome = workload.wait_for_outcome()
+        print(json.dumps({"event": outcome.name.lower().replace("_", "-"), "pid": os.getpid()}), flush=True)
+        if outcome is workload.Outcome.SNAPSHOT_COMPLETE:
+            os._exit(0)
+
     def serve(self, port: int, host: str = "127.0.0.1", mark_ready: bool = False) -> None:
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -258,6 +267,7 @@ class Worker:
             # a checkpoint source pod: compile helpers stopped, then the agent is told (the pod's flow)
             workload.mark_ready_for_snapshot(reread_after_restore=[str(self.args.weights)])
             print(json.dumps({"event": "ready-for-snapshot", "pid": os.getpid()}), flush=True)
+            threading.Thread(target=self.await_outcome, name="outcome", daemon=True).start()
         while True:
             conn, _ = server.accept()
             with conn:

@@ -1,7 +1,12 @@
 """Errors of the node agent, under one root (``AgentError``). Each message names the object and the
 cause. Errors that belong to one module are defined there, derived from ``AgentError`` (CRIError,
 CgroupError, InRootError, CRIStubsUnavailable, GpuMismatch, ConfigError, LeaseUnavailable,
-CheckpointAborted); those the pipelines share are here."""
+CheckpointAborted); those the pipelines share are here.
+
+A restore failure either may pass on a fresh container (CRIU failed, the manifest is not there yet, the
+agent was interrupted) or never will for this checkpoint in this pod: the artifact is altered or
+unauthenticated, made for another node, or would exceed the pod's privilege
+(``service.operations.refused_for_good`` tells them apart)."""
 
 from __future__ import annotations
 
@@ -26,6 +31,14 @@ class ArtifactInvalid(RestoreError):
     """The artifact on storage is incomplete, altered, or not the checkpoint that was asked for."""
 
 
+class ArtifactMissing(ArtifactInvalid):
+    """The version's manifest is not (yet) on storage: a retry on a fresh container may find it."""
+
+
+class RestoreExceedsPrivilege(RestoreError):
+    """The images would give a restored thread more privilege than the placeholder container has."""
+
+
 class ArtifactIncompatible(ArtifactInvalid):
     """The artifact is intact but was made by a CRIU, kernel architecture or driver this node cannot use."""
 
@@ -43,3 +56,4 @@ class CriuFailed(SnapshotError):
     def __str__(self) -> str:
         where = f" (full log: {self.log_path})" if self.log_path else ""
         return f"criu {self.action} failed with exit code {self.returncode}{where}:\n{self.log_tail}"
+

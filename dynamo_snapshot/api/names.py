@@ -35,6 +35,9 @@ ANN_RESTORE_STATUS_PREFIX = "nvidia.com/snapshot-restore-status."
 ANN_RESTORE_CONTAINER_ID_PREFIX = "nvidia.com/snapshot-restore-container-id."
 # Why the agent failed the last restore of a container (ours; kept after the event has expired)
 ANN_RESTORE_MESSAGE_PREFIX = "nvidia.com/snapshot-restore-message."
+# The checkpoint ID whose restore into this pod the agent refused for good (ours): a later container of
+# the pod is told so (restore-failed) instead of being restored, killed and restarted again
+ANN_RESTORE_REFUSED_PREFIX = "nvidia.com/snapshot-restore-refused."
 ANN_AUTO_CHECKPOINT = "nvidia.com/dynamo-auto-checkpoint"
 ANN_DELETION_POLICY = "nvidia.com/dynamo-checkpoint-deletion-policy"
 ANN_STORAGE_TYPE = "nvidia.com/snapshot-storage-type"
@@ -66,12 +69,21 @@ def restore_message_annotation(container: str) -> str:
     return ANN_RESTORE_MESSAGE_PREFIX + container
 
 
+def restore_refused_annotation(container: str) -> str:
+    return ANN_RESTORE_REFUSED_PREFIX + container
+
+
 # The /snapshot-control contract (SPEC section 8)
 CONTROL_VOLUME = "snapshot-control"
 CONTROL_DIR = "/snapshot-control"
 ENV_CONTROL_DIR = "DYN_SNAPSHOT_CONTROL_DIR"
 ENV_RESTORE_STANDBY = "DYN_SNAPSHOT_RESTORE_STANDBY"
 FILE_READY_FOR_SNAPSHOT = "ready-for-snapshot"
+# Ours: the agent refused a restore that no retry can fix (JSON {"reason": ...}); snapshot-init starts the
+# workload cold when ENV_RESTORE_FALLBACK is "cold" (startupPolicy Immediate), else keeps waiting
+FILE_RESTORE_FAILED = "restore-failed"
+ENV_RESTORE_FALLBACK = "DYN_SNAPSHOT_RESTORE_FALLBACK"
+RESTORE_FALLBACK_COLD = "cold"
 # What guide-era upstream workers write instead; read with the same meaning (docs/compatibility.md)
 FILE_READY_FOR_CHECKPOINT_LEGACY = "ready-for-checkpoint"
 # In the ready-for-snapshot body: the files a worker re-reads after a restore (dynamo_snapshot.workload

@@ -152,9 +152,12 @@ def restore_template(
     artifact_version: str,
     storage: Storage | None,
     field: str = "checkpoint target",
+    cold_fallback: bool = False,
 ) -> Template:
     """A pod that restores `targets` from the checkpoint: snapshot-init waits in standby for the agent,
-    and the startup probe holds traffic until the restored workload says it is live."""
+    and the startup probe holds traffic until the restored workload says it is live. `cold_fallback`
+    (startupPolicy Immediate): when the agent refuses the restore for good, snapshot-init starts the
+    workload cold, and the startup probe lets it through as it would a cold pod."""
     shaped = copy.deepcopy(template)
     spec = shaped.setdefault("spec", {})
     containers = containers_named(spec, targets, field)
@@ -165,14 +168,25 @@ def restore_template(
     for container in containers:
         _keep_init_first(container)
         _set_env(container, names.ENV_RESTORE_STANDBY, "1")
+        if cold_fallback:
+            _set_env(container, names.ENV_RESTORE_FALLBACK, names.RESTORE_FALLBACK_COLD)
         own = container.get("startupProbe")
         if own:
             container["startupProbe"] = {**own, "periodSeconds": 1,
                                          "failureThreshold": RESTORE_STARTUP_FAILURE_THRESHOLD}
         else:
-            container["startupProbe"] = _exec_probe(f"{names.CONTROL_DIR}/{names.FILE_RESTORE_COMPLETE}",
-                                                    failure_threshold=RESTORE_STARTUP_FAILURE_THRESHOLD)
+            container["startupProbe"] = _restore_probe(cold_fallback)
     return shaped
+
+
+def _restore_probe(cold_fallback: bool) -> dict[str, Any]:
+    """Started once restored; with the cold fallback also once the restore was refused (cold start)."""
+    restored = f"{names.CONTROL_DIR}/{names.FILE_RESTORE_COMPLETE}"
+    probe = _exec_probe(restored, failure_threshold=RESTORE_STARTUP_FAILURE_THRESHOLD)
+    if cold_fallback:
+        refused = f"{names.CONTROL_DIR}/{names.FILE_RESTORE_FAILED}"
+        probe["exec"]["command"] = ["sh", "-c", f"cat {restored} 2>/dev/null || cat {refused}"]
+    return probe
 
 
 def shared_memory_volume(template: Template, containers: list[str], size: str) -> Template:

@@ -8,6 +8,9 @@ Stages, in order:
                libnvidia-*) and tools (nvidia-smi) are found through ``ldconfig -p`` and the PATH
     serve      a gRPC server (device plugin API v1beta1) on a socket in the kubelet's device-plugins directory
     register   Register with the kubelet's Registration service (kubelet.sock in the same directory)
+    share      with ``--replicas N`` each GPU is offered as N devices (``nvidia0::0`` ... ``nvidia0::N-1``), as
+               NVIDIA's device plugin does with time-slicing: N pods share one GPU (no isolation of memory
+               or compute), which lets one GPU hold a serving pod and its checkpoint and restored copies
     allocate   per container: its GPU's device node and the control nodes (DeviceSpec), the driver's files
                bind-mounted read-only under /usr/local/nvidia (Mount), LD_LIBRARY_PATH and PATH naming them
     re-serve   a restarted kubelet removes every plugin socket: the plugin notices ours is gone, serves and
@@ -25,6 +28,7 @@ The kubelet's device-plugin directory is fixed (``/var/lib/kubelet/device-plugin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -46,6 +50,7 @@ DRIVER_LIBRARY = re.compile(r"^lib(cuda|nvidia-[a-z0-9-]+|nvcuvid|nvoptix)\.so(\
 DRIVER_TOOLS = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced")
 CONTAINER_LIB_DIR = "/usr/local/nvidia/lib64"
 CONTAINER_BIN_DIR = "/usr/local/nvidia/bin"
+SHARE_SEPARATOR = "::"  # a shared GPU's device IDs: <gpu>::<replica>, as NVIDIA's plugin names them
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,22 @@ class Inventory:
     libraries: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
+    replicas: int = 1  # devices offered per GPU (time-slicing)
+
+    def device_ids(self) -> list[str]:
+        """The devices the kubelet is offered: each GPU once, or ``replicas`` times as ``<gpu>::<i>``."""
+        if self.replicas <= 1:
+            return list(self.gpus)
+        return [f"{gpu}{SHARE_SEPARATOR}{i}" for gpu in self.gpus for i in range(self.replicas)]
+
+    def gpu_of(self, device_id: str) -> str | None:
+        """The GPU behind an offered device ID, None when this node never offered it."""
+        gpu, sep, index = device_id.partition(SHARE_SEPARATOR)
+        if gpu not in self.gpus:
+            return None
+        if self.replicas <= 1:
+            return gpu if not sep else None
+        return gpu if sep and index.isdigit() and int(index) < self.replicas else None
 
 
 def discover(root: Path = Path("/"), *, libraries: tuple[str, ...] | None = None,
@@ -92,13 +113,14 @@ def driver_tools() -> tuple[str, ...]:
 def allocation(inventory: Inventory, device_ids: list[str]) -> dict:
     """One container's share: its GPUs' device nodes plus the control nodes, the driver's files, the
     environment naming them. Raises KeyError naming an unknown device ID."""
-    unknown = [d for d in device_ids if d not in inventory.gpus]
+    unknown = [d for d in device_ids if inventory.gpu_of(d) is None]
     if unknown:
-        raise KeyError(f"unknown device IDs {unknown}; this node has {sorted(inventory.gpus)}")
-    nodes = [inventory.gpus[d] for d in device_ids] + list(inventory.control)
+        raise KeyError(f"unknown device IDs {unknown}; this node offers {inventory.device_ids()}")
+    gpus = list(dict.fromkeys(inventory.gpu_of(d) for d in device_ids))  # shares of one GPU: its node once
+    nodes = [inventory.gpus[g] for g in gpus] + list(inventory.control)
     mounts = [(f"{CONTAINER_LIB_DIR}/{Path(p).name}", p) for p in inventory.libraries]
     mounts += [(f"{CONTAINER_BIN_DIR}/{Path(p).name}", p) for p in inventory.tools]
-    envs = {"LD_LIBRARY_PATH": CONTAINER_LIB_DIR, "NVIDIA_VISIBLE_DEVICES": ",".join(device_ids),
+    envs = {"LD_LIBRARY_PATH": CONTAINER_LIB_DIR, "NVIDIA_VISIBLE_DEVICES": ",".join(gpus),
             **inventory.extra_env}
     if inventory.tools:
         envs["PATH"] = f"{CONTAINER_BIN_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -118,7 +140,7 @@ class _Service:
         return self.pb.DevicePluginOptions()
 
     def ListAndWatch(self, request, context):
-        devices = [self.pb.Device(ID=d, health="Healthy") for d in self.inventory.gpus]
+        devices = [self.pb.Device(ID=d, health="Healthy") for d in self.inventory.device_ids()]
         yield self.pb.ListAndWatchResponse(devices=devices)
         while not self.stop.is_set() and context.is_active():
             self.stop.wait(1.0)
@@ -200,7 +222,8 @@ class DevicePlugin:
                 self.serve()
                 self.register()
                 self.registered.set()
-                print(f"registered {RESOURCE} ({len(self.inventory.gpus)}: {', '.join(self.inventory.gpus)}) "
+                offered = self.inventory.device_ids()
+                print(f"registered {RESOURCE} ({len(offered)}: {', '.join(offered)}) "
                       f"with the kubelet at {self.directory}", flush=True)
             self.stop_event.wait(1.0)
 
@@ -226,10 +249,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the kubelet's device-plugins directory (fixed in the kubelet)")
     parser.add_argument("--root", type=Path, default=Path("/"), help="where dev/nvidia* are (tests: fake nodes)")
     parser.add_argument("--health-port", type=int, help="serve /healthz on 127.0.0.1 (200 once registered)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="offer each GPU as this many devices (time-slicing: pods share the GPU)")
     parser.add_argument("--no-driver-files", action="store_true", help="hand containers device nodes only")
     args = parser.parse_args(argv)
     inventory = discover(args.root, libraries=() if args.no_driver_files else None,
                          tools=() if args.no_driver_files else None)
+    if args.replicas < 1:
+        print(f"--replicas: {args.replicas} is not a positive count; 1 offers each GPU once", file=sys.stderr)
+        return 2
+    inventory = dataclasses.replace(inventory, replicas=args.replicas)
     if not inventory.gpus:
         print(f"no GPUs: no {args.root / 'dev'}/nvidia<N> device nodes", file=sys.stderr)
         return 2

@@ -22,10 +22,14 @@ from dynamo_snapshot.workload import helpers
 
 CONTROL_DIR_ENV = "DYN_SNAPSHOT_CONTROL_DIR"
 RESTORE_STANDBY_ENV = "DYN_SNAPSHOT_RESTORE_STANDBY"
+# "cold": a restore pod whose restore the agent refused for good starts its workload cold (Immediate)
+RESTORE_FALLBACK_ENV = "DYN_SNAPSHOT_RESTORE_FALLBACK"
+RESTORE_FALLBACK_COLD = "cold"
 
 READY_FOR_SNAPSHOT = "ready-for-snapshot"
 SNAPSHOT_COMPLETE = "snapshot-complete"
 RESTORE_COMPLETE = "restore-complete"
+RESTORE_FAILED = "restore-failed"  # the agent refused this pod's restore for good: {"reason": ...}
 
 MAX_REREAD_PATHS = 1024  # what ready-for-snapshot may name for the agent to prefetch on a restore
 
@@ -43,6 +47,11 @@ def control_dir(environ: Mapping[str, str] = os.environ) -> Path | None:
 
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return control_dir(environ) is not None
+
+
+def restore_fallback_cold(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a refused restore makes this restore pod start its workload cold."""
+    return environ.get(RESTORE_FALLBACK_ENV, "").strip().lower() == RESTORE_FALLBACK_COLD
 
 
 def restore_standby(environ: Mapping[str, str] = os.environ) -> bool:

@@ -10,8 +10,12 @@ or by its CMD when there are none), as recorded in ``runtime-command.json`` at b
 Cold start and checkpoint source: runs COMMAND as its only child. Restore pod
 (``DYN_SNAPSHOT_RESTORE_STANDBY=1``): runs nothing and waits; the agent restores the checkpointed
 process tree into this PID namespace, the tree's root is re-parented to this init, and
-``restore-complete`` in the control directory names it. Either way snapshot-init reaps every child,
-forwards termination and user signals to the workload, and exits with the workload's status
+``restore-complete`` in the control directory names it. If the agent refuses the restore for good
+(``restore-failed``: the checkpoint is altered, or made for another node), a pod with
+``DYN_SNAPSHOT_RESTORE_FALLBACK=cold`` (the operator sets it for startupPolicy Immediate) starts COMMAND
+cold instead, and any other keeps waiting (no crash loop; the pod's annotation says why). Either way
+snapshot-init reaps every child, forwards termination and user signals to the workload, and exits with
+the workload's status
 (128 + N when a signal N ended it).
 
 PIDs: CRIU restores the workload with the PIDs it had, so they must be free in the restore pod's
@@ -31,9 +35,16 @@ import select
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from dynamo_snapshot.workload.control import RESTORE_COMPLETE, control_dir, restore_standby
+from dynamo_snapshot.workload.control import (
+    RESTORE_COMPLETE,
+    RESTORE_FAILED,
+    control_dir,
+    restore_fallback_cold,
+    restore_standby,
+)
 
 WORKLOAD_PID_BASE_ENV = "DYN_SNAPSHOT_WORKLOAD_PID_BASE"
 DEFAULT_WORKLOAD_PID_BASE = 1000
@@ -142,10 +153,13 @@ def runtime_command(args: list[str], recorded_at: Path = RUNTIME_COMMAND_FILE) -
 
 
 class Init:
-    def __init__(self, argv: list[str], standby: bool, control: Path | None):
+    def __init__(self, argv: list[str], standby: bool, control: Path | None,
+                 cold_fallback: Callable[[], list[str]] | None = None):
         self.argv = argv
         self.standby = standby
         self.control = control
+        self.cold_fallback = cold_fallback  # a refused restore: the command to start cold instead
+        self.refused = False
         self.workload: int | None = None
         self.exited: dict[int, int] = {}  # pid -> exit code, for every child reaped
         self.pending: list[int] = []
@@ -205,6 +219,36 @@ class Init:
         say(f"restore-complete names no workload PID and there are {len(children)} children; still waiting")
         return None
 
+    def _refusal(self) -> str | None:
+        """The agent's reason, once it has refused this pod's restore for good (``restore-failed``)."""
+        if self.control is None or self.refused:
+            return None
+        try:
+            content = (self.control / RESTORE_FAILED).read_text()
+        except OSError:
+            return None
+        self.refused = True
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            return str(json.loads(content).get("reason") or "no reason given")
+        return "no reason given"
+
+    def _after_refusal(self, reason: str) -> int | None:
+        """Start cold (the pod's fallback), or keep waiting; an exit code when the command is unusable."""
+        if self.cold_fallback is None:
+            say(f"the agent refused the restore: {reason}; waiting (no restore fallback is set)")
+            return None
+        try:
+            self.argv = self.cold_fallback()
+        except UsageError as exc:
+            say(f"the agent refused the restore ({reason}) and the cold start cannot run: {exc}")
+            return 2
+        if not self.argv:
+            say(f"the agent refused the restore ({reason}) and the container has no command to start cold")
+            return 2
+        say(f"the agent refused the restore: {reason}; starting the workload cold (restore fallback)")
+        self.workload = self._spawn()
+        return None
+
     def _forward(self) -> int | None:
         """Forward pending signals; returns an exit code when a stop signal arrives with no workload."""
         pending, self.pending = self.pending, []
@@ -234,6 +278,8 @@ class Init:
                 self.workload = self._restored_workload()
                 if self.workload is not None:
                     say(f"adopted restored workload PID {self.workload}")
+                elif (reason := self._refusal()) is not None and (code := self._after_refusal(reason)) is not None:
+                    return code
             if self.workload is not None and self.workload in self.exited:
                 code = self.exited[self.workload]
                 say(f"workload PID {self.workload} exited with status {code}")
@@ -269,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     if not standby and not args:
         say("usage: snapshot-init [--] COMMAND [ARG...]")
         return 2
-    return Init(args, standby, control).run()
+    fallback = None
+    if standby and restore_fallback_cold():
+        def fallback() -> list[str]:
+            return runtime_command(args) if as_runtime else args
+    return Init(args, standby, control, fallback).run()
 
 
 if __name__ == "__main__":

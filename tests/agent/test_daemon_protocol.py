@@ -16,7 +16,7 @@ import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dynamo_snapshot.agent.errors import CriuFailed, RestoreError
+from dynamo_snapshot.agent.errors import ArtifactInvalid, CriuFailed, RestoreError
 from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult
 from dynamo_snapshot.agent.pipeline.restore import RestoreResult
 from dynamo_snapshot.agent.service import main
@@ -85,6 +85,9 @@ class FakeNode:
     async def kill_container(self, container_id: str) -> None:
         self.calls.append(("kill-container", container_id))
 
+    async def refuse_restore(self, container_id: str, reason: str) -> None:
+        self.calls.append(("refuse-restore", container_id))
+
 
 def checkpoint_result() -> CheckpointResult:
     return CheckpointResult(directory=Path("/checkpoints/x/versions/1"), manifest={}, seconds={"dump": 0.1},
@@ -149,7 +152,7 @@ class Harness:
 
     async def pod(self, name: str, container_id: str, *, source_of: dict[str, Any] | None = None,
                   annotations: dict[str, str] | None = None, ready: bool = True, image: str = "placeholder:1",
-                  owned: bool = True) -> dict[str, Any]:
+                  owned: bool = True, env: dict[str, str] | None = None) -> dict[str, Any]:
         """A pod on the agent's node whose container `main` runs as `container_id` (the kubelet's part)."""
         labels = {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID}
         metadata: dict[str, Any] = {"name": name, "labels": labels,
@@ -164,7 +167,8 @@ class Harness:
                 labels["batch.kubernetes.io/job-name"] = job["name"]
         body = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
                 "spec": {"nodeName": NODE, "restartPolicy": "Never" if source_of else "Always",
-                         "containers": [{"name": "main", "image": image}]}}
+                         "containers": [{"name": "main", "image": image,
+                                         "env": [{"name": k, "value": v} for k, v in (env or {}).items()]}]}}
         created = await self.client.create(PODS, body, self.namespace)
         status = {"phase": "Running", "containerStatuses": [{
             "name": "main", "image": "placeholder:1", "imageID": "", "ready": ready, "started": True,
@@ -172,6 +176,14 @@ class Harness:
             "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
         await self.client.patch_status(PODS, name, {"status": status}, self.namespace)
         return created
+
+    async def restart_container(self, name: str, container_id: str) -> None:
+        """What the kubelet does after a container was killed: the pod runs a new container ID."""
+        status = {"containerStatuses": [{
+            "name": "main", "image": "placeholder:1", "imageID": "", "ready": False, "started": True,
+            "restartCount": 1, "containerID": f"containerd://{container_id}",
+            "state": {"running": {"startedAt": "2026-01-01T00:01:00Z"}}}]}
+        await self.client.patch_status(PODS, name, {"status": status}, self.namespace)
 
     async def annotations(self, resource: Resource, name: str) -> dict[str, str]:
         obj = await self.client.get(resource, name, self.namespace)
@@ -387,6 +399,47 @@ async def test_a_failed_restore_is_annotated_with_the_reason_and_the_placeholder
     assert harness.node.calls == [("restore", "c-broken"), ("kill-container", "c-broken")]
     (event,) = await harness.events("broken")
     assert event["reason"] == "RestoreFailed" and "manifest.json is missing" in event["note"]
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["falls-back-cold", "waits"])
+async def test_a_restore_no_retry_can_fix_is_refused_for_good_without_killing_the_placeholder(harness, cold):
+    """A checkpoint altered on storage fails its digest check on every fresh container: killing the
+    placeholder would only crash-loop the pod. It is told so, and starts cold or waits, as it is set."""
+    async def step(work):
+        raise ArtifactInvalid(f"/checkpoints/{CHECKPOINT_ID}/versions/1/pages-1.img has SHA-256 00; the manifest "
+                              "says ff")
+
+    harness.node.restore_step = step
+    env = {names.ENV_RESTORE_FALLBACK: names.RESTORE_FALLBACK_COLD} if cold else {}
+    async with harness.agent():
+        await harness.pod("altered", "c-altered", env=env)
+        assert await harness.outcome_for("c-altered") is Outcome.FAILED
+    assert harness.node.calls == [("restore", "c-altered"), ("refuse-restore", "c-altered")]  # no kill
+    annotations = await harness.annotations(PODS, "altered")
+    assert annotations[names.restore_status_annotation("main")] == "failed"
+    assert annotations[names.restore_refused_annotation("main")] == CHECKPOINT_ID
+    why = annotations[names.restore_message_annotation("main")]
+    assert "pages-1.img has SHA-256" in why
+    assert ("starts its workload cold" in why) is cold and ("waits without restarting" in why) is not cold
+
+
+async def test_a_later_container_of_a_refused_pod_is_told_not_restored_again(harness):
+    """A restore refused after it had begun changing the container (a bad page found while CRIU ran) has
+    to kill it; the pod's next container learns the refusal at once instead of going round again."""
+    async def step(work):
+        raise ArtifactInvalid("pages-1.img has SHA-256 00; the manifest says ff")
+
+    harness.node.restore_step = step
+    async with harness.agent():
+        await harness.pod("bad-pages", "c-first", env={names.ENV_RESTORE_FALLBACK: names.RESTORE_FALLBACK_COLD})
+        assert await harness.outcome_for("c-first") is Outcome.FAILED
+        await harness.restart_container("bad-pages", "c-second")
+        assert await harness.outcome_for("c-second") is Outcome.FAILED
+    assert harness.node.calls == [("restore", "c-first"), ("refuse-restore", "c-first"),
+                                  ("refuse-restore", "c-second")]  # never restored twice, never killed
+    annotations = await harness.annotations(PODS, "bad-pages")
+    assert annotations[names.restore_container_id_annotation("main")] == "c-second"
+    assert "starts its workload cold" in annotations[names.restore_message_annotation("main")]
 
 
 async def test_a_restore_interrupted_by_an_agent_restart_is_not_run_again_on_that_container(harness):

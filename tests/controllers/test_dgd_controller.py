@@ -113,7 +113,9 @@ def test_immediate_cold_start_then_new_pods_restore(env):
     assert restored["metadata"]["annotations"]["nvidia.com/snapshot-target-containers"] == "main"
     assert restored["metadata"]["annotations"]["nvidia.com/snapshot-artifact-version"] == "1"
     probe = restored["spec"]["containers"][0]["startupProbe"]
-    assert probe["exec"]["command"] == ["cat", "/snapshot-control/restore-complete"] and probe["periodSeconds"] == 1
+    # started once restored or, Immediate falling back to a cold start, once the agent refused the restore
+    assert probe["exec"]["command"] == ["sh", "-c", "cat /snapshot-control/restore-complete 2>/dev/null || "
+                                        "cat /snapshot-control/restore-failed"] and probe["periodSeconds"] == 1
     # one generation, one checkpoint: the scale-up reused it
     assert len(cluster.list("dynamocheckpoints")) == 1
     assert len(cluster.list("replicasets")) == 1

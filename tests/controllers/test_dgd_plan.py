@@ -14,6 +14,7 @@ from dynamo_snapshot.api import (
     Phase,
     StorageAccessMode,
     convert,
+    names,
 )
 from dynamo_snapshot.controllers.dgd.plan import plan_component
 from dynamo_snapshot.controllers.storage import Storage
@@ -101,6 +102,24 @@ def test_a_ready_checkpoint_makes_new_pods_restore_from_it():
     plan = _plan(raw, {first.auto_checkpoint_name: ready})
     assert plan.restore and plan.replicas == 2 and plan.waiting is None and plan.checkpoint_status.ready
     assert plan.template != first.template  # restore-shaped: the artifact mounted, the standby set
+
+
+def _env(template) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env") or []}
+
+
+def test_restored_pods_of_immediate_fall_back_cold_and_those_of_wait_for_checkpoint_do_not():
+    for policy, falls_back in (("Immediate", True), ("WaitForCheckpoint", False)):
+        raw = _dgd({"enabled": True, "startupPolicy": policy})
+        first = _plan(raw)
+        plan = _plan(raw, {first.auto_checkpoint_name: _as_stored(first.auto_checkpoint, Phase.READY)})
+        env = _env(plan.template)
+        assert env[names.ENV_RESTORE_STANDBY] == "1"
+        assert (env.get(names.ENV_RESTORE_FALLBACK) == names.RESTORE_FALLBACK_COLD) is falls_back, policy
+        # the startup probe lets a cold start through only where the pod may start cold
+        probe = " ".join(plan.template["spec"]["containers"][0]["startupProbe"]["exec"]["command"])
+        assert names.FILE_RESTORE_COMPLETE in probe
+        assert (names.FILE_RESTORE_FAILED in probe) is falls_back, policy
 
 
 def test_a_ready_checkpoint_without_storage_starts_cold_and_says_so():

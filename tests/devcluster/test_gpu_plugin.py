@@ -55,6 +55,25 @@ def test_an_unknown_device_id_is_refused_naming_the_node_s_gpus():
         allocation(Inventory({"nvidia0": "/dev/nvidia0"}, ()), ["nvidia7"])
 
 
+def test_a_shared_gpu_is_offered_as_replicas_and_each_share_gets_that_one_gpu():
+    inventory = Inventory({"nvidia0": "/dev/nvidia0", "nvidia1": "/dev/nvidia1"}, ("/dev/nvidiactl",), replicas=3)
+    assert inventory.device_ids() == [f"nvidia{g}::{i}" for g in (0, 1) for i in range(3)]
+    share = allocation(inventory, ["nvidia1::2"])
+    assert [d[0] for d in share["devices"]] == ["/dev/nvidia1", "/dev/nvidiactl"]
+    assert share["envs"]["NVIDIA_VISIBLE_DEVICES"] == "nvidia1"
+    two_shares = allocation(inventory, ["nvidia0::0", "nvidia0::1"])  # one GPU's node once
+    assert [d[0] for d in two_shares["devices"]] == ["/dev/nvidia0", "/dev/nvidiactl"]
+
+
+def test_a_share_the_node_never_offered_is_refused():
+    shared = Inventory({"nvidia0": "/dev/nvidia0"}, (), replicas=2)
+    for device_id in ("nvidia0", "nvidia0::2", "nvidia0::x"):
+        with pytest.raises(KeyError, match="nvidia0::0"):
+            allocation(shared, [device_id])
+    with pytest.raises(KeyError):
+        allocation(Inventory({"nvidia0": "/dev/nvidia0"}, ()), ["nvidia0::0"])
+
+
 def test_the_driver_libraries_are_recognised_by_name():
     names = ["libcuda.so.1", "libcuda.so", "libnvidia-ml.so.1", "libnvidia-ptxjitcompiler.so.580.159.04",
              "libcudart.so.13", "libnvrtc.so.13", "libnvidia.so.x"]

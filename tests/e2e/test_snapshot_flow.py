@@ -4,6 +4,7 @@ objects and on what the restored workers say about themselves."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from dynamo_snapshot.devcluster.scenarios import (
     component_selector,
     dgd_manifest,
 )
-from dynamo_snapshot.kube import PODS
+from dynamo_snapshot.kube import DYNAMO_GRAPH_DEPLOYMENTS, PODS
 
 pytestmark = pytest.mark.e2e
 
@@ -177,3 +178,70 @@ def test_a_failed_restore_is_retried_on_a_fresh_container(flow: Flow):
     # the reason also stays on the pod, for when the events have expired
     why = second["metadata"]["annotations"][names.restore_message_annotation(MAIN)]
     assert f"{missing_id}/versions/1/manifest.json is missing" in why
+
+
+def _alter_a_page_image(flow: Flow, checkpoint_id: str) -> None:
+    """What storage corruption (or an attacker with write access to the volume) does to a checkpoint."""
+    layout = artifact_layout.ArtifactLayout(flow.stack.checkpoints, checkpoint_id)
+    page = max(layout.final_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    with page.open("r+b") as f:
+        f.seek(page.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_an_immediate_dgd_whose_checkpoint_fails_verification_starts_new_pods_cold_without_a_crash_loop(flow: Flow):
+    stack = flow.stack
+    selector = component_selector("fallback")
+    started = time.time()
+    stack.apply(dgd_manifest("fallback", replicas=1, policy="Immediate"))
+    run = flow.wait_checkpoint(flow.auto_checkpoint_name("fallback"), started)
+    _alter_a_page_image(flow, run.checkpoint_id)
+    flow.scale("fallback", 2)
+
+    def refused(pod: dict) -> bool:
+        annotations = pod["metadata"].get("annotations") or {}
+        return annotations.get(names.restore_status_annotation(MAIN)) == "failed"
+
+    (pod,) = flow.wait_pods(selector, refused, 1, "the refused restore")
+    name = pod["metadata"]["name"]
+    why = pod["metadata"]["annotations"][names.restore_message_annotation(MAIN)]
+    assert "SHA-256" in why and "starts its workload cold" in why
+    # the placeholder started the worker cold in the same container: a new instance, not the checkpointed one
+    cold = stack.wait_until(lambda: [e for e in stack.worker_events(name) if e["event"] == "started"],
+                            "the cold start in the refused pod", 60)
+    assert cold[0]["instance"] != run.instance
+    (ready,) = flow.wait_pods(f"{selector}", lambda p: p["metadata"]["name"] == name and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in p["status"].get("conditions") or []),
+        1, "the cold-started pod to be Ready", timeout=120)
+    # A bad page is found while CRIU runs (pages are verified beside it), after the container was changed:
+    # that one container is restarted, clean, and learns the refusal. Never more than that.
+    assert ready["status"]["containerStatuses"][0]["restartCount"] <= 1
+    notes = [e["note"] for e in agent_events(flow, name) if e["reason"] == "RestoreFailed"]
+    assert len(notes) == 1
+    assert not [r for r in stack.agent_events("restore failed; killing the placeholder") if r.get("name") == name]
+
+
+def test_a_wait_for_checkpoint_dgd_whose_checkpoint_fails_verification_waits_and_says_why(flow: Flow):
+    stack = flow.stack
+    selector = component_selector("strict")
+    started = time.time()
+    stack.apply(dgd_manifest("strict", replicas=1, policy="WaitForCheckpoint"))
+    run = flow.wait_checkpoint(flow.auto_checkpoint_name("strict"), started)
+    flow.wait_restored(selector, 1, started)  # the checkpoint restores while it is intact
+    _alter_a_page_image(flow, run.checkpoint_id)
+    flow.scale("strict", 2)
+
+    def refused(pod: dict) -> bool:
+        annotations = pod["metadata"].get("annotations") or {}
+        return annotations.get(names.restore_status_annotation(MAIN)) == "failed"
+
+    (pod,) = flow.wait_pods(selector, refused, 1, "the refused restore")
+    assert "waits without restarting" in pod["metadata"]["annotations"][names.restore_message_annotation(MAIN)]
+    dgd = stack.wait_object(DYNAMO_GRAPH_DEPLOYMENTS, "strict", lambda d: f"pod {pod['metadata']['name']}: restore "
+                            "failed" in json.dumps(d.get("status") or {}), "the DGD to say why", timeout=60)
+    assert dgd["status"]["state"] != "successful"
+    now = stack.get("pod", pod["metadata"]["name"])
+    assert now["status"]["containerStatuses"][0]["restartCount"] <= 1  # see the Immediate case
+    assert not [e for e in stack.worker_events(pod["metadata"]["name"]) if e["event"] == "started"]  # no cold start

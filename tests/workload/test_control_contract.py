@@ -87,5 +87,7 @@ def test_the_worker_and_the_agent_agree_on_the_contract(tmp_path: Path) -> None:
     assert (control.READY_FOR_SNAPSHOT, control.SNAPSHOT_COMPLETE, control.RESTORE_COMPLETE) == (
         names.FILE_READY_FOR_SNAPSHOT, names.FILE_SNAPSHOT_COMPLETE, names.FILE_RESTORE_COMPLETE)
     assert control.MAX_REREAD_PATHS == names.MAX_REREAD_PATHS
+    assert (control.RESTORE_FAILED, control.RESTORE_FALLBACK_ENV, control.RESTORE_FALLBACK_COLD) == (
+        names.FILE_RESTORE_FAILED, names.ENV_RESTORE_FALLBACK, names.RESTORE_FALLBACK_COLD)
     body = json.loads(workload.mark_ready_for_snapshot(tmp_path, reread_after_restore=["/m"]).read_text())
     assert body[names.FIELD_REREAD_AFTER_RESTORE] == ["/m"]

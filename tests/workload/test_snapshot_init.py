@@ -227,6 +227,33 @@ def test_standby_without_a_workload_stops_on_sigterm(image_dir: Path, control_di
     assert proc.returncode == 128 + signal.SIGTERM
 
 
+def test_a_refused_restore_starts_the_workload_cold_where_the_pod_falls_back(image_dir: Path,
+                                                                             control_dir: Path) -> None:
+    env = {"DYN_SNAPSHOT_RESTORE_STANDBY": "1", "DYN_SNAPSHOT_CONTROL_DIR": str(control_dir),
+           "DYN_SNAPSHOT_RESTORE_FALLBACK": "cold"}
+    proc = start(image_dir, ["/bin/sh", "-c", "echo started cold; exit 7"], env)
+    assert proc.stderr is not None
+    read_line_with(proc.stderr, "standby")
+    (control_dir / "restore-failed").write_text(json.dumps({"reason": "pages-1.img has SHA-256 00"}))
+    read_line_with(proc.stderr, "pages-1.img has SHA-256 00; starting the workload cold")
+    proc.wait(timeout=30)
+    assert proc.returncode == 7
+    assert proc.stdout is not None and "started cold" in proc.stdout.read()
+
+
+def test_a_refused_restore_keeps_a_pod_without_fallback_waiting(image_dir: Path, control_dir: Path) -> None:
+    env = {"DYN_SNAPSHOT_RESTORE_STANDBY": "1", "DYN_SNAPSHOT_CONTROL_DIR": str(control_dir)}
+    proc = start(image_dir, ["/bin/sh", "-c", "echo started cold; exit 7"], env)
+    assert proc.stderr is not None
+    read_line_with(proc.stderr, "standby")
+    (control_dir / "restore-failed").write_text(json.dumps({"reason": "made for driver 581"}))
+    read_line_with(proc.stderr, "made for driver 581; waiting")
+    os.kill(init_pid(proc), signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM  # never ran the command, never crashed
+    assert proc.stdout is not None and "started cold" not in proc.stdout.read()
+
+
 @pytest.mark.parametrize(
     ("command", "env", "status"),
     [

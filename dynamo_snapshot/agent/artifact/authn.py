@@ -30,7 +30,7 @@ from typing import Any
 
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact import verification
-from dynamo_snapshot.agent.errors import AgentError, ArtifactInvalid, CheckpointError
+from dynamo_snapshot.agent.errors import AgentError, ArtifactInvalid, ArtifactMissing, CheckpointError
 from dynamo_snapshot.agent.host import confined
 from dynamo_snapshot.api import names
 
@@ -173,7 +173,7 @@ def open_manifest(directory: Path, keyring: Keyring) -> dict[str, Any]:
     mac = _read_below(directory, MAC_FILE, MAX_MAC_BYTES)
     data = _read_below(directory, MANIFEST, MAX_MANIFEST_BYTES)
     if data is None:
-        raise ArtifactInvalid(f"{directory / MANIFEST} is missing: the checkpoint was never completed")
+        raise ArtifactMissing(f"{directory / MANIFEST} is missing: the checkpoint was never completed")
     if mac is None:
         raise ArtifactInvalid(
             f"{directory} has no {MAC_FILE}: it was written before checkpoints were authenticated, or "

@@ -30,7 +30,7 @@ from typing import Any
 
 from dynamo_snapshot.agent.artifact.layout import MANIFEST
 from dynamo_snapshot.agent.cuda.devices import recorded_gpus
-from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid, CheckpointError
+from dynamo_snapshot.agent.errors import ArtifactIncompatible, ArtifactInvalid, ArtifactMissing, CheckpointError
 
 MANIFEST_FORMAT = 1
 _CHUNK = 4 << 20
@@ -212,7 +212,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ArtifactInvalid(f"{path} is missing: the checkpoint was never completed") from None
+        raise ArtifactMissing(f"{path} is missing: the checkpoint was never completed") from None
     except (OSError, ValueError) as exc:
         raise ArtifactInvalid(f"{path} is unreadable: {exc}") from exc
     if not isinstance(manifest, dict):

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamo_snapshot.agent.errors import ArtifactInvalid, RestoreError
+from dynamo_snapshot.agent.errors import ArtifactInvalid, RestoreExceedsPrivilege
 from dynamo_snapshot.agent.host import procfs
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -226,7 +226,7 @@ def check_images(images: Path, placeholder_pid: int) -> int:
         except (ValueError, IndexError) as exc:
             raise ArtifactInvalid(f"{path} is not a readable CRIU core image: {exc}") from exc
         if problems := excess(creds, allowed):
-            raise RestoreError(
+            raise RestoreExceedsPrivilege(
                 f"{path.name} would restore a thread with more privilege than the placeholder "
                 f"(PID {placeholder_pid}) has: {'; '.join(problems)}; refused"
             )

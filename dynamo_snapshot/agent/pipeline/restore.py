@@ -101,6 +101,7 @@ class _Run:
         self.host_pid: int | None = None
         self.work_dir: Path | None = None
         self.pages: PageCheck | Verified = Verified()
+        self.touched = False  # the target was changed (root filesystem, /dev/shm, CRIU): a failure kills it
         self.keyring = request.keyring or authn.default_keyring()
 
     async def verify(self, dest: Destination) -> tuple[dict[str, Any], CudaState]:
@@ -158,6 +159,7 @@ class _Run:
             leave(Stage.PIDS)
 
             await enter(Stage.ROOTFS)
+            self.touched = True
             await dest.restore_rootfs(self.images)
             leave(Stage.ROOTFS)
 
@@ -190,7 +192,8 @@ class _Run:
         if self.host_pid is None and pidfile is not None and pidfile.exists():  # CRIU finished, the rest did not
             with contextlib.suppress(ValueError, OSError):
                 self.host_pid = dest.host_pid(int(pidfile.read_text()))
-        dest.kill(self.host_pid)
+        if self.touched or self.host_pid is not None:  # refused before any change: the target stays as it was
+            dest.kill(self.host_pid)
 
     async def prune(self) -> None:
         """Old restore logs go after a restore that worked (best effort: storage may be read-only)."""

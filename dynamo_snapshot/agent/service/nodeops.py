@@ -55,6 +55,11 @@ class NodeOps(Protocol):
         """Kill a container's init, so the kubelet restarts (or fails) it."""
         ...
 
+    async def refuse_restore(self, container_id: str, reason: str) -> None:
+        """Tell a running placeholder its restore is refused for good (``restore-failed`` with the reason):
+        it starts its workload cold or keeps waiting, as its pod is set. Raises when it cannot be told."""
+        ...
+
 
 class CriuNode:
     def __init__(self, cri: CRIClient, bundle: criu.CriuBundle, storage: StorageResolver,
@@ -132,6 +137,13 @@ class CriuNode:
             killed = freezer.kill_all_but(info.pid)
             freezer.thaw()
             log.info("workload killed", container_id=container_id, pids=killed)
+
+    async def refuse_restore(self, container_id: str, reason: str) -> None:
+        if container_id in self._foreign:
+            raise RestoreError(f"container {container_id} was refused as not the pod's placeholder; not told")
+        if (info := await self._running(container_id)) is None:
+            raise RestoreError(f"container {container_id} is not running")
+        await control.signal_container(info, control.RESTORE_FAILED, {"reason": reason})
 
     async def kill_container(self, container_id: str) -> None:
         if container_id in self._foreign:

@@ -13,7 +13,10 @@ Restore (SPEC section 7):
     ``completed``. A restarted agent that finds ``in_progress`` for the running container records
     ``completed`` if ``restore-complete`` is in it (only the mark was lost), else fails it as interrupted.
     Failure: annotate ``failed``, an event with the reason, and kill the placeholder so the kubelet starts
-    a fresh container (a new ID) and the restore is tried again cleanly.
+    a fresh container (a new ID) and the restore is tried again cleanly - unless no fresh container could
+    do better (``refused_for_good``): then the placeholder is told ``restore-failed`` and is not killed,
+    so a DGD does not crash-loop; it starts its workload cold (startupPolicy Immediate) or keeps waiting
+    while the pod's annotation and the DGD's status say why (WaitForCheckpoint).
 
 Each returns an ``Outcome``; RETRY means nothing was touched and the pod may be looked at again later.
 """
@@ -29,7 +32,8 @@ from typing import Any
 import anyio
 import structlog
 
-from dynamo_snapshot.agent.errors import AgentError
+from dynamo_snapshot.agent.cuda.devices import GpuMismatch
+from dynamo_snapshot.agent.errors import AgentError, ArtifactInvalid, ArtifactMissing, RestoreExceedsPrivilege
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from dynamo_snapshot.agent.service.lease import CheckpointLease, LeaseUnavailable
 from dynamo_snapshot.agent.service.metrics import AgentMetrics
@@ -58,6 +62,15 @@ class CheckpointAborted(AgentError):
 def _describe(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text if len(text) < 900 else text[:900] + " ..."
+
+
+def refused_for_good(err: BaseException) -> bool:
+    """Whether a restore failure is one a fresh container of the same pod would meet again: the artifact
+    altered or unauthenticated, made for another node or GPU, or asking for more privilege than the pod
+    has. A manifest not (yet) on storage, CRIU failing, or an interrupted agent may pass on a retry."""
+    if isinstance(err, ArtifactMissing):
+        return False
+    return isinstance(err, (ArtifactInvalid, RestoreExceedsPrivilege, GpuMismatch))
 
 
 def _job_finished(job: dict[str, Any]) -> bool:
@@ -167,6 +180,10 @@ class Operations:
     async def restore(self, work: RestoreWork) -> Outcome:
         bound = log.bind(namespace=work.pod.namespace, name=work.pod.name, container=work.container,
                          checkpoint_id=work.checkpoint_id, container_id=work.container_id)
+        if work.refused is not None:  # an earlier container of this pod was refused this checkpoint for good
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._tell_refused(work, work.refused, bound)
+            return Outcome.FAILED
         if work.interrupted:
             if await self.node.restore_finished(work.container_id):  # only the `completed` mark was lost
                 bound.info("the restore had finished before the agent restarted; recording it")
@@ -191,7 +208,7 @@ class Operations:
             reason = ("the snapshot agent stopped during the restore" if not isinstance(err, Exception)
                       else _describe(err))
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self._restore_failed(work, reason, bound)
+                await self._restore_failed(work, reason, bound, for_good=refused_for_good(err))
             if not isinstance(err, Exception):
                 raise
             return Outcome.FAILED
@@ -205,11 +222,13 @@ class Operations:
                                    f"in {sum(result.seconds.values()):.2f} s")
         return Outcome.COMPLETED
 
-    async def _restore_status(self, work: RestoreWork, status: str, why: str | None = None) -> None:
+    async def _restore_status(self, work: RestoreWork, status: str, why: str | None = None,
+                              refused: bool = False) -> None:
         # the reason of a failure stays on the pod after its event expired; any other status clears it
         annotations = {names.restore_status_annotation(work.container): status,
                        names.restore_message_annotation(work.container): why,
-                       names.restore_container_id_annotation(work.container): work.container_id}
+                       names.restore_container_id_annotation(work.container): work.container_id,
+                       names.restore_refused_annotation(work.container): work.checkpoint_id if refused else None}
         await self.client.patch(PODS, work.pod.name, {"metadata": {"uid": work.pod.uid, "annotations": annotations}},
                                 work.pod.namespace)
 
@@ -228,16 +247,43 @@ class Operations:
                 await anyio.sleep(delay)  # the API server is failing: back off before asking again
                 delay *= 2
 
-    async def _restore_failed(self, work: RestoreWork, reason: str, bound: Any) -> None:
+    async def _restore_failed(self, work: RestoreWork, reason: str, bound: Any, for_good: bool = False) -> None:
+        if for_good:
+            reason += ("; the container starts its workload cold instead (its restore fallback)" if work.falls_back_cold
+                       else "; the pod waits without restarting (no retry can help: take the checkpoint again, "
+                            "then delete this pod)")
+            await self._record_restore_failure(work, reason, bound, refused=True)
+            await self._tell_refused(work, reason, bound)
+            return
         bound.error("restore failed; killing the placeholder", error=reason)
+        await self._record_restore_failure(work, reason, bound)
+        await self.node.kill_container(work.container_id)
+
+    async def _tell_refused(self, work: RestoreWork, reason: str, bound: Any) -> None:
+        """The placeholder learns its restore is refused (restore-failed) and is left running; one the
+        pipeline had to kill (it had begun changing it) is restarted by the kubelet, clean, and that next
+        container is told instead."""
+        if work.refused is not None:
+            try:
+                await self._restore_status(work, names.STATUS_FAILED, reason, refused=True)
+            except KubeError as err:
+                bound.error("could not record the refused restore on the pod", error=str(err))
         try:
-            await self._restore_status(work, names.STATUS_FAILED, reason)
+            await self.node.refuse_restore(work.container_id, reason)
+        except (OSError, ValueError, AgentError) as err:
+            bound.warning("could not tell the placeholder its restore is refused; restarting it", error=str(err))
+            await self.node.kill_container(work.container_id)
+            return
+        bound.error("restore refused for good", error=reason, cold_start=work.falls_back_cold)
+
+    async def _record_restore_failure(self, work: RestoreWork, reason: str, bound: Any, refused: bool = False) -> None:
+        try:
+            await self._restore_status(work, names.STATUS_FAILED, reason, refused=refused)
         except KubeError as err:
             bound.error("could not record the failed restore on the pod", error=str(err))
         await self.recorder.warning(_pod_object(work.pod), "RestoreFailed",
                                     f"restore of container {work.container} from checkpoint {work.checkpoint_id} "
                                     f"failed: {reason}")
-        await self.node.kill_container(work.container_id)
 
 
 class _CheckpointHooks(Hooks):

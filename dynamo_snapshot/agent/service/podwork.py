@@ -55,6 +55,11 @@ class CheckpointWork(_ContainerWork):
 class RestoreWork(_ContainerWork):
     # Set when the annotations say this container ID's restore was started by an agent that is gone.
     interrupted: bool = False
+    # The agent refused this checkpoint for this pod for good (an earlier container): the reason to tell
+    # this container, which is not restored.
+    refused: str | None = None
+    # The target's restore fallback (pod spec env): a refused restore starts its workload cold
+    falls_back_cold: bool = False
 
     @property
     def key(self) -> str:
@@ -106,6 +111,16 @@ def owning_job(pod: dict[str, Any]) -> tuple[str, str] | None:
     if ref is None or not ref.get("name") or not ref.get("uid"):
         return None
     return ref["name"], ref["uid"]
+
+
+def _falls_back_cold(spec: dict[str, Any], name: str) -> bool:
+    """Whether the container's env asks for a cold start when its restore is refused (pure)."""
+    for container in (spec or {}).get("containers") or []:
+        if isinstance(container, dict) and container.get("name") == name:
+            env = container.get("env") if isinstance(container.get("env"), list) else []
+            return any(isinstance(e, dict) and e.get("name") == names.ENV_RESTORE_FALLBACK
+                       and str(e.get("value", "")).strip().lower() == names.RESTORE_FALLBACK_COLD for e in env)
+    return False
 
 
 def _container_spec(spec: dict[str, Any], name: str) -> tuple[Any, ...] | None:
@@ -187,9 +202,13 @@ def restore_work(pod: dict[str, Any]) -> list[RestoreWork]:
         if handled and status in (names.STATUS_COMPLETED, names.STATUS_FAILED):
             continue
         interrupted = handled and status == names.STATUS_IN_PROGRESS
+        refused = None
+        if annotations.get(names.restore_refused_annotation(container)) == checkpoint_id:
+            refused = annotations.get(names.restore_message_annotation(container)) or "refused by the agent"
         found.append(RestoreWork(pod=_ref(pod), container=container, container_id=container_id,
                                  checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
-                                 interrupted=interrupted))
+                                 interrupted=interrupted, refused=refused,
+                                 falls_back_cold=_falls_back_cold((pod.get("spec") or {}), container)))
     return found
 
 

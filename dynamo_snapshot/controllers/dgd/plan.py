@@ -125,7 +125,8 @@ def plan_component(
             plan.restore = True
             plan.template = restore_template(
                 template, targets=[target], checkpoint_id=checkpoint_id,
-                artifact_version=artifact_version(ckpt), storage=storage)
+                artifact_version=artifact_version(ckpt), storage=storage,
+                cold_fallback=settings.startup_policy is StartupPolicy.IMMEDIATE)
     if settings.startup_policy is StartupPolicy.WAIT_FOR_CHECKPOINT and not plan.restore:
         plan.replicas = 0
         if phase is Phase.FAILED:
