@@ -2,7 +2,7 @@
 
     snapshotctl checkpoint --manifest pod.yaml --container NAME [--checkpoint-id ID] [--namespace NS] [--no-wait]
     snapshotctl restore --manifest pod.yaml --checkpoint-id ID --containers a,b
-    snapshotctl restore --pod NAME --checkpoint-id ID --containers a,b
+    snapshotctl restore --pod NAME --checkpoint-id ID [--containers a,b]
 
 (`-f`/`--filename` is the same as upstream's `--manifest`.) Stages: parse the flags, `plan` (the manifest
 and every flag checked, once - nothing has touched a cluster yet), connect, then the command.
@@ -182,12 +182,39 @@ async def restore_new_pod(client: Client, args: argparse.Namespace, plan: Plan, 
                    _restore_lines(namespace, name, args.checkpoint_id, storage))
 
 
+def existing_pod_targets(pod: dict[str, Any], containers_flag: str | None) -> list[str]:
+    """The containers `restore --pod` restores: `--containers` when given, else (as upstream) the pod's
+    target-containers annotation. Each must be a container of the pod."""
+    name = (pod.get("metadata") or {}).get("name", "")
+    if containers_flag is not None:
+        containers = parse_container_list(containers_flag, "--containers")
+        require_containers(pod, containers, "--containers")
+        return containers
+    annotation = ((pod.get("metadata") or {}).get("annotations") or {}).get(names.ANN_TARGET_CONTAINERS)
+    if annotation is None:
+        raise ManifestError(f"--containers: required (or annotate pod {name} with {names.ANN_TARGET_CONTAINERS})")
+    where = f"pod {name}, annotation {names.ANN_TARGET_CONTAINERS}={annotation!r}"
+    listed = [c.strip() for c in annotation.split(",") if c.strip()]
+    if not listed:
+        raise ManifestError(f"{where}: names no container (annotate it with the containers to restore, or "
+                            "pass --containers)")
+    if len(set(listed)) != len(listed):
+        raise ManifestError(f"{where}: names a container twice (fix the annotation, or pass --containers)")
+    known = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+    unknown = [c for c in listed if c not in known]
+    if unknown:
+        raise ManifestError(f"{where}: no container named {', '.join(map(repr, unknown))} in the pod "
+                            f"(containers: {', '.join(n for n in known if n)}); fix the annotation, or pass "
+                            "--containers")
+    return listed
+
+
 async def restore_existing_pod(client: Client, args: argparse.Namespace, plan: Plan, namespace: str) -> Outcome:
-    containers = plan.containers
     try:
         pod = await client.get(PODS, args.pod, namespace)
     except NotFound:
         raise ManifestError(f"--pod: no pod {namespace}/{args.pod}") from None
+    containers = existing_pod_targets(pod, args.containers)
     for container in require_containers(pod, containers, "--containers"):
         env = {e.get("name"): e.get("value") for e in container.get("env") or []}
         mounts = {m.get("mountPath") for m in container.get("volumeMounts") or []}
@@ -258,16 +285,16 @@ def plan(args: argparse.Namespace) -> Plan:
     if (pod is None) == (args.pod is None):
         raise ManifestError("restore: give either --manifest pod.yaml (a new restore pod) or --pod NAME "
                             "(an existing one)")
-    if args.containers is None and pod is None:
-        raise ManifestError("--containers: required with --pod (name the containers to restore)")
+    if pod is None:  # --pod: the containers are the flag's, else the pod's annotation (read once it is fetched)
+        containers = [] if args.containers is None else parse_container_list(args.containers, "--containers")
+        return Plan(None, containers, args.checkpoint_id)
     containers = parse_container_list(_targets(args.containers, pod, "--containers"), "--containers")
-    if pod is not None:
-        targets = require_containers(pod, containers, "--containers")
-        require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
-        require_placeholder(targets, args.placeholder_pattern)
-        if (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true":
-            raise ManifestError(f"the manifest is labelled {names.LABEL_IS_CHECKPOINT_SOURCE}=true: a restore pod "
-                                "must not be a checkpoint source")
+    targets = require_containers(pod, containers, "--containers")
+    require_agreement(pod, checkpoint_id=args.checkpoint_id, containers=containers)
+    require_placeholder(targets, args.placeholder_pattern)
+    if (pod.get("metadata", {}).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true":
+        raise ManifestError(f"the manifest is labelled {names.LABEL_IS_CHECKPOINT_SOURCE}=true: a restore pod "
+                            "must not be a checkpoint source")
     return Plan(pod, containers, args.checkpoint_id)
 
 
@@ -327,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="create a new restore pod from this Pod manifest")
     rst.add_argument("--pod", help="or: patch restore metadata onto this existing snapshot-compatible pod")
     rst.add_argument("--checkpoint-id", required=True)
-    rst.add_argument("--containers", help="comma-separated containers to restore (default: the manifest's "
-                     f"{names.ANN_TARGET_CONTAINERS} annotation)")
+    rst.add_argument("--containers", help="comma-separated containers to restore (default: the manifest's, or "
+                     f"with --pod the pod's, {names.ANN_TARGET_CONTAINERS} annotation)")
     return parser
 
 

@@ -15,6 +15,7 @@ from dynamo_snapshot.api import (
     StorageAccessMode,
     convert,
     parse_config,
+    refuse_out_of_scope,
     to_dict,
 )
 
@@ -69,6 +70,23 @@ def test_bad_checkpoint_names_the_field(change, message):
     with pytest.raises(InvalidObject) as err:
         convert(_mutated(change), DynamoCheckpoint)
     assert str(err.value).startswith(message)
+
+
+def test_a_checkpoint_with_gpu_memory_service_enabled_is_refused_naming_the_field():
+    # the checkpoint reconciler turns this refusal into phase Failed, reason InvalidCheckpoint, this message
+    ckpt = convert(_mutated(lambda o: o["spec"].update(gpuMemoryService={"enabled": True})), DynamoCheckpoint)
+    with pytest.raises(InvalidObject) as err:
+        refuse_out_of_scope(ckpt.spec)
+    assert str(err.value).startswith("spec.gpuMemoryService.enabled: GMS + Snapshot is not supported")
+    assert "set it to false or remove spec.gpuMemoryService" in str(err.value)
+
+
+@pytest.mark.parametrize("gms", [{"enabled": False}, {}, None], ids=["disabled", "empty", "absent"])
+def test_a_checkpoint_with_gpu_memory_service_disabled_or_absent_is_accepted(gms):
+    obj = _mutated(lambda o: o["spec"].update(gpuMemoryService=gms) if gms is not None else None)
+    ckpt = convert(obj, DynamoCheckpoint)
+    refuse_out_of_scope(ckpt.spec)  # raises nothing
+    assert ckpt.spec.gpu_memory_service is None or ckpt.spec.gpu_memory_service.enabled is False
 
 
 def test_examples_decode():

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dynamo_snapshot.cli.manifest import ManifestError
+from dynamo_snapshot.cli.snapshotctl import existing_pod_targets
 from tests.controllers.support import Cluster, agent_daemonset
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "snapshotctl-pod.yaml"
@@ -75,6 +77,43 @@ def test_restore_needs_exactly_one_target(tmp_path, nowhere):
     result = snapshotctl("restore", "--checkpoint-id", "abc", "--containers", "main", "-f",
                          str(pod_yaml(tmp_path)), "--pod", "p", kubeconfig=nowhere)
     assert result.returncode == 2 and "either --manifest pod.yaml" in result.stderr
+
+
+def _existing(annotation: str | None = None) -> dict:
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    pod["metadata"]["name"] = "standby"
+    pod["spec"]["containers"].append({"name": "engine-1", "image": "placeholder"})
+    pod["metadata"]["annotations"] = {} if annotation is None else {
+        "nvidia.com/snapshot-target-containers": annotation}
+    return pod
+
+
+def test_restore_pod_uses_the_containers_flag_over_the_pods_annotation():
+    assert existing_pod_targets(_existing("main"), "engine-1") == ["engine-1"]
+
+
+def test_restore_pod_without_containers_uses_the_pods_target_containers_annotation():
+    assert existing_pod_targets(_existing(" main , engine-1,"), None) == ["main", "engine-1"]
+
+
+def test_restore_pod_without_containers_or_annotation_says_what_to_add():
+    with pytest.raises(ManifestError) as err:
+        existing_pod_targets(_existing(), None)
+    assert str(err.value) == ("--containers: required (or annotate pod standby with "
+                              "nvidia.com/snapshot-target-containers)")
+
+
+def test_restore_pod_annotation_naming_an_unknown_container_is_refused_naming_it_and_the_pods_containers():
+    with pytest.raises(ManifestError) as err:
+        existing_pod_targets(_existing("main,ghost"), None)
+    message = str(err.value)
+    assert "pod standby" in message and "nvidia.com/snapshot-target-containers" in message
+    assert "no container named 'ghost'" in message and "(containers: main, engine-1)" in message
+
+
+def test_restore_pod_flag_naming_an_unknown_container_is_refused():
+    with pytest.raises(ManifestError, match="--containers: no container named 'ghost'"):
+        existing_pod_targets(_existing("main"), "ghost")
 
 
 def test_unreachable_cluster_is_exit_1(tmp_path, nowhere):
@@ -160,6 +199,12 @@ def test_restore_patches_an_existing_compatible_pod_only(tmp_path, kubeconfig, k
     refused = snapshotctl("restore", "--pod", "plain", "--checkpoint-id", "abc", "--containers", "main",
                           "-n", namespace, kubeconfig=kubeconfig)
     assert refused.returncode == 2 and "not snapshot-compatible" in refused.stderr
+    unnamed = snapshotctl("restore", "--pod", "plain", "--checkpoint-id", "abc", "-n", namespace,
+                          kubeconfig=kubeconfig)
+    assert unnamed.returncode == 2 and "Traceback" not in unnamed.stderr
+    assert "--containers: required (or annotate pod plain with nvidia.com/snapshot-target-containers)" in \
+        unnamed.stderr
+    assert "nvidia.com/snapshot-checkpoint-id" not in (cluster.get("pod", "plain")["metadata"].get("labels") or {})
     # a standby placeholder pod (made by restore -f with another ID) can be pointed at another checkpoint
     made = snapshotctl("restore", "-f", str(pod_yaml(tmp_path)), "--checkpoint-id", "first", "--containers",
                        "main", "-n", namespace, "-o", "json", kubeconfig=kubeconfig)
@@ -169,6 +214,14 @@ def test_restore_patches_an_existing_compatible_pod_only(tmp_path, kubeconfig, k
                           "-n", namespace, kubeconfig=kubeconfig)
     assert patched.returncode == 0, patched.stderr
     assert cluster.get("pod", name)["metadata"]["labels"]["nvidia.com/snapshot-checkpoint-id"] == "second"
+    # without --containers, the pod's target-containers annotation (restore -f wrote main) names them
+    kubectl("label", "pod", name, "-n", namespace, "nvidia.com/snapshot-checkpoint-id-")
+    annotated = snapshotctl("restore", "--pod", name, "--checkpoint-id", "fourth", "-n", namespace,
+                            kubeconfig=kubeconfig)
+    assert annotated.returncode == 0, annotated.stderr
+    pod = cluster.get("pod", name)
+    assert pod["metadata"]["labels"]["nvidia.com/snapshot-checkpoint-id"] == "fourth"
+    assert pod["metadata"]["annotations"]["nvidia.com/snapshot-target-containers"] == "main"
     disagreeing = snapshotctl("restore", "--pod", name, "--checkpoint-id", "third", "--containers", "main",
                               "-n", namespace, kubeconfig=kubeconfig)
     assert disagreeing.returncode == 2 and "disagrees with --checkpoint-id third" in disagreeing.stderr
