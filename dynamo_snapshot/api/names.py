@@ -48,6 +48,10 @@ ANN_POD_TEMPLATE_HASH = "nvidia.com/dynamo-pod-template-hash"
 # Condition types of a batch/v1 Job (status True when reached)
 JOB_COMPLETE = "Complete"
 JOB_FAILED = "Failed"
+# The reason of a Job's Failed condition when activeDeadlineSeconds ran out (the Job controller kills its pods)
+JOB_REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
+# The reason of a container's terminated state when the kernel's OOM killer ended it
+CONTAINER_REASON_OOM_KILLED = "OOMKilled"
 
 DEFAULT_ARTIFACT_VERSION = "1"
 

@@ -42,11 +42,12 @@ from dynamo_snapshot.cli.manifest import (
 )
 from dynamo_snapshot.controllers.checkpoint.ids import job_name
 from dynamo_snapshot.controllers.checkpoint.job import checkpoint_job
-from dynamo_snapshot.controllers.checkpoint.outcome import describe_pod_failure, job_condition
+from dynamo_snapshot.controllers.checkpoint.outcome import job_condition
 from dynamo_snapshot.controllers.common import DAEMONSETS
 from dynamo_snapshot.controllers.podshape import restore_template
 from dynamo_snapshot.controllers.storage import Storage, StorageUnavailable, resolve_storage
 from dynamo_snapshot.kube import JOBS, PODS, AlreadyExists, Client, ConfigError, Informer, KubeError, NotFound
+from dynamo_snapshot.kube.podfailure import describe_pod_failure, explain_killed_pod
 
 EXIT_OK, EXIT_CLUSTER, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 DEFAULT_SHARED_MEMORY = "8Gi"
@@ -79,15 +80,36 @@ async def _storage(client: Client, namespace: str, args: argparse.Namespace) -> 
 
 
 # -- checkpoint ---------------------------------------------------------------------------------------------
+def _annotated_verdict(job: dict[str, Any]) -> str | None:
+    """The snapshot agent's result on the Job, if it recorded one."""
+    annotation = (job.get("metadata", {}).get("annotations") or {}).get(names.ANN_CHECKPOINT_STATUS)
+    return annotation if annotation in (names.STATUS_COMPLETED, names.STATUS_FAILED) else None
+
+
 def _verdict(job: dict[str, Any] | None) -> str | None:
     if job is None:
         return None
-    annotation = (job.get("metadata", {}).get("annotations") or {}).get(names.ANN_CHECKPOINT_STATUS)
-    if annotation in (names.STATUS_COMPLETED, names.STATUS_FAILED):
+    if annotation := _annotated_verdict(job):
         return annotation
-    if job_condition(job, "Failed"):
+    if job_condition(job, names.JOB_FAILED):
         return names.STATUS_FAILED
     return None
+
+
+def failure_detail(job: dict[str, Any] | None, pods: list[dict[str, Any]], target: str) -> str:
+    """Why the checkpoint failed, from the Job and its pods: a pod killed (SIGKILL, OOM) before the agent
+    recorded a result in the operator's words (kube/podfailure.py), else the pod's own reason."""
+    failed = job_condition(job, names.JOB_FAILED) if job is not None else None
+    if job is not None and failed and _annotated_verdict(job) is None:
+        meta = job["metadata"]
+        retry = (f"run snapshotctl checkpoint again with another --checkpoint-id (or delete Job "
+                 f"{meta.get('namespace')}/{meta['name']} first to reuse this one)")
+        killed = explain_killed_pod(
+            pods, target, job_failure_reason=failed.get("reason"), retry=retry,
+            memory_limit_field=f"spec.containers[{target}].resources.limits.memory in the pod manifest")
+        if killed:
+            return killed
+    return describe_pod_failure(pods, target)
 
 
 async def _wait_for_job(client: Client, namespace: str, name: str, target: str,
@@ -116,8 +138,9 @@ async def _wait_for_job(client: Client, namespace: str, name: str, target: str,
             await jobs.wait_until(lambda: _verdict(jobs.store.get_by_name(namespace, name)) is not None)
             tg.cancel_scope.cancel()
     finally:
-        verdict = _verdict(jobs.store.get_by_name(namespace, name))
-        detail = describe_pod_failure(pods.store.list(), target)
+        job = jobs.store.get_by_name(namespace, name)
+        verdict = _verdict(job)
+        detail = failure_detail(job, pods.store.list(), target)
     return verdict, detail
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dynamo_snapshot.cli.manifest import ManifestError
-from dynamo_snapshot.cli.snapshotctl import existing_pod_targets
+from dynamo_snapshot.cli.snapshotctl import existing_pod_targets, failure_detail
 from tests.controllers.support import Cluster, agent_daemonset
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "snapshotctl-pod.yaml"
@@ -119,6 +119,48 @@ def test_restore_pod_flag_naming_an_unknown_container_is_refused():
 def test_unreachable_cluster_is_exit_1(tmp_path, nowhere):
     result = snapshotctl("checkpoint", "--container", "main", "-f", str(pod_yaml(tmp_path)), kubeconfig=nowhere)
     assert result.returncode == 1 and "error:" in result.stderr
+
+
+# -- why a checkpoint failed, from the Job and its pods (no cluster) ------------------------------------------
+def _failed_job(annotation: str | None = None) -> dict:
+    annotations = {"nvidia.com/snapshot-checkpoint-status": annotation} if annotation else {}
+    return {"metadata": {"name": "checkpoint-job-mine-1", "namespace": "team-a", "annotations": annotations},
+            "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+
+
+def _pod(exit_code: int = 137, reason: str = "Error", memory: str | None = "4Gi") -> dict:
+    resources = {"limits": {"memory": memory}} if memory else {}
+    return {"metadata": {"name": "checkpoint-job-mine-1-xyz"},
+            "spec": {"nodeName": "node-3", "containers": [{"name": "main", "resources": resources}]},
+            "status": {"containerStatuses": [
+                {"name": "main", "state": {"terminated": {"reason": reason, "exitCode": exit_code}}}]}}
+
+
+def test_a_sigkilled_checkpoint_pod_is_explained_with_its_node_and_how_to_run_again():
+    assert failure_detail(_failed_job(), [_pod()], "main") == (
+        "checkpoint pod checkpoint-job-mine-1-xyz was killed (container main exit code 137, SIGKILL) before the "
+        "snapshot agent recorded a result: the snapshot agent on node node-3 may have died or restarted; nothing "
+        "was promoted (no checkpoint was stored); run snapshotctl checkpoint again with another --checkpoint-id "
+        "(or delete Job team-a/checkpoint-job-mine-1 first to reuse this one)")
+
+
+def test_an_oomkilled_checkpoint_pod_says_to_raise_the_containers_memory_limit_in_the_manifest():
+    detail = failure_detail(_failed_job(), [_pod(reason="OOMKilled")], "main")
+    assert detail.startswith("checkpoint pod checkpoint-job-mine-1-xyz ran out of memory: container main was "
+                             "OOMKilled (exit code 137) before the snapshot agent recorded a result; nothing was "
+                             "promoted (no checkpoint was stored); raise container main's memory limit "
+                             "(spec.containers[main].resources.limits.memory in the pod manifest, now 4Gi) and "
+                             "run snapshotctl checkpoint again")
+
+
+def test_a_pod_that_exited_with_an_error_is_reported_as_it_terminated():
+    assert failure_detail(_failed_job(), [_pod(exit_code=2)], "main") == \
+        "pod checkpoint-job-mine-1-xyz: container main terminated: Error (exit code 2)"
+
+
+def test_a_pod_killed_after_the_agent_failed_the_checkpoint_is_not_blamed_on_the_agent_dying():
+    detail = failure_detail(_failed_job(annotation="failed"), [_pod()], "main")
+    assert detail == "pod checkpoint-job-mine-1-xyz: container main terminated: Error (exit code 137)"
 
 
 @pytest.mark.integration

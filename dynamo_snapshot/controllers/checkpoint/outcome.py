@@ -1,7 +1,9 @@
 """What a checkpoint Job means for its DynamoCheckpoint: the agent-confirmation table of SPEC section 4.
 
 Completion is confirmed by the snapshot agent, never by the Job alone: the agent annotates the Job
-`completed` or `failed`, and holds a Lease named after the Job while it finalizes.
+`completed` or `failed`, and holds a Lease named after the Job while it finalizes. A Job that failed with
+no verdict says why: a pod killed by SIGKILL or out of memory is explained (kube/podfailure.py, the words
+snapshotctl uses too), with what was stored (nothing) and how to retry.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynamo_snapshot.api import Phase, names
+from dynamo_snapshot.kube.podfailure import describe_pod_failure, explain_killed_pod
 
 LEASE_RECHECK_SECONDS = 1.0
 
@@ -65,33 +68,32 @@ def lease_remaining(lease: dict[str, Any] | None, now: dt.datetime) -> float:
     return max(0.0, (expires - now).total_seconds())
 
 
-def describe_pod_failure(pods: list[dict[str, Any]], target: str) -> str:
-    """The most useful reason a checkpoint pod gave: the target container's termination or wait reason,
-    else the pod's own reason."""
-    details = []
-    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or ""):
-        status = pod.get("status", {})
-        name = pod.get("metadata", {}).get("name", "?")
-        for cs in status.get("containerStatuses", []) or []:
-            if cs.get("name") != target:
-                continue
-            state = cs.get("state", {})
-            terminated = state.get("terminated") or cs.get("lastState", {}).get("terminated")
-            waiting = state.get("waiting")
-            if terminated:
-                text = f"container {target} terminated: {terminated.get('reason') or 'Error'}"
-                text += f" (exit code {terminated.get('exitCode')})"
-                if terminated.get("message"):
-                    text += f": {terminated['message'].strip()}"
-                details.append(f"pod {name}: {text}")
-            elif waiting and waiting.get("reason"):
-                text = f"container {target} waiting: {waiting['reason']}"
-                if waiting.get("message"):
-                    text += f": {waiting['message'].strip()}"
-                details.append(f"pod {name}: {text}")
-        if status.get("reason"):
-            details.append(f"pod {name}: {status['reason']}: {status.get('message', '').strip()}".rstrip(": "))
-    return "; ".join(details)
+def _retry(job: dict[str, Any]) -> str:
+    """How to try again: re-create the DynamoCheckpoint that owns the Job (a Job runs once)."""
+    meta = job.get("metadata", {})
+    owner = next((ref["name"] for ref in meta.get("ownerReferences", []) or []
+                  if ref.get("kind") == names.CHECKPOINT_KIND and ref.get("name")), None)
+    if owner is None:
+        return "delete and re-create the DynamoCheckpoint to retry"
+    namespace = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"delete and re-create DynamoCheckpoint {namespace}{owner} to retry"
+
+
+def _job_failed_message(job: dict[str, Any], failed: dict[str, Any], pods: list[dict[str, Any]],
+                        target: str, *, agent_recorded: bool) -> str:
+    """The Job failed (and the agent did not fail it): a pod killed (SIGKILL, OOM) before the agent recorded a
+    result is said in so many words, anything else as the Job's reason plus the pod's."""
+    message = f"checkpoint Job {job['metadata']['name']} failed: "
+    killed = None if agent_recorded else explain_killed_pod(
+        pods, target, job_failure_reason=failed.get("reason"), retry=_retry(job),
+        memory_limit_field=f"spec.job.podTemplateSpec.spec.containers[{target}].resources.limits.memory")
+    if killed:
+        return message + killed
+    message += failed.get("reason", "Failed")
+    if failed.get("message"):
+        message += f": {failed['message']}"
+    pod_detail = describe_pod_failure(pods, target)
+    return f"{message}; {pod_detail}" if pod_detail else message
 
 
 def decide(
@@ -115,11 +117,8 @@ def decide(
         pod_detail = describe_pod_failure(pods, target)
         return Outcome(Phase.FAILED, reason, f"{message}: {pod_detail}" if pod_detail else message)
     if failed:
-        message = f"checkpoint Job {name} failed: {failed.get('reason', 'Failed')}"
-        if failed.get("message"):
-            message += f": {failed['message']}"
-        pod_detail = describe_pod_failure(pods, target)
-        return Outcome(Phase.FAILED, REASON_JOB_FAILED, f"{message}; {pod_detail}" if pod_detail else message)
+        return Outcome(Phase.FAILED, REASON_JOB_FAILED, _job_failed_message(
+            job, failed, pods, target, agent_recorded=verdict == names.STATUS_COMPLETED))
     if complete:
         if verdict == names.STATUS_COMPLETED:
             return Outcome(Phase.READY, REASON_READY, f"checkpoint confirmed by snapshot-agent (Job {name})")
