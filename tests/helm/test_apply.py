@@ -76,9 +76,10 @@ def test_agent_mount_install_is_accepted_and_discoverable(helm, kubectl, apply, 
     sa = service_account(objects)
     for verb, resource in [("watch", "pods"), ("patch", "pods"), ("patch", "jobs.batch"),
                            ("create", "leases.coordination.k8s.io"), ("delete", "leases.coordination.k8s.io"),
-                           ("create", "events")]:
+                           ("create", "events.events.k8s.io")]:
         assert can_i(kubectl, sa, verb, resource, namespace), f"agent cannot {verb} {resource}"
-    for verb, resource in [("delete", "pods"), ("create", "jobs.batch"), ("get", "secrets")]:
+    for verb, resource in [("delete", "pods"), ("create", "pods"), ("update", "pods"), ("create", "jobs.batch"),
+                           ("get", "secrets"), ("list", "leases.coordination.k8s.io"), ("create", "events")]:
         assert not can_i(kubectl, sa, verb, resource, namespace), f"agent must not {verb} {resource}"
     # Namespace-local by default: nothing in any other namespace.
     assert not can_i(kubectl, sa, "list", "pods", other_namespace)
@@ -111,16 +112,20 @@ def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace)
     assert parse_config(stored["data"]["config.yaml"]).checkpoint.enabled is True
 
     sa = service_account(objects)
-    for verb, resource in [("update", "dynamocheckpoints.nvidia.com/status"),
+    for verb, resource in [("patch", "dynamocheckpoints.nvidia.com/status"),
                            ("update", "dynamographdeployments.nvidia.com/finalizers"),
                            ("create", "jobs.batch"), ("delete", "replicasets.apps"), ("list", "daemonsets.apps"),
-                           ("create", "persistentvolumeclaims"), ("get", "leases.coordination.k8s.io"),
-                           ("create", "events")]:
+                           ("create", "persistentvolumeclaims"), ("watch", "leases.coordination.k8s.io"),
+                           ("create", "events.events.k8s.io")]:
         assert can_i(kubectl, sa, verb, resource, other_namespace), f"operator cannot {verb} {resource}"
-    assert not can_i(kubectl, sa, "patch", "pods", other_namespace), "the operator never writes pods"
-    assert not can_i(kubectl, sa, "delete", "daemonsets.apps", other_namespace)
-    # It takes the leader-election Lease in its own namespace only.
+    for verb, resource in [("patch", "pods"), ("delete", "daemonsets.apps"), ("update", "jobs.batch"),
+                           ("update", "dynamocheckpoints.nvidia.com/status"), ("delete", "dynamocheckpoints.nvidia.com"),
+                           ("patch", "persistentvolumeclaims"), ("list", "namespaces"), ("get", "secrets")]:
+        assert not can_i(kubectl, sa, verb, resource, other_namespace), f"operator must not {verb} {resource}"
+    # It takes the leader-election Lease in its own namespace only, and renews no other Lease.
     assert can_i(kubectl, sa, "create", "leases.coordination.k8s.io", namespace)
+    assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
+    assert not can_i(kubectl, sa, "update", "leases.coordination.k8s.io=kube-controller-manager", namespace)
     assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
 
 
@@ -135,7 +140,7 @@ def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, o
     assert can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", other_namespace)
     assert not can_i(kubectl, sa, "create", "jobs.batch", "default")
     assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
-    assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io", namespace)
+    assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
 
 
 def test_helm_install_uninstall_keeps_the_checkpoint_pvc(helm, kubectl, kubeconfig, namespace):
