@@ -119,7 +119,8 @@ def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace)
                            ("create", "events.events.k8s.io")]:
         assert can_i(kubectl, sa, verb, resource, other_namespace), f"operator cannot {verb} {resource}"
     for verb, resource in [("patch", "pods"), ("delete", "daemonsets.apps"), ("update", "jobs.batch"),
-                           ("update", "dynamocheckpoints.nvidia.com/status"), ("delete", "dynamocheckpoints.nvidia.com"),
+                           ("update", "dynamocheckpoints.nvidia.com/status"),
+                           ("delete", "dynamocheckpoints.nvidia.com"),
                            ("patch", "persistentvolumeclaims"), ("list", "namespaces"), ("get", "secrets")]:
         assert not can_i(kubectl, sa, verb, resource, other_namespace), f"operator must not {verb} {resource}"
     # It takes the leader-election Lease in its own namespace only, and renews no other Lease.
