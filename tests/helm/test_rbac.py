@@ -9,6 +9,7 @@ table, and check where (which namespaces, which names) the writes that matter ar
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,13 @@ def test_no_component_calls_the_api_by_raw_path():
         for call in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute):
                 assert call.func.attr != "request", f"{path.relative_to(REPO)}:{call.lineno} calls request()"
+
+
+def test_every_shared_kube_helper_that_calls_the_api_is_counted():
+    """The tables read the agent's and operator's packages plus the kube helpers that call the API for
+    them; a new helper that calls the API must join the sources above (or the tables miss its calls)."""
+    verbs = "|".join(METHOD_VERBS)
+    calling = {path.name for path in (PACKAGE / "kube").glob("*.py")
+               if re.search(rf"\bclient\.({verbs})\(", path.read_text())}
+    # client.py defines the verbs; reflector.py's list and watch are the informers counted above
+    assert calling - {"client.py", "reflector.py"} == {"events.py", "leaderelection.py"}
