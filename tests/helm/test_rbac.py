@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_snapshot.api import names
 from dynamo_snapshot.controllers import common
 from dynamo_snapshot.kube import resources
 
@@ -251,3 +252,49 @@ def test_every_shared_kube_helper_that_calls_the_api_is_counted():
                if re.search(rf"\bclient\.({verbs})\(", path.read_text())}
     # client.py defines the verbs; reflector.py's list and watch are the informers counted above
     assert calling - {"client.py", "reflector.py"} == {"events.py", "leaderelection.py"}
+
+
+# -- what RBAC cannot say: the cluster-wide agent writes only checkpoint objects -----------------------------
+VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+WRITE_OPERATIONS = {"create": "CREATE", "update": "UPDATE", "patch": "UPDATE", "delete": "DELETE"}
+
+
+def policy_objects(helm, **values) -> list[dict]:
+    return helm.template(SNAPSHOT_CHART, namespace="infra", api_versions=[VAP_API],
+                         values={"storage.accessMode": "podMount", **values})
+
+
+def test_a_cluster_wide_agent_may_write_only_pods_jobs_and_leases_labelled_with_a_checkpoint_id(helm):
+    objects = policy_objects(helm)
+    (policy,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert policy["metadata"]["name"].endswith("-infra"), "cluster-scoped names carry the namespace"
+    sa = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"] == f"request.userInfo.username == 'system:serviceaccount:infra:{sa['name']}'"
+    assert all(f"'{names.LABEL_CHECKPOINT_ID}' in " in v["expression"] for v in policy["spec"]["validations"])
+    # every write the ClusterRole grants passes through the policy
+    matched = {(g, r, op) for rule in policy["spec"]["matchConstraints"]["resourceRules"]
+               for g in rule["apiGroups"] for r in rule["resources"] for op in rule["operations"]}
+    (role,) = roles(objects)
+    writes = {(g, r, WRITE_OPERATIONS[v]) for g, r, v in grants(role["rules"])
+              if v in WRITE_OPERATIONS and g != "events.k8s.io"}
+    assert writes and writes <= matched
+
+
+@pytest.mark.parametrize(("values", "api_versions"), [
+    ({"storage.accessMode": "podMount"}, []),  # a cluster without the API (before 1.30)
+    ({"storage.accessMode": "podMount", "admissionPolicy.checkpointObjectsOnly": "false"}, [VAP_API]),
+    ({"storage.accessMode": "podMount", "rbac.namespaceRestricted": "true"}, [VAP_API]),  # a Role suffices
+    ({"storage.pvc.size": "1Ti"}, [VAP_API]),  # agentMount: restricted by default
+])
+def test_no_label_policy_where_the_cluster_lacks_the_api_it_is_off_or_a_role_suffices(helm, values, api_versions):
+    objects = helm.template(SNAPSHOT_CHART, namespace="infra", values=values, api_versions=api_versions)
+    assert not [o for o in objects if o["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+def test_requiring_the_label_policy_on_a_cluster_without_the_api_fails_naming_the_value(helm):
+    error = helm.template_error(SNAPSHOT_CHART, values={"storage.accessMode": "podMount",
+                                                        "admissionPolicy.checkpointObjectsOnly": "true"})
+    assert "admissionPolicy.checkpointObjectsOnly" in error and "1.30" in error
