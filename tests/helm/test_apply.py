@@ -6,11 +6,13 @@ that is, by the API server's own authorizer). Also a real `helm install`/`uninst
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import pytest
 import yaml
 
-from dynamo_snapshot.api import OperatorConfig, parse_config
+from dynamo_snapshot.api import OperatorConfig, names, parse_config
 from dynamo_snapshot.controllers.storage import resolve_storage
 
 from .conftest import OPERATOR_CHART, SNAPSHOT_CHART
@@ -100,6 +102,53 @@ def test_shared_pod_mount_agent_on_crio_openshift(helm, kubectl, apply, namespac
     assert can_i(kubectl, sa, "patch", "jobs.batch", other_namespace)
     assert can_i(kubectl, sa, "use", "securitycontextconstraints.security.openshift.io=privileged", namespace)
     assert not can_i(kubectl, sa, "use", "securitycontextconstraints.security.openshift.io=anyuid", namespace)
+
+
+def lease(name: str, namespace: str, labels: dict[str, str] | None = None) -> str:
+    return json.dumps({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+                       "spec": {"holderIdentity": "someone", "leaseDurationSeconds": 15}})
+
+
+def test_a_cluster_wide_agent_cannot_touch_leases_that_are_not_a_checkpoints(helm, kubectl, apply, namespace,
+                                                                          other_namespace):
+    """RBAC lets the podMount agent write Leases everywhere; the chart's ValidatingAdmissionPolicy lets it
+    write only those labelled with a checkpoint ID (not, say, a controller's leader-election Lease)."""
+    objects = helm.template(SNAPSHOT_CHART, namespace=namespace, release="snapshot",
+                            values={"storage.accessMode": "podMount"},
+                            api_versions=["admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"])
+    assert "ValidatingAdmissionPolicy" in [o["kind"] for o in objects]
+    apply(objects, namespace)
+    ours = {names.LABEL_CHECKPOINT_ID: "ckpt-1"}
+    kubectl("create", "-f", "-", input=lease("kube-controller-manager", other_namespace))
+    kubectl("create", "-f", "-", input=lease("checkpoint-job", other_namespace, ours))
+    as_agent = ["--as", service_account(objects), "-n", other_namespace, "--dry-run=server"]
+
+    def agent(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return kubectl.run(*args, *as_agent, input=input, check=False)
+
+    # The API server loads a new policy asynchronously: wait (bounded) until it refuses the first write.
+    deadline = time.monotonic() + 60
+    while (denied := agent("create", "-f", "-", input=lease("new-unlabelled", other_namespace))).returncode == 0:
+        assert time.monotonic() < deadline, "the agent's label policy never took effect"
+        time.sleep(0.5)
+    assert "the snapshot agent may write only checkpoint objects" in denied.stderr
+    def replaced(name: str, labels: dict[str, str]) -> str:  # the agent renews by PUT (update), never patch
+        stored = json.loads(kubectl("get", "lease", name, "-n", other_namespace, "-o", "json"))
+        stored["metadata"]["labels"] = labels
+        return json.dumps(stored)
+
+    for refused in (agent("replace", "-f", "-", input=replaced("kube-controller-manager", {})),
+                    agent("delete", "lease", "kube-controller-manager"),
+                    agent("replace", "-f", "-", input=replaced("checkpoint-job", {}))):
+        assert refused.returncode != 0 and "the snapshot agent may" in refused.stderr, refused.stderr
+    for allowed in (agent("create", "-f", "-", input=lease("new-checkpoint-job", other_namespace, ours)),
+                    agent("replace", "-f", "-", input=replaced("checkpoint-job", ours)),
+                    agent("delete", "lease", "checkpoint-job")):
+        assert allowed.returncode == 0, allowed.stderr
+    # Others are not bound by it.
+    assert kubectl.run("annotate", "lease", "kube-controller-manager", "x=y", "-n", other_namespace,
+                       "--dry-run=server").returncode == 0
 
 
 def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace):
