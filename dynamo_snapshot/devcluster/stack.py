@@ -46,10 +46,10 @@ POD_BASE_PATH = "/checkpoints"  # where pods mount the checkpoint PVC (podMount)
 
 # The snapshot chart's agent Role (helm/snapshot/templates/rbac.yaml); tests/helm checks they agree.
 AGENT_RULES = [
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "patch"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "delete"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 
 

@@ -39,8 +39,10 @@ class Helm:
         return [f"--set={key}={value}" for key, value in values.items()]
 
     def render_text(self, chart: Path, *, namespace: str = "default", release: str = "snap",
-                    values: Mapping[str, Any] = {}) -> str:
-        return self.run("template", release, str(chart), f"--namespace={namespace}", *self.set_args(values)).stdout
+                    values: Mapping[str, Any] = {}, api_versions: Iterable[str] = ()) -> str:
+        """`helm template`; `api_versions` are what the cluster would serve beyond helm's defaults."""
+        return self.run("template", release, str(chart), f"--namespace={namespace}", *self.set_args(values),
+                        *(f"--api-versions={v}" for v in api_versions)).stdout
 
     def template(self, chart: Path, **kwargs) -> list[dict]:
         return [doc for doc in yaml.safe_load_all(self.render_text(chart, **kwargs)) if doc]

@@ -6,11 +6,13 @@ that is, by the API server's own authorizer). Also a real `helm install`/`uninst
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import pytest
 import yaml
 
-from dynamo_snapshot.api import OperatorConfig, parse_config
+from dynamo_snapshot.api import OperatorConfig, names, parse_config
 from dynamo_snapshot.controllers.storage import resolve_storage
 
 from .conftest import OPERATOR_CHART, SNAPSHOT_CHART
@@ -76,9 +78,10 @@ def test_agent_mount_install_is_accepted_and_discoverable(helm, kubectl, apply, 
     sa = service_account(objects)
     for verb, resource in [("watch", "pods"), ("patch", "pods"), ("patch", "jobs.batch"),
                            ("create", "leases.coordination.k8s.io"), ("delete", "leases.coordination.k8s.io"),
-                           ("create", "events")]:
+                           ("create", "events.events.k8s.io")]:
         assert can_i(kubectl, sa, verb, resource, namespace), f"agent cannot {verb} {resource}"
-    for verb, resource in [("delete", "pods"), ("create", "jobs.batch"), ("get", "secrets")]:
+    for verb, resource in [("delete", "pods"), ("create", "pods"), ("update", "pods"), ("create", "jobs.batch"),
+                           ("get", "secrets"), ("list", "leases.coordination.k8s.io"), ("create", "events")]:
         assert not can_i(kubectl, sa, verb, resource, namespace), f"agent must not {verb} {resource}"
     # Namespace-local by default: nothing in any other namespace.
     assert not can_i(kubectl, sa, "list", "pods", other_namespace)
@@ -101,6 +104,53 @@ def test_shared_pod_mount_agent_on_crio_openshift(helm, kubectl, apply, namespac
     assert not can_i(kubectl, sa, "use", "securitycontextconstraints.security.openshift.io=anyuid", namespace)
 
 
+def lease(name: str, namespace: str, labels: dict[str, str] | None = None) -> str:
+    return json.dumps({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+                       "spec": {"holderIdentity": "someone", "leaseDurationSeconds": 15}})
+
+
+def test_a_cluster_wide_agent_cannot_touch_leases_that_are_not_a_checkpoints(helm, kubectl, apply, namespace,
+                                                                          other_namespace):
+    """RBAC lets the podMount agent write Leases everywhere; the chart's ValidatingAdmissionPolicy lets it
+    write only those labelled with a checkpoint ID (not, say, a controller's leader-election Lease)."""
+    objects = helm.template(SNAPSHOT_CHART, namespace=namespace, release="snapshot",
+                            values={"storage.accessMode": "podMount"},
+                            api_versions=["admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"])
+    assert "ValidatingAdmissionPolicy" in [o["kind"] for o in objects]
+    apply(objects, namespace)
+    ours = {names.LABEL_CHECKPOINT_ID: "ckpt-1"}
+    kubectl("create", "-f", "-", input=lease("kube-controller-manager", other_namespace))
+    kubectl("create", "-f", "-", input=lease("checkpoint-job", other_namespace, ours))
+    as_agent = ["--as", service_account(objects), "-n", other_namespace, "--dry-run=server"]
+
+    def agent(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return kubectl.run(*args, *as_agent, input=input, check=False)
+
+    # The API server loads a new policy asynchronously: wait (bounded) until it refuses the first write.
+    deadline = time.monotonic() + 60
+    while (denied := agent("create", "-f", "-", input=lease("new-unlabelled", other_namespace))).returncode == 0:
+        assert time.monotonic() < deadline, "the agent's label policy never took effect"
+        time.sleep(0.5)
+    assert "the snapshot agent may write only checkpoint objects" in denied.stderr
+    def replaced(name: str, labels: dict[str, str]) -> str:  # the agent renews by PUT (update), never patch
+        stored = json.loads(kubectl("get", "lease", name, "-n", other_namespace, "-o", "json"))
+        stored["metadata"]["labels"] = labels
+        return json.dumps(stored)
+
+    for refused in (agent("replace", "-f", "-", input=replaced("kube-controller-manager", {})),
+                    agent("delete", "lease", "kube-controller-manager"),
+                    agent("replace", "-f", "-", input=replaced("checkpoint-job", {}))):
+        assert refused.returncode != 0 and "the snapshot agent may" in refused.stderr, refused.stderr
+    for allowed in (agent("create", "-f", "-", input=lease("new-checkpoint-job", other_namespace, ours)),
+                    agent("replace", "-f", "-", input=replaced("checkpoint-job", ours)),
+                    agent("delete", "lease", "checkpoint-job")):
+        assert allowed.returncode == 0, allowed.stderr
+    # Others are not bound by it.
+    assert kubectl.run("annotate", "lease", "kube-controller-manager", "x=y", "-n", other_namespace,
+                       "--dry-run=server").returncode == 0
+
+
 def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace):
     release = f"op-{namespace[-6:]}"  # its ClusterRole name must not clash with other tests'
     objects = helm.template(OPERATOR_CHART, namespace=namespace, release=release,
@@ -111,16 +161,21 @@ def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace)
     assert parse_config(stored["data"]["config.yaml"]).checkpoint.enabled is True
 
     sa = service_account(objects)
-    for verb, resource in [("update", "dynamocheckpoints.nvidia.com/status"),
+    for verb, resource in [("patch", "dynamocheckpoints.nvidia.com/status"),
                            ("update", "dynamographdeployments.nvidia.com/finalizers"),
                            ("create", "jobs.batch"), ("delete", "replicasets.apps"), ("list", "daemonsets.apps"),
-                           ("create", "persistentvolumeclaims"), ("get", "leases.coordination.k8s.io"),
-                           ("create", "events")]:
+                           ("create", "persistentvolumeclaims"), ("watch", "leases.coordination.k8s.io"),
+                           ("create", "events.events.k8s.io")]:
         assert can_i(kubectl, sa, verb, resource, other_namespace), f"operator cannot {verb} {resource}"
-    assert not can_i(kubectl, sa, "patch", "pods", other_namespace), "the operator never writes pods"
-    assert not can_i(kubectl, sa, "delete", "daemonsets.apps", other_namespace)
-    # It takes the leader-election Lease in its own namespace only.
+    for verb, resource in [("patch", "pods"), ("delete", "daemonsets.apps"), ("update", "jobs.batch"),
+                           ("update", "dynamocheckpoints.nvidia.com/status"),
+                           ("delete", "dynamocheckpoints.nvidia.com"),
+                           ("patch", "persistentvolumeclaims"), ("list", "namespaces"), ("get", "secrets")]:
+        assert not can_i(kubectl, sa, verb, resource, other_namespace), f"operator must not {verb} {resource}"
+    # It takes the leader-election Lease in its own namespace only, and renews no other Lease.
     assert can_i(kubectl, sa, "create", "leases.coordination.k8s.io", namespace)
+    assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
+    assert not can_i(kubectl, sa, "update", "leases.coordination.k8s.io=kube-controller-manager", namespace)
     assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
 
 
@@ -135,7 +190,7 @@ def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, o
     assert can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", other_namespace)
     assert not can_i(kubectl, sa, "create", "jobs.batch", "default")
     assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
-    assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io", namespace)
+    assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
 
 
 def test_helm_install_uninstall_keeps_the_checkpoint_pvc(helm, kubectl, kubeconfig, namespace):

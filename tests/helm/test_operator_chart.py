@@ -9,7 +9,8 @@ from .conftest import OPERATOR_CHART, kinds, only
 
 BASE_COMMAND = [
     "dynamo-snapshot", "operator", "--config=/etc/dynamo-snapshot/config.yaml", "--leader-elect",
-    "--leader-election-namespace=$(POD_NAMESPACE)", "--metrics-bind-address=:8080",
+    "--leader-election-namespace=$(POD_NAMESPACE)", "--leader-election-id=dynamo-snapshot-operator",
+    "--metrics-bind-address=:8080",
     "--health-probe-bind-address=:8081",
 ]
 MODES = {

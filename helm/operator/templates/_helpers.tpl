@@ -39,6 +39,13 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
+{{/* The leader-election Lease's name: the operator's default, passed explicitly so that the Role's
+resourceNames and the flag cannot drift apart. Kept fixed (not the release name): a rolling upgrade's old
+and new pods must compete for the same Lease. */}}
+{{- define "operator.leaderElectionId" -}}
+dynamo-snapshot-operator
+{{- end -}}
+
 {{- define "operator.image" -}}
 {{- printf "%s:%s" (required "image.repository is required" .Values.image.repository) (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}

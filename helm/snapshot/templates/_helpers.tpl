@@ -65,6 +65,22 @@ app.kubernetes.io/component: snapshot-agent
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the cluster-wide agent's writes are limited to checkpoint objects by a
+ValidatingAdmissionPolicy (admissionPolicy.checkpointObjectsOnly). Unset: whenever the cluster serves that
+API (Kubernetes 1.30+). */}}
+{{- define "snapshot.labelPolicy" -}}
+{{- $want := .Values.admissionPolicy.checkpointObjectsOnly -}}
+{{- $served := .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy" -}}
+{{- if kindIs "invalid" $want -}}
+{{- if $served -}}true{{- end -}}
+{{- else if not (kindIs "bool" $want) -}}
+{{- fail (printf "admissionPolicy.checkpointObjectsOnly must be true, false or unset, got %v" $want) -}}
+{{- else if and $want (not $served) -}}
+{{- fail "admissionPolicy.checkpointObjectsOnly=true needs admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy (Kubernetes 1.30+): upgrade, or unset it" -}}
+{{- else if $want -}}true
+{{- end -}}
+{{- end -}}
+
 {{- define "snapshot.socketPath" -}}
 {{- if .Values.runtime.socketPath -}}
 {{- .Values.runtime.socketPath -}}
@@ -109,6 +125,7 @@ whatever order Helm renders the templates in. */}}
 {{- end -}}
 {{- /* Evaluated only for its check: a non-boolean rbac.namespaceRestricted fails here. */ -}}
 {{- $_ := include "snapshot.namespaceRestricted" . -}}
+{{- $_ := include "snapshot.labelPolicy" . -}}
 {{- if not (has $s.pvc.accessMode (list "ReadWriteMany" "ReadWriteOnce" "ReadWriteOncePod")) -}}
 {{- fail (printf "storage.pvc.accessMode must be ReadWriteMany, ReadWriteOnce or ReadWriteOncePod (the agent writes checkpoints), got %q" $s.pvc.accessMode) -}}
 {{- end -}}
