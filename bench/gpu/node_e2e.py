@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from dynamo_snapshot.agent.cuda import devices as cuda_devices  # noqa: E402
 from dynamo_snapshot.api import names  # noqa: E402
 from dynamo_snapshot.devcluster.images import PLACEHOLDER_IMAGE  # noqa: E402
 from dynamo_snapshot.devcluster.stack import SnapshotStack  # noqa: E402
-from dynamo_snapshot.kube import DYNAMO_CHECKPOINTS  # noqa: E402
+from dynamo_snapshot.kube import DYNAMO_CHECKPOINTS, DYNAMO_GRAPH_DEPLOYMENTS  # noqa: E402
 
 PORT = 7000
 # Host trees mounted over the image's: the host's Python (3.12) and what torch.compile needs (a C compiler,
@@ -126,8 +127,7 @@ def refuse_on_other_driver(stack: SnapshotStack, selector: str, timeout: float) 
     fake.write_text(real.replace(release, f"{int(major) + 1}.{rest}", 1))
     subprocess.run(["mount", "--bind", str(fake), str(version)], check=True)
     try:
-        stack.kubectl("patch", "dgd", "gpu", "-n", stack.namespace, "--type=merge",
-                      "-p", json.dumps({"spec": {"services": {"worker": {"replicas": 3}}}}))
+        scale(stack, "gpu", 3)
         refused = stack.wait_until(lambda: refused_restore(stack, selector), "a refused restore", timeout=timeout)
     finally:
         subprocess.run(["umount", str(version)], check=False)
@@ -162,6 +162,92 @@ class Run:
         (self.out / "node-e2e.json").write_text(json.dumps(self.results, indent=2, default=str))
 
 
+REF_SELECTOR = f"{names.LABEL_DGD_NAME}=gpu,!{names.LABEL_IS_CHECKPOINT_SOURCE}"  # the referencing DGD's pods
+
+
+def drop_caches() -> None:
+    """The page cache emptied, so a restore reads its image from the disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def dgd_manifest(name: str, main_dgd: dict[str, Any], volumes: list[dict[str, Any]],
+                 checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": names.API_VERSION, "kind": names.DGD_KIND, "metadata": {"name": name},
+            "spec": {"backendFramework": "vllm", "services": {"worker": {
+                "componentType": "worker", "replicas": 1,
+                "extraPodSpec": {"mainContainer": main_dgd, "volumes": volumes}, "checkpoint": checkpoint}}}}
+
+
+def scale(stack: SnapshotStack, dgd: str, replicas: int) -> float:
+    started = time.time()
+    stack.kubectl("patch", "dgd", dgd, "-n", stack.namespace, "--type=merge",
+                  "-p", json.dumps({"spec": {"services": {"worker": {"replicas": replicas}}}}))
+    return started
+
+
+def checkpoint_and_restore(run: Run, stack: SnapshotStack, main_container: dict[str, Any], main_dgd: dict[str, Any],
+                           volumes: list[dict[str, Any]], cold_state: dict[str, Any], args: argparse.Namespace) -> bool:
+    """A DynamoCheckpoint of the worker, then a DGD referencing it: restored from disk, scaled from memory."""
+    ckpt = {"apiVersion": names.API_VERSION, "kind": names.CHECKPOINT_KIND, "metadata": {"name": "gpu-worker"},
+            "spec": {"identity": {"model": "bench/gpu-stand-in", "backendFramework": "vllm"},
+                     "job": {"activeDeadlineSeconds": 900, "sharedMemory": "1Gi", "podTemplateSpec": {
+                         "spec": {"containers": [main_container], "volumes": volumes}}}}}
+    t0 = time.time()
+    stack.apply(ckpt)
+    done = run.step("checkpoint", stack.wait_object, DYNAMO_CHECKPOINTS, "gpu-worker",
+                    lambda c: c.get("status", {}).get("phase") in ("Ready", "Failed"), "a checkpoint verdict",
+                    args.timeout)
+    run.results["checkpoint_apply_to_ready_s"] = round(time.time() - t0, 2)
+    run.results["checkpoint_status"] = done.get("status")
+    if done["status"]["phase"] != "Ready":
+        raise RuntimeError(f"checkpoint failed: {done.get('status')}")
+    drop_caches()  # the first restore reads the image from the disk, the scaled one finds it in memory
+    t0 = time.time()
+    stack.apply(dgd_manifest("gpu", main_dgd, volumes, {"enabled": True, "checkpointRef": "gpu-worker",
+                                                        "startupPolicy": "WaitForCheckpoint"}))
+    [(pod, restored)] = run.step("restore", wait_serving, stack, REF_SELECTOR, args.timeout)
+    run.results["restored_apply_to_serving_s"] = round(time.time() - t0, 2)
+    run.results.update(restored_pod=pod, restored_state=restored, restored_equals_cold=same_state(restored, cold_state))
+    run.save()
+    t0 = scale(stack, "gpu", 2)
+    both = run.step("scale", wait_serving, stack, REF_SELECTOR, args.timeout, 2)
+    run.results["scaled_pod_apply_to_serving_s"] = round(time.time() - t0, 2)
+    run.results["scaled_equals_cold"] = all(same_state(state, cold_state) for _, state in both)
+    run.results["cold_still_serving"] = same_state(ask_pod(stack, "cold"), cold_state)
+    run.save()
+    return run.results["restored_equals_cold"] and run.results["scaled_equals_cold"] and \
+        run.results["cold_still_serving"]
+
+
+def immediate_scale_up(stack: SnapshotStack, main_dgd: dict[str, Any], volumes: list[dict[str, Any]],
+                       timeout: float) -> dict[str, Any]:
+    """startupPolicy Immediate with an automatic checkpoint: a cold pod serves at once; once the checkpoint
+    is Ready, scaling up adds a restored pod while the cold one keeps serving."""
+    ns = stack.namespace
+    stack.kubectl("delete", "dgd", "gpu", "-n", ns, "--wait=true", timeout=120)
+    stack.kubectl("delete", "pod", "cold", "-n", ns, "--wait=true", timeout=120)
+    stack.kubectl("wait", "--for=delete", "pod", "-l", f"{names.LABEL_DGD_NAME}=gpu", "-n", ns, "--timeout=90s",
+                  check=False, timeout=120)
+    selector = f"{names.LABEL_DGD_NAME}=imm,!{names.LABEL_IS_CHECKPOINT_SOURCE}"
+    t0 = time.time()
+    stack.apply(dgd_manifest("imm", main_dgd, volumes, {"enabled": True, "startupPolicy": "Immediate"}))
+    [(cold_pod, cold_state)] = wait_serving(stack, selector, timeout)
+    found: dict[str, Any] = {"cold_apply_to_serving_s": round(time.time() - t0, 2), "cold_pod": cold_pod}
+    dgd = stack.wait_object(DYNAMO_GRAPH_DEPLOYMENTS, "imm", lambda d: ((d.get("status") or {}).get("checkpoints")
+                            or {}).get("worker", {}).get("ready"), "the automatic checkpoint Ready", timeout)
+    found["apply_to_checkpoint_ready_s"] = round(time.time() - t0, 2)
+    found["checkpoint"] = dgd["status"]["checkpoints"]["worker"]
+    t1 = scale(stack, "imm", 2)
+    pods = dict(wait_serving(stack, selector, timeout, 2))
+    found["scaled_pod_apply_to_serving_s"] = round(time.time() - t1, 2)
+    restored = [state for name, state in pods.items() if name != cold_pod]
+    found["restored_equals_cold"] = bool(restored) and all(same_state(s, cold_state) for s in restored) and \
+        same_state(pods[cold_pod], cold_state)
+    found["restored_pods"] = [name for name in pods if name != cold_pod]
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/dynamo-snapshot-node"))
@@ -172,6 +258,7 @@ def main() -> int:
     parser.add_argument("--torch-root", default="/opt/torch")
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--skip-mismatch", action="store_true", help="leave out the driver-mismatch refusal")
+    parser.add_argument("--skip-immediate", action="store_true", help="leave out the Immediate DGD scale-up")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.out)
@@ -195,50 +282,18 @@ def main() -> int:
         run.results["cold_apply_to_serving_s"] = round(time.time() - t0, 2)
         run.results["cold_state"] = cold_state
         run.save()
-        ckpt = {"apiVersion": names.API_VERSION, "kind": names.CHECKPOINT_KIND, "metadata": {"name": "gpu-worker"},
-                "spec": {"identity": {"model": "bench/gpu-stand-in", "backendFramework": "vllm"},
-                         "job": {"activeDeadlineSeconds": 900, "sharedMemory": "1Gi", "podTemplateSpec": {
-                             "spec": {"containers": [main_container], "volumes": volumes}}}}}
-        t0 = time.time()
-        stack.apply(ckpt)
-        done = run.step("checkpoint", stack.wait_object, DYNAMO_CHECKPOINTS, "gpu-worker",
-                        lambda c: c.get("status", {}).get("phase") in ("Ready", "Failed"), "a checkpoint verdict",
-                        args.timeout)
-        run.results["checkpoint_apply_to_ready_s"] = round(time.time() - t0, 2)
-        run.results["checkpoint_status"] = done.get("status")
-        if done["status"]["phase"] != "Ready":
-            raise RuntimeError(f"checkpoint failed: {done.get('status')}")
         main_dgd = {k: v for k, v in main_container.items() if k != "name"}
-        dgd = {"apiVersion": names.API_VERSION, "kind": names.DGD_KIND, "metadata": {"name": "gpu"},
-               "spec": {"backendFramework": "vllm", "services": {"worker": {
-                   "componentType": "worker", "replicas": 1,
-                   "extraPodSpec": {"mainContainer": main_dgd, "volumes": volumes},
-                   "checkpoint": {"enabled": True, "checkpointRef": "gpu-worker",
-                                  "startupPolicy": "WaitForCheckpoint"}}}}}
-        t0 = time.time()
-        stack.apply(dgd)
-        selector = f"run!=cold,!{names.LABEL_IS_CHECKPOINT_SOURCE}"  # the DGD's pods
-        [(pod, restored)] = run.step("restore", wait_serving, stack, selector, args.timeout)
-        run.results["restored_apply_to_serving_s"] = round(time.time() - t0, 2)
-        run.results["restored_pod"] = pod
-        run.results["restored_state"] = restored
-        same = same_state(restored, cold_state)
-        run.results["restored_equals_cold"] = same
-        run.save()
-        t0 = time.time()
-        stack.kubectl("patch", "dgd", "gpu", "-n", stack.namespace, "--type=merge",
-                      "-p", json.dumps({"spec": {"services": {"worker": {"replicas": 2}}}}))
-        both = run.step("scale", wait_serving, stack, selector, args.timeout, 2)
-        run.results["scaled_pod_apply_to_serving_s"] = round(time.time() - t0, 2)
-        run.results["scaled_equals_cold"] = all(same_state(state, cold_state) for _, state in both)
-        run.results["cold_still_serving"] = same_state(ask_pod(stack, "cold"), cold_state)
-        run.save()
+        same = checkpoint_and_restore(run, stack, main_container, main_dgd, volumes, cold_state, args)
         if not args.skip_mismatch:
-            run.results["mismatch"] = run.step("mismatch", refuse_on_other_driver, stack, selector, args.timeout)
+            run.results["mismatch"] = run.step("mismatch", refuse_on_other_driver, stack, REF_SELECTOR, args.timeout)
+        if not args.skip_immediate:
+            run.results["immediate"] = run.step("immediate", immediate_scale_up, stack, main_dgd, volumes,
+                                                args.timeout)
+            same = same and run.results["immediate"]["restored_equals_cold"]
         print(json.dumps({k: run.results.get(k) for k in (
             "cold_apply_to_serving_s", "checkpoint_apply_to_ready_s", "restored_apply_to_serving_s",
-            "scaled_pod_apply_to_serving_s", "restored_equals_cold", "scaled_equals_cold", "cold_still_serving")}))
-        same = same and run.results["scaled_equals_cold"] and run.results["cold_still_serving"]
+            "scaled_pod_apply_to_serving_s", "restored_equals_cold", "scaled_equals_cold", "cold_still_serving",
+            "immediate")}))
         return 0 if same else 1
     except BaseException:
         return 1
