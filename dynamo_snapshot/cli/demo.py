@@ -12,9 +12,14 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dynamo_snapshot.devcluster import ClusterError, LocalCluster, MissingBinaries
 from dynamo_snapshot.hashing import identity_hash
+
+if TYPE_CHECKING:  # the devcluster extra is imported only when the demo runs
+    from dynamo_snapshot.devcluster.scenarios import CheckpointRun, Flow, RestoredPod
+    from dynamo_snapshot.devcluster.stack import SnapshotStack
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "helm" / "operator" / "crds"
@@ -56,71 +61,88 @@ def run_demo(*, keep: bool, workdir: str) -> int:
     return _whole_flow(steps, root, keep)
 
 
+def _start_stack(steps: Steps, stack: SnapshotStack) -> LocalCluster:
+    steps.step("starting the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)")
+    cluster = stack.start_control_plane()
+    steps.detail(f"API server {cluster.server}; CRDs installed")
+    steps.step("starting a node: containerd + runc + bridge CNI and a real kubelet v1.34 registering with it")
+    node = stack.start_node()
+    steps.detail(cluster.kubectl("get", "nodes", "-o", "wide"))
+    steps.step("starting the operator and the snapshot agent as local processes")
+    stack.start_snapshot()
+    steps.detail(f"agent: snapshot-agent --node-name={node.name} --storage-access-mode=agentMount "
+                 f"--storage-base-path={stack.checkpoints} (log {stack.agent_log})")
+    return cluster
+
+
+def _standalone_checkpoint(steps: Steps, stack: SnapshotStack, flow: Flow) -> CheckpointRun:
+    from dynamo_snapshot.devcluster.scenarios import checkpoint_manifest
+
+    steps.step(f"DynamoCheckpoint 'counter': a CPU worker that warms up a {HEAP_MIB} MiB heap, then says "
+               "ready-for-snapshot")
+    run = flow.create_checkpoint(checkpoint_manifest("counter", heap_mib=HEAP_MIB))
+    steps.detail(stack.kubectl("get", "dckpt", "-n", DEMO_NAMESPACE))
+    steps.detail(f"Ready in {run.seconds:.1f} s (apply -> Job -> pod -> warm-up -> dump -> agent confirms)")
+    steps.detail(f"ready-for-snapshot -> CRIU starts: {run.ready_to_criu:.2f} s (kubelet readiness probe "
+                 f"included); the agent's own part: {run.agent_overhead:.3f} s")
+    steps.detail(f"agent: lease to confirmation {run.agent_total:.2f} s; stages "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items()))
+    steps.detail(f"artifact {stack.checkpoints / run.checkpoint_id}/versions/1: {run.artifact_bytes >> 20} MiB")
+    return run
+
+
+def _waiting_dgd(steps: Steps, stack: SnapshotStack, flow: Flow) -> list[RestoredPod]:
+    from dynamo_snapshot.devcluster.scenarios import component_selector, dgd_manifest
+
+    steps.step("DGD 'waiting' (Auto + WaitForCheckpoint, 2 replicas): no worker starts before its checkpoint")
+    started = time.time()
+    stack.apply(dgd_manifest("waiting", replicas=2, policy="WaitForCheckpoint", heap_mib=HEAP_MIB))
+    auto = flow.auto_checkpoint_name("waiting")
+    waiting_run = flow.wait_checkpoint(auto, started)
+    steps.detail(f"automatic checkpoint {auto} Ready after {waiting_run.seconds:.1f} s")
+    pods = flow.wait_restored(component_selector("waiting"), 2, started)
+    for pod in pods:
+        steps.detail(f"{pod.name}: restored in {pod.agent_total:.2f} s by the agent, running "
+                     f"{pod.seconds:.1f} s after the DGD was applied; worker instance {pod.instance} "
+                     f"(checkpointed: {waiting_run.instance}), count {pod.count_at_restore}, "
+                     f"heap intact: {pod.heap_ok}, hostname {pod.hostname}")
+    return pods
+
+
+def _immediate_dgd(steps: Steps, stack: SnapshotStack, flow: Flow) -> list[RestoredPod]:
+    from dynamo_snapshot.devcluster.scenarios import component_selector, dgd_manifest
+
+    steps.step("DGD 'immediate' (Auto + Immediate, 1 replica): the first worker starts cold")
+    started = time.time()
+    stack.apply(dgd_manifest("immediate", replicas=1, policy="Immediate", heap_mib=HEAP_MIB))
+    cold = flow.wait_pods(component_selector("immediate"), lambda p: p["status"].get("phase") == "Running", 1,
+                          "the cold worker to run")[0]
+    immediate_run = flow.wait_checkpoint(flow.auto_checkpoint_name("immediate"), started)
+    steps.detail(f"cold worker {cold['metadata']['name']} running; checkpoint Ready after "
+                 f"{immediate_run.seconds:.1f} s")
+    steps.step("scaling 'immediate' to 3: the new workers restore, the cold one keeps running")
+    scaled = flow.scale("immediate", 3)
+    restored = flow.wait_restored(component_selector("immediate"), 2, scaled)
+    for pod in restored:
+        steps.detail(f"{pod.name}: running {pod.seconds:.1f} s after the scale-up (agent {pod.agent_total:.2f} s)")
+    still = stack.get("pod", cold["metadata"]["name"])
+    steps.detail(f"{cold['metadata']['name']}: {still['status']['phase']}, restarts "
+                 f"{still['status']['containerStatuses'][0]['restartCount']}, never restored")
+    steps.detail(stack.kubectl("get", "pods", "-n", DEMO_NAMESPACE, "-o", "wide"))
+    return restored
+
+
 def _whole_flow(steps: Steps, root: Path, keep: bool) -> int:
-    from dynamo_snapshot.devcluster.scenarios import (
-        CheckpointFailed,
-        Flow,
-        checkpoint_manifest,
-        component_selector,
-        dgd_manifest,
-    )
+    from dynamo_snapshot.devcluster.scenarios import CheckpointFailed, Flow
     from dynamo_snapshot.devcluster.stack import SnapshotStack
 
     stack = SnapshotStack(root, namespace=DEMO_NAMESPACE)
     try:
-        steps.step("starting the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)")
-        cluster = stack.start_control_plane()
-        steps.detail(f"API server {cluster.server}; CRDs installed")
-        steps.step("starting a node: containerd + runc + bridge CNI and a real kubelet v1.34 registering with it")
-        node = stack.start_node()
-        steps.detail(cluster.kubectl("get", "nodes", "-o", "wide"))
-        steps.step("starting the operator and the snapshot agent as local processes")
-        stack.start_snapshot()
-        steps.detail(f"agent: snapshot-agent --node-name={node.name} --storage-access-mode=agentMount "
-                     f"--storage-base-path={stack.checkpoints} (log {stack.agent_log})")
+        cluster = _start_stack(steps, stack)
         flow = Flow(stack)
-
-        steps.step(f"DynamoCheckpoint 'counter': a CPU worker that warms up a {HEAP_MIB} MiB heap, then says "
-                   "ready-for-snapshot")
-        run = flow.create_checkpoint(checkpoint_manifest("counter", heap_mib=HEAP_MIB))
-        steps.detail(stack.kubectl("get", "dckpt", "-n", DEMO_NAMESPACE))
-        steps.detail(f"Ready in {run.seconds:.1f} s (apply -> Job -> pod -> warm-up -> dump -> agent confirms)")
-        steps.detail(f"ready-for-snapshot -> CRIU starts: {run.ready_to_criu:.2f} s (kubelet readiness probe "
-                     f"included); the agent's own part: {run.agent_overhead:.3f} s")
-        steps.detail(f"agent: lease to confirmation {run.agent_total:.2f} s; stages "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items()))
-        steps.detail(f"artifact {stack.checkpoints / run.checkpoint_id}/versions/1: {run.artifact_bytes >> 20} MiB")
-
-        steps.step("DGD 'waiting' (Auto + WaitForCheckpoint, 2 replicas): no worker starts before its checkpoint")
-        started = time.time()
-        stack.apply(dgd_manifest("waiting", replicas=2, policy="WaitForCheckpoint", heap_mib=HEAP_MIB))
-        auto = flow.auto_checkpoint_name("waiting")
-        waiting_run = flow.wait_checkpoint(auto, started)
-        steps.detail(f"automatic checkpoint {auto} Ready after {waiting_run.seconds:.1f} s")
-        pods = flow.wait_restored(component_selector("waiting"), 2, started)
-        for pod in pods:
-            steps.detail(f"{pod.name}: restored in {pod.agent_total:.2f} s by the agent, running "
-                         f"{pod.seconds:.1f} s after the DGD was applied; worker instance {pod.instance} "
-                         f"(checkpointed: {waiting_run.instance}), count {pod.count_at_restore}, "
-                         f"heap intact: {pod.heap_ok}, hostname {pod.hostname}")
-
-        steps.step("DGD 'immediate' (Auto + Immediate, 1 replica): the first worker starts cold")
-        started = time.time()
-        stack.apply(dgd_manifest("immediate", replicas=1, policy="Immediate", heap_mib=HEAP_MIB))
-        cold = flow.wait_pods(component_selector("immediate"), lambda p: p["status"].get("phase") == "Running", 1,
-                              "the cold worker to run")[0]
-        immediate_run = flow.wait_checkpoint(flow.auto_checkpoint_name("immediate"), started)
-        steps.detail(f"cold worker {cold['metadata']['name']} running; checkpoint Ready after "
-                     f"{immediate_run.seconds:.1f} s")
-        steps.step("scaling 'immediate' to 3: the new workers restore, the cold one keeps running")
-        scaled = flow.scale("immediate", 3)
-        restored = flow.wait_restored(component_selector("immediate"), 2, scaled)
-        for pod in restored:
-            steps.detail(f"{pod.name}: running {pod.seconds:.1f} s after the scale-up (agent {pod.agent_total:.2f} s)")
-        still = stack.get("pod", cold["metadata"]["name"])
-        steps.detail(f"{cold['metadata']['name']}: {still['status']['phase']}, restarts "
-                     f"{still['status']['containerStatuses'][0]['restartCount']}, never restored")
-        steps.detail(stack.kubectl("get", "pods", "-n", DEMO_NAMESPACE, "-o", "wide"))
+        run = _standalone_checkpoint(steps, stack, flow)
+        pods = _waiting_dgd(steps, stack, flow)
+        restored = _immediate_dgd(steps, stack, flow)
 
         steps.step("summary")
         steps.detail(f"checkpoint end to end (apply -> Ready): {run.seconds:.1f} s; agent overhead from Ready "

@@ -139,96 +139,108 @@ class LocalCluster:
 
     # -- components --------------------------------------------------------------------------------
     def _define_components(self) -> list[Component]:
+        return [self._etcd(), self._apiserver(), self._controller_manager(), self._scheduler()]
+
+    def _etcd(self) -> Component:
+        ports = self.ports
+        return Component(
+            "etcd",
+            lambda: [
+                str(self.bin / "etcd"),
+                "--name=default",
+                f"--data-dir={self.root / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{ports['etcd']}",
+                f"--advertise-client-urls=http://127.0.0.1:{ports['etcd']}",
+                f"--listen-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
+                f"--initial-cluster=default=http://127.0.0.1:{ports['etcd-peer']}",
+                "--unsafe-no-fsync",  # a throwaway test store: durability is not the point, speed is
+                "--quota-backend-bytes=4294967296",
+                "--log-level=warn",
+            ],
+            lambda: f"http://127.0.0.1:{ports['etcd']}/health",
+            ("etcd", "etcd-peer"),
+        )
+
+    def _apiserver(self) -> Component:
+        ports = self.ports
+        return Component(
+            "kube-apiserver",
+            lambda: [
+                str(self.bin / "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={ports['kube-apiserver']}",
+                f"--tls-cert-file={self.serving.cert}",
+                f"--tls-private-key-file={self.serving.key}",
+                f"--client-ca-file={self.ca.pair.cert}",
+                f"--kubelet-client-certificate={self.kubelet_client.cert}",
+                f"--kubelet-client-key={self.kubelet_client.key}",
+                f"--kubelet-certificate-authority={self.ca.pair.cert}",
+                f"--service-account-key-file={self.sa.cert}",
+                f"--service-account-signing-key-file={self.sa.key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=1",
+            ],
+            lambda: f"{self.server}/readyz",
+            ("kube-apiserver",),
+        )
+
+    def _controller_manager(self) -> Component:
         pki = self.root / "pki"
         ports = self.ports
         kubeconfig = str(self.kubeconfig)
-        return [
-            Component(
-                "etcd",
-                lambda: [
-                    str(self.bin / "etcd"),
-                    "--name=default",
-                    f"--data-dir={self.root / 'etcd'}",
-                    f"--listen-client-urls=http://127.0.0.1:{ports['etcd']}",
-                    f"--advertise-client-urls=http://127.0.0.1:{ports['etcd']}",
-                    f"--listen-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
-                    f"--initial-advertise-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
-                    f"--initial-cluster=default=http://127.0.0.1:{ports['etcd-peer']}",
-                    "--unsafe-no-fsync",  # a throwaway test store: durability is not the point, speed is
-                    "--quota-backend-bytes=4294967296",
-                    "--log-level=warn",
-                ],
-                lambda: f"http://127.0.0.1:{ports['etcd']}/health",
-                ("etcd", "etcd-peer"),
-            ),
-            Component(
-                "kube-apiserver",
-                lambda: [
-                    str(self.bin / "kube-apiserver"),
-                    f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    f"--secure-port={ports['kube-apiserver']}",
-                    f"--tls-cert-file={self.serving.cert}",
-                    f"--tls-private-key-file={self.serving.key}",
-                    f"--client-ca-file={self.ca.pair.cert}",
-                    f"--kubelet-client-certificate={self.kubelet_client.cert}",
-                    f"--kubelet-client-key={self.kubelet_client.key}",
-                    f"--kubelet-certificate-authority={self.ca.pair.cert}",
-                    f"--service-account-key-file={self.sa.cert}",
-                    f"--service-account-signing-key-file={self.sa.key}",
-                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--authorization-mode=Node,RBAC",
-                    "--allow-privileged=true",
-                    "--profiling=false",
-                    "--v=1",
-                ],
-                lambda: f"{self.server}/readyz",
-                ("kube-apiserver",),
-            ),
-            Component(
-                "kube-controller-manager",
-                lambda: [
-                    str(self.bin / "kube-controller-manager"),
-                    f"--kubeconfig={kubeconfig}",
-                    f"--authentication-kubeconfig={kubeconfig}",
-                    f"--authorization-kubeconfig={kubeconfig}",
-                    "--bind-address=127.0.0.1",
-                    f"--secure-port={ports['kube-controller-manager']}",
-                    f"--cert-dir={pki / 'kcm'}",
-                    f"--service-account-private-key-file={self.sa.key}",
-                    f"--root-ca-file={self.ca.pair.cert}",
-                    f"--cluster-signing-cert-file={self.ca.pair.cert}",
-                    f"--cluster-signing-key-file={self.ca.pair.key}",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--use-service-account-credentials=false",
-                    "--leader-elect=false",
-                    "--controllers=*,-nodeipam",
-                    "--profiling=false",
-                    "--v=1",
-                ],
-                lambda: f"https://127.0.0.1:{ports['kube-controller-manager']}/healthz",
-                ("kube-controller-manager",),
-            ),
-            Component(
-                "kube-scheduler",
-                lambda: [
-                    str(self.bin / "kube-scheduler"),
-                    f"--kubeconfig={kubeconfig}",
-                    f"--authentication-kubeconfig={kubeconfig}",
-                    f"--authorization-kubeconfig={kubeconfig}",
-                    "--bind-address=127.0.0.1",
-                    f"--secure-port={ports['kube-scheduler']}",
-                    f"--cert-dir={pki / 'scheduler'}",
-                    "--leader-elect=false",
-                    "--profiling=false",
-                    "--v=1",
-                ],
-                lambda: f"https://127.0.0.1:{ports['kube-scheduler']}/healthz",
-                ("kube-scheduler",),
-            ),
-        ]
+        return Component(
+            "kube-controller-manager",
+            lambda: [
+                str(self.bin / "kube-controller-manager"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['kube-controller-manager']}",
+                f"--cert-dir={pki / 'kcm'}",
+                f"--service-account-private-key-file={self.sa.key}",
+                f"--root-ca-file={self.ca.pair.cert}",
+                f"--cluster-signing-cert-file={self.ca.pair.cert}",
+                f"--cluster-signing-key-file={self.ca.pair.key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--use-service-account-credentials=false",
+                "--leader-elect=false",
+                "--controllers=*,-nodeipam",
+                "--profiling=false",
+                "--v=1",
+            ],
+            lambda: f"https://127.0.0.1:{ports['kube-controller-manager']}/healthz",
+            ("kube-controller-manager",),
+        )
+
+    def _scheduler(self) -> Component:
+        pki = self.root / "pki"
+        ports = self.ports
+        kubeconfig = str(self.kubeconfig)
+        return Component(
+            "kube-scheduler",
+            lambda: [
+                str(self.bin / "kube-scheduler"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={ports['kube-scheduler']}",
+                f"--cert-dir={pki / 'scheduler'}",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+            lambda: f"https://127.0.0.1:{ports['kube-scheduler']}/healthz",
+            ("kube-scheduler",),
+        )
 
     def add_component(self, component: Component) -> None:
         """Run another process as part of this cluster (a kubelet, say), started and stopped with it."""

@@ -31,7 +31,7 @@ from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
 from dynamo_snapshot.agent.pipeline import restore as rst
 from dynamo_snapshot.agent.pipeline.containers import ContainerTarget, PlaceholderTarget
 from dynamo_snapshot.devcluster import images
-from dynamo_snapshot.devcluster.node import Containerd
+from dynamo_snapshot.devcluster.containerd import Containerd
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("DYNAMO_SNAPSHOT_CACHE", Path.home() / ".cache" / "dynamo-snapshot"))
