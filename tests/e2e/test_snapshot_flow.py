@@ -191,20 +191,29 @@ def _alter_a_page_image(flow: Flow, checkpoint_id: str) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_an_immediate_dgd_whose_checkpoint_fails_verification_starts_new_pods_cold_without_a_crash_loop(flow: Flow):
-    stack = flow.stack
-    selector = component_selector("fallback")
+def _scale_onto_an_altered_checkpoint(flow: Flow, dgd: str, policy: str):
+    """A DGD whose checkpoint is altered on storage once Ready (and restored once while intact, where no
+    cold pod serves meanwhile), scaled up: the new pod's refused restore and the checkpoint's run."""
     started = time.time()
-    stack.apply(dgd_manifest("fallback", replicas=1, policy="Immediate"))
-    run = flow.wait_checkpoint(flow.auto_checkpoint_name("fallback"), started)
+    flow.stack.apply(dgd_manifest(dgd, replicas=1, policy=policy))
+    run = flow.wait_checkpoint(flow.auto_checkpoint_name(dgd), started)
+    if policy == "WaitForCheckpoint":
+        flow.wait_restored(component_selector(dgd), 1, started)
     _alter_a_page_image(flow, run.checkpoint_id)
-    flow.scale("fallback", 2)
+    flow.scale(dgd, 2)
 
     def refused(pod: dict) -> bool:
         annotations = pod["metadata"].get("annotations") or {}
         return annotations.get(names.restore_status_annotation(MAIN)) == "failed"
 
-    (pod,) = flow.wait_pods(selector, refused, 1, "the refused restore")
+    (pod,) = flow.wait_pods(component_selector(dgd), refused, 1, "the refused restore")
+    return pod, run
+
+
+def test_an_immediate_dgd_whose_checkpoint_fails_verification_starts_new_pods_cold_without_a_crash_loop(flow: Flow):
+    stack = flow.stack
+    selector = component_selector("fallback")
+    pod, run = _scale_onto_an_altered_checkpoint(flow, "fallback", "Immediate")
     name = pod["metadata"]["name"]
     why = pod["metadata"]["annotations"][names.restore_message_annotation(MAIN)]
     assert "SHA-256" in why and "starts its workload cold" in why
@@ -225,19 +234,7 @@ def test_an_immediate_dgd_whose_checkpoint_fails_verification_starts_new_pods_co
 
 def test_a_wait_for_checkpoint_dgd_whose_checkpoint_fails_verification_waits_and_says_why(flow: Flow):
     stack = flow.stack
-    selector = component_selector("strict")
-    started = time.time()
-    stack.apply(dgd_manifest("strict", replicas=1, policy="WaitForCheckpoint"))
-    run = flow.wait_checkpoint(flow.auto_checkpoint_name("strict"), started)
-    flow.wait_restored(selector, 1, started)  # the checkpoint restores while it is intact
-    _alter_a_page_image(flow, run.checkpoint_id)
-    flow.scale("strict", 2)
-
-    def refused(pod: dict) -> bool:
-        annotations = pod["metadata"].get("annotations") or {}
-        return annotations.get(names.restore_status_annotation(MAIN)) == "failed"
-
-    (pod,) = flow.wait_pods(selector, refused, 1, "the refused restore")
+    pod, _ = _scale_onto_an_altered_checkpoint(flow, "strict", "WaitForCheckpoint")
     assert "waits without restarting" in pod["metadata"]["annotations"][names.restore_message_annotation(MAIN)]
     dgd = stack.wait_object(DYNAMO_GRAPH_DEPLOYMENTS, "strict", lambda d: f"pod {pod['metadata']['name']}: restore "
                             "failed" in json.dumps(d.get("status") or {}), "the DGD to say why", timeout=60)
