@@ -41,7 +41,7 @@ from dynamo_snapshot.agent import tree  # noqa: E402
 from dynamo_snapshot.agent.container import criu  # noqa: E402
 from dynamo_snapshot.agent.cuda import devices as cuda_devices  # noqa: E402
 from dynamo_snapshot.agent.cuda.driver import load_driver  # noqa: E402
-from dynamo_snapshot.agent.cuda.step import CudaHelperProcesses, DriverCuda  # noqa: E402
+from dynamo_snapshot.agent.cuda.driverstep import CudaHelperProcesses, DriverCuda  # noqa: E402
 from dynamo_snapshot.agent.host import procfs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

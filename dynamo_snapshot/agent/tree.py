@@ -28,7 +28,8 @@ import anyio
 from dynamo_snapshot.agent.artifact.authn import Keyring
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 from dynamo_snapshot.agent.container import criu
-from dynamo_snapshot.agent.cuda.step import CudaStep, DriverCuda, default_step
+from dynamo_snapshot.agent.cuda.driverstep import DriverCuda
+from dynamo_snapshot.agent.cuda.step import CudaStep, default_step
 from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
 from dynamo_snapshot.agent.pipeline import restore as rst
 from dynamo_snapshot.agent.pipeline.hooks import NO_HOOKS, Hooks

@@ -13,11 +13,12 @@ import anyio
 import pytest
 
 from dynamo_snapshot.agent.cuda import devices as cuda_devices
-from dynamo_snapshot.agent.cuda import step as cuda_module
+from dynamo_snapshot.agent.cuda import driverstep as cuda_module
 from dynamo_snapshot.agent.cuda.devices import Gpu, NvidiaUsage
 from dynamo_snapshot.agent.cuda.driver import CudaError, CudaLockTimeout, NotACudaProcess, ProcessState
+from dynamo_snapshot.agent.cuda.driverstep import CudaHelperProcesses, DriverCuda
 from dynamo_snapshot.agent.cuda.state import CudaState
-from dynamo_snapshot.agent.cuda.step import CudaHelperProcesses, DriverCuda, NoCuda
+from dynamo_snapshot.agent.cuda.step import NoCuda
 from dynamo_snapshot.agent.host import procfs
 
 GPU0 = Gpu("GPU-00000000-0000-0000-0000-000000000000", "NVIDIA H200", 0)

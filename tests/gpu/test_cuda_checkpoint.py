@@ -22,7 +22,7 @@ from dynamo_snapshot.agent.cuda.driver import (
     ProcessState,
     load_driver,
 )
-from dynamo_snapshot.agent.cuda.step import CudaHelperProcesses, DriverCuda
+from dynamo_snapshot.agent.cuda.driverstep import CudaHelperProcesses, DriverCuda
 from dynamo_snapshot.agent.host import procfs
 from tests.gpu.worker_client import Worker, reap, request
 

@@ -20,7 +20,7 @@ import pytest
 from dynamo_snapshot.agent import tree
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda import devices as cuda_devices
-from dynamo_snapshot.agent.cuda.step import DriverCuda
+from dynamo_snapshot.agent.cuda.driverstep import DriverCuda
 from tests.gpu.worker_client import MultiWorker
 
 NETWORK_LOCK = os.environ.get("DYN_SNAPSHOT_TEST_NETWORK_LOCK", "nftables")
