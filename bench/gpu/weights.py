@@ -295,9 +295,16 @@ def empty_host_cache() -> None:
 
 def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Host-to-device bandwidth from pinned memory, measured with CUDA events (median)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    src.random_(0, 255)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    return pinned_copy_gbps(nbytes, repeats, to_device=True)
+
+
+def pinned_copy_gbps(nbytes: int = 1 << 30, repeats: int = 5, to_device: bool = True) -> float:
+    """Bandwidth of one copy between pinned host memory and the device (``to_device``: H2D, else
+    D2H), measured with CUDA events (median of ``repeats`` after one warm-up)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.random_(0, 255)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src, dst = (host, device) if to_device else (device, host)
     times = []
     for _ in range(repeats + 1):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -307,7 +314,7 @@ def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     times = sorted(times[1:])
-    del src, dst
+    del src, dst, host, device
     empty_host_cache()
     torch.cuda.empty_cache()
     return nbytes / times[len(times) // 2] / 1e9
