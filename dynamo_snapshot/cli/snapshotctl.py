@@ -238,7 +238,9 @@ async def restore_existing_pod(client: Client, args: argparse.Namespace, plan: P
     except NotFound:
         raise ManifestError(f"--pod: no pod {namespace}/{args.pod}") from None
     containers = existing_pod_targets(pod, args.containers)
-    for container in require_containers(pod, containers, "--containers"):
+    targets = require_containers(pod, containers, "--containers")
+    require_placeholder(targets, args.placeholder_pattern)  # as for a manifest: the image must wrap the tooling
+    for container in targets:
         env = {e.get("name"): e.get("value") for e in container.get("env") or []}
         mounts = {m.get("mountPath") for m in container.get("volumeMounts") or []}
         if env.get(names.ENV_RESTORE_STANDBY) != "1" or names.CONTROL_DIR not in mounts:

@@ -247,6 +247,15 @@ def test_restore_patches_an_existing_compatible_pod_only(tmp_path, kubeconfig, k
     assert "--containers: required (or annotate pod plain with nvidia.com/snapshot-target-containers)" in \
         unnamed.stderr
     assert "nvidia.com/snapshot-checkpoint-id" not in (cluster.get("pod", "plain")["metadata"].get("labels") or {})
+    # an existing pod is held to the placeholder rule as a manifest is: CRIU restores only into the wrapper
+    foreign = yaml.safe_load(EXAMPLE.read_text())
+    foreign["metadata"]["name"] = "foreign"
+    foreign["spec"]["containers"][0]["image"] = "registry.example.com/someone/else:1"
+    cluster.apply(foreign)
+    not_placeholder = snapshotctl("restore", "--pod", "foreign", "--checkpoint-id", "abc", "--containers", "main",
+                                  "-n", namespace, kubeconfig=kubeconfig)
+    assert not_placeholder.returncode == 2 and "is not a placeholder image" in not_placeholder.stderr
+    assert "nvidia.com/snapshot-checkpoint-id" not in (cluster.get("pod", "foreign")["metadata"].get("labels") or {})
     # a standby placeholder pod (made by restore -f with another ID) can be pointed at another checkpoint
     made = snapshotctl("restore", "-f", str(pod_yaml(tmp_path)), "--checkpoint-id", "first", "--containers",
                        "main", "-n", namespace, "-o", "json", kubeconfig=kubeconfig)
