@@ -23,6 +23,7 @@ HEAP_MB = int(os.environ.get("COUNTER_HEAP_MB", "64"))
 TICK_S = float(os.environ.get("COUNTER_TICK_S", "0.05"))
 READY_AFTER = int(os.environ.get("COUNTER_READY_AFTER", "20"))
 REPORT_EVERY = int(os.environ.get("COUNTER_REPORT_EVERY", "100"))
+LEGACY_MARKER = os.environ.get("COUNTER_LEGACY_MARKER") == "1"  # write guide-era upstream's ready-for-checkpoint
 
 
 def report(event, **fields):
@@ -43,8 +44,10 @@ def main():
     while True:
         count += 1
         if checkpointing and not ready and count >= READY_AFTER:
-            # its own script stands for the weights a real worker would read again after a restore
-            workload.mark_ready_for_snapshot(reread_after_restore=[os.path.abspath(__file__)])
+            if LEGACY_MARKER:  # as a guide-era upstream worker says it: an empty ready-for-checkpoint, by hand
+                (workload.control_dir() / "ready-for-checkpoint").write_text("")
+            else:  # its own script stands for the weights a real worker would read again after a restore
+                workload.mark_ready_for_snapshot(reread_after_restore=[os.path.abspath(__file__)])
             ready = True
             report("ready-for-snapshot", instance=instance, count=count)
         if ready and not restored:

@@ -242,3 +242,15 @@ def test_a_wait_for_checkpoint_dgd_whose_checkpoint_fails_verification_waits_and
     now = stack.get("pod", pod["metadata"]["name"])
     assert now["status"]["containerStatuses"][0]["restartCount"] <= 1  # see the Immediate case
     assert not [e for e in stack.worker_events(pod["metadata"]["name"]) if e["event"] == "started"]  # no cold start
+
+
+def test_a_guide_era_worker_that_writes_ready_for_checkpoint_is_checkpointed(flow: Flow):
+    """Workers built on guide-era upstream write ready-for-checkpoint (empty), not ready-for-snapshot."""
+    from dynamo_snapshot.devcluster.scenarios import worker_container
+
+    container = worker_container(16, COUNTER_LEGACY_MARKER="1")
+    run = flow.create_checkpoint(checkpoint_manifest("legacy-marker", model="demo/legacy", container=container))
+    layout = artifact_layout.ArtifactLayout(flow.stack.checkpoints, run.checkpoint_id)
+    assert (layout.final_dir / "manifest.json").is_file()
+    events = flow.stack.worker_events(run.source_pod)
+    assert [e["event"] for e in events][-1] == "snapshot-complete"  # told, and exited 0 like any worker

@@ -1,0 +1,98 @@
+"""The snapshot agent SIGKILLed in the middle of a checkpoint or a restore on the real kubelet, then started
+again: every kill ends in a state that tells the truth, within a bound after the agent is back.
+
+    checkpoint  Ready only with a verified, promoted artifact; otherwise Failed with a reason (or a fresh
+                attempt that ends so); the source pod does not stay frozen; no Lease is left behind
+    restore     the pod ends restored (a fresh container may be needed), never stuck ``in_progress``
+
+CI runs a few stages; ``DYN_SNAPSHOT_FAULT_SWEEP=1`` runs every stage twice. A larger heap keeps each
+stage long enough for the kill to land in it; the stage the agent had actually entered last is what
+each case reports, so the assertions are about truthfulness, not timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
+from dynamo_snapshot.api import names
+from dynamo_snapshot.devcluster.scenarios import Flow, checkpoint_manifest, component_selector, dgd_manifest
+from dynamo_snapshot.kube import PODS
+
+pytestmark = pytest.mark.e2e
+
+SWEEP = os.environ.get("DYN_SNAPSHOT_FAULT_SWEEP") == "1"
+# Known and open (issue 15): killed in `release` (after the verdict, before the thaw) the source stays frozen
+# and the checkpoint never settles - the restarted agent does not finish the release. Only the sweep runs it.
+CHECKPOINT_STAGES = (["resolve", "cuda", "freeze", "dump", "rootfs", "dev-shm", "manifest", "promote", "confirm",
+                      "release"] * 2 if SWEEP else ["dump", "manifest"])
+RESTORE_STAGES = ["verify", "pids", "rootfs", "dev-shm", "criu", "cuda", "signal"] * 2 if SWEEP else ["criu"]
+HEAP_MIB = 384
+SETTLE_S = 180  # about one Lease duration plus a checkpoint, on a loaded 2-core machine
+
+
+def _stage_records(flow: Flow, pipeline: str) -> list[dict]:
+    return [r for r in flow.stack.agent_events(f"{pipeline} stage")]
+
+
+def _kill_agent_at(flow: Flow, pipeline: str, stage: str, seen_before: int, timeout: float = 240) -> str:
+    """SIGKILL the agent as soon as its log shows ``stage`` of a new ``pipeline`` run, start it again; the
+    stage it had entered last when it died. The log has no watch: it is read every 20 ms."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = _stage_records(flow, pipeline)[seen_before:]
+        if any(r.get("stage") == stage for r in records):
+            flow.stack.restart_agent(kill=True)
+            return records[-1]["stage"]
+        if any(r.get("stage") == "release" for r in records) and pipeline == "checkpoint":
+            pytest.fail(f"the checkpoint finished before the {stage} stage was seen")
+        time.sleep(0.02)
+    raise TimeoutError(f"the agent never entered the {pipeline} stage {stage}")
+
+
+@pytest.mark.parametrize("stage", CHECKPOINT_STAGES)
+def test_an_agent_killed_during_a_checkpoint_leaves_a_truthful_verdict(flow: Flow, stage: str):
+    stack = flow.stack
+    name = f"killed-{stage}-{len(stack.list('dynamocheckpoints'))}"
+    before = len(_stage_records(flow, "checkpoint"))
+    stack.apply(checkpoint_manifest(name, heap_mib=HEAP_MIB, model=f"demo/{name}"))
+    last = _kill_agent_at(flow, "checkpoint", stage, before)
+    back = time.monotonic()
+    ckpt = flow.wait_verdict(name, timeout=SETTLE_S)
+    status = ckpt["status"]
+    print(json.dumps({"stage": stage, "last_stage_entered": last, "phase": status["phase"],
+                      "settled_s": round(time.monotonic() - back, 1), "message": status.get("message")}))
+    layout = artifact_layout.ArtifactLayout(stack.checkpoints, status["checkpointID"])
+    if status["phase"] == "Ready":
+        assert (layout.final_dir / "manifest.json").is_file()  # Ready only with a promoted, signed artifact
+    else:
+        assert status.get("message"), "a Failed checkpoint says why"
+    # the source does not stay frozen or stopped: its pod ends
+    stack.watch(PODS, lambda pods: pods and all(p["status"].get("phase") in ("Succeeded", "Failed") for p in pods),
+                "the source pod to end", label_selector=f"{names.LABEL_JOB_NAME}={status['jobName']}", timeout=120)
+    stack.wait_until(lambda: not [lease for lease in stack.list("leases")
+                                  if lease["metadata"]["name"] == status["jobName"]],
+                     "the checkpoint's Lease to go", 120)
+
+
+@pytest.mark.parametrize("stage", RESTORE_STAGES)
+def test_an_agent_killed_during_a_restore_still_ends_with_the_pod_restored(flow: Flow, stage: str):
+    stack = flow.stack
+    dgd = f"restore-{stage}-{len(stack.list('dynamographdeployments'))}"
+    started = time.time()
+    stack.apply(dgd_manifest(dgd, replicas=1, policy="WaitForCheckpoint", heap_mib=HEAP_MIB))
+    flow.wait_checkpoint(flow.auto_checkpoint_name(dgd), started)
+    before = len(_stage_records(flow, "restore"))
+    last = _kill_agent_at(flow, "restore", stage, before)
+    back = time.monotonic()
+    (pod,) = flow.wait_restored(component_selector(dgd), 1, started, timeout=SETTLE_S)
+    print(json.dumps({"stage": stage, "last_stage_entered": last, "settled_s": round(time.monotonic() - back, 1),
+                      "pod": pod.name}))
+    assert pod.heap_ok
+    now = stack.get("pod", pod.name)
+    annotations = now["metadata"].get("annotations") or {}
+    assert annotations[names.restore_status_annotation("main")] == names.STATUS_COMPLETED
