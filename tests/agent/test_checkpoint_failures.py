@@ -14,18 +14,21 @@ import pytest
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact import verification
+from dynamo_snapshot.agent.cuda.step import NoCuda
 from dynamo_snapshot.agent.errors import CriuFailed
 from dynamo_snapshot.agent.host import procfs
 from dynamo_snapshot.agent.host.cgroups import Freezer
-from dynamo_snapshot.agent.pipeline.checkpoint import Stage
+from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
+from dynamo_snapshot.agent.pipeline.checkpoint import Settled, Stage
+from dynamo_snapshot.agent.pipeline.containers import ContainerTarget
 from tests.agent import node_harness as harness
 
 pytestmark = pytest.mark.containers
 
 DRIVER = Path(__file__).with_name("checkpoint_driver.py")
 CHECKPOINT_ID = "doomed"
-# Stages at which the workload is already in the agent's hands (the guard is armed).
-GUARDED = [s for s in Stage if s is not Stage.RESOLVE]
+# Stages at which the workload is already in the agent's hands (the guard is armed and kills it).
+GUARDED = [s for s in Stage if s not in (Stage.RESOLVE, Stage.RELEASE)]
 
 
 def _stopped_or_frozen(freezer: Freezer) -> list[str]:
@@ -88,7 +91,11 @@ def test_killing_the_pipeline_leaves_no_promoted_checkpoint_and_no_frozen_worklo
     assert not layout.staging_root.exists() or not any(layout.staging_root.iterdir())
     assert not (freezer.path.exists() and freezer.frozen()), "the workload's cgroup was left frozen"
     assert _stopped_or_frozen(freezer) == []
-    if stage in GUARDED:
+    if stage is Stage.RELEASE:
+        # Killed after the confirmation: the verdict may be written, so the guard only thawed; the workload
+        # runs on for the agent to settle when it is back (test_a_source_left_after_its_verdict_...).
+        assert node.info(workload.container_id).state == "CONTAINER_RUNNING"
+    elif stage in GUARDED:
         # The workload may hold half-done CUDA or CRIU state: it is killed, and its init exits with it.
         harness.wait_for(
             lambda: node.info(workload.container_id).state == "CONTAINER_EXITED",
@@ -118,3 +125,36 @@ def test_criu_failure_reports_the_log_tail_and_kills_the_workload(
     harness.wait_for(
         lambda: node.info(workload.container_id).state == "CONTAINER_EXITED", 30, "the workload to be killed"
     )
+
+
+def test_a_source_left_after_its_verdict_is_released_by_the_next_agent(
+    node: harness.Node, pods: harness.Pods, tmp_path: Path
+) -> None:
+    workload = pods.counter(heap_mib=16)
+    base = tmp_path / "checkpoints"
+    _kill_pipeline_at(node, workload, base, Stage.RELEASE)
+    freezer = Freezer.of_process(node.info(workload.container_id).pid)
+    harness.wait_for(lambda: not _guards_running(freezer), 30, "the checkpoint guard to finish")
+    target = ContainerTarget(node.cri, workload.container_id)
+    settled = node.call(ckpt.settle_source, target, NoCuda(), (CHECKPOINT_ID, "1"))
+    assert settled is Settled.RELEASED
+    harness.wait_for(lambda: node.info(workload.container_id).state == "CONTAINER_EXITED", 30,
+                     "the released workload to exit on snapshot-complete")
+    assert node.info(workload.container_id).exit_code == 0
+    assert [e for e in workload.events() if e.get("event") == "snapshot-complete"]
+
+
+def test_a_source_its_dead_agent_had_frozen_is_killed_and_an_untouched_one_left_running(
+    node: harness.Node, pods: harness.Pods
+) -> None:
+    """No guard survives an agent pod's death (its processes die with it): the next agent finds the
+    workload as the dump left it. Frozen (or stopped): killed; untouched: left for a fresh attempt."""
+    frozen, untouched = pods.counter(heap_mib=16), pods.counter(heap_mib=16)
+    Freezer.of_process(node.info(frozen.container_id).pid).freeze()
+    settle = [node.call(ckpt.settle_source, ContainerTarget(node.cri, w.container_id), NoCuda(), None)
+              for w in (frozen, untouched)]
+    assert settle == [Settled.KILLED, Settled.UNTOUCHED]
+    harness.wait_for(lambda: node.info(frozen.container_id).state == "CONTAINER_EXITED", 30,
+                     "the frozen workload's container to exit")
+    assert node.info(untouched.container_id).state == "CONTAINER_RUNNING"
+    assert not Freezer.of_process(node.info(untouched.container_id).pid).frozen()

@@ -310,3 +310,17 @@ def test_cuda_state_round_trips_through_the_manifest() -> None:
 def test_no_cuda_refuses_a_checkpoint_that_holds_cuda_state() -> None:
     with pytest.raises(Exception, match="no CUDA restore step configured"):
         anyio.run(NoCuda().check_restore, recorded({10: (GPU0,)}), 1)
+
+
+def test_a_source_a_dead_agent_left_gets_its_gpu_state_back_by_the_drivers_word(
+    tree: dict[int, NvidiaUsage],
+) -> None:
+    """A restarted agent has no record of what its predecessor did: each process is brought back by the
+    driver's state of it - checkpointed: restored then unlocked, locked: unlocked, running: left alone."""
+    driver = RecordingDriver([10, 11, 12])
+    driver.states.update({10: ProcessState.CHECKPOINTED, 11: ProcessState.LOCKED})
+    resumed = anyio.run(step(driver).resume, [10, 11, 12, 13])
+    assert sorted(resumed) == [10, 11]
+    assert driver.ops("restore", "unlock") == [("restore", 10), ("unlock", 10), ("unlock", 11)]
+    assert set(driver.states.values()) == {ProcessState.RUNNING}
+    assert anyio.run(NoCuda().resume, [10]) == []

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from prometheus_client import CollectorRegistry
 
 from dynamo_snapshot.agent.errors import ArtifactInvalid, CriuFailed, RestoreError
-from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult
+from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult, Settled
 from dynamo_snapshot.agent.pipeline.restore import RestoreResult
 from dynamo_snapshot.agent.service import main
 from dynamo_snapshot.agent.service.daemon import Agent
@@ -65,6 +66,7 @@ class FakeNode:
         self.checkpoint_step: Callable[..., Any] | None = None
         self.restore_step: Callable[..., Any] | None = None
         self.restored: set[str] = set()  # containers whose control directory holds restore-complete
+        self.left_source = Settled.UNTOUCHED  # what settle_source finds of a source without a verdict
 
     async def checkpoint(self, work: CheckpointWork, hooks) -> CheckpointResult:
         self.calls.append(("checkpoint", work.container_id))
@@ -81,6 +83,12 @@ class FakeNode:
 
     async def kill_workload(self, container_id: str) -> None:
         self.calls.append(("kill-workload", container_id))
+
+    async def settle_source(self, work: CheckpointWork, completed: bool) -> Settled:
+        self.calls.append(("settle-released" if completed else "settle", work.container_id))
+        if not work.container_id:
+            return Settled.GONE
+        return Settled.RELEASED if completed else self.left_source
 
     async def kill_container(self, container_id: str) -> None:
         self.calls.append(("kill-container", container_id))
@@ -176,6 +184,22 @@ class Harness:
             "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
         await self.client.patch_status(PODS, name, {"status": status}, self.namespace)
         return created
+
+    async def lease_of(self, job: dict[str, Any], holder: str = IDENTITY) -> dict[str, Any]:
+        """The Lease a killed agent of this node left on ``job`` (live for ten more minutes)."""
+        return await self.client.create(LEASES, {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": job["metadata"]["name"], "labels": {names.LABEL_CHECKPOINT_ID: CHECKPOINT_ID}},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 600,
+                     "renewTime": "2099-01-01T00:00:00.000000Z"}}, self.namespace)
+
+    async def end_container(self, name: str, container_id: str, exit_code: int = 137) -> None:
+        """What the kubelet reports once a source's container was killed."""
+        status = {"phase": "Failed", "containerStatuses": [{
+            "name": "main", "image": "placeholder:1", "imageID": "", "ready": False, "started": False,
+            "restartCount": 0, "containerID": f"containerd://{container_id}",
+            "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}]}
+        await self.client.patch_status(PODS, name, {"status": status}, self.namespace)
 
     async def restart_container(self, name: str, container_id: str) -> None:
         """What the kubelet does after a container was killed: the pod runs a new container ID."""
@@ -330,6 +354,66 @@ async def test_a_restarted_agent_takes_over_its_own_nodes_live_lease_at_once(har
         assert await harness.outcome_for("c-mine") is Outcome.COMPLETED
     assert (await harness.annotations(JOBS, "checkpoint-job-mine-1"))[names.ANN_CHECKPOINT_STATUS] == "completed"
     assert await harness.lease("checkpoint-job-mine-1") is None
+
+
+async def test_a_restarted_agent_finishes_the_release_its_predecessor_was_killed_in(harness):
+    """Killed after the verdict and before the release: the source (kept by its guard, not Ready while it
+    was frozen) gets its GPU state back and snapshot-complete, and the Lease goes."""
+    job = await harness.job("checkpoint-job-release-1", {names.ANN_CHECKPOINT_STATUS: "completed"})
+    await harness.lease_of(job)
+    await harness.pod("released", "c-released", source_of=job, ready=False)
+    async with harness.agent():  # started: what the previous agent left is settled before any new work
+        assert await harness.lease("checkpoint-job-release-1") is None
+    assert harness.node.calls == [("settle-released", "c-released")]
+    assert (await harness.annotations(JOBS, "checkpoint-job-release-1"))[names.ANN_CHECKPOINT_STATUS] == "completed"
+
+
+@pytest.mark.parametrize("left", ["gone", "killed"])
+async def test_a_checkpoint_the_previous_agent_was_killed_in_goes_failed_saying_so(harness, left):
+    job = await harness.job(f"checkpoint-job-cut-{left}")
+    await harness.lease_of(job)
+    await harness.pod("cut", "c-cut", source_of=job)
+    if left == "gone":  # its guard killed the workload and the container ended
+        await harness.end_container("cut", "c-cut")
+    else:  # no guard survived (an agent pod's processes die with it): the dump had begun on the workload
+        harness.node.left_source = Settled.KILLED
+    async with harness.agent():  # started: what the previous agent left is settled before any new work
+        assert await harness.lease(f"checkpoint-job-cut-{left}") is None
+    annotations = await harness.annotations(JOBS, f"checkpoint-job-cut-{left}")
+    assert annotations[names.ANN_CHECKPOINT_STATUS] == "failed"
+    assert f"the snapshot agent ({IDENTITY}) was killed during this checkpoint" in annotations[
+        names.ANN_CHECKPOINT_MESSAGE]
+    assert "apply it again" in annotations[names.ANN_CHECKPOINT_MESSAGE]
+    assert [e["reason"] for e in await harness.events(f"checkpoint-job-cut-{left}")] == ["CheckpointFailed"]
+    assert harness.node.calls[0] == ("settle", "" if left == "gone" else "c-cut")
+    assert ("checkpoint", "c-cut") not in harness.node.calls  # decided: not dumped again
+
+
+async def test_an_untouched_source_the_previous_agent_left_is_checkpointed_afresh(harness):
+    job = await harness.job("checkpoint-job-afresh-1")
+    await harness.lease_of(job)
+
+    async def step(work, hooks):
+        await hooks.confirm(Path("/x"))
+        return checkpoint_result()
+
+    harness.node.checkpoint_step = step
+    await harness.pod("afresh", "c-afresh", source_of=job)
+    async with harness.agent():
+        assert await harness.outcome_for("c-afresh") is Outcome.COMPLETED
+    assert harness.node.calls == [("settle", "c-afresh"), ("checkpoint", "c-afresh")]
+    assert (await harness.annotations(JOBS, "checkpoint-job-afresh-1"))[names.ANN_CHECKPOINT_STATUS] == "completed"
+    assert await harness.lease("checkpoint-job-afresh-1") is None
+
+
+async def test_another_agents_lease_is_not_settled_by_a_restarted_agent(harness):
+    job = await harness.job("checkpoint-job-theirs-1", {names.ANN_CHECKPOINT_STATUS: "completed"})
+    await harness.lease_of(job, holder="snapshot-agent-other-node")
+    await harness.pod("theirs", "c-theirs", source_of=job, ready=False)
+    async with harness.agent():
+        await anyio.lowlevel.checkpoint()  # started: the settling is done before the agent takes work
+    assert harness.node.calls == []
+    assert (await harness.lease("checkpoint-job-theirs-1"))["spec"]["holderIdentity"] == "snapshot-agent-other-node"
 
 
 async def test_a_source_pod_is_checkpointed_once_its_target_turns_ready(harness):

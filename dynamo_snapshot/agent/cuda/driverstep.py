@@ -221,6 +221,27 @@ class DriverCuda:
         if failures:
             raise failures[0]
 
+    async def resume(self, pids: Sequence[int]) -> list[int]:
+        """A source an earlier agent left (it died after the dump): bring back every CUDA process by what
+        the driver says of it - checkpointed: restore and unlock; locked: unlock; running: nothing. Returns
+        the PIDs brought back. Knows nothing of that agent's own record, so it works after a restart."""
+        users = [u for u in map(cuda_devices.nvidia_usage, cuda_devices.thread_group_leaders(list(pids))) if u.any]
+        if not users:
+            return []
+        driver = await self._get_driver()
+        pending: list[_Tracked] = []
+        for usage in users:
+            try:
+                state = await self._call(driver.state, usage.pid)
+            except NotACudaProcess:
+                continue
+            if state in (ProcessState.LOCKED, ProcessState.CHECKPOINTED):
+                pending.append(_Tracked(usage.pid, (), locked=True, checkpointed=state is ProcessState.CHECKPOINTED))
+        failures = await self._bring_back(pending)
+        if failures:
+            raise failures[0]
+        return [t.pid for t in pending]
+
     async def abort(self) -> None:
         """Bring back whatever this step locked or checkpointed; processes already gone are skipped."""
         await self._rollback()

@@ -47,6 +47,11 @@ class CudaStep(Protocol):
 
     async def release(self) -> None: ...
 
+    async def resume(self, pids: Sequence[int]) -> list[int]:
+        """Bring back the CUDA processes among ``pids`` that an earlier (dead) agent left locked or
+        checkpointed, by the driver's state of each; the PIDs brought back."""
+        ...
+
     async def check_restore(self, recorded: CudaState, target_pid: int) -> None: ...
 
     async def restore(self, pids: Sequence[int], recorded: CudaState) -> None: ...
@@ -84,6 +89,9 @@ class NoCuda:
 
     async def release(self) -> None:
         return None
+
+    async def resume(self, pids: Sequence[int]) -> list[int]:
+        return []
 
     async def check_restore(self, recorded: CudaState, target_pid: int) -> None:
         if recorded.processes:

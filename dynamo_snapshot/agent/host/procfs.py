@@ -85,6 +85,18 @@ def status_field(pid: int | str, field: str) -> str:
     raise KeyError(f"/proc/{pid}/status has no {field}")
 
 
+def stopped_tasks(tids: list[int]) -> list[int]:
+    """The tasks among ``tids`` that are stopped or traced (a CRIU dump seizes them); gone ones are skipped."""
+    found = []
+    for tid in tids:
+        try:
+            if status_field(tid, "State")[:1] in ("t", "T"):
+                found.append(tid)
+        except (OSError, KeyError):
+            continue
+    return found
+
+
 def ns_pid(task: int | str, parent: int | str | None = None) -> int:
     """The PID of a task in its innermost PID namespace (the last NSpid entry)."""
     path = f"{parent}/task/{task}" if parent is not None else task

@@ -12,11 +12,16 @@
     confirm   the hooks' confirmation (the agent annotates the checkpoint Job), still frozen
     release   thaw; the source gets its GPU state back; tell the workload snapshot-complete
 
+``resume_source`` is the release for a source whose pipeline died at the confirmation or after it (its
+guard thawed it and kept it): the GPU state back by each process's driver state, then, if the verdict
+says completed, snapshot-complete.
+
 Failure rule: the source's guard (armed before the first step that changes the workload) undoes
-everything up to the confirmation: a container's guard process kills and thaws the workload even if
+everything before the confirmation: a container's guard process kills and thaws the workload even if
 this process dies, removes the staging directory and takes an unconfirmed version back out of
-``versions/``; then the CUDA lock is undone. A failure at the release only costs the workload: the
-checkpoint is stored.
+``versions/``; then the CUDA lock is undone. From the confirmation on, a dead pipeline's guard only
+thaws (the verdict may be written; the agent settles it when back). A failure at the release only
+costs the workload: the checkpoint is stored.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dynamo_snapshot.agent.artifact import authn, layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
-from dynamo_snapshot.agent.errors import CriuFailed
+from dynamo_snapshot.agent.errors import AgentError, CriuFailed
 from dynamo_snapshot.agent.pipeline.hooks import NO_HOOKS, Hooks
 from dynamo_snapshot.agent.pipeline.stages import Request, Stages
 from dynamo_snapshot.agent.pipeline.target import CheckpointTarget, Guard, Source, manifest_fields
@@ -137,23 +142,32 @@ class _Run:
         leave(Stage.PROMOTE)
 
         await enter(Stage.CONFIRM)
-        await self.hooks.confirm(final)
-        await guard.confirmed()
+        await guard.confirming()  # from here a dead pipeline's workload and artifact wait for the verdict
+        try:
+            await self.hooks.confirm(final)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await guard.not_confirmed()
+            raise
         leave(Stage.CONFIRM)
         return final, manifest
 
     async def release(self, source: Source, guard: Guard) -> bool:
+        """The checkpoint is stored and confirmed: a failure here only costs the workload (killed)."""
         await self.stages.enter(Stage.RELEASE)
-        # Thaw before disarming: dying in between leaves a killed workload, never a frozen one.
-        source.thaw()
-        await guard.disarm()
-        if self.request.release:
-            try:
+        try:
+            # Thaw before disarming: dying in between leaves a thawed workload the agent settles when back.
+            source.thaw()
+            await guard.disarm()
+            if self.request.release:
                 await self.cuda.release()  # a CUDA-locked source would hang in its first CUDA call
-            except Exception as exc:
-                self.bound.error("the source did not get its GPU state back; killing it (the checkpoint is "
-                                 "stored)", error=str(exc))
-                source.kill_workload()
+        except Exception as exc:
+            self.bound.error("the source could not be released; killing it (the checkpoint is stored)",
+                             error=str(exc))
+            source.kill_workload()
+            with anyio.CancelScope(shield=True):
+                await guard.trip()  # thaws (it keeps a confirmed artifact); a no-op once disarmed
+            return False
         notified = await source.tell_stored(self.request.checkpoint_id, self.request.artifact_version)
         self.stages.leave(Stage.RELEASE)
         return notified
@@ -195,3 +209,38 @@ async def checkpoint(target: CheckpointTarget, request: CheckpointRequest, bundl
     bound.info("checkpoint stored", directory=str(final), seconds=run.stages.rounded())
     return CheckpointResult(directory=final, manifest=manifest, seconds=run.stages.seconds,
                             workload_notified=notified)
+
+
+
+class Settled(enum.StrEnum):
+    """What became of a source a dead pipeline left (``settle_source``)."""
+
+    RELEASED = "released"  # confirmed: GPU state back, told snapshot-complete
+    UNTOUCHED = "untouched"  # no verdict, never frozen or CUDA-locked: a fresh attempt may take it
+    KILLED = "killed"  # no verdict and the dump had begun: killed, as its guard would have
+    GONE = "gone"  # no workload left
+
+
+async def settle_source(target: CheckpointTarget, cuda: CudaStep, told: tuple[str, str] | None) -> Settled:
+    """Finish what a dead pipeline left of a source (its guard, if it survived, has finished). With ``told``
+    (checkpoint ID, artifact version: the verdict says completed) the release: thaw, each CUDA process's
+    GPU state back by what the driver says of it, ``snapshot-complete``. Without: a workload the dump had
+    begun on (frozen, stopped, CUDA-locked) is killed; an untouched one is left for a fresh attempt."""
+    try:
+        source = await target.resolve()
+    except AgentError as exc:
+        log.info("no workload left to settle", **target.describe, reason=str(exc))
+        return Settled.GONE
+    bound = log.bind(**target.describe)
+    touched = source.touched()
+    source.thaw()
+    resumed = await cuda.resume(source.workload.host_tasks)
+    if told is not None:
+        await source.tell_stored(*told)
+        bound.info("released a source its dead pipeline left", cuda_processes=resumed)
+        return Settled.RELEASED
+    if not touched and not resumed:
+        return Settled.UNTOUCHED
+    source.kill_workload()
+    bound.warning("killed a source its dead pipeline had begun to dump", cuda_processes=resumed)
+    return Settled.KILLED

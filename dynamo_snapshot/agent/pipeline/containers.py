@@ -115,6 +115,9 @@ class ContainerSource:
     def kill_workload(self) -> None:
         self.freezer.kill_all_but(self.init_pid)
 
+    def touched(self) -> bool:
+        return self.freezer.frozen() or procfs.stopped_tasks(self.workload.host_tasks) != []
+
     async def tell_stored(self, checkpoint_id: str, artifact_version: str) -> bool:
         try:
             told = {"checkpointID": checkpoint_id, "artifactVersion": artifact_version}

@@ -6,7 +6,8 @@ every checkpoint starts this guard first. The guard reads commands on its stdin 
 
     watch <pid>      also kill this process on failure (the running CRIU)
     promoted <dir>   the artifact was promoted to <dir>: on failure, withdraw it too
-    confirmed        the promoted artifact was confirmed: keep it, whatever happens next
+    confirming       the verdict is being written: from here the artifact and the workload are kept
+    not-confirmed    the verdict could not be written: back to undoing everything on failure
     disarm           the checkpoint succeeded (or the pipeline cleaned up itself): exit, do nothing
 
 End of input without ``disarm`` (the pipeline finished with an error or died) makes the guard kill
@@ -15,6 +16,12 @@ init), thaw the cgroup, withdraw an unconfirmed promoted artifact and remove the
 keeping CRIU's log in
 ``<base>/<checkpointID>/failed/<attempt>/dump.log``. The pipeline's own error path uses the
 same guard (it closes the pipe and waits), so there is one cleanup, whichever way it ends.
+
+Once ``confirming`` is heard, a pipeline that dies may have written the verdict: the guard then only
+thaws the workload and keeps the artifact. The agent, when it is back, settles the checkpoint by the
+Job's verdict (``service/leftovers.py``): it finishes the release (CUDA state back, snapshot-complete)
+when the verdict says completed, and otherwise gives the workload its GPU state back for a fresh
+attempt, which withdraws the unconfirmed version first.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -33,6 +41,7 @@ import anyio.abc
 import structlog
 
 from dynamo_snapshot.agent.artifact.layout import discard_staging, withdraw
+from dynamo_snapshot.agent.host import procfs
 from dynamo_snapshot.agent.host.cgroups import Freezer
 
 log = structlog.get_logger(__name__)
@@ -61,11 +70,13 @@ def clean_up(
     staging: Path | None,
     keep_log_at: Path | None,
     unconfirmed: Path | None = None,
+    keep_workload: bool = False,
 ) -> list[int]:
-    """Kill what the pipeline left behind; returns the killed workload PIDs."""
+    """Kill what the pipeline left behind (but a workload whose verdict may be written: thawed only);
+    returns the killed workload PIDs."""
     for pid in watched:
         _kill_and_wait(pid)  # CRIU first: it may re-freeze the cgroup on its way out
-    killed = freezer.kill_all_but(spare)
+    killed = [] if keep_workload else freezer.kill_all_but(spare)
     freezer.thaw()
     if unconfirmed is not None:
         withdraw(unconfirmed)
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline's terminal or process group is not ours
     freezer = Freezer(args.freezer, v2=args.cgroup_v2)
     watched: list[int] = []
-    unconfirmed: Path | None = None
+    promoted: Path | None = None
+    confirming = False
     for line in sys.stdin:
         command, _, value = line.strip().partition(" ")
         if command == "disarm":
@@ -93,15 +105,59 @@ def main(argv: list[str] | None = None) -> int:
         if command == "watch" and value.isdigit():
             watched.append(int(value))
         elif command == "promoted" and value:
-            unconfirmed = Path(value)
-        elif command == "confirmed":
-            unconfirmed = None
-    killed = clean_up(freezer, args.spare, watched, args.staging, args.keep_log_at, unconfirmed)
+            promoted = Path(value)
+        elif command in ("confirming", "not-confirmed"):
+            confirming = command == "confirming"
+    if confirming:
+        clean_up(freezer, args.spare, watched, None, None, keep_workload=True)
+        print(f"checkpoint-guard: pipeline ended while or after confirming; thawed {args.freezer}, kept the "
+              "workload and the artifact for the agent to settle by the Job's verdict", file=sys.stderr)
+        return 0
+    killed = clean_up(freezer, args.spare, watched, args.staging, args.keep_log_at, promoted)
     print(
         f"checkpoint-guard: pipeline ended without success; killed workload {killed}, thawed {args.freezer}",
         file=sys.stderr,
     )
     return 0
+
+
+def running_guards(freezer: Path) -> list[int]:
+    """PIDs of guard processes (of any agent, alive or dead) guarding the cgroup ``freezer``."""
+    wanted = [b"dynamo_snapshot.agent.pipeline.guard", b"--freezer", str(freezer).encode()]
+    found = []
+    for entry in procfs.PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(part in argv for part in wanted):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for_guards(freezer: Path, timeout_s: float = _KILL_WAIT_S * 3) -> list[int]:
+    """Wait until no guard of ``freezer`` runs (an earlier agent's guard still cleaning up after it died),
+    at most ``timeout_s``; the PIDs still running then. Blocking: run it in a thread."""
+    pidfds = []
+    for pid in running_guards(freezer):
+        with contextlib.suppress(ProcessLookupError):
+            pidfds.append(os.pidfd_open(pid))
+    try:
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        remaining = set(pidfds)
+        deadline = time.monotonic() + timeout_s
+        while remaining and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(int(left * 1000)):
+                remaining.discard(fd)
+                poller.unregister(fd)
+        return running_guards(freezer) if remaining else []
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 class Guard:
@@ -142,8 +198,11 @@ class Guard:
     async def promoted(self, directory: Path) -> None:
         await self._send(f"promoted {directory}")
 
-    async def confirmed(self) -> None:
-        await self._send("confirmed")
+    async def confirming(self) -> None:
+        await self._send("confirming")
+
+    async def not_confirmed(self) -> None:
+        await self._send("not-confirmed")
 
     async def disarm(self) -> None:
         await self._send("disarm")

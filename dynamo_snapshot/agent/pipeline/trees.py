@@ -46,6 +46,7 @@ class StagingGuard:
     def __init__(self, staging: Path, kept_log: Path):
         self.staging, self.kept_log = staging, kept_log
         self.final: Path | None = None
+        self._promoted: Path | None = None
 
     async def watch(self, pid: int) -> None:
         return None
@@ -53,8 +54,11 @@ class StagingGuard:
     async def promoted(self, directory: Path) -> None:
         self.final = directory
 
-    async def confirmed(self) -> None:
-        self.final = None
+    async def confirming(self) -> None:
+        self._promoted, self.final = self.final, None
+
+    async def not_confirmed(self) -> None:
+        self.final = self._promoted
 
     async def disarm(self) -> None:
         return None
@@ -101,6 +105,9 @@ class TreeSource:
 
     def kill_workload(self) -> None:
         kill_tree(self.workload.root_pid)
+
+    def touched(self) -> bool:
+        return procfs.stopped_tasks(self.workload.host_tasks) != []
 
     async def tell_stored(self, checkpoint_id: str, artifact_version: str) -> bool:
         return False  # a plain tree has no control directory

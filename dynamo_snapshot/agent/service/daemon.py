@@ -2,6 +2,7 @@
 checkpoints and restores they ask for (SPEC section 7).
 
     pods informer (spec.nodeName=<node>, label nvidia.com/snapshot-checkpoint-id[, one namespace])
+      -> once synced: settle the checkpoints this node's previous agent was killed in (leftovers.py)
       -> controller (one reconcile per pod key) -> podwork.work_for(pod)
       -> an operation per checkpoint ID / container ID, at most one at a time each, in its own task
 
@@ -23,7 +24,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from dynamo_snapshot.agent.service import podwork
+from dynamo_snapshot.agent.service import leftovers, podwork
 from dynamo_snapshot.agent.service.operations import Operations, Outcome
 from dynamo_snapshot.api import names
 from dynamo_snapshot.kube import PODS, Controller, InformerFactory, ObjectKey
@@ -160,6 +161,9 @@ class Agent:
             try:
                 async with anyio.create_task_group() as tg:
                     await tg.start(self.factory.run)
+                    # before any new work: what this node's previous agent was killed in (leftovers.py)
+                    if settled := await leftovers.settle(self.operations, self.pods.store.list()):
+                        log.info("settled checkpoints the previous agent left", count=settled)
                     await tg.start(self.controller.run)
                     task_status.started()
             finally:

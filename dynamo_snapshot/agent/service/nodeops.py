@@ -11,6 +11,7 @@ import os
 import signal
 from typing import Protocol
 
+import anyio
 import structlog
 
 from dynamo_snapshot.agent.artifact import authn
@@ -21,6 +22,7 @@ from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
 from dynamo_snapshot.agent.errors import CheckpointError, RestoreError
 from dynamo_snapshot.agent.host.cgroups import Freezer
 from dynamo_snapshot.agent.pipeline import checkpoint as ckpt
+from dynamo_snapshot.agent.pipeline import guard
 from dynamo_snapshot.agent.pipeline import restore as rst
 from dynamo_snapshot.agent.pipeline.containers import ContainerTarget, PlaceholderTarget
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
@@ -45,6 +47,11 @@ class NodeOps(Protocol):
     async def restore_finished(self, container_id: str) -> bool:
         """Whether a restore into this running placeholder got to its end (``restore-complete`` is in
         its control directory): an agent that restarted after that point must not undo it."""
+        ...
+
+    async def settle_source(self, work: CheckpointWork, completed: bool) -> ckpt.Settled:
+        """A source whose checkpoint pipeline an earlier agent was killed in: with ``completed`` (the Job's
+        verdict) finish its release, else kill it if the dump had begun on it (``ckpt.settle_source``)."""
         ...
 
     async def kill_workload(self, container_id: str) -> None:
@@ -111,6 +118,18 @@ class CriuNode:
                                          prefetch_threads=tuned.prefetch_threads)
             target = PlaceholderTarget(self.cri, work.container_id, info)
             return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
+
+    async def settle_source(self, work: CheckpointWork, completed: bool) -> ckpt.Settled:
+        info = await self._running(work.container_id) if work.container_id else None
+        if info is None:
+            return ckpt.Settled.GONE
+        await self._check_owned(work, info, placeholder=False)
+        freezer = Freezer.of_process(info.pid)
+        if left := await anyio.to_thread.run_sync(guard.wait_for_guards, freezer.path):
+            log.warning("an earlier agent's checkpoint guard is still running", container_id=work.container_id,
+                        pids=left)
+        told = (work.checkpoint_id, work.artifact_version) if completed else None
+        return await ckpt.settle_source(ContainerTarget(self.cri, work.container_id, info), self.cuda, told)
 
     async def restore_finished(self, container_id: str) -> bool:
         info = await self._running(container_id)

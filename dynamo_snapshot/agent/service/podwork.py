@@ -168,21 +168,28 @@ def is_source(pod: dict[str, Any]) -> bool:
     return (_meta(pod).get("labels") or {}).get(names.LABEL_IS_CHECKPOINT_SOURCE) == "true"
 
 
-def checkpoint_work(pod: dict[str, Any]) -> CheckpointWork | None:
-    """The checkpoint a source pod asks for now, if its target is Ready. One target per checkpoint."""
+def source_of(pod: dict[str, Any]) -> CheckpointWork | None:
+    """The checkpoint of a source pod whatever its target's state (``container_id`` empty when the target
+    does not run): what a restarted agent settles. One target per checkpoint."""
     checkpoint_id, version, base_path = _common(pod)
     targets = target_containers(pod)
     job = owning_job(pod)
-    if not checkpoint_id or len(targets) != 1 or job is None or _meta(pod).get("deletionTimestamp"):
+    if not is_source(pod) or not checkpoint_id or len(targets) != 1 or job is None:
         return None
-    status = container_status(pod, targets[0])
-    container_id = running_container_id(pod, targets[0])
-    if not status or not status.get("ready") or container_id is None:
-        return None
-    return CheckpointWork(pod=_ref(pod), container=targets[0], container_id=container_id,
+    return CheckpointWork(pod=_ref(pod), container=targets[0],
+                          container_id=running_container_id(pod, targets[0]) or "",
                           checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
                           job=job[0], job_uid=job[1],
                           container_spec=_container_spec(pod.get("spec") or {}, targets[0]))
+
+
+def checkpoint_work(pod: dict[str, Any]) -> CheckpointWork | None:
+    """The checkpoint a source pod asks for now, if its target is Ready."""
+    work = source_of(pod)
+    if work is None or not work.container_id or _meta(pod).get("deletionTimestamp"):
+        return None
+    status = container_status(pod, work.container)
+    return work if status and status.get("ready") else None
 
 
 def restore_work(pod: dict[str, Any]) -> list[RestoreWork]:
