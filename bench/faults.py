@@ -25,7 +25,9 @@ README were measured on the 2-core CI machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -52,6 +54,7 @@ from dynamo_snapshot.kube import (  # noqa: E402
     JOBS,
     NAMESPACES,
     PERSISTENT_VOLUME_CLAIMS,
+    AlreadyExists,
     Client,
     Informer,
     KubeError,
@@ -62,6 +65,7 @@ SCENARIOS = ("raw", "plain", "apiserver", "operator", "leader", "deletes")
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager")
 CRD_DIR = REPO / "helm" / "operator" / "crds"
 PVC = "snapshot-pvc"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 async def in_parallel(count: int, make: Callable[[int], Awaitable[None]], concurrency: int = 64) -> None:
@@ -101,10 +105,13 @@ def raw_job(i: int) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, root: Path, client: Client, cluster: LocalCluster, objects: int, kills: int, deletes: int):
-        self.root, self.client, self.cluster = root, client, cluster
-        self.objects, self.kills, self.deletes = objects, kills, deletes
+    def __init__(self, root: Path, client: Client, cluster: LocalCluster, objects: int, kills: int, deletes: int,
+                 workers: int = 4):
+        self.root, self.client, self.cluster, self.workers = root, client, cluster, workers
+        self.objects, self.kills, self.to_delete = objects, kills, deletes
         self.operators: list[str] = []
+        self.stopped_cpu: dict[str, tuple[int, float]] = {}  # the operators' CPU when they were stopped
+        self.restarted: set[str] = set()  # components the scenario killed and started again
 
     # -- parts ----------------------------------------------------------------------------------------------
     async def namespace(self, scenario: str) -> str:
@@ -123,7 +130,7 @@ class Bench:
         port = _free_port()
         argv = [sys.executable, "-m", "dynamo_snapshot.controllers", f"--kubeconfig={self.cluster.kubeconfig}",
                 f"--config={config}", f"--namespace={namespace}", "--metrics-bind-address=0",
-                f"--health-probe-bind-address=127.0.0.1:{port}", "--workers=4",
+                f"--health-probe-bind-address=127.0.0.1:{port}", f"--workers={self.workers}",
                 f"--log-level={'info' if leader else 'warning'}"]
         if leader:  # one Lease for every candidate of the namespace
             argv += ["--leader-elect", f"--leader-election-namespace={namespace}", "--leader-election-id=faults-lead"]
@@ -134,6 +141,7 @@ class Bench:
         return name
 
     def stop_operators(self) -> None:
+        self.stopped_cpu.update({name: used for name, used in self.cpu().items() if name in self.operators})
         for name in self.operators:
             self.cluster.stop_component(name, kill=True)
         self.operators.clear()
@@ -141,7 +149,13 @@ class Bench:
     async def create_checkpoints(self, namespace: str) -> None:
         async def one(i: int) -> None:
             body = checkpoint_manifest(f"ckpt-{i:05d}", model=f"demo/ckpt-{i:05d}")  # one checkpoint ID each
-            await retrying(lambda: self.client.create(DYNAMO_CHECKPOINTS, body, namespace))
+
+            async def create() -> None:
+                try:
+                    await self.client.create(DYNAMO_CHECKPOINTS, body, namespace)
+                except AlreadyExists:
+                    pass  # an earlier attempt landed; its answer was lost with a killed kube-apiserver
+            await retrying(create)
         await in_parallel(self.objects, one)
 
     def jobs(self, namespace: str) -> Informer[Any]:
@@ -157,6 +171,7 @@ class Bench:
         systemd or the kubelet would); seconds each was away."""
         await first_job.wait()
         away = []
+        self.restarted.add(component)
         for _ in range(self.kills):
             began = time.monotonic()
             await anyio.to_thread.run_sync(lambda: self.cluster.stop_component(component, kill=True))
@@ -179,9 +194,12 @@ class Bench:
             await tg.start(jobs.run)
             began = time.monotonic()
 
+            side_done = anyio.Event()
+
             async def side() -> None:
                 if during is not None:
                     report.update(await during(jobs, first_job))
+                side_done.set()
 
             tg.start_soon(side)
             await self.create_checkpoints(namespace)
@@ -190,10 +208,35 @@ class Bench:
             with anyio.fail_after(600):
                 await jobs.wait_until(lambda: len(jobs.store.list()) >= want)
             report["jobs_s"] = round(time.monotonic() - began, 2)
+            with anyio.fail_after(600):
+                await side_done.wait()  # every kill done (a run may finish before the last one)
             await anyio.sleep(3)  # late duplicates would show up here
             report["jobs"] = len(jobs.store.list())
             report["duplicates"] = self.duplicates(jobs)
             tg.cancel_scope.cancel()
+        return report
+
+    def cpu(self) -> dict[str, tuple[int, float]]:
+        """(PID, CPU seconds used so far: user + system) of each running process of the cluster."""
+        used = {}
+        for name, component in self.cluster._components.items():
+            if component.process is not None and component.process.poll() is None:
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{component.process.pid}/stat").read_text().rpartition(")")[2].split()
+                    used[name] = (component.process.pid, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+        return used
+
+    async def measured(self, scenario: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """A scenario's report plus where the CPU went meanwhile, per process (one restarted meanwhile is
+        only said to be: its earlier lives are gone from /proc)."""
+        before = self.cpu()
+        self.stopped_cpu.clear()
+        self.restarted.clear()
+        report = await scenario()
+        after = {**self.cpu(), **self.stopped_cpu}
+        report["cpu_s"] = {name.removeprefix("kube-"): "restarted" if name in self.restarted
+                           else round(seconds - before.get(name, (pid, 0.0))[1], 2)
+                           for name, (pid, seconds) in sorted(after.items())}
         return report
 
     # -- scenarios ------------------------------------------------------------------------------------------
@@ -268,7 +311,7 @@ class Bench:
     async def deletes(self) -> dict[str, Any]:
         namespace = await self.namespace("deletes")
         self.start_operator(namespace, "deletes")
-        doomed = sorted(random.Random(7).sample(range(self.objects), self.deletes))
+        doomed = sorted(random.Random(7).sample(range(self.objects), self.to_delete))
 
         async def delete(jobs: Informer[Any], first_job: anyio.Event) -> dict[str, Any]:
             await jobs.wait_until(lambda: len(jobs.store.list()) >= self.objects // 3)
@@ -276,7 +319,7 @@ class Bench:
                 DYNAMO_CHECKPOINTS, f"ckpt-{doomed[i]:05d}", namespace, propagation_policy="Background")))
             return {"deleted": len(doomed)}
         try:
-            report = await self.run_checkpoints(namespace, delete, expected=self.objects - self.deletes)
+            report = await self.run_checkpoints(namespace, delete, expected=self.objects - self.to_delete)
             report.update(await self.orphans(namespace))
             return report
         finally:
@@ -303,10 +346,11 @@ async def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         cluster.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
         async with Client(load_kubeconfig(cluster.kubeconfig)) as client:
-            bench = Bench(root, client, cluster, args.objects, args.kills, args.deletes)
+            bench = Bench(root, client, cluster, args.objects, args.kills, args.deletes, args.workers)
             for scenario in args.scenarios:
                 began = time.monotonic()
-                report = {"scenario": scenario, "objects": args.objects, **await getattr(bench, scenario)()}
+                measured = await bench.measured(getattr(bench, scenario))
+                report = {"scenario": scenario, "objects": args.objects, "workers": args.workers, **measured}
                 report["scenario_s"] = round(time.monotonic() - began, 2)
                 print(json.dumps(report), flush=True)
                 results.append(report)
@@ -319,6 +363,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=5, help="kube-apiserver / operator kills per scenario")
     parser.add_argument("--deletes", type=int, default=100, help="checkpoints deleted mid-run (deletes)")
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS))
+    parser.add_argument("--workers", type=int, default=4, help="the operator's --workers (the chart's default: 4)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     if unknown := set(args.scenarios) - set(SCENARIOS):

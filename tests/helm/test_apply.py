@@ -179,6 +179,62 @@ def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace)
     assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
 
 
+def _job(name: str, labels: dict[str, str] | None = None, owner_kind: str | None = None) -> str:
+    metadata: dict = {"name": name, "labels": labels or {}}
+    if owner_kind:
+        metadata["ownerReferences"] = [{"apiVersion": names.API_VERSION, "kind": owner_kind, "name": "x",
+                                        "uid": "00000000-0000-0000-0000-000000000001", "controller": True}]
+    pod = {"metadata": {"labels": {"app": name}}, "spec": {"restartPolicy": "Never", "containers": [
+        {"name": "main", "image": "busybox:1.36"}]}}
+    return json.dumps({"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": {"template": pod}})
+
+
+def _replicaset(name: str, owner_kind: str | None = None) -> str:
+    job = json.loads(_job(name, owner_kind=owner_kind))
+    spec = {"replicas": 0, "selector": {"matchLabels": {"app": name}}, "template": job["spec"]["template"]}
+    spec["template"]["spec"]["restartPolicy"] = "Always"
+    return json.dumps({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": job["metadata"], "spec": spec})
+
+
+def test_a_cluster_wide_operator_can_write_only_checkpoint_jobs_and_dgd_replicasets(helm, kubectl, apply, namespace,
+                                                                                   other_namespace):
+    """RBAC lets a cluster-wide operator create any Job or ReplicaSet (with any ServiceAccount) in every
+    namespace; the chart's ValidatingAdmissionPolicy lets it write only its own kinds of them."""
+    release = f"op-{namespace[-6:]}"
+    objects = helm.template(OPERATOR_CHART, namespace=namespace, release=release,
+                            values={"checkpoint.enabled": "true"},
+                            api_versions=["admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"])
+    assert "ValidatingAdmissionPolicy" in [o["kind"] for o in objects]
+    apply(objects, namespace)
+    ours = {names.LABEL_CHECKPOINT_ID: "ckpt-1"}
+    as_operator = ["--as", service_account(objects), "-n", other_namespace, "--dry-run=server"]
+
+    def operator(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return kubectl.run(*args, *as_operator, input=input, check=False)
+
+    deadline = time.monotonic() + 60  # the API server loads a new policy asynchronously
+    while (denied := operator("create", "-f", "-", input=_job("any-job"))).returncode == 0:
+        assert time.monotonic() < deadline, "the operator's policy never took effect"
+        time.sleep(0.5)
+    assert "the snapshot operator may write only checkpoint Jobs" in denied.stderr
+    for refused in (operator("create", "-f", "-", input=_job("labelled-only", ours)),
+                    operator("create", "-f", "-", input=_job("owned-only", owner_kind=names.CHECKPOINT_KIND)),
+                    operator("create", "-f", "-", input=_replicaset("any-rs")),
+                    operator("create", "-f", "-", input=_replicaset("ckpt-rs", owner_kind=names.CHECKPOINT_KIND))):
+        assert refused.returncode != 0 and "the snapshot operator may" in refused.stderr, refused.stderr
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "other-pvc"},
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+    refused = operator("create", "-f", "-", input=json.dumps(pvc))
+    assert refused.returncode != 0 and "only the checkpoint PVC snapshot-pvc" in refused.stderr, refused.stderr
+    for allowed in (operator("create", "-f", "-", input=_job("checkpoint-job", ours, names.CHECKPOINT_KIND)),
+                    operator("create", "-f", "-", input=_replicaset("worker-rs", names.DGD_KIND)),
+                    operator("create", "-f", "-", input=json.dumps({**pvc, "metadata": {"name": "snapshot-pvc"}}))):
+        assert allowed.returncode == 0, allowed.stderr
+    # Others are not bound by it.
+    assert kubectl.run("create", "-f", "-", "-n", other_namespace, "--dry-run=server",
+                       input=_job("admins-job")).returncode == 0
+
+
 def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, other_namespace):
     objects = helm.template(OPERATOR_CHART, namespace=namespace, release="dynamo", values={
         "namespaceRestricted": "true", "watchNamespace": other_namespace})

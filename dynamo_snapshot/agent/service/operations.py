@@ -182,6 +182,10 @@ class Operations:
                          checkpoint_id=work.checkpoint_id, container_id=work.container_id)
         if work.refused is not None:  # an earlier container of this pod was refused this checkpoint for good
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                try:
+                    await self._restore_status(work, names.STATUS_FAILED, work.refused, refused=True)
+                except KubeError as err:
+                    bound.error("could not record the refused restore on the pod", error=str(err))
                 await self._tell_refused(work, work.refused, bound)
             return Outcome.FAILED
         if work.interrupted:
@@ -263,11 +267,6 @@ class Operations:
         """The placeholder learns its restore is refused (restore-failed) and is left running; one the
         pipeline had to kill (it had begun changing it) is restarted by the kubelet, clean, and that next
         container is told instead."""
-        if work.refused is not None:
-            try:
-                await self._restore_status(work, names.STATUS_FAILED, reason, refused=True)
-            except KubeError as err:
-                bound.error("could not record the refused restore on the pod", error=str(err))
         try:
             await self.node.refuse_restore(work.container_id, reason)
         except (OSError, ValueError, AgentError) as err:
