@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dynamo_snapshot.api import names  # noqa: E402
+from dynamo_snapshot.devcluster import binaries  # noqa: E402
 from dynamo_snapshot.devcluster.cluster import Component, LocalCluster, _free_port  # noqa: E402
 from dynamo_snapshot.devcluster.scenarios import checkpoint_manifest  # noqa: E402
 from dynamo_snapshot.kube import (  # noqa: E402
@@ -58,6 +59,7 @@ from dynamo_snapshot.kube import (  # noqa: E402
     Client,
     Informer,
     KubeError,
+    Resource,
     load_kubeconfig,
 )
 
@@ -65,6 +67,8 @@ SCENARIOS = ("raw", "plain", "apiserver", "operator", "leader", "deletes")
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager")
 CRD_DIR = REPO / "helm" / "operator" / "crds"
 PVC = "snapshot-pvc"
+CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
+                namespaced=False)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -339,13 +343,33 @@ class Bench:
             await anyio.sleep(1)  # the garbage collector has no event to wait on from here
 
 
+async def install_crds(client: Client) -> None:
+    """The operator chart's CRDs, created and Established (no kubectl needed: the bench runs with just
+    the three control-plane binaries)."""
+    crds = Informer(client, CRDS)
+    async with anyio.create_task_group() as tg:
+        await tg.start(crds.run)
+        wanted = set()
+        for path in sorted(CRD_DIR.glob("*.yaml")):
+            body = yaml.safe_load(path.read_text())
+            wanted.add(body["metadata"]["name"])
+            await client.create(CRDS, body)
+
+        def established() -> bool:
+            return all(any(c.get("type") == "Established" and c.get("status") == "True"
+                           for c in ((crds.store.get(name) or {}).get("status") or {}).get("conditions") or [])
+                       for name in wanted)
+        with anyio.fail_after(60):
+            await crds.wait_until(established)
+        tg.cancel_scope.cancel()
+
+
 async def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    cluster = LocalCluster(root / "cluster", components=CONTROL_PLANE)
+    cluster = LocalCluster(root / "cluster", components=CONTROL_PLANE, bin_dir=binaries.require(CONTROL_PLANE))
     results = []
     with cluster:
-        cluster.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
         async with Client(load_kubeconfig(cluster.kubeconfig)) as client:
+            await install_crds(client)
             bench = Bench(root, client, cluster, args.objects, args.kills, args.deletes, args.workers)
             for scenario in args.scenarios:
                 began = time.monotonic()
