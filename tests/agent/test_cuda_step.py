@@ -317,10 +317,12 @@ def test_a_source_a_dead_agent_left_gets_its_gpu_state_back_by_the_drivers_word(
 ) -> None:
     """A restarted agent has no record of what its predecessor did: each process is brought back by the
     driver's state of it - checkpointed: restored then unlocked, locked: unlocked, running: left alone."""
-    driver = RecordingDriver([10, 11, 12])
-    driver.states.update({10: ProcessState.CHECKPOINTED, 11: ProcessState.LOCKED})
-    resumed = anyio.run(step(driver).resume, [10, 11, 12, 13])
-    assert sorted(resumed) == [10, 11]
-    assert driver.ops("restore", "unlock") == [("restore", 10), ("unlock", 10), ("unlock", 11)]
+    driver = RecordingDriver([10, 11, 12, 13])
+    # 13 holds no NVIDIA device: once checkpointed, a process has given its device files back
+    driver.states.update({10: ProcessState.CHECKPOINTED, 11: ProcessState.LOCKED, 13: ProcessState.CHECKPOINTED})
+    resumed = anyio.run(step(driver).resume, [10, 11, 12, 13, 14])
+    assert sorted(resumed) == [10, 11, 13]
+    assert driver.ops("restore", "unlock") == [("restore", 10), ("restore", 13), ("unlock", 10), ("unlock", 11),
+                                               ("unlock", 13)]
     assert set(driver.states.values()) == {ProcessState.RUNNING}
     assert anyio.run(NoCuda().resume, [10]) == []

@@ -101,6 +101,23 @@ def test_checkpoint_releases_the_devices_and_restore_with_a_gpu_pair_brings_them
     assert worker.state()["matches_reference"]
 
 
+@pytest.mark.gpu
+def test_a_worker_an_agent_left_checkpointed_is_brought_back_by_the_next_agent(worker: Worker) -> None:
+    """What a restarted agent does with a source its predecessor was killed in: it knows nothing of it but
+    what the driver says of each process (checkpointed, locked), and brings it back."""
+    driver = load_driver()
+    driver.lock(worker.pid, 10_000)
+    driver.checkpoint(worker.pid)
+    resumed = anyio.run(DriverCuda().resume, tasks(worker.pid))  # a fresh step: no record of the lock
+    assert resumed == [worker.pid]
+    assert driver.state(worker.pid) is ProcessState.RUNNING
+    assert worker.state()["matches_reference"]
+    driver.lock(worker.pid, 10_000)  # locked only (the agent died between lock and checkpoint)
+    assert anyio.run(DriverCuda().resume, tasks(worker.pid)) == [worker.pid]
+    assert driver.state(worker.pid) is ProcessState.RUNNING
+    assert worker.state()["matches_reference"]
+
+
 def _roundtrip(worker: Worker, bundle: criu.CriuBundle, base: Path, name: str, release_weights: bool) -> dict:
     prepared = request({"cmd": "prepare", "empty_cache": True, "release_weights": release_weights})
     settings = criu.CriuSettings(network_lock=NETWORK_LOCK)

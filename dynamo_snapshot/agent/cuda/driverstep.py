@@ -225,18 +225,19 @@ class DriverCuda:
         """A source an earlier agent left (it died after the dump): bring back every CUDA process by what
         the driver says of it - checkpointed: restore and unlock; locked: unlock; running: nothing. Returns
         the PIDs brought back. Knows nothing of that agent's own record, so it works after a restart."""
-        users = [u for u in map(cuda_devices.nvidia_usage, cuda_devices.thread_group_leaders(list(pids))) if u.any]
-        if not users:
+        # Every process is asked, not only those holding NVIDIA devices: a checkpointed one holds none.
+        leaders = cuda_devices.thread_group_leaders(list(pids))
+        if not leaders:
             return []
         driver = await self._get_driver()
         pending: list[_Tracked] = []
-        for usage in users:
+        for pid in leaders:
             try:
-                state = await self._call(driver.state, usage.pid)
+                state = await self._call(driver.state, pid)
             except NotACudaProcess:
                 continue
             if state in (ProcessState.LOCKED, ProcessState.CHECKPOINTED):
-                pending.append(_Tracked(usage.pid, (), locked=True, checkpointed=state is ProcessState.CHECKPOINTED))
+                pending.append(_Tracked(pid, (), locked=True, checkpointed=state is ProcessState.CHECKPOINTED))
         failures = await self._bring_back(pending)
         if failures:
             raise failures[0]
