@@ -122,7 +122,8 @@ class SnapshotStack:
             from dynamo_snapshot.agent.artifact import authn
 
             authn.create_key(keys, "k1")
-        config.write_text(yaml.safe_dump({"criu": self.criu_config, "keys": {"directory": str(keys)}}))
+        config.write_text(yaml.safe_dump({"criu": self.criu_config, "keys": {"directory": str(keys)},
+                                          "restore": {"privateDir": str(self.root / "agent-private")}}))
         kubeconfig = cluster.kubeconfig_for(f"system:serviceaccount:{self.namespace}:{AGENT}")
         base = str(self.checkpoints) if self.storage_mode == "agentMount" else POD_BASE_PATH
         port = self.ports["agent"]

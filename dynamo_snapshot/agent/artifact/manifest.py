@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,8 +54,11 @@ def sha256_range(path: Path, offset: int, length: int) -> str:
     h = hashlib.sha256()
     buf = bytearray(min(_CHUNK, max(length, 1)))
     view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
+    # never a link, never a FIFO or device swapped in after the listing was checked (it would block or lie)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArtifactInvalid(f"{path} is not a regular file; an artifact holds regular files only")
         done = 0
         while done < length:
             n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)

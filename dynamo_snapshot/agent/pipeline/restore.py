@@ -1,11 +1,13 @@
 """The restore pipeline, one for every target (a placeholder container or the host: ``target.py``).
 
     resolve   the target (a placeholder: looked up once, then checked to be in standby)
-    verify    manifest, checkpoint ID, compatibility, every file's size, the SHA-256 of every file but
-              the raw page data; the target's own checks (the placeholder has the checkpoint's mounts);
-              the GPUs the target can see cover the checkpoint's. The page data (most of the bytes) is
-              verified from here on in the background by parallel readers, ahead of CRIU's reads
-              (``overlap``; without it every byte is verified here)
+    verify    manifest, checkpoint ID, compatibility, every file's size; every file but the raw page
+              data copied to the agent's private directory and the SHA-256 of the copies checked (what
+              CRIU and the agent parse is what was verified: ``artifact/private.py``); the target's own
+              checks (the placeholder has the checkpoint's mounts); the GPUs the target can see cover
+              the checkpoint's. The page data (most of the bytes) is verified from here on in the
+              background by parallel readers, ahead of CRIU's reads (``overlap``; without it every byte
+              is verified here)
     pids      the checkpoint's PIDs: reserved in the placeholder's namespace, or free on the host
     rootfs    delete what the workload had deleted, then extract rootfs-diff.tar (confined)
     dev-shm   refill /dev/shm from dev-shm.tar
@@ -38,11 +40,12 @@ import anyio
 import structlog
 
 from dynamo_snapshot import lifecycle
-from dynamo_snapshot.agent.artifact import authn, beneath, verification
+from dynamo_snapshot.agent.artifact import authn, beneath, private, verification
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
+from dynamo_snapshot.agent.artifact.private import PrivateImages
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.state import CudaState
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
@@ -63,6 +66,7 @@ class RestoreRequest(Request):
     prefetch_threads: int = 8  # 0: no prefetch
     prefetch: Sequence[Path] = ()  # files to read ahead besides the declared ones
     overlap: bool = True  # verify the page data while CRIU runs (tasks held stopped until it passed)
+    private_root: Path = private.DEFAULT_ROOT  # node-local, the agent's only: the copies of the parsed files
 
 
 class Stage(enum.StrEnum):
@@ -95,7 +99,8 @@ class _Run:
         self.request, self.bundle, self.cuda, self.settings, self.bound = request, bundle, cuda, settings, bound
         self.stages = Stages[Stage]("restore", bound, hooks)
         layout = artifact_layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
-        self.images = layout.final_dir
+        self.stored = layout.final_dir  # on storage: others may write there
+        self.private: PrivateImages | None = None  # what is read: verified copies (``artifact/private.py``)
         self.restores = request.base_path / request.checkpoint_id / artifact_layout.RESTORES
         self.warm: Prefetch | None = None
         self.host_pid: int | None = None
@@ -109,15 +114,28 @@ class _Run:
         here = artifact.Compatibility.of_this_node(
             await anyio.to_thread.run_sync(self.bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
-        wanted = self.request.checkpoint_id
-        manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.images, wanted, here, self.keyring)
-        early = verification.is_parsed if self.request.overlap else (lambda rel: True)
-        threads = self.request.io_threads
-        await anyio.to_thread.run_sync(lambda: verification.verify_digests(self.images, manifest, early, threads))
+        wanted, threads = self.request.checkpoint_id, self.request.io_threads
+        manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.stored, wanted, here, self.keyring)
+        self.private = await anyio.to_thread.run_sync(
+            PrivateImages.prepare, self.stored, manifest, self.request.private_root, threads)
+        if not self.request.overlap:
+            pages = self.pages_dir
+            await anyio.to_thread.run_sync(
+                lambda: verification.verify_digests(pages, manifest, verification.is_page_data, threads))
         await anyio.to_thread.run_sync(dest.check, manifest, self.images)
         recorded = CudaState.from_manifest(manifest)
         await self.cuda.check_restore(recorded, dest.gpu_view_pid)  # GPUs the target cannot provide: refuse now
         return manifest, recorded
+
+    @property
+    def images(self) -> Path:
+        assert self.private is not None
+        return self.private.path
+
+    @property
+    def pages_dir(self) -> Path:
+        """Where the page data is read and checked: the stored version (the private links name it)."""
+        return self.stored
 
     def prefetch(self, dest: Destination, manifest: dict[str, Any]) -> Prefetch | None:
         request = self.request
@@ -149,7 +167,7 @@ class _Run:
         manifest, recorded = await self.verify(dest)
         leave(Stage.VERIFY)
 
-        pages = PageCheck(self.images, manifest, self.request.io_threads) if self.request.overlap else Verified()
+        pages = PageCheck(self.pages_dir, manifest, self.request.io_threads) if self.request.overlap else Verified()
         self.pages = pages
         async with lifecycle.background() as group:
             group.start_soon(pages.run)
@@ -221,6 +239,9 @@ async def restore(target: RestoreTarget, request: RestoreRequest, bundle: criu.C
     except BaseException as exc:
         run.failed(dest, exc)
         raise
+    finally:
+        if run.private is not None:
+            run.private.close()
     await run.prune()
     assert run.host_pid is not None
     background = {"verify-pages": run.pages.seconds}

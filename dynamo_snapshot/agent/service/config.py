@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from dynamo_snapshot.agent.artifact.authn import DEFAULT_KEY_DIRECTORY, KEY_DIRECTORY_ENV
+from dynamo_snapshot.agent.artifact.private import DEFAULT_ROOT as DEFAULT_PRIVATE_DIR
 from dynamo_snapshot.agent.container.criu import CriuSettings
 from dynamo_snapshot.agent.errors import AgentError
 
@@ -101,6 +102,8 @@ def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSetti
 class RestoreSettings:
     verify_threads: int | None = None  # None: artifact.default_io_threads()
     prefetch_threads: int = 8
+    # node-local, the agent's only: each restore's verified copies of the parsed images (artifact/private.py)
+    private_dir: str = str(DEFAULT_PRIVATE_DIR)
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,17 @@ def key_directory(data: dict[str, Any] | None, where: str = "keys") -> str:
 
 
 def restore_settings(data: dict[str, Any] | None, where: str = "restore") -> RestoreSettings:
-    section = _section(data, where, {"verifyThreads", "prefetchThreads"})
+    section = _section(data, where, {"verifyThreads", "prefetchThreads", "privateDir"})
     fields: dict[str, Any] = {}
     if "verifyThreads" in section:
         fields["verify_threads"] = _bounded(section, "verifyThreads", 1, 256, where)
     if "prefetchThreads" in section:
         fields["prefetch_threads"] = _bounded(section, "prefetchThreads", 0, 256, where, " (0: no prefetch)")
+    if "privateDir" in section:
+        private_dir = _typed(section, "privateDir", str, where)
+        if not private_dir.startswith("/") or private_dir.rstrip("/") == "":
+            raise ConfigError(f"{where}.privateDir: expected an absolute directory other than /, got {private_dir!r}")
+        fields["private_dir"] = private_dir
     return RestoreSettings(**fields)
 
 

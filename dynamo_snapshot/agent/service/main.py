@@ -21,6 +21,7 @@ import anyio
 import prometheus_client
 import structlog
 
+from dynamo_snapshot.agent.artifact import private
 from dynamo_snapshot.agent.artifact.authn import Keyring, KeyringError
 from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
 from dynamo_snapshot.agent.container.criu import CriuBundle, CriuSettings
@@ -105,6 +106,7 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             await tg.start(probes.serve)
             await _connect_runtime(cri)
             storage = StorageResolver(options.storage_mode, options.storage_base_path, cri)
+            private.sweep(Path(options.restore.private_dir))  # copies a killed predecessor left mid-restore
             node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore, options.keyring)
             recorder = EventRecorder(client, controller=EVENT_CONTROLLER, instance=identity)
             operations = Operations(client, node, recorder, identity, AgentMetrics(prometheus_client.REGISTRY))

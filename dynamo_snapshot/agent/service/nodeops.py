@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from pathlib import Path
 from typing import Protocol
 
 import anyio
@@ -115,7 +116,8 @@ class CriuNode:
             tuned = self.restore_settings
             request = rst.RestoreRequest(work.checkpoint_id, base, work.artifact_version,
                                          io_threads=tuned.verify_threads, keyring=self.keyring,
-                                         prefetch_threads=tuned.prefetch_threads)
+                                         prefetch_threads=tuned.prefetch_threads,
+                                         private_root=Path(tuned.private_dir))
             target = PlaceholderTarget(self.cri, work.container_id, info)
             return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
 

@@ -1,0 +1,142 @@
+"""A restore's private copy of what CRIU and the agent parse, so that a writer of storage cannot swap a
+verified image for another before it is read.
+
+Storage is writable by others (every workload pod in podMount, anyone who can mount the PVC): a file
+verified there could be replaced between the check and CRIU's read. So, after the manifest is
+authenticated and the listing checked, each file CRIU or the agent parses (everything but the raw page
+data) is copied - opened without following a link, a regular file of the listed size - into a directory
+on the node that only the agent can reach, and its digest is checked on that copy: what was verified is
+what is read, and the credential check reads the same copies.
+
+The raw page data (``pages-<n>.img``, most of the bytes) is not copied: a relative link in the private
+directory names the stored file (up to the agent's root, then its path there: it resolves the same from
+CRIU's restored tasks, which run in the placeholder's mount namespace but open images through the
+directory's descriptor), and its digests are checked in the background as before, the restored tasks
+held stopped until they pass. What stays open there: a writer that rewrites a page file after the
+background check read it and before CRIU does controls that workload's memory (within the credentials
+already checked); a node-local verified copy closes that too (docs/security.md).
+
+    images = PrivateImages.prepare(version_dir, manifest, root)   # copies; digests of the copies
+    images.path                                                     # for CRIU and the agent
+    images.close()                                                  # removes the copies
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dynamo_snapshot.agent.artifact.manifest import default_io_threads
+from dynamo_snapshot.agent.artifact.verification import is_page_data, verify_digests
+from dynamo_snapshot.agent.errors import ArtifactInvalid
+
+DEFAULT_ROOT = Path("/var/lib/dynamo-snapshot/restore")
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_beneath(dir_fd: int, rel: str, where: Path) -> int:
+    """``rel`` below ``dir_fd``, each component opened without following a link; a regular file."""
+    parts = rel.split("/")
+    fd = os.dup(dir_fd)
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        try:
+            found = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except OSError as exc:
+            raise ArtifactInvalid(f"{where / rel} cannot be opened as a regular file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(found).st_mode):
+        os.close(found)
+        raise ArtifactInvalid(f"{where / rel} is not a regular file; an artifact holds regular files only")
+    return found
+
+
+def _copy(src: int, dest: Path, size: int, where: Path) -> None:
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        done = 0
+        while done < size:
+            sent = os.sendfile(out, src, done, size - done)
+            if sent == 0:
+                raise ArtifactInvalid(f"{where} ends at byte {done}; the manifest says {size} bytes")
+            done += sent
+    finally:
+        os.close(out)
+
+
+def _from_root(link: Path, target: Path) -> str:
+    """A relative link from ``link`` to the absolute ``target``: up to the root, then down. ``/proc/self``
+    becomes this process's PID (the link is followed by CRIU's processes, for which "self" is another)."""
+    absolute = str(target).replace("/proc/self/", f"/proc/{os.getpid()}/", 1)
+    return "../" * (len(link.parent.parts) - 1) + absolute.lstrip("/")
+
+
+class PrivateImages:
+    def __init__(self, path: Path, storage_fd: int):
+        self.path = path
+        self._storage_fd = storage_fd
+
+    @classmethod
+    def prepare(cls, version: Path, manifest: dict[str, Any], root: Path = DEFAULT_ROOT,
+                io_threads: int | None = None) -> PrivateImages:
+        """Copy and verify the parsed files of ``version`` (listing already checked) below ``root``."""
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        path = root / uuid.uuid4().hex
+        path.mkdir(mode=0o700)
+        storage_fd = os.open(version, _DIR)
+        images = cls(path, storage_fd)
+        try:
+            images._fill(version, manifest, io_threads or default_io_threads())
+        except BaseException:
+            images.close()
+            raise
+        return images
+
+    def _fill(self, version: Path, manifest: dict[str, Any], threads: int) -> None:
+        copies = []
+        for entry in manifest.get("files") or []:
+            rel = str(entry["path"])
+            (self.path / rel).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if is_page_data(rel):
+                os.close(_open_beneath(self._storage_fd, rel, version))  # a regular file, now
+                os.symlink(_from_root(self.path / rel, version / rel), self.path / rel)
+            else:
+                copies.append((rel, int(entry["size"])))
+
+        def copy(job: tuple[str, int]) -> None:
+            rel, size = job
+            src = _open_beneath(self._storage_fd, rel, version)
+            try:
+                _copy(src, self.path / rel, size, version / rel)
+            finally:
+                os.close(src)
+
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="private-copy") as pool:
+            list(pool.map(copy, copies))
+        try:
+            verify_digests(self.path, manifest, lambda rel: not is_page_data(rel), threads)
+        except ArtifactInvalid as exc:  # name the stored file, not the private copy
+            raise ArtifactInvalid(str(exc).replace(str(self.path), str(version))) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._storage_fd)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def sweep(root: Path = DEFAULT_ROOT) -> None:
+    """Remove the copies an agent that died mid-restore left (at start-up, before any restore)."""
+    if root.is_dir():
+        for child in root.iterdir():
+            shutil.rmtree(child, ignore_errors=True)
