@@ -35,6 +35,8 @@ from dynamo_snapshot.api.dgd import (
     Service,
     ServiceCheckpoint,
     StartupPolicy,
+    StoredSpec,
+    decode_dgd,
 )
 from dynamo_snapshot.api.meta import Condition, ObjectMeta, OwnerReference, find_condition
 
@@ -69,7 +71,9 @@ __all__ = [
     "StartupPolicy",
     "StorageAccessMode",
     "StorageConfig",
+    "StoredSpec",
     "convert",
+    "decode_dgd",
     "decode_json",
     "find_condition",
     "load_config",

@@ -152,7 +152,7 @@ class Malformed(msgspec.Struct, kw_only=True):
     by name once instead of failing on it at every retry."""
 
     metadata: Any  # api.meta.ObjectMeta
-    status: dict[str, Any]
+    status: Any  # the type's status struct: the stored one, or its default where that does not fit either
     path: str
     problem: str
     kind: str = ""
@@ -162,6 +162,20 @@ class Malformed(msgspec.Struct, kw_only=True):
     def message(self) -> str:
         return f"invalid {self.kind or 'object'}: {self.path}: {self.problem}" if self.path else \
             f"invalid {self.kind or 'object'}: {self.problem}"
+
+
+def _status_of(type_: Any, stored: Any) -> Any:
+    """The stored status as `type_`'s status struct; its default if it does not fit (nor does the object)."""
+    field = next((f for f in msgspec.structs.fields(type_) if f.name == "status"), None)
+    if field is None:
+        return stored if isinstance(stored, dict) else {}
+    fresh = field.default_factory if field.default_factory is not msgspec.NODEFAULT else field.type
+    if isinstance(stored, dict):
+        try:
+            return msgspec.convert(stored, field.type)
+        except msgspec.ValidationError:
+            pass
+    return fresh()
 
 
 def malformed_of(type_: Any) -> Any:
@@ -175,10 +189,10 @@ def malformed_of(type_: Any) -> Any:
         except msgspec.ValidationError:
             return None  # not even an object with metadata: nothing a controller could write to
         invalid = _name_keys(_translate(err, type_), msgspec.json.decode(raw))
-        status = envelope.status if isinstance(envelope.status, dict) else {}
         defaults = {f.name: f.default for f in msgspec.structs.fields(type_)}
-        return Malformed(metadata=meta, status=status, path=invalid.path, problem=invalid.problem,
-                         kind=defaults.get("kind", ""), api_version=defaults.get("api_version", ""))
+        return Malformed(metadata=meta, status=_status_of(type_, envelope.status), path=invalid.path,
+                         problem=invalid.problem, kind=defaults.get("kind", ""),
+                         api_version=defaults.get("api_version", ""))
 
     stand_in.__name__ = f"malformed_of({getattr(type_, '__name__', type_)})"
     return _MALFORMED.setdefault(type_, stand_in)

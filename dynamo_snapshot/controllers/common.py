@@ -54,8 +54,12 @@ def metadata(obj: dict[str, Any]) -> dict[str, Any]:
     return meta(obj)
 
 
-def is_deleting(obj: dict[str, Any] | None) -> bool:
-    return bool(obj and metadata(obj).get("deletionTimestamp"))
+def is_deleting(obj: Any) -> bool:
+    """Whether the object's deletion has begun: a plain dict, or an api struct (`Malformed` included)."""
+    if not obj:
+        return False
+    m = meta(obj)
+    return bool(m.get("deletionTimestamp") if isinstance(m, dict) else m.deletion_timestamp)
 
 
 def owned_by(obj: Any, owner_uid: str) -> bool:

@@ -12,11 +12,11 @@ from typing import Any
 import structlog
 
 from dynamo_snapshot.api import TERMINAL_PHASES, OperatorConfig, StorageAccessMode
+from dynamo_snapshot.controllers.checkpoint.reconciler import checkpoint_informer
 from dynamo_snapshot.controllers.common import FIELD_MANAGER, is_deleting, metadata
 from dynamo_snapshot.controllers.pvc import build_storage_pvc
 from dynamo_snapshot.controllers.storage import missing_pvc_message
 from dynamo_snapshot.kube import (
-    DYNAMO_CHECKPOINTS,
     PERSISTENT_VOLUME_CLAIMS,
     AlreadyExists,
     Client,
@@ -27,6 +27,7 @@ from dynamo_snapshot.kube import (
     ObjectKey,
     Result,
 )
+from dynamo_snapshot.kube.resources import object_key
 
 log = structlog.get_logger("dynamo_snapshot.controllers.pvc")
 
@@ -41,7 +42,7 @@ class PVCController:
         self.config = config
         self.recorder = recorder
         self.pvc_name = config.checkpoint.storage.pvc.pvc_name
-        self.checkpoints: Informer[Any] = factory.informer(DYNAMO_CHECKPOINTS, namespace=namespace)
+        self.checkpoints = checkpoint_informer(factory, namespace)
         self.pvcs: Informer[Any] = factory.informer(PERSISTENT_VOLUME_CLAIMS, namespace=namespace)
         self.users: list[tuple[Informer[Any], Callable[[Any], bool]]] = [(self.checkpoints, lambda _obj: True)]
         self.controller = Controller("checkpoint-storage", self.reconcile)
@@ -55,7 +56,7 @@ class PVCController:
 
     @staticmethod
     def _namespace_key(obj: Any) -> list[ObjectKey]:
-        return [ObjectKey(metadata(obj).get("namespace", ""), "")]
+        return [ObjectKey(object_key(obj).namespace, "")]
 
     def _pvc_namespace_key(self, obj: Any) -> list[ObjectKey]:
         return self._namespace_key(obj) if metadata(obj).get("name") == self.pvc_name else []
@@ -73,7 +74,7 @@ class PVCController:
         if pvc is not None and not is_deleting(pvc):
             return None
         undecided = [c for c in self.checkpoints.store.by_index("namespace", namespace)
-                     if (c.get("status") or {}).get("phase") not in TERMINAL_PHASES and not is_deleting(c)]
+                     if c.status.phase not in TERMINAL_PHASES and not is_deleting(c)]  # Malformed: typed status too
         if not storage.pvc.create:
             message = missing_pvc_message(namespace, self.pvc_name)
             log.warning("checkpoint storage missing", namespace=namespace, pvc=self.pvc_name, error=message)

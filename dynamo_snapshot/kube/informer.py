@@ -14,7 +14,7 @@ latter with the last state the cache knew. A handler added after the informer sy
 for every object already cached. `resync_period` replays the cache as updates (old is new) without
 calling the server, for controllers that want a periodic level-triggered pass.
 
-`InformerFactory` shares one informer per (resource, namespace, selectors, type) among controllers.
+`InformerFactory` shares one informer per (resource, namespace, selectors, type, decode) among controllers.
 """
 
 from __future__ import annotations
@@ -69,12 +69,15 @@ class Informer(Generic[T]):
     def __init__(self, client: Client, resource: Resource, *, namespace: str | None = None,
                  label_selector: str | None = None, field_selector: str | None = None, type: Any = Any,
                  transform: Callable[[Any], Any] | object | None = _DEFAULT,
+                 decode: Callable[[bytes], Any] | None = None,
                  on_mismatch: Callable[[bytes, Any], Any] | None = None,
                  indexers: Mapping[str, IndexFunc] | None = None, resync_period: float | None = None,
                  page_size: int = 500, watch_timeout: tuple[float, float] = (300.0, 600.0),
                  backoff: Backoff | None = None, name: str | None = None):
         """`type`: Any keeps plain dicts (managedFields stripped unless `transform` says otherwise); a
         msgspec struct type decodes into it (fields it does not declare are never kept: the cheapest cache).
+        `decode(raw)`: for a typed informer, how an object's raw JSON becomes what is cached (default: msgspec
+        into `type`); it raises msgspec.ValidationError for an object that does not fit.
         `on_mismatch(raw, error)`: the stand-in cached for an object that does not fit `type` (None: left out)."""
         if transform is _DEFAULT:
             transform = strip_managed_fields if type is Any else None
@@ -84,7 +87,7 @@ class Informer(Generic[T]):
         self.resync_period = resync_period
         self.reflector = Reflector(client, resource, self, namespace=namespace, label_selector=label_selector,
                                    field_selector=field_selector, type=type, transform=transform,  # type: ignore[arg-type]
-                                   on_mismatch=on_mismatch,
+                                   decode=decode, on_mismatch=on_mismatch,
                                    page_size=page_size, watch_timeout=watch_timeout, backoff=backoff, name=name)
         self.name = self.reflector.name
         self._handlers: list[EventHandler[T]] = []
@@ -208,14 +211,15 @@ class InformerFactory:
         self._task_group: anyio.abc.TaskGroup | None = None
 
     def informer(self, resource: Resource, *, namespace: str | None = None, label_selector: str | None = None,
-                 field_selector: str | None = None, type: Any = Any,
+                 field_selector: str | None = None, type: Any = Any, decode: Callable[[bytes], Any] | None = None,
                  on_mismatch: Callable[[bytes, Any], Any] | None = None,
                  indexers: Mapping[str, IndexFunc] | None = None) -> Informer[Any]:
-        key = (resource, namespace, label_selector, field_selector, type, on_mismatch)
+        key = (resource, namespace, label_selector, field_selector, type, decode, on_mismatch)
         informer = self._informers.get(key)
         if informer is None:
             informer = Informer(self.client, resource, namespace=namespace, label_selector=label_selector,
-                                field_selector=field_selector, type=type, indexers=indexers, on_mismatch=on_mismatch,
+                                field_selector=field_selector, type=type, decode=decode, indexers=indexers,
+                                on_mismatch=on_mismatch,
                                 resync_period=self.resync_period, **self.informer_options)
             self._informers[key] = informer
             if self._task_group is not None:

@@ -14,7 +14,8 @@
   the relist is at once (only a second 410 before a list succeeded waits).
 
 What the reflector learns goes to a sink (the informer): a whole list (`on_list`), one event
-(`on_event`), or a bookmark (`on_bookmark`). Objects are plain dicts or the msgspec struct type given;
+(`on_event`), or a bookmark (`on_bookmark`). Objects are plain dicts or the msgspec struct type given
+(decoded by `decode`, when given, from the object's raw JSON: `api.decode_dgd` keeps what the struct drops);
 objects that do not fit the type are left out of the cache, with a warning, as if a selector excluded them,
 unless `on_mismatch` gives a stand-in for them (the controllers' `api.Malformed`, which names the field).
 """
@@ -110,7 +111,7 @@ class _Key(msgspec.Struct):
 class Reflector:
     def __init__(self, client: Client, resource: Resource, sink: ReflectorSink, *, namespace: str | None = None,
                  label_selector: str | None = None, field_selector: str | None = None, type: Any = Any,
-                 transform: Callable[[Any], Any] | None = None,
+                 transform: Callable[[Any], Any] | None = None, decode: Callable[[bytes], Any] | None = None,
                  on_mismatch: Callable[[bytes, msgspec.ValidationError], Any] | None = None, page_size: int = 500,
                  watch_timeout: tuple[float, float] = (300.0, 600.0), backoff: Backoff | None = None,
                  name: str | None = None):
@@ -122,6 +123,7 @@ class Reflector:
         self.field_selector = field_selector
         self.type = type
         self.transform = transform
+        self.decode = decode if decode is not None or type is Any else decoder(type).decode
         self.on_mismatch = on_mismatch
         self.page_size = page_size
         self.watch_timeout = watch_timeout
@@ -232,7 +234,7 @@ class Reflector:
         """An object as the sink wants it, or None if it does not fit the type."""
         if self.type is not Any:
             try:
-                item = decoder(self.type).decode(item)
+                item = self.decode(item)
             except msgspec.ValidationError as err:
                 stand_in = self.on_mismatch(item, err) if self.on_mismatch is not None else None
                 if stand_in is not None:

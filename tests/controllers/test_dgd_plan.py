@@ -10,10 +10,10 @@ import msgspec
 
 from dynamo_snapshot.api import (
     DynamoCheckpoint,
-    DynamoGraphDeployment,
     Phase,
     StorageAccessMode,
     convert,
+    decode_dgd,
     names,
 )
 from dynamo_snapshot.controllers.dgd.plan import plan_component
@@ -37,9 +37,9 @@ def _dgd(checkpoint=None, backend="vllm", replicas=2):
 
 
 def _plan(raw, checkpoints=None, storage=STORAGE):
-    dgd = convert(raw, DynamoGraphDeployment)
+    dgd = decode_dgd(msgspec.json.encode(raw))
     found = checkpoints or {}
-    return plan_component(raw, dgd, "Worker", dgd.spec.services["Worker"], get_checkpoint=found.get,
+    return plan_component(dgd, "Worker", dgd.spec.services["Worker"], get_checkpoint=found.get,
                           storage=storage)
 
 

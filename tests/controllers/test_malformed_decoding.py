@@ -15,6 +15,7 @@ from dynamo_snapshot.api import (
     InvalidObject,
     StorageAccessMode,
     convert,
+    decode_dgd,
     malformed_of,
 )
 from dynamo_snapshot.controllers.checkpoint.ids import MissingAutoCheckpointID, resolve_checkpoint_id
@@ -42,10 +43,15 @@ def _plan(obj) -> None:
                                  storage=STORAGE)
         except (MissingContainer, MissingAutoCheckpointID):
             pass
-    else:
-        dgd = convert(obj, DynamoGraphDeployment)
+    else:  # as the DGD informer decodes it: a struct, or the Malformed stand-in naming the field
+        raw = msgspec.json.encode(obj)
+        try:
+            dgd = decode_dgd(raw)
+        except msgspec.ValidationError as err:
+            stand_in = malformed_of(DynamoGraphDeployment)(raw, err)
+            raise InvalidObject(stand_in.path, stand_in.problem) from None
         for component, service in dgd.spec.services.items():
-            plan_component(obj, dgd, component, service, get_checkpoint=lambda name: None, storage=STORAGE)
+            plan_component(dgd, component, service, get_checkpoint=lambda name: None, storage=STORAGE)
 
 
 def test_the_valid_bases_decode_and_plan():

@@ -117,6 +117,28 @@ async def test_typed_cache_across_namespaces_with_field_selector(client: Client,
         tg.cancel_scope.cancel()
 
 
+async def test_a_typed_informer_caches_what_its_decode_makes_of_the_raw_json_listed_and_watched(client: Client,
+                                                                                                 namespace):
+    seen: list[bytes] = []
+
+    def decode(raw: bytes) -> Configured:  # keeps what the struct drops, as api.decode_dgd does
+        seen.append(bytes(raw))
+        return msgspec.json.decode(raw, type=Configured)
+
+    await client.create(CONFIGMAPS, {"metadata": {"name": "listed"}, "data": {"mode": "a", "extra": "1"}}, namespace)
+    informer: Informer[Configured] = Informer(client, CONFIGMAPS, namespace=namespace, type=Configured,
+                                              decode=decode)
+    async with anyio.create_task_group() as tg:
+        await tg.start(informer.run)
+        assert any(b'"extra":"1"' in raw for raw in seen)  # kube-root-ca.crt is listed too (and left out)
+        assert informer.store.get(f"{namespace}/listed").data.mode == "a"
+        await client.create(CONFIGMAPS, {"metadata": {"name": "watched"}, "data": {"mode": "b"}}, namespace)
+        with anyio.fail_after(30):
+            await informer.wait_until(lambda: f"{namespace}/watched" in informer.store)
+        assert b'"name":"watched"' in seen[-1] and informer.store.get(f"{namespace}/watched").data.mode == "b"
+        tg.cancel_scope.cancel()
+
+
 async def test_bookmarks_advance_the_resource_version(client: Client, namespace):
     # The server sends a bookmark about 2 s before a watch's timeout: a 3 s watch gets one at once.
     informer = Informer(client, CONFIGMAPS, namespace=namespace, label_selector="matches=nothing",

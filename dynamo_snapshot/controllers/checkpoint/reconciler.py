@@ -189,9 +189,10 @@ class CheckpointController:
                     "finalizers": [f for f in m.finalizers if f != CLEANUP_FINALIZER],
                     "resourceVersion": m.resource_version}}, m.namespace)
             return
-        status = {"phase": Phase.FAILED.value, "message": obj.message, "observedGeneration": m.generation}
-        if all(obj.status.get(k) == v for k, v in status.items()):
+        stored = obj.status
+        if (stored.phase, stored.message, stored.observed_generation) == (Phase.FAILED, obj.message, m.generation):
             return
+        status = {"phase": Phase.FAILED.value, "message": obj.message, "observedGeneration": m.generation}
         await self.client.patch_status(DYNAMO_CHECKPOINTS, m.name, {
             "metadata": {"resourceVersion": m.resource_version}, "status": status}, m.namespace)
         log.warning("checkpoint is invalid", namespace=m.namespace, name=m.name, field=obj.path,

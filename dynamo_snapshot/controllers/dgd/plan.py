@@ -60,7 +60,6 @@ def _checkpoint_view(found: DynamoCheckpoint | Malformed | None) -> tuple[Dynamo
 
 
 def plan_component(
-    dgd_raw: dict[str, Any],
     dgd: DynamoGraphDeployment,
     component: str,
     service: Service,
@@ -68,9 +67,9 @@ def plan_component(
     get_checkpoint: Callable[[str], DynamoCheckpoint | Malformed | None],
     storage: Storage | None,
 ) -> ComponentPlan:
-    raw_service = (dgd_raw.get("spec", {}).get("services") or {}).get(component) or {}
-    graph_envs = dgd_raw.get("spec", {}).get("envs") or []
-    whash = worker_hash(component, raw_service, graph_envs)
+    """`dgd` as `api.decode_dgd` gives it: the worker hash is taken over the service as stored."""
+    stored = dgd.stored_spec
+    whash = worker_hash(component, stored.service(component), stored.graph_envs())
     template = pod_template(dgd, component, service, whash)
     target = template["spec"]["containers"][0]["name"]
     template = shared_memory_volume(template, [target], DEFAULT_SHARED_MEMORY)

@@ -14,10 +14,11 @@ from dynamo_snapshot.api import (
     DynamoCheckpoint,
     DynamoGraphDeployment,
     DynamoGraphDeploymentStatus,
-    InvalidObject,
     Malformed,
-    convert,
+    ServiceCheckpoint,
+    decode_dgd,
     find_condition,
+    malformed_of,
     names,
     to_dict,
 )
@@ -69,19 +70,22 @@ def _dgd_keys_of(obj: Any) -> list[ObjectKey]:
     return [ObjectKey(object_key(obj).namespace, dgd)] if dgd else []
 
 
-def _checkpoint_settings(dgd: dict[str, Any]) -> list[dict[str, Any]]:
-    """The services' `checkpoint` sections of a DGD as stored: what is not a mapping is left out (the
-    reconcile names it when it marks the DGD failed)."""
-    spec = dgd.get("spec")
-    services = spec.get("services") if isinstance(spec, dict) else None
-    if not isinstance(services, dict):
+def dgd_informer(factory: InformerFactory, namespace: str | None) -> Informer[DynamoGraphDeployment | Malformed]:
+    """The DGDs as api structs (`api.decode_dgd`: the services as stored kept for the worker hash); one that
+    does not fit is cached as a `Malformed` naming the field."""
+    return factory.informer(DYNAMO_GRAPH_DEPLOYMENTS, namespace=namespace, type=DynamoGraphDeployment,
+                            decode=decode_dgd, on_mismatch=malformed_of(DynamoGraphDeployment))
+
+
+def _checkpoint_settings(dgd: DynamoGraphDeployment | Malformed) -> list[ServiceCheckpoint]:
+    """The services' `checkpoint` sections (none for a malformed DGD: it is failed, it uses nothing)."""
+    if isinstance(dgd, Malformed):
         return []
-    sections = [s.get("checkpoint") for s in services.values() if isinstance(s, dict)]
-    return [c for c in sections if isinstance(c, dict)]
+    return [s.checkpoint for s in dgd.spec.services.values() if s.checkpoint is not None]
 
 
-def uses_checkpoints(dgd: dict[str, Any]) -> bool:
-    return any(c.get("enabled") is True or c.get("checkpointRef") for c in _checkpoint_settings(dgd))
+def uses_checkpoints(dgd: DynamoGraphDeployment | Malformed) -> bool:
+    return any(c.enabled or c.checkpoint_ref for c in _checkpoint_settings(dgd))
 
 
 class DGDController:
@@ -90,7 +94,7 @@ class DGDController:
         self.client = client
         self.config = config
         self.recorder = recorder
-        self.dgds: Informer[Any] = factory.informer(DYNAMO_GRAPH_DEPLOYMENTS, namespace=namespace)
+        self.dgds = dgd_informer(factory, namespace)
         self.replicasets: Informer[Any] = factory.informer(
             REPLICASETS, namespace=namespace, label_selector=names.LABEL_DGD_NAME,
             indexers={DGD_INDEX: index_by_label(names.LABEL_DGD_NAME)})
@@ -111,27 +115,45 @@ class DGDController:
         keys = _dgd_keys_of(ckpt)
         namespace, name = ckpt.metadata.namespace, ckpt.metadata.name
         for dgd in self.dgds.store.by_index("namespace", namespace):
-            if any(c.get("checkpointRef") == name for c in _checkpoint_settings(dgd)):
-                keys.append(ObjectKey(namespace, metadata(dgd)["name"]))
+            if any(c.checkpoint_ref == name for c in _checkpoint_settings(dgd)):
+                keys.append(ObjectKey(namespace, dgd.metadata.name))
         return keys
 
     async def reconcile(self, key: ObjectKey) -> Result | None:
-        raw = self.dgds.store.get_by_name(key.namespace, key.name)
-        if raw is None or is_deleting(raw):
+        dgd = self.dgds.store.get_by_name(key.namespace, key.name)
+        if dgd is None or is_deleting(dgd):
             return None  # owned ReplicaSets and Delete-policy checkpoints go with it (garbage collector)
         try:
-            return await _Reconcile(self, raw).run()
+            if isinstance(dgd, Malformed):
+                return await self._fail_malformed(dgd)
+            return await _Reconcile(self, dgd).run()
         except Conflict:
             return Result(requeue=True)
 
+    async def _fail_malformed(self, obj: Malformed) -> None:
+        """A DGD that does not fit its schema: `failed` once, its Ready condition naming the field. No
+        requeue: only a new generation of the object can change the answer."""
+        m, stored = obj.metadata, obj.status
+        ready = find_condition(stored.conditions, "Ready")
+        if stored.state == STATE_FAILED and ready is not None and ready.message == obj.message:
+            return
+        condition = {"type": "Ready", "status": "False", "reason": "invalid_spec", "message": obj.message,
+                     "lastTransitionTime": timestamp(utcnow()), "observedGeneration": m.generation}
+        await self.client.patch_status(DYNAMO_GRAPH_DEPLOYMENTS, m.name, {
+            "metadata": {"resourceVersion": m.resource_version},
+            "status": {"state": STATE_FAILED, "observedGeneration": m.generation, "conditions": [condition]}},
+            m.namespace)
+        log.warning("deployment is invalid", namespace=m.namespace, name=m.name, field=obj.path,
+                    problem=obj.problem)
+        await self.recorder.warning(obj, "InvalidSpec", obj.message)
+
 
 class _Reconcile:
-    def __init__(self, ctrl: DGDController, raw: dict[str, Any]):
+    def __init__(self, ctrl: DGDController, dgd: DynamoGraphDeployment):
         self.ctrl = ctrl
-        self.raw = raw
-        self.meta = metadata(raw)
-        self.namespace = self.meta["namespace"]
-        self.name = self.meta["name"]
+        self.dgd = dgd
+        self.namespace = dgd.metadata.namespace
+        self.name = dgd.metadata.name
         self.log = log.bind(namespace=self.namespace, name=self.name)
 
     def _storage(self) -> Storage | None:
@@ -141,15 +163,10 @@ class _Reconcile:
             return None
 
     async def run(self) -> Result | None:
-        try:
-            dgd = convert(self.raw, DynamoGraphDeployment)
-        except InvalidObject as err:
-            await self._fail_invalid(err)
-            return None
-        self.dgd = dgd
+        dgd = self.dgd
         storage = self._storage()
         plans = [
-            plan_component(self.raw, dgd, component, service,
+            plan_component(dgd, component, service,
                            get_checkpoint=lambda n: self.ctrl.checkpoints.store.get_by_name(self.namespace, n),
                            storage=storage)
             for component, service in dgd.spec.services.items()
@@ -289,24 +306,6 @@ class _Reconcile:
         if all(self._available(p) and not p.waiting for p in plans):
             return STATE_SUCCESSFUL
         return STATE_PENDING
-
-    async def _fail_invalid(self, err: InvalidObject) -> None:
-        """A DGD that does not fit its schema: `failed` once, its Ready condition naming the field."""
-        message = f"invalid DynamoGraphDeployment: {err}"
-        stored = self.raw.get("status")
-        conditions = stored.get("conditions") if isinstance(stored, dict) else None
-        ready = next((c for c in conditions or [] if isinstance(c, dict) and c.get("type") == "Ready"), {})
-        if isinstance(stored, dict) and stored.get("state") == STATE_FAILED and ready.get("message") == message:
-            return
-        generation = self.meta.get("generation") or 0
-        condition = {"type": "Ready", "status": "False", "reason": "invalid_spec", "message": message,
-                     "lastTransitionTime": timestamp(utcnow()), "observedGeneration": generation}
-        await self.ctrl.client.patch_status(DYNAMO_GRAPH_DEPLOYMENTS, self.name, {
-            "metadata": {"resourceVersion": self.meta["resourceVersion"]},
-            "status": {"state": STATE_FAILED, "observedGeneration": generation, "conditions": [condition]}},
-            self.namespace)
-        self.log.warning("deployment is invalid", field=err.path, problem=err.problem)
-        await self.ctrl.recorder.warning(self.raw, "InvalidSpec", message)
 
     async def _write_status(self, state: str, plans: list[ComponentPlan], problems: list[str],
                             checkpoints: dict[str, ComponentCheckpointStatus]) -> None:
