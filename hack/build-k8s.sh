@@ -2,6 +2,7 @@
 # Builds the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kubelet, kubectl) from the Go module proxy with this machine's Go, and caches the binaries under
 # ~/.cache/dynamo-snapshot/bin/k8s-<version>/. Re-running with everything cached is a no-op.
+# K8S_EXTRA_BINARIES="kubeadm kube-proxy" adds the kind node image's (hack/kind/build-node-image.sh).
 #
 # k8s.io/kubernetes is not `go install`-able (its go.mod replaces the k8s.io/* staging modules with
 # local paths), so we build it from a small wrapper module that requires it and replaces every
@@ -12,7 +13,9 @@ K8S_VERSION="${K8S_VERSION:-1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.4}"
 CACHE="${DYNAMO_SNAPSHOT_CACHE:-$HOME/.cache/dynamo-snapshot}"
 OUT="$CACHE/bin/k8s-$K8S_VERSION"
-BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl ${K8S_EXTRA_BINARIES:-})
+# Every command tools.go imports (so go.sum covers them all), built or not.
+COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kubeadm kube-proxy)
 
 say() { printf '[build-k8s] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -41,19 +44,12 @@ if [ ! -f go.mod ]; then
     grep -E '^\s+k8s\.io/[^ ]+ => \./staging' "$modfile" | awk -v v="v0.$minor" '{print "replace " $1 " => " $1 " " v}'
   } > go.mod.tmp
   mv go.mod.tmp go.mod
-  cat > tools.go <<'GO'
-//go:build tools
-
-package k8sbuild
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "k8s.io/kubernetes/cmd/kubelet"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
+fi
+# tools.go imports every command; a work directory from before kubeadm/kube-proxy is tidied again.
+if ! grep -q 'cmd/kube-proxy"' tools.go 2>/dev/null; then
+  { printf '//go:build tools\n\npackage k8sbuild\n\nimport (\n'
+    printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "${COMMANDS[@]}"
+    printf ')\n'; } > tools.go
   say "go mod tidy (downloads modules)"
   go mod tidy >/dev/null
 fi

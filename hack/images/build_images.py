@@ -2,7 +2,7 @@
 """Builds the container images the node-machinery tests run, without a registry or a Docker engine.
 
 Layers are plain tar files; ``oci_archive`` packs layers and a config into an OCI image-layout tarball
-that ``ctr -n k8s.io images import`` accepts. Two layers are expensive and cached under
+that ``ctr -n k8s.io images import`` accepts (``oci_layout``: several images in one, layers shared). Two layers are expensive and cached under
 ``~/.cache/dynamo-snapshot/images/<version>/`` (the version is the recipe's hash, so a recipe change
 rebuilds them):
 
@@ -262,6 +262,33 @@ def oci_archive(
     labels: dict[str, str] | None = None,
 ) -> Path:
     """Write an OCI image-layout tarball holding one linux/amd64-or-host image named ``ref``."""
+    image = oci_image(ref, layers, entrypoint=entrypoint, cmd=cmd, env=env, user=user, labels=labels)
+    return oci_layout(out, [image])
+
+
+@dataclass(frozen=True)
+class OciImage:
+    """One image of an OCI layout: its config and manifest blobs, its index entry and its layers."""
+
+    config: bytes
+    manifest: bytes
+    index_entry: dict
+    layers: tuple[Layer, ...]
+
+
+def _blob(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def oci_image(
+    ref: str,
+    layers: list[Layer],
+    entrypoint: list[str] | None = None,
+    cmd: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    user: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> OciImage:
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
     environment = {"PATH": DEFAULT_PATH, **(env or {})}
     config = {
@@ -278,13 +305,12 @@ def oci_archive(
         "rootfs": {"type": "layers", "diff_ids": [layer.digest for layer in layers]},
     }
     config_bytes = json.dumps(config, sort_keys=True).encode()
-    config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {
             "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
+            "digest": _blob(config_bytes),
             "size": len(config_bytes),
         },
         "layers": [
@@ -293,32 +319,39 @@ def oci_archive(
         ],
     }
     manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
-    manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": len(manifest_bytes),
-                "annotations": {
-                    "io.containerd.image.name": ref,
-                    "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[-1],
-                },
-                "platform": {"architecture": arch, "os": "linux"},
-            }
-        ],
+    entry = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": _blob(manifest_bytes),
+        "size": len(manifest_bytes),
+        "annotations": {
+            "io.containerd.image.name": ref,
+            "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[-1],
+        },
+        "platform": {"architecture": arch, "os": "linux"},
     }
+    return OciImage(config=config_bytes, manifest=manifest_bytes, index_entry=entry, layers=tuple(layers))
+
+
+def oci_layout(out: Path, images: list[OciImage]) -> Path:
+    """Write an OCI image-layout tarball holding ``images``; a layer they share is stored once."""
+    index = {"schemaVersion": 2, "manifests": [image.index_entry for image in images]}
     tmp = out.with_name(out.name + ".tmp")
+    written: set[str] = set()
     with tarfile.open(tmp, "w") as tar:
         _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
         _add_bytes(tar, "index.json", json.dumps(index).encode())
         _add_dir(tar, "blobs")
         _add_dir(tar, "blobs/sha256")
-        _add_bytes(tar, f"blobs/sha256/{config_digest.split(':')[1]}", config_bytes)
-        _add_bytes(tar, f"blobs/sha256/{manifest_digest.split(':')[1]}", manifest_bytes)
-        for layer in layers:
-            tar.add(str(layer.path), arcname=f"blobs/sha256/{layer.digest.split(':')[1]}")
+        for image in images:
+            for data in (image.config, image.manifest):
+                digest = _blob(data)
+                if digest not in written:
+                    written.add(digest)
+                    _add_bytes(tar, f"blobs/sha256/{digest.split(':')[1]}", data)
+            for layer in image.layers:
+                if layer.digest not in written:
+                    written.add(layer.digest)
+                    tar.add(str(layer.path), arcname=f"blobs/sha256/{layer.digest.split(':')[1]}")
     os.replace(tmp, out)
     return out
 
