@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup k8s helm node run test test-unit lint bench stop clean e2e
+.PHONY: setup k8s helm node run test test-unit lint bench stop clean e2e docker-engine
 
 # Images: agent-image, operator-image, placeholder-image (RUNTIME_IMAGE=..., CRIU_REPO=..., CRIU_REF=...), images
 include images/Makefile.inc
@@ -46,9 +46,13 @@ bench: setup
 	$(BIN)/pip install -q -e '.[test,dev,bench]'
 	$(BIN)/python bench/informer.py
 
-# Checkpoint + restore in a kind cluster (needs a Docker engine; says so and exits 0 without one).
-e2e:
+# Checkpoint + restore in a kind cluster, everything built offline (needs root and a Docker engine;
+# says so and exits 0 without one). `make docker-engine` starts one that leaves iptables alone.
+e2e: setup
 	hack/kind/e2e.sh
+
+docker-engine:
+	hack/kind/docker-engine.sh start
 
 stop:
 	-$(BIN)/python -m dynamo_snapshot.devcluster.pids stop .local/cluster

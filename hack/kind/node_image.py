@@ -372,8 +372,10 @@ def main() -> int:
         # `docker import --change` knows no STOPSIGNAL; the classic builder needs no registry for this.
         dockerfile = (f"FROM {image}-rootfs\nENV container=docker\nSTOPSIGNAL SIGRTMIN+3\n"
                       'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]\n')
-        run("docker", "build", "-q", "-t", image, "-", input=dockerfile.encode(), stdout=subprocess.DEVNULL,
-            env={**os.environ, "DOCKER_BUILDKIT": "0"})
+        built = subprocess.run(["docker", "build", "-q", "-t", image, "-"], input=dockerfile.encode(),
+                               capture_output=True, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+        if built.returncode != 0:
+            raise SystemExit(f"[node-image] error: docker build of {image} failed: {built.stderr.decode()[-2000:]}")
         run("docker", "rmi", f"{image}-rootfs", stdout=subprocess.DEVNULL)
     print(image)
     return 0
