@@ -116,7 +116,8 @@ else
     KIND_NODE_IMAGE="$(python3 "$HERE/node_image.py")"
   fi
   say "creating kind cluster $CLUSTER on $KIND_NODE_IMAGE"
-  "$KIND" create cluster --name "$CLUSTER" --config "$HERE/kind-config.yaml" --wait 180s \
+  cluster_up=1   # --retain: a node that fails to come up stays for the diagnostics, then goes
+  "$KIND" create cluster --name "$CLUSTER" --config "$HERE/kind-config.yaml" --wait 180s --retain \
     --image "$KIND_NODE_IMAGE" >&2
 fi
 cluster_up=1
