@@ -2,7 +2,8 @@
 """Builds the container images the node-machinery tests run, without a registry or a Docker engine.
 
 Layers are plain tar files; ``oci_archive`` packs layers and a config into an OCI image-layout tarball
-that ``ctr -n k8s.io images import`` accepts (``oci_layout``: several images in one, layers shared). Two layers are expensive and cached under
+that ``ctr -n k8s.io images import`` accepts (``oci_layout``: several images in one, layers shared).
+Two layers are expensive and cached under
 ``~/.cache/dynamo-snapshot/images/<version>/`` (the version is the recipe's hash, so a recipe change
 rebuilds them):
 
