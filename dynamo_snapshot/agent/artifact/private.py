@@ -50,7 +50,8 @@ def _open_beneath(dir_fd: int, rel: str, where: Path) -> int:
             os.close(fd)
             fd = child
         try:
-            found = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            # O_NONBLOCK: a FIFO swapped in must not hang the open (it is refused below as not regular)
+            found = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
         except OSError as exc:
             raise ArtifactInvalid(f"{where / rel} cannot be opened as a regular file: {exc.strerror}") from None
     finally:
