@@ -20,6 +20,7 @@ archives, ``devcluster/images.py``) into containerd, and pods use ``imagePullPol
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -44,6 +45,34 @@ from dynamo_snapshot.devcluster.containerd import (
 )
 
 log = structlog.get_logger(__name__)
+
+POD_SUBNETS = ipaddress.ip_network("10.100.0.0/14")  # 1024 candidate /24s, clear of SERVICE_CIDR
+
+
+def routed_networks(route_table: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
+    """Every IPv4 destination the machine routes today, a DOWN bridge's left-over route included (a new
+    pod subnet that overlaps one of them gets "No route to host" for some of its pods)."""
+    networks = []
+    for line in route_table.read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        dest, mask = (ipaddress.IPv4Address(int(f, 16).to_bytes(4, "little")) for f in (fields[1], fields[7]))
+        if int(mask):  # the default route overlaps everything and matters for nothing here
+            networks.append(ipaddress.IPv4Network(f"{dest}/{mask}", strict=False))
+    return networks
+
+
+def free_subnet(taken: Sequence[ipaddress.IPv4Network], *, tries: int = 64) -> ipaddress.IPv4Network:
+    """A random /24 of POD_SUBNETS that overlaps nothing in ``taken``; random so that nodes of concurrent
+    sessions, which have not made their bridges yet, still rarely meet."""
+    candidates = list(POD_SUBNETS.subnets(new_prefix=24))
+    for _ in range(tries):
+        subnet = candidates[secrets.randbelow(len(candidates))]
+        if not any(subnet.overlaps(net) for net in taken):
+            return subnet
+    raise RuntimeError(f"no free /24 in {POD_SUBNETS} after {tries} tries: the machine routes {len(taken)} "
+                       "networks; remove left-over dsn* bridges (`ip link del <bridge>`)")
 
 def missing() -> str | None:
     """One line saying why this machine cannot run a node, or None when it can."""
@@ -116,7 +145,7 @@ class KubeletNode:
             "ports": {name: _free_port()
                       for name in ("kubelet", "kubelet-healthz", "containerd-metrics", "gpu-plugin")},
             "bridge": "dsn" + secrets.token_hex(3),
-            "subnet": f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}.0/24",
+            "subnet": str(free_subnet(routed_networks())),
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(settings, indent=2))

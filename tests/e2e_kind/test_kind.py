@@ -30,11 +30,13 @@ def test_checkpoint_and_restore_in_kind() -> None:
     if not docker_engine():
         pytest.skip(NO_DOCKER)
     # This interpreter's venv, wherever the checkout's own .venv is (or is not).
-    env = {**os.environ, "E2E_PYTHON": sys.executable, "KEEP_CLUSTER": "0"}
+    # A cluster of its own, so that a `make e2e` someone runs beside the suite is not deleted under it.
+    cluster = f"dynamo-snapshot-e2e-test-{os.getpid()}"
+    env = {**os.environ, "E2E_PYTHON": sys.executable, "KEEP_CLUSTER": "0", "KIND_CLUSTER": cluster}
     result = subprocess.run([str(E2E)], capture_output=True, text=True, env=env, timeout=3500)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "] PASS: DynamoCheckpoint" in result.stderr
-    assert "dynamo-snapshot-e2e" not in subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}"],
+    assert cluster not in subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}"],
                                                        capture_output=True, text=True).stdout
 
 
