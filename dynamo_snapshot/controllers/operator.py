@@ -87,6 +87,7 @@ class Operator:
                  checkpointing=self.config.checkpoint.enabled,
                  storage=self.config.checkpoint.storage.access_mode.value)
         async with anyio.create_task_group() as tg:
+            await tg.start(recorder.run)  # events are written off the reconciles' path
             await tg.start(factory.run)
             self._synced = True
             tg.start_soon(checkpoints.controller.run)

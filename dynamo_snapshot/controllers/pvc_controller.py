@@ -68,10 +68,12 @@ class PVCController:
     async def reconcile(self, key: ObjectKey) -> Result | None:
         storage = self.config.checkpoint.storage
         namespace = key.namespace
-        if storage.access_mode is not StorageAccessMode.POD_MOUNT or not self._needs_storage(namespace):
+        if storage.access_mode is not StorageAccessMode.POD_MOUNT:
             return None
         pvc = self.pvcs.store.get_by_name(namespace, self.pvc_name)
-        if pvc is not None and not is_deleting(pvc):
+        # The PVC first: every checkpoint event of the namespace lands here, and scanning the namespace's
+        # objects each time made a burst of N checkpoints cost N^2.
+        if (pvc is not None and not is_deleting(pvc)) or not self._needs_storage(namespace):
             return None
         undecided = [c for c in self.checkpoints.store.by_index("namespace", namespace)
                      if c.status.phase not in TERMINAL_PHASES and not is_deleting(c)]  # Malformed: typed status too

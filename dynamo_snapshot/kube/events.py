@@ -7,6 +7,16 @@
 Recording never raises: an event is a courtesy, and failing a reconcile over one would be worse than
 missing it (failures are logged). The same event again within six minutes is counted on the first one
 (`series.count`) instead of making a new object, as client-go's recorder does.
+
+While `run` serves the recorder (a task of the controller's task group), recording only queues: a
+sender writes the events in order, off the reconciles' path, as client-go's broadcaster does - an
+event write used to be one of three sequential API calls of each checkpoint's first reconcile. The
+queue holds `queue_size` events; one more is dropped and logged (a burst must not grow memory without
+bound). Cancelled, the sender still writes what is queued, for at most `drain_s`. Without a running
+sender (tests, one-shot tools) an event is written before `event` returns.
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(recorder.run)
 """
 
 from __future__ import annotations
@@ -18,7 +28,10 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import structlog
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 
 from dynamo_snapshot.kube.client import Client
 from dynamo_snapshot.kube.errors import KubeError, NotFound
@@ -53,14 +66,41 @@ def object_reference(obj: Any) -> dict[str, str]:
 
 
 class EventRecorder:
-    def __init__(self, client: Client, *, controller: str, instance: str | None = None, cache_size: int = 4096):
+    def __init__(self, client: Client, *, controller: str, instance: str | None = None, cache_size: int = 4096,
+                 queue_size: int = 1000, drain_s: float = 2.0):
         """`controller`: the reportingController (`nvidia.com/dynamo-snapshot-operator`); `instance`: this
         process (the pod or host name by default)."""
         self.client = client
         self.controller = controller
         self.instance = instance or socket.gethostname()
         self.cache_size = cache_size
+        self.queue_size, self.drain_s = queue_size, drain_s
+        self.dropped = 0
         self._series: OrderedDict[tuple[str, ...], tuple[str, str, int, float]] = OrderedDict()
+        self._queue: MemoryObjectSendStream[tuple[Any, ...]] | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve the recorder until cancelled: events are queued and written here, one at a time."""
+        send, receive = anyio.create_memory_object_stream[tuple[Any, ...]](self.queue_size)
+        self._queue = send
+        task_status.started()
+        try:
+            async for queued in receive:
+                await self._record(*queued)
+        finally:
+            self._queue = None
+            send.close()
+            with anyio.move_on_after(self.drain_s, shield=True):
+                await self._drain(receive)
+            receive.close()
+
+    async def _drain(self, receive: Any) -> None:
+        while True:
+            try:
+                queued = receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            await self._record(*queued)
 
     async def normal(self, obj: Any, reason: str, note: str, *, action: str = "", related: Any = None) -> None:
         await self.event(obj, "Normal", reason, note, action=action, related=related)
@@ -72,10 +112,24 @@ class EventRecorder:
                     related: Any = None) -> None:
         """Record an event about `obj` (type Normal or Warning; action defaults to the reason)."""
         regarding = object_reference(obj)
-        namespace = regarding.get("namespace") or "default"
         # the API server counts bytes, not characters
         note = note.encode()[:_MAX_NOTE].decode(errors="ignore")
         action = action or reason
+        related_ref = None if related is None else object_reference(related)
+        queued = (regarding, type, reason, note, action, related_ref)
+        if self._queue is None:
+            await self._record(*queued)
+            return
+        try:
+            self._queue.send_nowait(queued)
+        except anyio.WouldBlock:
+            self.dropped += 1
+            log.warning("event queue full, dropping event", queue_size=self.queue_size, reason=reason,
+                        object=f"{regarding.get('namespace')}/{regarding.get('name')}", dropped=self.dropped)
+
+    async def _record(self, regarding: dict[str, str], type: str, reason: str, note: str, action: str,
+                      related: dict[str, str] | None) -> None:
+        namespace = regarding.get("namespace") or "default"
         key = (regarding.get("uid") or f"{namespace}/{regarding.get('name')}", type, reason, action, note)
         now = time.monotonic()
         try:
@@ -98,7 +152,7 @@ class EventRecorder:
                 "type": type, "regarding": regarding,
             }
             if related is not None:
-                body["related"] = object_reference(related)
+                body["related"] = related
             created = await self.client.create(EVENTS_V1, body, namespace)
             self._remember(key, (created["metadata"]["name"], namespace, 1, now))
         except KubeError as err:

@@ -249,7 +249,7 @@ def test_pod_mount_missing_pvc_is_reported(cluster, start_operator):
     message = (f"checkpoint storage PVC {cluster.namespace}/snapshot-pvc does not exist and "
                "checkpoint.storage.pvc.create is false")
     assert failed["status"]["message"] == message
-    assert any(e["note"] == message for e in cluster.events("missing-pvc"))
+    assert cluster.wait_event("missing-pvc", "StorageUnavailable")["note"] == message
     assert not cluster.list("jobs")
 
 
