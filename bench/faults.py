@@ -46,6 +46,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _parallel import in_parallel  # noqa: E402  (bench/ is this script's sys.path[0])
+
 from dynamo_snapshot.api import names  # noqa: E402
 from dynamo_snapshot.devcluster import binaries  # noqa: E402
 from dynamo_snapshot.devcluster.cluster import Component, LocalCluster, _free_port  # noqa: E402
@@ -71,21 +73,6 @@ PVC = "snapshot-pvc"
 CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
                 namespaced=False)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-async def in_parallel(count: int, make: Callable[[int], Awaitable[None]], concurrency: int = 64) -> None:
-    send, receive = anyio.create_memory_object_stream[int](count)
-    for i in range(count):
-        send.send_nowait(i)
-    send.close()
-
-    async def worker() -> None:
-        async for i in receive:
-            await make(i)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(concurrency):
-            tg.start_soon(worker)
 
 
 async def retrying(call: Callable[[], Awaitable[Any]], within_s: float = 120) -> Any:

@@ -37,6 +37,8 @@ import structlog
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _parallel import in_parallel  # noqa: E402  (bench/ is this script's sys.path[0])
+
 from dynamo_snapshot.kube import NAMESPACES, PODS, Client, Informer, Resource, load_kubeconfig  # noqa: E402
 
 SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
@@ -62,22 +64,6 @@ def pod(i: int) -> dict[str, Any]:
             ],
         },
     }
-
-
-async def in_parallel(count: int, make, concurrency: int = 64) -> None:
-    """Run make(i) for every i, `concurrency` at a time."""
-    send, receive = anyio.create_memory_object_stream[int](count)
-    for i in range(count):
-        send.send_nowait(i)
-    send.close()
-
-    async def worker() -> None:
-        async for i in receive:
-            await make(i)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(concurrency):
-            tg.start_soon(worker)
 
 
 class ContenderProcess:
