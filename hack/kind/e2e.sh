@@ -168,6 +168,11 @@ helm upgrade --install snapshot "$REPO/helm/snapshot" -n "$NAMESPACE" \
   --set config.criu.networkLock=nftables >&2
 kubectl rollout status daemonset/snapshot-agent -n "$NAMESPACE" --timeout=5m >&2
 kubectl rollout status deployment/dynamo-operator -n dynamo-system --timeout=5m >&2
+# The cluster-wide operator runs under its chart's admission policy: the flow below shows it lets through
+# everything the operator needs.
+kubectl get validatingadmissionpolicybindings -o name | grep -q . \
+  || die "the operator chart installed no ValidatingAdmissionPolicyBinding (admissionPolicy.ownedObjectsOnly)"
+say "operator admission policy: on ($(kubectl get validatingadmissionpolicybindings -o name | tr '\n' ' '))"
 
 say "checkpointing the CPU worker"
 kubectl apply -n "$NAMESPACE" -f - <"$HERE/checkpoint.yaml" >&2

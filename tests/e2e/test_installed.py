@@ -46,6 +46,11 @@ def test_the_charts_run_the_operator_as_a_deployment_and_the_agent_as_a_daemonse
     leases = json.loads(stack.kubectl("get", "leases", "-n", installed.OPERATOR_NAMESPACE, "-o", "json"))["items"]
     assert [lease["spec"]["holderIdentity"] for lease in leases if operator["metadata"]["name"]
             in lease["spec"].get("holderIdentity", "")]
+    # the cluster-wide operator runs under the chart's admission policy (owned objects only), so the
+    # checkpoint and restore below show that the policy lets through everything the operator needs
+    bindings = json.loads(stack.kubectl("get", "validatingadmissionpolicybindings", "-o", "json"))["items"]
+    assert [b for b in bindings if b["metadata"].get("labels", {}).get("app.kubernetes.io/instance")
+            == installed.OPERATOR_RELEASE and b["spec"]["validationActions"] == ["Deny"]]
     # both serve their metrics on the pod network
     assert "# TYPE" in metrics(operator, 8080)
     assert "# TYPE" in metrics(agent, 9090)

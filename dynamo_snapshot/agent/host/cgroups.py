@@ -49,11 +49,24 @@ def _hierarchy_dir(controllers: str) -> Path:
 
 
 def procs_files(pid: int) -> list[Path]:
-    """The ``cgroup.procs`` file of every cgroup ``pid`` is in: writing a PID there moves it alongside."""
+    """The ``cgroup.procs`` file of every cgroup ``pid`` is in: writing a PID there moves it alongside.
+
+    A v1 hierarchy that is mounted nowhere under the root and holds ``pid`` at its top (a named hierarchy
+    some tool left on the host, which no runtime manages) has nothing to join and is passed over; one
+    that holds it deeper is an error, as before."""
     paths = procfs.cgroup_paths(pid)
     if _v2():
         return [CGROUP_ROOT / paths[""].lstrip("/") / "cgroup.procs"]
-    return [_hierarchy_dir(h) / p.lstrip("/") / "cgroup.procs" for h, p in sorted(paths.items()) if h]
+    files = []
+    for hierarchy, path in sorted(paths.items()):
+        if not hierarchy:
+            continue
+        try:
+            files.append(_hierarchy_dir(hierarchy) / path.lstrip("/") / "cgroup.procs")
+        except CgroupError:
+            if path != "/":
+                raise
+    return files
 
 
 @dataclass(frozen=True)
