@@ -162,18 +162,28 @@ class HfBench(Bench):
         log("checkpoint", **{k: v for k, v in result.items() if k != "files"})
         return True
 
-    def restore_once(self, name: str, drop: bool) -> dict[str, Any]:
+    def restore_once(self, name: str, drop: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
         page_cache = drop_caches([self.model, self.base]) if drop else "warm (read by the run before)"
+        saved = {key: os.environ.get(key) for key in env or {}}
+        os.environ.update(env or {})  # CRIU inherits it (the patched CRIU's DYNAMO_CRIU_RESTORE_* settings)
         started = time.perf_counter()
-        done = anyio.run(lambda: tree.restore_tree(self.base, CHECKPOINT, self.bundle, DriverCuda(), self.settings,
-                                                   io_threads=self.args.io_threads, overlap=True))
+        try:
+            done = anyio.run(lambda: tree.restore_tree(self.base, CHECKPOINT, self.bundle, DriverCuda(),
+                                                       self.settings, io_threads=self.args.io_threads, overlap=True))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         restored = time.perf_counter()
         ping = wait_ready(None, 60)
         serving = time.perf_counter()
         state = request({"cmd": "state"})
         answered = time.perf_counter()
         kill_and_reap(done.pid)
-        result = {"page_cache": page_cache, "io_threads": self.args.io_threads, "seconds": done.seconds,
+        result = {"page_cache": page_cache, "dropped": drop, "env": env or {}, "io_threads": self.args.io_threads,
+                  "seconds": done.seconds,
                   "pipeline_s": restored - started, "restore_to_serving_s": serving - started,
                   "restore_to_first_state_s": answered - started, "state_generate_s": state.get("generate_s"),
                   "equal": same_state(state, self.results["reference"]), "pid": ping.get("pid")}
@@ -196,9 +206,9 @@ class HfBench(Bench):
         if not taken:
             return
         restores = self.results.setdefault("restores", {})
-        for name, drop in (("dropped", True), ("warm", False)):
+        for name, drop, env in self.args.variants:
             try:
-                restores[name] = self.restore_once(name, drop)
+                restores[name] = self.restore_once(name, drop, env)
             except Exception as exc:  # keep what was measured
                 log(f"restore {name} FAILED", error=str(exc)[-2000:])
                 restores[name] = {"error": str(exc)[-4000:]}
@@ -257,13 +267,16 @@ def table(results: dict[str, Any]) -> str:
                      f"{lim.get('checkpoint_sol_s', 0):.2f} | {_ratio(ck['total_s'], lim.get('checkpoint_sol_s'))} "
                      f"(<= {CHECKPOINT_GOAL}) | - | source {ck.get('source_equal_after')} |")
     for name, r in results.get("restores", {}).items():
-        label = "restore, page cache dropped" if name == "dropped" else "restore, image in page cache"
+        dropped = r.get("dropped", name == "dropped")
+        label = "restore, page cache dropped" if dropped else "restore, image in page cache"
+        if r.get("env"):
+            label += " (" + " ".join(f"{k}={v}" for k, v in r["env"].items()) + ")"
         if "error" in r:
             lines.append(f"| {label} | failed | {r['error'][-300:]!r} | | | | |")
             continue
         ready = r["restore_to_serving_s"]
-        goal = f"(<= {RESTORE_GOAL})" if name == "dropped" else "(storage limit; goal is memory speed)"
-        cold_goal = f"(>= {WARM_GOAL})" if name == "warm" else ""
+        goal = f"(<= {RESTORE_GOAL})" if dropped else "(storage limit; goal is memory speed)"
+        cold_goal = "" if dropped else f"(>= {WARM_GOAL})"
         lines.append(f"| {label} -> serving | {ready:.2f} | {_stages(r.get('seconds', {}))}; first state at "
                      f"{r['restore_to_first_state_s']:.2f} | {lim.get('restore_sol_s', 0):.2f} | "
                      f"{_ratio(ready, lim.get('restore_sol_s'))} {goal} | {_ratio(cold_s, ready)} {cold_goal} "
@@ -277,6 +290,16 @@ def pack_logs(hf: HfBench) -> None:
             tar.add(path, arcname=str(path.relative_to(hf.work)))
 
 
+def variant(text: str) -> tuple[str, bool, dict[str, str]]:
+    """'warm-par:warm:DYNAMO_CRIU_RESTORE_THREADS=16' -> ('warm-par', False, {...}). Pure."""
+    name, _, rest = text.partition(":")
+    cache, _, env = rest.partition(":")
+    if cache not in ("dropped", "warm") or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:dropped|warm[:KEY=VALUE,...]")
+    pairs = dict(item.split("=", 1) for item in env.split(",") if item)
+    return name, cache == "dropped", pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/dynamo-snapshot-bench"))
@@ -288,7 +311,11 @@ def main() -> None:
     parser.add_argument("--cold-timeout", type=float, default=400.0)
     parser.add_argument("--write-probe-gib", type=int, default=4)
     parser.add_argument("--budget", type=float, default=530.0, help="seconds for the whole run (timeouts)")
+    parser.add_argument("--variant", dest="variants", action="append", type=variant, default=[],
+                        help="NAME:dropped|warm[:KEY=VALUE,...] a restore to run (repeatable); default: "
+                             "dropped:dropped and warm:warm. dropped: with the page cache dropped first")
     args = parser.parse_args()
+    args.variants = args.variants or [("dropped", True, {}), ("warm", False, {})]
     args.out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still saves and packs what was measured
     become_subreaper()
