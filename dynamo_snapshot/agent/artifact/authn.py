@@ -10,7 +10,9 @@
     open      at the verify stage of a restore, before CRIU or the agent parses anything else: both
               files read below the version directory without following symlinks and bounded in size,
               the MAC checked in constant time, only then the JSON parsed (and its ``keyID`` compared
-              with the MAC's); the parsed manifest is what the restore uses, never a second read
+              with the MAC's); the parsed manifest is what the restore uses, never a second read; it
+              carries the SHA-256 of the exact bytes authenticated (``sha256_of``), which a node-cache
+              entry is bound to (``nodecache.py``)
 
 A version without ``manifest.json.mac`` (written before checkpoints were authenticated, or stripped)
 is refused with a message that says to take the checkpoint again (docs/security.md).
@@ -103,6 +105,17 @@ class Keyring:
     def mac_line(self, data: bytes) -> str:
         key_id = self.signing_id
         return f"{ALGORITHM} {key_id} {self.mac(key_id, data)}\n"
+
+
+class AuthenticatedManifest(dict[str, Any]):
+    """The parsed manifest ``open_manifest`` authenticated, with the SHA-256 of its exact bytes."""
+
+    sha256: str = ""
+
+
+def sha256_of(manifest: dict[str, Any]) -> str | None:
+    """The SHA-256 of the bytes ``manifest`` was authenticated from; None for a manifest that was not."""
+    return (manifest.sha256 or None) if isinstance(manifest, AuthenticatedManifest) else None
 
 
 def _read_below(directory: Path, name: str, limit: int) -> bytes | None:
@@ -201,7 +214,9 @@ def open_manifest(directory: Path, keyring: Keyring) -> dict[str, Any]:
         raise ArtifactInvalid(
             f"{directory / MANIFEST} field {KEY_FIELD} is {manifest.get(KEY_FIELD)!r}, but its MAC is by key {key_id!r}"
         )
-    return manifest
+    authenticated = AuthenticatedManifest(manifest)
+    authenticated.sha256 = hashlib.sha256(data).hexdigest()
+    return authenticated
 
 
 def write_manifest(

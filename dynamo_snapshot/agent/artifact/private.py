@@ -26,53 +26,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dynamo_snapshot.agent.artifact import copies
 from dynamo_snapshot.agent.artifact.manifest import default_io_threads
 from dynamo_snapshot.agent.artifact.verification import is_page_data, verify_digests
 from dynamo_snapshot.agent.errors import ArtifactInvalid
 
 DEFAULT_ROOT = Path("/var/lib/dynamo-snapshot/restore")
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _open_beneath(dir_fd: int, rel: str, where: Path) -> int:
-    """``rel`` below ``dir_fd``, each component opened without following a link; a regular file."""
-    parts = rel.split("/")
-    fd = os.dup(dir_fd)
-    try:
-        for part in parts[:-1]:
-            child = os.open(part, _DIR, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        try:
-            # O_NONBLOCK: a FIFO swapped in must not hang the open (it is refused below as not regular)
-            found = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
-        except OSError as exc:
-            raise ArtifactInvalid(f"{where / rel} cannot be opened as a regular file: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(os.fstat(found).st_mode):
-        os.close(found)
-        raise ArtifactInvalid(f"{where / rel} is not a regular file; an artifact holds regular files only")
-    return found
-
-
-def _copy(src: int, dest: Path, size: int, where: Path) -> None:
-    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        done = 0
-        while done < size:
-            sent = os.sendfile(out, src, done, size - done)
-            if sent == 0:
-                raise ArtifactInvalid(f"{where} ends at byte {done}; the manifest says {size} bytes")
-            done += sent
-    finally:
-        os.close(out)
 
 
 def _from_root(link: Path, target: Path) -> str:
@@ -95,7 +59,7 @@ class PrivateImages:
         os.chmod(root, 0o700)
         path = root / uuid.uuid4().hex
         path.mkdir(mode=0o700)
-        storage_fd = os.open(version, _DIR)
+        storage_fd = os.open(version, copies.DIRECTORY)
         images = cls(path, storage_fd)
         try:
             images._fill(version, manifest, io_threads or default_io_threads())
@@ -105,26 +69,26 @@ class PrivateImages:
         return images
 
     def _fill(self, version: Path, manifest: dict[str, Any], threads: int) -> None:
-        copies = []
+        jobs = []
         for entry in manifest.get("files") or []:
             rel = str(entry["path"])
             (self.path / rel).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if is_page_data(rel):
-                os.close(_open_beneath(self._storage_fd, rel, version))  # a regular file, now
+                os.close(copies.open_regular(self._storage_fd, rel, version))  # a regular file, now
                 os.symlink(_from_root(self.path / rel, version / rel), self.path / rel)
             else:
-                copies.append((rel, int(entry["size"])))
+                jobs.append((rel, int(entry["size"])))
 
         def copy(job: tuple[str, int]) -> None:
             rel, size = job
-            src = _open_beneath(self._storage_fd, rel, version)
+            src = copies.open_regular(self._storage_fd, rel, version)
             try:
-                _copy(src, self.path / rel, size, version / rel)
+                copies.copy_exact(src, self.path / rel, size, version / rel)
             finally:
                 os.close(src)
 
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="private-copy") as pool:
-            list(pool.map(copy, copies))
+            list(pool.map(copy, jobs))
         try:
             verify_digests(self.path, manifest, lambda rel: not is_page_data(rel), threads)
         except ArtifactInvalid as exc:  # name the stored file, not the private copy

@@ -7,7 +7,10 @@
               checks (the placeholder has the checkpoint's mounts); the GPUs the target can see cover
               the checkpoint's. The page data (most of the bytes) is verified from here on in the
               background by parallel readers, ahead of CRIU's reads (``overlap``; without it every byte
-              is verified here)
+              is verified here). With a node cache (``artifact/nodecache.py``) holding this version
+              bound to the authenticated manifest, everything is read from that pinned entry instead,
+              and the page data needs no check (verified when cached, agent-private); after a restore
+              from storage the cache is filled in the background
     pids      the checkpoint's PIDs: reserved in the placeholder's namespace, or free on the host
     rootfs    delete what the workload had deleted, then extract rootfs-diff.tar (confined)
     dev-shm   refill /dev/shm from dev-shm.tar
@@ -40,7 +43,7 @@ import anyio
 import structlog
 
 from dynamo_snapshot import lifecycle
-from dynamo_snapshot.agent.artifact import authn, beneath, private, verification
+from dynamo_snapshot.agent.artifact import authn, beneath, nodecache, private, verification
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
@@ -67,6 +70,7 @@ class RestoreRequest(Request):
     prefetch: Sequence[Path] = ()  # files to read ahead besides the declared ones
     overlap: bool = True  # verify the page data while CRIU runs (tasks held stopped until it passed)
     private_root: Path = private.DEFAULT_ROOT  # node-local, the agent's only: the copies of the parsed files
+    cache: nodecache.NodeCache | None = None  # read a complete cached copy; after a restore from storage, fill it
 
 
 class Stage(enum.StrEnum):
@@ -100,7 +104,8 @@ class _Run:
         self.stages = Stages[Stage]("restore", bound, hooks)
         layout = artifact_layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
         self.stored = layout.final_dir  # on storage: others may write there
-        self.private: PrivateImages | None = None  # what is read: verified copies (``artifact/private.py``)
+        self.private: PrivateImages | nodecache.Pinned | None = None  # what is read: verified copies
+        self.cached = False  # read from the node cache: every byte verified already, the page data included
         self.restores = request.base_path / request.checkpoint_id / artifact_layout.RESTORES
         self.warm: Prefetch | None = None
         self.host_pid: int | None = None
@@ -116,9 +121,11 @@ class _Run:
         )
         wanted, threads = self.request.checkpoint_id, self.request.io_threads
         manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.stored, wanted, here, self.keyring)
-        self.private = await anyio.to_thread.run_sync(
-            PrivateImages.prepare, self.stored, manifest, self.request.private_root, threads)
-        if not self.request.overlap:
+        self.private = await anyio.to_thread.run_sync(nodecache.restore_images, self.request.cache, self.stored,
+                                                      manifest, self.request.artifact_version,
+                                                      self.request.private_root, threads)
+        self.cached = isinstance(self.private, nodecache.Pinned)
+        if not self.request.overlap and not self.cached:
             pages = self.pages_dir
             await anyio.to_thread.run_sync(
                 lambda: verification.verify_digests(pages, manifest, verification.is_page_data, threads))
@@ -167,7 +174,8 @@ class _Run:
         manifest, recorded = await self.verify(dest)
         leave(Stage.VERIFY)
 
-        pages = PageCheck(self.pages_dir, manifest, self.request.io_threads) if self.request.overlap else Verified()
+        checked = self.request.overlap and not self.cached
+        pages = PageCheck(self.pages_dir, manifest, self.request.io_threads) if checked else Verified()
         self.pages = pages
         async with lifecycle.background() as group:
             group.start_soon(pages.run)
@@ -243,6 +251,8 @@ async def restore(target: RestoreTarget, request: RestoreRequest, bundle: criu.C
         if run.private is not None:
             run.private.close()
     await run.prune()
+    if not run.cached:
+        nodecache.fill_after_restore(request.cache, run.stored, manifest, request.artifact_version)
     assert run.host_pid is not None
     background = {"verify-pages": run.pages.seconds}
     bound.info("restored", workload_pid=workload_pid, seconds=run.stages.rounded(),

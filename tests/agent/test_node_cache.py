@@ -1,0 +1,242 @@
+"""The node-local checkpoint cache keeps complete, verified copies of versions bound to their authenticated
+manifest, within a byte budget: a tampered, truncated or swapped source is refused and nothing is cached,
+least recently used entries go first but never one a restore is reading, and a failed or interrupted fill
+leaves nothing that is ever used."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dynamo_snapshot.agent.artifact import authn, copies
+from dynamo_snapshot.agent.artifact.nodecache import RECORD, NodeCache, NodeCacheError, NodeCacheFull
+from dynamo_snapshot.agent.errors import ArtifactInvalid
+
+KiB = 1024
+
+
+def stored_version(tmp_path: Path, name: str, files: dict[str, bytes]) -> tuple[Path, dict]:
+    """A version directory as a checkpoint leaves it, and its manifest as a restore authenticated it."""
+    version = tmp_path / "storage" / name / "versions" / "1"
+    version.mkdir(parents=True)
+    entries = []
+    for rel, data in files.items():
+        (version / rel).write_bytes(data)
+        entries.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    data = json.dumps({"checkpointID": name, "files": entries}).encode()
+    (version / authn.MANIFEST).write_bytes(data)
+    (version / authn.MAC_FILE).write_text("hmac-sha256 k1 " + "0" * 64 + "\n")
+    manifest = authn.AuthenticatedManifest(json.loads(data))
+    manifest.sha256 = hashlib.sha256(data).hexdigest()
+    return version, manifest
+
+
+def sized(name: str, kib: int) -> tuple[str, dict[str, bytes]]:
+    return name, {"core-1.img": name.encode() * 8, "pages-1.img": os.urandom(kib * KiB)}
+
+
+def test_a_filled_version_is_a_hit_with_every_file_of_the_version(tmp_path: Path) -> None:
+    version, manifest = stored_version(tmp_path, "ck", {"core-1.img": b"core", "pages-1.img": b"p" * 5000})
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    filled = cache.fill("ck", "1", version, manifest)
+    assert filled is not None and filled.bytes > 5000
+    with cache.use("ck", "1", manifest) as entry:
+        assert entry is not None
+        assert entry.path == tmp_path / "cache" / "ck" / "1"
+        assert (entry.path / "pages-1.img").read_bytes() == b"p" * 5000
+        assert not (entry.path / "pages-1.img").is_symlink()
+        assert (entry.path / authn.MANIFEST).read_bytes() == (version / authn.MANIFEST).read_bytes()
+        assert (entry.path / authn.MAC_FILE).exists() and (entry.path / RECORD).exists()
+        assert [e.pins for e in cache.entries()] == [1]
+    assert [(e.checkpoint_id, e.version, e.pins) for e in cache.entries()] == [("ck", "1", 0)]
+    assert oct((tmp_path / "cache").stat().st_mode & 0o777) == "0o700"
+    assert cache.fill("ck", "1", version, manifest) is None  # cached already
+
+
+def test_a_tampered_source_file_is_refused_by_name_and_nothing_is_cached(tmp_path: Path) -> None:
+    version, manifest = stored_version(tmp_path, "ck", {"core-1.img": b"core", "pages-1.img": b"p" * 5000})
+    (version / "pages-1.img").write_bytes(b"q" * 5000)
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    with pytest.raises(ArtifactInvalid, match=str(version / "pages-1.img")):
+        cache.fill("ck", "1", version, manifest)
+    assert cache.entries() == [] and cache.used_bytes == 0
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == [".partial"]
+
+
+@pytest.mark.parametrize("attack", ["truncated", "symlink", "fifo"])
+def test_a_source_that_is_not_a_regular_file_of_the_listed_size_is_refused(tmp_path: Path, attack: str) -> None:
+    version, manifest = stored_version(tmp_path, "ck", {"core-1.img": b"core", "pages-1.img": b"p" * 5000})
+    target = version / "pages-1.img"
+    target.unlink()
+    if attack == "truncated":
+        target.write_bytes(b"p" * 4000)
+    elif attack == "symlink":
+        (tmp_path / "elsewhere").write_bytes(b"p" * 5000)
+        target.symlink_to(tmp_path / "elsewhere")
+    else:
+        os.mkfifo(target)
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    with pytest.raises(ArtifactInvalid, match=str(target)):
+        cache.fill("ck", "1", version, manifest)
+    assert cache.entries() == []
+    assert list((tmp_path / "cache" / ".partial").iterdir()) == []
+
+
+def test_the_least_recently_used_entry_is_evicted_first(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path / "cache", 250 * KiB)
+    stored = {name: stored_version(tmp_path, *sized(name, 100)) for name in ("a", "b", "c")}
+    cache.fill("a", "1", *stored["a"])
+    cache.fill("b", "1", *stored["b"])
+    with cache.use("a", "1", stored["a"][1]):  # a is used after b: b is the least recently used
+        pass
+    cache.fill("c", "1", *stored["c"])
+    assert [e.checkpoint_id for e in cache.entries()] == ["a", "c"]
+    assert not (tmp_path / "cache" / "b").exists()
+    assert cache.used_bytes <= 250 * KiB
+
+
+def test_an_entry_pinned_by_a_running_restore_is_not_evicted(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path / "cache", 250 * KiB)
+    stored = {name: stored_version(tmp_path, *sized(name, 100)) for name in ("a", "b", "c")}
+    cache.fill("a", "1", *stored["a"])
+    cache.fill("b", "1", *stored["b"])
+    with cache.use("a", "1", stored["a"][1]) as reading, cache.use("b", "1", stored["b"][1]):
+        with pytest.raises(NodeCacheFull, match="pinned by running restores: a/1, b/1"):
+            cache.fill("c", "1", *stored["c"])
+        assert reading is not None and (reading.path / "pages-1.img").exists()
+    with cache.use("b", "1", stored["b"][1]):  # now a is the least recently used, and free
+        cache.fill("c", "1", *stored["c"])
+    assert [e.checkpoint_id for e in cache.entries()] == ["b", "c"]
+
+
+def test_a_fill_bigger_than_the_budget_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path / "cache", 50 * KiB)
+    small = stored_version(tmp_path, *sized("small", 10))
+    cache.fill("small", "1", *small)
+    with pytest.raises(NodeCacheFull, match=r"big version 1 is \d+ bytes, more than the whole budget of 51200"):
+        cache.fill("big", "1", *stored_version(tmp_path, *sized("big", 100)))
+    assert [e.checkpoint_id for e in cache.entries()] == ["small"]  # nothing evicted for a fill that cannot fit
+    assert not (tmp_path / "cache" / "big").exists()
+    assert list((tmp_path / "cache" / ".partial").iterdir()) == []
+
+
+def test_a_start_sweeps_partial_fills_and_entries_without_a_completion_record(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    version, manifest = stored_version(tmp_path, *sized("kept", 10))
+    cache.fill("kept", "1", version, manifest)
+    cache.close()
+    (tmp_path / "cache" / ".partial" / "left-by-a-killed-agent").mkdir()
+    (tmp_path / "cache" / ".partial" / "left-by-a-killed-agent" / "pages-1.img").write_bytes(b"x")
+    (tmp_path / "cache" / "half" / "1").mkdir(parents=True)
+    (tmp_path / "cache" / "half" / "1" / "pages-1.img").write_bytes(b"x")
+    (tmp_path / "cache" / "kept" / "2").mkdir()
+    (tmp_path / "cache" / "kept" / "2" / RECORD).write_text("{not json")
+    again = NodeCache(tmp_path / "cache", 1 << 20)
+    assert [(e.checkpoint_id, e.version) for e in again.entries()] == [("kept", "1")]
+    assert sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").iterdir()) == [
+        ".partial", "kept"]
+    assert list((tmp_path / "cache" / ".partial").iterdir()) == []
+    assert not (tmp_path / "cache" / "kept" / "2").exists()
+    with again.use("kept", "1", manifest) as entry:
+        assert entry is not None
+
+
+def test_an_entry_of_another_manifest_is_a_miss(tmp_path: Path) -> None:
+    version, manifest = stored_version(tmp_path, *sized("ck", 10))
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    cache.fill("ck", "1", version, manifest)
+    other = authn.AuthenticatedManifest(manifest)
+    other.sha256 = hashlib.sha256(b"another manifest").hexdigest()
+    with cache.use("ck", "1", other) as entry:
+        assert entry is None
+    with cache.use("ck", "1", dict(manifest)) as entry:  # not authenticated: never bound
+        assert entry is None
+    with cache.use("ck", "1", manifest) as entry:
+        assert entry is not None
+
+
+def test_a_dropped_checkpoint_goes_at_once_or_when_its_restore_ends(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    stored = {name: stored_version(tmp_path, *sized(name, 10)) for name in ("a", "b")}
+    cache.fill("a", "1", *stored["a"])
+    cache.fill("b", "1", *stored["b"])
+    with cache.use("a", "1", stored["a"][1]) as reading:
+        assert cache.drop("a") == 1 and cache.drop("b") == 1
+        assert not (tmp_path / "cache" / "b").exists()
+        assert reading is not None and (reading.path / "pages-1.img").exists()  # still being read
+        with cache.use("a", "1", stored["a"][1]) as again:
+            assert again is None  # dropped: not used by anyone new
+    assert not (tmp_path / "cache" / "a").exists()
+    assert cache.entries() == [] and cache.used_bytes == 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 64 KiB tmpfs (root only), or None."""
+    if os.geteuid() != 0:
+        yield None
+        return
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_cache_disk_leaves_nothing_half_written(tmp_path: Path, tiny_disk: Path | None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    version, manifest = stored_version(tmp_path, *sized("ck", 200))
+    root = (tiny_disk or tmp_path) / "cache"
+    cache = NodeCache(root, 1 << 20)  # the budget allows it; the disk does not
+    if tiny_disk is None:
+        def full(*args: object) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(copies.os, "sendfile", full)
+    with pytest.raises(NodeCacheError, match=r"filling ck version 1 failed \(the cache disk is full\)"):
+        cache.fill("ck", "1", version, manifest)
+    assert cache.entries() == [] and cache.used_bytes == 0
+    assert sorted(p.name for p in root.rglob("*")) == [".partial"]
+    monkeypatch.undo()
+    small, small_manifest = stored_version(tmp_path, *sized("small", 8))
+    assert cache.fill("small", "1", small, small_manifest) is not None  # the space came back
+
+
+def test_a_failure_writing_the_completion_record_leaves_nothing(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    version, manifest = stored_version(tmp_path, *sized("ck", 10))
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    real = os.fsync
+    calls = {"n": 0}
+
+    def failing(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/" + RECORD):
+            calls["n"] += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(NodeCacheError, match="nothing was cached"):
+        cache.fill("ck", "1", version, manifest)
+    assert calls["n"] == 1
+    monkeypatch.undo()
+    assert cache.entries() == []
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == [".partial"]
+    assert [(e.checkpoint_id, e.version) for e in NodeCache(tmp_path / "cache", 1 << 20).entries()] == []
+
+
+def test_a_background_fill_that_fails_only_logs(tmp_path: Path) -> None:
+    version, manifest = stored_version(tmp_path, *sized("ck", 10))
+    (version / "core-1.img").write_bytes(b"altered")
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    future = cache.fill_in_background("ck", "1", version, manifest)
+    assert future is not None and future.result() is None
+    cache.settle()
+    assert cache.entries() == []
