@@ -88,12 +88,13 @@ def test_a_good_kubeconfig_passes_the_check(tmp_path: Path):
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
                     st.text(max_size=12), st.sampled_from(["", "nftables", "iptables", "skip"]))
 keys = st.one_of(st.sampled_from(["criu", "restore", "logLevel", "tcpEstablished", "networkLock",
-                                  "timeoutSeconds", "extraArgs", "verifyThreads", "prefetchThreads"]),
+                                  "timeoutSeconds", "extraArgs", "verifyThreads", "prefetchThreads",
+                                  "cache", "dir", "budgetGiB"]),
                  st.text(max_size=8), st.integers(-3, 3), st.booleans())
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(keys, inner, max_size=4)), max_leaves=12)
 sections = st.dictionaries(keys, values, max_size=5)
-documents = st.one_of(values, st.dictionaries(st.sampled_from(["criu", "restore"]) | keys,
+documents = st.one_of(values, st.dictionaries(st.sampled_from(["criu", "restore", "cache"]) | keys,
                                               st.one_of(sections, values), max_size=3))
 
 

@@ -46,12 +46,35 @@ def test_restore_settings_from_the_config(tmp_path: Path):
     ("criu:\n  networkLock: ipfw\n", "criu.networkLock"),
     ("criu:\n  timeoutSecs: 5\n", "unknown keys timeoutSecs"),
     ("crui: {}\n", "unknown keys crui"),
+    ("cache:\n  dir: /var/cache/snap\n", r"cache.budgetGiB: must be set too when the other is"),
+    ("cache:\n  budgetGiB: 100\n", r"cache.dir: must be set too when the other is"),
+    ("cache:\n  dir: relative\n  budgetGiB: 1\n", "cache.dir: expected an absolute directory"),
+    ("cache:\n  dir: /c\n  budgetGiB: -1\n", r"cache.budgetGiB: must be 0-"),
+    ("cache:\n  dir: /c\n  budgetGiB: lots\n", "cache.budgetGiB: expected a number of GiB"),
+    ("cache:\n  directory: /c\n", "cache: unknown keys directory"),
+    ("restore:\n  privateDir: /var/lib/s\ncache:\n  dir: /var/lib/s/cache\n  budgetGiB: 1\n",
+     "cache.dir: '/var/lib/s/cache' overlaps restore.privateDir"),
 ])
 def test_a_misspelt_or_wrong_option_is_refused_with_its_name(tmp_path: Path, text: str, complaint: str):
     path = tmp_path / "config.yaml"
     path.write_text(text)
     with pytest.raises(config.ConfigError, match=complaint):
         config.load(path)
+
+
+def test_the_node_cache_is_off_unless_a_directory_and_a_budget_are_given(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    assert not config.load(None).cache.enabled
+    path.write_text("cache:\n  dir: ''\n  budgetGiB: 0\n")  # the chart's default
+    assert config.load(path).cache == config.CacheSettings()
+    path.write_text(f"cache:\n  dir: {tmp_path / 'cache'}/\n  budgetGiB: 1.5\n")
+    settings = config.load(path).cache
+    assert settings == config.CacheSettings(str(tmp_path / "cache"), 3 << 29) and settings.enabled
+    parser = main.build_parser()
+    options = main.options_from(parser.parse_args(["--node-name=n", "--namespace=a", f"--config={path}"]), parser)
+    cache = main.node_cache(options)
+    assert cache is not None and cache.budget_bytes == 3 << 29 and (tmp_path / "cache").is_dir()
+    cache.close()
 
 
 def test_agent_mount_serves_only_its_own_namespace_and_needs_to_know_it():

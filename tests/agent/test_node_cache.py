@@ -240,3 +240,67 @@ def test_a_background_fill_that_fails_only_logs(tmp_path: Path) -> None:
     assert future is not None and future.result() is None
     cache.settle()
     assert cache.entries() == []
+
+
+@pytest.fixture
+def criu_bundle():
+    from dynamo_snapshot.agent.container import criu
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CRIU)")
+    try:
+        return criu.CriuBundle.locate()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_a_second_restore_reads_the_cached_copy_and_storage_tampered_after_caching_changes_nothing(
+    criu_bundle, tmp_path: Path
+) -> None:
+    import anyio
+
+    from dynamo_snapshot.agent import tree
+    from dynamo_snapshot.agent.container import criu
+    from dynamo_snapshot.agent.pipeline import restore as rst
+    from dynamo_snapshot.agent.pipeline.trees import TreeRestoreTarget
+    from tests.agent import test_tree_restore as ticker
+
+    proc, count = ticker.start_ticker(tmp_path)
+    settings = criu.CriuSettings(network_lock="skip")
+    base = tmp_path / "ck"
+    stored = anyio.run(lambda: tree.checkpoint_tree(proc.pid, base, "cached", criu_bundle, settings=settings))
+    ticker.gone(proc.pid)
+    cache = NodeCache(tmp_path / "cache", 1 << 30, io_threads=4)
+
+    def restore(with_cache: NodeCache | None) -> rst.RestoreResult:
+        request = rst.RestoreRequest("cached", base, io_threads=4, prefetch_threads=0, cache=with_cache,
+                                     private_root=tmp_path / "private")
+        return anyio.run(lambda: rst.restore(TreeRestoreTarget(), request, criu_bundle, settings=settings))
+
+    first = restore(cache)  # a miss: from storage, then the cache is filled in the background
+    try:
+        assert first.background_seconds["verify-pages"] > 0
+        assert ticker.counting(count)
+    finally:
+        ticker.gone(first.host_pid)
+    cache.settle()
+    assert [(e.checkpoint_id, e.version, e.pins) for e in cache.entries()] == [("cached", "1", 0)]
+
+    pages = next(stored.directory / f["path"] for f in stored.manifest["files"] if f["path"].startswith("pages-"))
+    with open(pages, "r+b") as f:  # a writer of storage flips a page byte once the version is cached
+        f.seek(pages.stat().st_size - 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+    second = restore(cache)  # a hit: every byte from the pinned entry, no page check on storage
+    try:
+        assert second.host_pid == proc.pid
+        assert second.background_seconds["verify-pages"] == 0
+        assert ticker.counting(count)
+        assert [e.pins for e in cache.entries()] == [0]  # unpinned when the restore ended
+    finally:
+        ticker.gone(second.host_pid)
+    with pytest.raises(ArtifactInvalid, match=r"pages-\d+\.img has SHA-256"):
+        restore(None)  # without the cache the tampered storage is what would be read: refused
+    assert list((tmp_path / "private").iterdir()) == []

@@ -162,6 +162,7 @@ class NodeCache:
         self._reserved = 0
         self._drops: dict[str, int] = {}  # checkpoint ID -> drops so far (a fill begun before one is discarded)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-cache-fill")
+        self._stopping = threading.Event()
         self._sweep()
 
     # -- start -------------------------------------------------------------------------------------
@@ -419,6 +420,8 @@ class NodeCache:
             (tmp / rel).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         def copy(job: tuple[str, int]) -> None:
+            if self._stopping.is_set():
+                raise NodeCacheError(f"node cache {self.root}: the agent is stopping; nothing was cached")
             rel, size = job
             src = copies.open_regular(dir_fd, rel, where)
             try:
@@ -478,8 +481,10 @@ class NodeCache:
             self._background.submit(lambda: None).result()
 
     def close(self) -> None:
-        """Wait for the background fills (the agent stops)."""
-        self._background.shutdown(wait=True)
+        """The agent stops: queued fills are cancelled, one under way gives up at its next file (its
+        temporary directory removed); nothing waits for them."""
+        self._stopping.set()
+        self._background.shutdown(wait=False, cancel_futures=True)
 
 
 def restore_images(cache: NodeCache | None, stored: Path, manifest: dict[str, Any], version: str,

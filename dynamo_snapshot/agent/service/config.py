@@ -11,6 +11,9 @@
       prefetchThreads: 8     # parallel readers of the files a worker declared; 0: no prefetch
     keys:
       directory: /etc/dynamo-snapshot/keys   # the checkpoint keys (a Secret mounted only here; docs/security.md)
+    cache:
+      dir: ""                # the node-local checkpoint cache (local NVMe, the agent's only); "": no cache
+      budgetGiB: 0           # its byte budget; 0: no cache (artifact/nodecache.py)
 
 A missing file or key keeps the default; an unknown key or a value of the wrong type is an error that
 names it, since a misspelt option silently ignored would make the agent do something else than asked.
@@ -18,6 +21,7 @@ names it, since a misspelt option silently ignored would make the agent do somet
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,10 +111,21 @@ class RestoreSettings:
 
 
 @dataclass(frozen=True)
+class CacheSettings:
+    dir: str = ""  # "": no node cache
+    budget_bytes: int = 0  # 0: no node cache
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dir) and self.budget_bytes > 0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     criu: CriuSettings = field(default_factory=CriuSettings)
     restore: RestoreSettings = field(default_factory=RestoreSettings)
     key_directory: str = field(default_factory=lambda: key_directory(None))
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 def key_directory(data: dict[str, Any] | None, where: str = "keys") -> str:
@@ -138,6 +153,33 @@ def restore_settings(data: dict[str, Any] | None, where: str = "restore") -> Res
     return RestoreSettings(**fields)
 
 
+MAX_CACHE_GIB = 1 << 20
+
+
+def cache_settings(data: dict[str, Any] | None, restore: RestoreSettings, where: str = "cache") -> CacheSettings:
+    """The node cache: off unless both a directory and a budget above 0 are given."""
+    section = _section(data, where, {"dir", "budgetGiB"})
+    directory = _typed(section, "dir", str, where) if section.get("dir") is not None else ""
+    budget = section.get("budgetGiB", 0)
+    budget = 0 if budget is None else budget
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
+        raise ConfigError(f"{where}.budgetGiB: expected a number of GiB, got {_short(budget)}")
+    if not 0 <= budget <= MAX_CACHE_GIB:
+        raise ConfigError(f"{where}.budgetGiB: must be 0-{MAX_CACHE_GIB} (0: no cache), got {budget}")
+    if not directory and not budget:
+        return CacheSettings()
+    if not directory or not budget:
+        missing = f"{where}.dir" if not directory else f"{where}.budgetGiB"
+        raise ConfigError(f"{missing}: must be set too when the other is (both, or neither: no cache)")
+    if not directory.startswith("/") or directory.rstrip("/") == "":
+        raise ConfigError(f"{where}.dir: expected an absolute directory other than /, got {directory!r}")
+    mine, private_dir = Path(directory), Path(restore.private_dir)
+    if mine == private_dir or private_dir in mine.parents or mine in private_dir.parents:
+        raise ConfigError(f"{where}.dir: {directory!r} overlaps restore.privateDir {restore.private_dir!r} "
+                          "(emptied at every start); give the cache a directory of its own")
+    return CacheSettings(directory.rstrip("/"), int(budget * (1 << 30)))
+
+
 def load(path: str | Path | None) -> AgentConfig:
     """The agent's configuration file (defaults when there is none). Anything wrong with it - missing,
     unreadable, not text, not YAML, too deeply nested, not the schema - is a ConfigError naming the file
@@ -160,11 +202,12 @@ def load(path: str | Path | None) -> AgentConfig:
     except RecursionError:
         raise ConfigError(f"{where} is nested too deeply to be an agent configuration") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level (criu, keys, restore), got {_short(data)}")
+        raise ConfigError(
+            f"{where}: expected a mapping at the top level (cache, criu, keys, restore), got {_short(data)}")
     try:
-        top = _section(data, "(top level)", {"criu", "restore", "keys"})
-        return AgentConfig(
-            criu_settings(top.get("criu")), restore_settings(top.get("restore")), key_directory(top.get("keys"))
-        )
+        top = _section(data, "(top level)", {"criu", "restore", "keys", "cache"})
+        restore = restore_settings(top.get("restore"))
+        return AgentConfig(criu_settings(top.get("criu")), restore, key_directory(top.get("keys")),
+                           cache_settings(top.get("cache"), restore))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

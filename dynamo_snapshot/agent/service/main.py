@@ -22,13 +22,14 @@ import prometheus_client
 import structlog
 
 from dynamo_snapshot.agent.artifact import private
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.authn import Keyring, KeyringError
 from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
 from dynamo_snapshot.agent.container.criu import CriuBundle, CriuSettings
 from dynamo_snapshot.agent.container.runtime import CRIClient, CRIError, RuntimeType, default_socket
 from dynamo_snapshot.agent.cuda.step import CudaStep, default_step
 from dynamo_snapshot.agent.host import procfs
-from dynamo_snapshot.agent.service.config import ConfigError, RestoreSettings, load
+from dynamo_snapshot.agent.service.config import CacheSettings, ConfigError, RestoreSettings, load
 
 log = structlog.get_logger("dynamo_snapshot.agent")
 
@@ -48,6 +49,7 @@ class AgentOptions:
     criu: CriuSettings
     restore: RestoreSettings = field(default_factory=RestoreSettings)
     keyring: Keyring | None = None  # None: authn.default_keyring()
+    cache: CacheSettings = field(default_factory=CacheSettings)  # the node-local checkpoint cache (off: none)
     metrics_bind_address: str = ":9090"
     kubeconfig: str | None = None
     workers: int = 2
@@ -107,17 +109,36 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             await _connect_runtime(cri)
             storage = StorageResolver(options.storage_mode, options.storage_base_path, cri)
             private.sweep(Path(options.restore.private_dir))  # copies a killed predecessor left mid-restore
-            node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore, options.keyring)
+            cache = node_cache(options)  # sweeps the fills a killed predecessor left
+            node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore, options.keyring,
+                            cache)
             recorder = EventRecorder(client, controller=EVENT_CONTROLLER, instance=identity)
-            operations = Operations(client, node, recorder, identity, AgentMetrics(prometheus_client.REGISTRY))
+            metrics = AgentMetrics(prometheus_client.REGISTRY)
+            if cache is not None:
+                metrics.watch_cache(cache)
+            operations = Operations(client, node, recorder, identity, metrics)
             agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
                           namespace=options.watched_namespace, workers=options.workers,
                           drain_timeout=options.drain_timeout)
             log.info("snapshot agent starting", node=options.node_name, identity=identity,
                      runtime=f"{options.runtime_type}:{options.runtime_socket}",
                      storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path))
-            await agent.run()
+            try:
+                await agent.run()
+            finally:
+                if cache is not None:
+                    cache.close()  # a fill under way stops; the next start sweeps it
             tg.cancel_scope.cancel()
+
+
+def node_cache(options: AgentOptions) -> NodeCache | None:
+    """The node-local checkpoint cache the configuration asks for (``cache``), or None."""
+    if not options.cache.enabled:
+        return None
+    cache = NodeCache(Path(options.cache.dir), options.cache.budget_bytes, options.restore.verify_threads)
+    log.info("node cache", directory=options.cache.dir, budget_bytes=options.cache.budget_bytes,
+             entries=len(cache.entries()), used_bytes=cache.used_bytes)
+    return cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +190,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
         criu=configured.criu,
         restore=configured.restore,
         keyring=keyring,
+        cache=configured.cache,
         metrics_bind_address=args.metrics_bind_address,
         kubeconfig=args.kubeconfig,
         workers=args.workers,

@@ -4,6 +4,8 @@ process's default one, served on /metrics next to the kube package's informer me
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -40,6 +42,16 @@ class AgentMetrics:
             buckets=_SECONDS,
             registry=registry,
         )
+        self._registry = registry
+
+    def watch_cache(self, cache: Any) -> None:
+        """Gauges read from the node cache (``artifact/nodecache.NodeCache``) at each scrape."""
+        Gauge("snapshot_agent_node_cache_bytes", "Bytes the node-local checkpoint cache holds or is filling",
+              registry=self._registry).set_function(lambda: cache.used_bytes)
+        Gauge("snapshot_agent_node_cache_budget_bytes", "The node-local checkpoint cache's byte budget",
+              registry=self._registry).set_function(lambda: cache.budget_bytes)
+        Gauge("snapshot_agent_node_cache_entries", "Checkpoint versions complete in the node-local cache",
+              registry=self._registry).set_function(lambda: len(cache.entries()))
 
     def observe_stages(self, operation: str, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():

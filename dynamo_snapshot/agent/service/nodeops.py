@@ -16,6 +16,7 @@ import anyio
 import structlog
 
 from dynamo_snapshot.agent.artifact import authn
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.storage import StorageResolver
 from dynamo_snapshot.agent.container import control, criu
 from dynamo_snapshot.agent.container.runtime import ContainerInfo, ContainerNotFound, CRIClient
@@ -72,7 +73,8 @@ class NodeOps(Protocol):
 class CriuNode:
     def __init__(self, cri: CRIClient, bundle: criu.CriuBundle, storage: StorageResolver,
                  settings: criu.CriuSettings, cuda: CudaStep | None = None,
-                 restore: RestoreSettings | None = None, keyring: authn.Keyring | None = None):
+                 restore: RestoreSettings | None = None, keyring: authn.Keyring | None = None,
+                 cache: NodeCache | None = None):
         self.cri = cri
         self.bundle = bundle
         self.storage = storage
@@ -80,6 +82,7 @@ class CriuNode:
         self.cuda = cuda or NoCuda()
         self.restore_settings = restore or RestoreSettings()
         self.keyring = keyring or authn.default_keyring()
+        self.cache = cache  # the node-local checkpoint cache, when configured
         self._foreign: set[str] = set()  # containers refused as not the pod's (or not a placeholder): never killed
 
     async def _check_owned(self, work: CheckpointWork | RestoreWork, info: ContainerInfo, placeholder: bool) -> None:
@@ -117,7 +120,7 @@ class CriuNode:
             request = rst.RestoreRequest(work.checkpoint_id, base, work.artifact_version,
                                          io_threads=tuned.verify_threads, keyring=self.keyring,
                                          prefetch_threads=tuned.prefetch_threads,
-                                         private_root=Path(tuned.private_dir))
+                                         private_root=Path(tuned.private_dir), cache=self.cache)
             target = PlaceholderTarget(self.cri, work.container_id, info)
             return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
 
