@@ -20,6 +20,7 @@ MODES = {
     "podMount": {"storage.accessMode": "podMount"},
     "crio-openshift": {**SIZE, "runtime.type": "crio", "openshift.enabled": "true"},
     "podMount-restricted": {"storage.accessMode": "podMount", "rbac.namespaceRestricted": "true"},
+    "agentMount-node-cache": {**SIZE, "cache.hostPath": "/mnt/nvme/snapshot-cache", "cache.budgetGiB": 100},
 }
 
 
@@ -204,9 +205,31 @@ def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
     ({"storage.pvc.accessMode": "ReadOnlyMany", **SIZE}, "storage.pvc.accessMode"),
     ({"storage.pvc.create": "false", "storage.pvc.name": ""}, "storage.pvc.name"),
     ({"rbac.namespaceRestricted": "sometimes", **SIZE}, "rbac.namespaceRestricted"),
+    ({"cache.hostPath": "/mnt/nvme/cache", **SIZE}, "cache.budgetGiB is 0"),
+    ({"cache.budgetGiB": 100, **SIZE}, "cache.hostPath is empty"),
+    ({"cache.hostPath": "cache", "cache.budgetGiB": 100, **SIZE}, "cache.hostPath must be an absolute directory"),
+    ({"cache.hostPath": "/c", "cache.budgetGiB": "lots", **SIZE}, "cache.budgetGiB must be a number of GiB"),
+    ({"cache.hostPath": "/c", "cache.budgetGiB": -1, **SIZE}, "cache.budgetGiB must be 0"),
+    ({"config.cache.dir": "/c", **SIZE}, "use cache.hostPath and cache.budgetGiB"),
 ])
 def test_bad_values_fail_naming_the_value(helm, values, names):
     assert names in helm.template_error(SNAPSHOT_CHART, values=values)
+
+
+@pytest.mark.parametrize("mode", ["agentMount", "podMount"])
+def test_the_node_cache_is_a_host_path_mounted_only_into_the_agent_and_configured_there(helm, mode, tmp_path):
+    off = render(helm, **MODES[mode])
+    assert "node-cache" not in mounts(off)
+    assert "cache" not in yaml.safe_load(only(off, "ConfigMap")["data"]["config.yaml"])
+    on = render(helm, **MODES[mode], **{"cache.hostPath": "/mnt/nvme/snapshot-cache/", "cache.budgetGiB": 200})
+    path, volume = mounts(on)["node-cache"]
+    assert volume["hostPath"] == {"path": "/mnt/nvme/snapshot-cache", "type": "DirectoryOrCreate"}
+    text = only(on, "ConfigMap")["data"]["config.yaml"]
+    assert yaml.safe_load(text)["cache"] == {"dir": path, "budgetGiB": 200}
+    (tmp_path / "config.yaml").write_text(text)  # what the chart renders is what the agent accepts
+    assert agent_config.load(tmp_path / "config.yaml").cache == agent_config.CacheSettings(path, 200 << 30)
+    pod = only(on, "DaemonSet")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["agent"] and "initContainers" not in pod
 
 
 def test_size_error_says_how_to_reuse_an_existing_pvc(helm):

@@ -99,7 +99,42 @@ API (Kubernetes 1.30+). */}}
 {{/* Values that would render a chart that installs cleanly but cannot work: refuse them, naming the value
 and what to set instead. Every template includes this first, so the error a user sees is about the values
 whatever order Helm renders the templates in. */}}
+{{- /* "true" when the node-local checkpoint cache is on (cache.hostPath and cache.budgetGiB set). */ -}}
+{{- define "snapshot.cacheOn" -}}
+{{- $c := .Values.cache | default dict -}}
+{{- if and $c.hostPath $c.budgetGiB -}}true{{- end -}}
+{{- end -}}
+
+{{- define "snapshot.cacheMountPath" -}}/var/lib/dynamo-snapshot/cache{{- end -}}
+
+{{- define "snapshot.validateCache" -}}
+{{- $c := .Values.cache | default dict -}}
+{{- $b := $c.budgetGiB | default 0 -}}
+{{- if not (or (kindIs "int" $b) (kindIs "int64" $b) (kindIs "float64" $b)) -}}
+{{- fail (printf "cache.budgetGiB must be a number of GiB, got %q (--set passes a fraction as text: give whole GiB, or use --set-json or a values file)" (toString $b)) -}}
+{{- end -}}
+{{- if lt (float64 $b) 0.0 -}}
+{{- fail (printf "cache.budgetGiB must be 0 (no cache) or more, got %v" $b) -}}
+{{- end -}}
+{{- if and $c.hostPath (not $c.budgetGiB) -}}
+{{- fail (printf "cache.hostPath is %q but cache.budgetGiB is 0: set both for a node cache, or neither" (toString $c.hostPath)) -}}
+{{- end -}}
+{{- if and $c.budgetGiB (not $c.hostPath) -}}
+{{- fail "cache.budgetGiB is set but cache.hostPath is empty: set both for a node cache (a directory on local disk), or neither" -}}
+{{- end -}}
+{{- if $c.hostPath -}}
+{{- $p := toString $c.hostPath -}}
+{{- if or (not (hasPrefix "/" $p)) (eq (clean $p) "/") -}}
+{{- fail (printf "cache.hostPath must be an absolute directory on the node other than /, got %q" $p) -}}
+{{- end -}}
+{{- end -}}
+{{- if hasKey (.Values.config | default dict) "cache" -}}
+{{- fail "config.cache is set by the chart: use cache.hostPath and cache.budgetGiB instead" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "snapshot.validate" -}}
+{{- include "snapshot.validateCache" . -}}
 {{- $s := .Values.storage -}}
 {{- if ne $s.type "pvc" -}}
 {{- fail (printf "storage.type %q is not supported: only \"pvc\" is" $s.type) -}}
