@@ -14,7 +14,9 @@ CRIU's restored tasks, which run in the placeholder's mount namespace but open i
 directory's descriptor), and its digests are checked in the background as before, the restored tasks
 held stopped until they pass. What stays open there: a writer that rewrites a page file after the
 background check read it and before CRIU does controls that workload's memory (within the credentials
-already checked); a node-local verified copy closes that too (docs/security.md).
+already checked). A restore from the node cache (``nodecache.py``) closes that: it reads every file, the
+page data included, from a complete copy verified when it was cached, and no private copy is made
+(docs/security.md). The open/copy helpers are shared with the cache (``copies.py``).
 
     images = PrivateImages.prepare(version_dir, manifest, root)   # copies; digests of the copies
     images.path                                                     # for CRIU and the agent
