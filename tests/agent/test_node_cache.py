@@ -176,6 +176,45 @@ def test_a_dropped_checkpoint_goes_at_once_or_when_its_restore_ends(tmp_path: Pa
     assert cache.entries() == [] and cache.used_bytes == 0
 
 
+def test_fills_in_threads_keep_the_budget_and_never_take_an_entry_a_restore_reads(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = NodeCache(tmp_path / "cache", 350 * KiB)
+    stored = {name: stored_version(tmp_path, *sized(name, 100)) for name in "abcdefgh"}
+    cache.fill("a", "1", *stored["a"])
+    expected = (stored["a"][0] / "pages-1.img").read_bytes()
+
+    def fill(name: str) -> str:
+        try:
+            cache.fill(name, "1", *stored[name])
+            return "filled"
+        except NodeCacheFull:  # the others' reservations left no room at that moment
+            return "full"
+
+    with cache.use("a", "1", stored["a"][1]) as reading, ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(fill, "bcdefgh"))
+        assert reading is not None and (reading.path / "pages-1.img").read_bytes() == expected
+    assert "filled" in outcomes
+    assert "a" in [e.checkpoint_id for e in cache.entries()]
+    assert cache.used_bytes == sum(e.bytes for e in cache.entries()) <= 350 * KiB
+    on_disk = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name != ".partial")
+    assert on_disk == sorted(e.checkpoint_id for e in cache.entries())
+    assert list((tmp_path / "cache" / ".partial").iterdir()) == []
+
+
+def test_a_version_dropped_while_read_is_filled_again_only_after_its_restore(tmp_path: Path) -> None:
+    version, manifest = stored_version(tmp_path, *sized("ck", 10))
+    cache = NodeCache(tmp_path / "cache", 1 << 20)
+    cache.fill("ck", "1", version, manifest)
+    with cache.use("ck", "1", manifest):
+        cache.drop("ck")
+        with pytest.raises(NodeCacheError, match="dropped while a restore reads it"):
+            cache.fill("ck", "1", version, manifest)
+    assert cache.fill("ck", "1", version, manifest) is not None
+    with cache.use("ck", "1", manifest) as entry:
+        assert entry is not None
+
+
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
     """A 64 KiB tmpfs (root only), or None."""

@@ -187,7 +187,7 @@ class NodeCache:
                                             record["manifestSha256"], mtime, 0)))
             with contextlib.suppress(OSError):
                 child.rmdir()  # only when empty
-        for mtime, entry in sorted(found, key=lambda pair: pair[0]):
+        for _, entry in sorted(found, key=lambda pair: pair[0]):
             entry.order = next(self._tick)
             self._entries[(entry.checkpoint_id, entry.version)] = entry
         (self.root / PARTIAL).mkdir(mode=0o700)
@@ -324,6 +324,9 @@ class NodeCache:
                 raise NodeCacheFull(
                     f"node cache {self.root}: {key[0]} version {key[1]} is {need} bytes, more than the whole "
                     f"budget of {self.budget_bytes} bytes; raise cache.budgetGiB to cache it")
+            if any((e.checkpoint_id, e.version) == key for e in self._doomed):
+                raise NodeCacheError(f"node cache {self.root}: {key[0]} version {key[1]} was dropped while a restore "
+                                     "reads it; it is filled again once that ends")
             if old is not None and old.pins:
                 raise NodeCacheError(f"node cache {self.root}: {key[0]} version {key[1]} is cached from another "
                                      "manifest and in use by a restore; it is filled again once that ends")

@@ -22,8 +22,8 @@ import prometheus_client
 import structlog
 
 from dynamo_snapshot.agent.artifact import private
-from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.authn import Keyring, KeyringError
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
 from dynamo_snapshot.agent.container.criu import CriuBundle, CriuSettings
 from dynamo_snapshot.agent.container.runtime import CRIClient, CRIError, RuntimeType, default_socket
