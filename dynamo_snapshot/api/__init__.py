@@ -37,7 +37,9 @@ from dynamo_snapshot.api.dgd import (
     StartupPolicy,
     StoredSpec,
     decode_dgd,
+    refuse_unsupported,
 )
+from dynamo_snapshot.api.dgdshape import as_services_shape
 from dynamo_snapshot.api.meta import Condition, ObjectMeta, OwnerReference, find_condition
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "StorageAccessMode",
     "StorageConfig",
     "StoredSpec",
+    "as_services_shape",
     "convert",
     "decode_dgd",
     "decode_json",
@@ -81,5 +84,6 @@ __all__ = [
     "names",
     "parse_config",
     "refuse_out_of_scope",
+    "refuse_unsupported",
     "to_dict",
 ]

@@ -1,5 +1,10 @@
 """The DynamoGraphDeployment subset this project owns (SPEC section 2), and its decoding from the stored
-JSON (`decode_dgd`): the struct, with the spec's worker-hash inputs kept as the API server stored them."""
+JSON (`decode_dgd`).
+
+Stages of `decode_dgd`: a stored DGD in either served version's shape (`api.dgdshape` makes a v1beta1
+`spec.components` one the `spec.services` it means) -> the struct, with the spec's worker-hash inputs kept
+as stored (in the services shape) -> `refuse_unsupported` names the upstream features this project accepts
+but does not run. Any of these failing is a msgspec.ValidationError naming the field (`api.Malformed`)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from msgspec import Meta
 
 from dynamo_snapshot.api import names
 from dynamo_snapshot.api.checkpoint import BackendFramework
+from dynamo_snapshot.api.decode import InvalidObject
 from dynamo_snapshot.api.meta import Base, Condition, JSONObject, ObjectMeta
 from dynamo_snapshot.api.podtemplate import MetadataShape, PodSpecShape, ResourcesShape, check_shape
 
@@ -36,8 +42,20 @@ class ServiceCheckpoint(Base):
     checkpoint_ref: str | None = None
     startup_policy: StartupPolicy = StartupPolicy.IMMEDIATE
     deletion_policy: DeletionPolicy = DeletionPolicy.DELETE
-    # Legacy; ignored for DGD-managed automatic checkpoints. Kept loose so partial identities decode.
+    # Legacy; ignored for DGD-managed automatic checkpoints; Manual mode finds a checkpoint by its hash.
+    # Kept loose so partial identities stored before the CRD typed it still decode.
     identity: JSONObject | None = None
+    target_container_name: str = "main"
+    # upstream's GMS checkpoint Job customisation: refused by name when set
+    job: JSONObject | None = None
+
+
+class GPUMemoryService(Base):
+    enabled: bool = False
+
+
+class Failover(Base):
+    enabled: bool = False
 
 
 class EnvVar(Base):
@@ -55,11 +73,30 @@ class Service(Base):
     # A PodSpec fragment; its `mainContainer` is the main container.
     extra_pod_spec: JSONObject | None = None
     checkpoint: ServiceCheckpoint | None = None
+    gpu_memory_service: GPUMemoryService | None = None
+    failover: Failover | None = None
 
     def __post_init__(self) -> None:
         check_shape(self.extra_pod_spec, PodSpecShape, "extraPodSpec")
         check_shape(self.extra_pod_metadata, MetadataShape, "extraPodMetadata")
         check_shape(self.resources, ResourcesShape, "resources")
+
+
+_NOT_SUPPORTED = "is not supported by dynamo-snapshot"
+
+
+def refuse_unsupported(component: str, service: Service) -> None:
+    """Upstream features the schema accepts and this project does not run: refused by name when enabled."""
+    at = f"spec.services.{component}"
+    if service.gpu_memory_service is not None and service.gpu_memory_service.enabled:
+        raise InvalidObject(f"{at}.gpuMemoryService.enabled", f"GPU Memory Service {_NOT_SUPPORTED}; set it to "
+                            "false or remove gpuMemoryService (v1beta1: experimental.gpuMemoryService)")
+    if service.failover is not None and service.failover.enabled:
+        raise InvalidObject(f"{at}.failover.enabled", f"failover restore {_NOT_SUPPORTED}; set it to false or "
+                            "remove failover (v1beta1: experimental.failover)")
+    if service.checkpoint is not None and service.checkpoint.enabled and service.checkpoint.job:
+        raise InvalidObject(f"{at}.checkpoint.job", f"GMS + Snapshot (the checkpoint Job's gmsClientContainers "
+                            f"and podTemplate) {_NOT_SUPPORTED}; remove checkpoint.job")
 
 
 class DynamoGraphDeploymentSpec(Base):

@@ -12,6 +12,8 @@ CHECKPOINT_KIND = "DynamoCheckpoint"
 CHECKPOINT_PLURAL = "dynamocheckpoints"
 DGD_KIND = "DynamoGraphDeployment"
 DGD_PLURAL = "dynamographdeployments"
+# The DGD's second served version (upstream's components-list shape); v1alpha1 stays the storage version.
+DGD_VERSION_V1BETA1 = "v1beta1"
 
 # Labels
 LABEL_CHECKPOINT_ID = "nvidia.com/snapshot-checkpoint-id"

@@ -36,11 +36,11 @@ def _dgd(checkpoint=None, backend="vllm", replicas=2):
     return raw
 
 
-def _plan(raw, checkpoints=None, storage=STORAGE):
+def _plan(raw, checkpoints=None, storage=STORAGE, by_id=None):
     dgd = decode_dgd(msgspec.json.encode(raw))
     found = checkpoints or {}
     return plan_component(dgd, "Worker", dgd.spec.services["Worker"], get_checkpoint=found.get,
-                          storage=storage)
+                          storage=storage, find_by_id=(by_id or {}).get)
 
 
 def _as_stored(body, phase: Phase | None, message: str = "") -> DynamoCheckpoint:
@@ -132,6 +132,44 @@ def test_a_ready_checkpoint_without_storage_starts_cold_and_says_so():
 
 
 def test_a_checkpoint_ref_that_does_not_exist_is_a_problem_naming_it():
-    plan = _plan(_dgd({"checkpointRef": "missing"}))
+    plan = _plan(_dgd({"enabled": True, "checkpointRef": "missing"}))
     assert plan.problems == ["component Worker: checkpointRef missing not found in namespace ns"]
     assert plan.auto_checkpoint is None
+
+
+def test_a_checkpoint_ref_without_enabled_true_starts_cold_as_upstream_does():
+    plan = _plan(_dgd({"checkpointRef": "missing"}))
+    assert (plan.checkpointing, plan.restore, plan.problems, plan.checkpoint_status) == (False, False, [], None)
+
+
+def test_target_container_name_picks_the_container_that_is_checkpointed():
+    raw = _dgd({"enabled": True, "targetContainerName": "engine"})
+    raw["spec"]["services"]["Worker"]["extraPodSpec"]["containers"] = [{"name": "engine", "image": "e-placeholder"}]
+    plan = _plan(raw)
+    job = plan.auto_checkpoint["spec"]["job"]
+    assert job["targetContainerName"] == "engine"
+    assert [c["name"] for c in job["podTemplateSpec"]["spec"]["containers"]] == ["engine"]
+
+
+def test_a_target_container_name_the_pod_lacks_is_a_problem_naming_it_and_the_containers():
+    plan = _plan(_dgd({"enabled": True, "targetContainerName": "engine"}))
+    assert plan.problems == ["component Worker: checkpoint.targetContainerName engine is not a container of "
+                             "its pod (main)"]
+    assert plan.auto_checkpoint is None and not plan.checkpointing
+
+
+def test_manual_mode_with_an_identity_restores_from_the_checkpoint_with_its_legacy_hash():
+    from dynamo_snapshot.hashing import identity_hash
+    from tests.controllers.support import checkpoint_manifest
+
+    identity = {"model": "meta-llama/Llama-2-7b-hf", "backendFramework": "vllm"}
+    raw = _dgd({"enabled": True, "mode": "Manual", "identity": identity, "startupPolicy": "WaitForCheckpoint"})
+    waiting = _plan(raw)
+    assert waiting.replicas == 0 and waiting.problems == [] and waiting.auto_checkpoint is None
+    assert waiting.waiting == f"Worker: waiting for a DynamoCheckpoint with checkpoint ID {identity_hash(identity)}"
+    ckpt = _as_stored(checkpoint_manifest("legacy"), Phase.READY)
+    ckpt = msgspec.structs.replace(ckpt, status=msgspec.structs.replace(ckpt.status,
+                                                                       checkpoint_id=identity_hash(identity)))
+    plan = _plan(raw, by_id={identity_hash(identity): ckpt})
+    assert plan.restore and plan.replicas == 2
+    assert plan.checkpoint_status.checkpoint_name == "legacy"

@@ -61,7 +61,8 @@ def checkpoint_only_target(template: dict[str, Any], target: str = MAIN_CONTAINE
 
 
 def build_auto_checkpoint(
-    dgd: DynamoGraphDeployment, gen: Generation, template: dict[str, Any], policy: DeletionPolicy
+    dgd: DynamoGraphDeployment, gen: Generation, template: dict[str, Any], policy: DeletionPolicy,
+    target: str = MAIN_CONTAINER,
 ) -> dict[str, Any]:
     recorded = _recorded_inputs(gen)
     metadata: dict[str, Any] = {
@@ -88,7 +89,7 @@ def build_auto_checkpoint(
                 "backendFramework": dgd.spec.backend_framework,
                 "extraParameters": recorded["extraParameters"],
             },
-            "job": {"podTemplateSpec": checkpoint_only_target(template), "targetContainerName": MAIN_CONTAINER},
+            "job": {"podTemplateSpec": checkpoint_only_target(template, target), "targetContainerName": target},
         },
     }
 

@@ -24,10 +24,15 @@ from dynamo_snapshot.controllers.dgd.autocheckpoint import (
     build_auto_checkpoint,
     check_adoptable,
 )
-from dynamo_snapshot.controllers.dgd.workload import DEFAULT_SHARED_MEMORY, pod_template, replicaset_name
+from dynamo_snapshot.controllers.dgd.workload import (
+    DEFAULT_SHARED_MEMORY,
+    MAIN_CONTAINER,
+    pod_template,
+    replicaset_name,
+)
 from dynamo_snapshot.controllers.podshape import restore_template, shared_memory_volume
 from dynamo_snapshot.controllers.storage import Storage
-from dynamo_snapshot.hashing import worker_hash
+from dynamo_snapshot.hashing import identity_hash, worker_hash
 
 REASON_WAITING = "waiting_for_checkpoint"
 
@@ -59,6 +64,15 @@ def _checkpoint_view(found: DynamoCheckpoint | Malformed | None) -> tuple[Dynamo
         return None, ""
 
 
+def _target_of(template: dict[str, Any], wanted: str) -> str | None:
+    """The container `targetContainerName` names; the default `main` also means the main container under
+    another name (`extraPodSpec.mainContainer.name`), as before the field existed."""
+    containers = [c.get("name") for c in template["spec"]["containers"]]
+    if wanted in containers:
+        return wanted
+    return containers[0] if wanted == MAIN_CONTAINER else None
+
+
 def plan_component(
     dgd: DynamoGraphDeployment,
     component: str,
@@ -66,17 +80,26 @@ def plan_component(
     *,
     get_checkpoint: Callable[[str], DynamoCheckpoint | Malformed | None],
     storage: Storage | None,
+    find_by_id: Callable[[str], DynamoCheckpoint | None] = lambda _id: None,
 ) -> ComponentPlan:
     """`dgd` as `api.decode_dgd` gives it: the worker hash is taken over the service as stored."""
     stored = dgd.stored_spec
     whash = worker_hash(component, stored.service(component), stored.graph_envs())
     template = pod_template(dgd, component, service, whash)
-    target = template["spec"]["containers"][0]["name"]
-    template = shared_memory_volume(template, [target], DEFAULT_SHARED_MEMORY)
+    settings = service.checkpoint
+    # upstream: a checkpoint section, checkpointRef included, does nothing unless enabled is true
+    enabled = settings is not None and settings.enabled
+    target = _target_of(template, settings.target_container_name if enabled else MAIN_CONTAINER)
+    template = shared_memory_volume(template, [target or template["spec"]["containers"][0]["name"]],
+                                    DEFAULT_SHARED_MEMORY)
     plan = ComponentPlan(component, whash, replicaset_name(dgd.metadata.name, component, whash), template,
                          service.replicas, service.replicas)
-    settings = service.checkpoint
-    if settings is None or not (settings.checkpoint_ref or settings.enabled):
+    if not enabled:
+        return plan
+    if target is None:
+        containers = ", ".join(c.get("name") for c in template["spec"]["containers"])
+        plan.problems.append(f"component {component}: checkpoint.targetContainerName "
+                             f"{settings.target_container_name} is not a container of its pod ({containers})")
         return plan
     plan.checkpointing = True
     plan.deletion_policy = settings.deletion_policy
@@ -99,7 +122,7 @@ def plan_component(
                 plan.problems.append(f"component {component}: spec.backendFramework is required for automatic "
                                      "checkpoints (vllm, sglang or trtllm)")
             else:
-                plan.auto_checkpoint = build_auto_checkpoint(dgd, gen, template, settings.deletion_policy)
+                plan.auto_checkpoint = build_auto_checkpoint(dgd, gen, template, settings.deletion_policy, target)
             checkpoint_id = gen.checkpoint_id
         elif ckpt is not None:
             try:
@@ -107,9 +130,13 @@ def plan_component(
             except AutoCheckpointMismatch as err:
                 plan.problems.append(f"component {component}: {err}")
                 ckpt = None
-    else:  # Manual without a reference: the CRD refuses it; an object stored before that rule still lands here
-        plan.problems.append(f"component {component}: checkpoint.mode Manual is deprecated and needs "
-                             "checkpointRef")
+    elif settings.identity:  # Manual (deprecated): the checkpoint whose ID is the identity's legacy hash
+        checkpoint_id = identity_hash(settings.identity)
+        ckpt = find_by_id(checkpoint_id)
+        name = ckpt.metadata.name if ckpt is not None else ""
+    else:  # Manual with neither: the CRD refuses it; an object stored before that rule still lands here
+        plan.problems.append(f"component {component}: checkpoint Manual mode requires checkpointRef or "
+                             "identity to be set")
         return plan
 
     phase = ckpt.status.phase if ckpt is not None else None
@@ -131,6 +158,8 @@ def plan_component(
         if phase is Phase.FAILED:
             plan.waiting = (f"{component}: checkpoint {name} failed ({ckpt.status.message}); "
                             "startupPolicy WaitForCheckpoint keeps it at 0 replicas")
+        elif not name:
+            plan.waiting = f"{component}: waiting for a DynamoCheckpoint with checkpoint ID {checkpoint_id}"
         else:
             plan.waiting = f"{component}: waiting for checkpoint {name} to become Ready"
     return plan

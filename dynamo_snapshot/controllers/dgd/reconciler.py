@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from dynamo_snapshot.api import (
+    CheckpointMode,
     ComponentCheckpointStatus,
     DeletionPolicy,
     DynamoCheckpoint,
@@ -85,7 +86,8 @@ def _checkpoint_settings(dgd: DynamoGraphDeployment | Malformed) -> list[Service
 
 
 def uses_checkpoints(dgd: DynamoGraphDeployment | Malformed) -> bool:
-    return any(c.enabled or c.checkpoint_ref for c in _checkpoint_settings(dgd))
+    """upstream: a checkpoint section, checkpointRef included, does nothing unless `enabled` is true."""
+    return any(c.enabled for c in _checkpoint_settings(dgd))
 
 
 class DGDController:
@@ -115,7 +117,8 @@ class DGDController:
         keys = _dgd_keys_of(ckpt)
         namespace, name = ckpt.metadata.namespace, ckpt.metadata.name
         for dgd in self.dgds.store.by_index("namespace", namespace):
-            if any(c.checkpoint_ref == name for c in _checkpoint_settings(dgd)):
+            if any(c.checkpoint_ref == name or (c.mode is CheckpointMode.MANUAL and c.identity)
+                   for c in _checkpoint_settings(dgd)):
                 keys.append(ObjectKey(namespace, dgd.metadata.name))
         return keys
 
@@ -162,13 +165,21 @@ class _Reconcile:
         except (StorageUnavailable, StorageNotReady):
             return None
 
+    def _checkpoint_with_id(self, checkpoint_id: str) -> DynamoCheckpoint | None:
+        """A Manual-mode identity's checkpoint: the DynamoCheckpoint of the namespace with that ID."""
+        for ckpt in self.ctrl.checkpoints.store.by_index("namespace", self.namespace):
+            if isinstance(ckpt, DynamoCheckpoint) and checkpoint_id in (
+                    ckpt.status.checkpoint_id, ckpt.metadata.labels.get(names.LABEL_CHECKPOINT_ID)):
+                return ckpt
+        return None
+
     async def run(self) -> Result | None:
         dgd = self.dgd
         storage = self._storage()
         plans = [
             plan_component(dgd, component, service,
                            get_checkpoint=lambda n: self.ctrl.checkpoints.store.get_by_name(self.namespace, n),
-                           storage=storage)
+                           storage=storage, find_by_id=self._checkpoint_with_id)
             for component, service in dgd.spec.services.items()
         ]
         problems: list[str] = []
