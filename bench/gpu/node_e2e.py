@@ -181,7 +181,7 @@ def dgd_manifest(name: str, main_dgd: dict[str, Any], volumes: list[dict[str, An
 
 def scale(stack: SnapshotStack, dgd: str, replicas: int) -> float:
     started = time.time()
-    stack.kubectl("patch", "dgd", dgd, "-n", stack.namespace, "--type=merge",
+    stack.kubectl("patch", names.DGD_KUBECTL_V1ALPHA1, dgd, "-n", stack.namespace, "--type=merge",
                   "-p", json.dumps({"spec": {"services": {"worker": {"replicas": replicas}}}}))
     return started
 

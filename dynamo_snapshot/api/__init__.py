@@ -23,7 +23,15 @@ from dynamo_snapshot.api.config import (
     load_config,
     parse_config,
 )
-from dynamo_snapshot.api.decode import InvalidObject, Malformed, convert, decode_json, malformed_of, to_dict
+from dynamo_snapshot.api.decode import (
+    InvalidObject,
+    Malformed,
+    Refused,
+    convert,
+    decode_json,
+    malformed_of,
+    to_dict,
+)
 from dynamo_snapshot.api.dgd import (
     CheckpointMode,
     ComponentCheckpointStatus,
@@ -37,6 +45,7 @@ from dynamo_snapshot.api.dgd import (
     StartupPolicy,
     StoredSpec,
     decode_dgd,
+    malformed_dgd,
     refuse_unsupported,
 )
 from dynamo_snapshot.api.dgdshape import as_services_shape
@@ -68,6 +77,7 @@ __all__ = [
     "OwnerReference",
     "PVCStorage",
     "Phase",
+    "Refused",
     "Service",
     "ServiceCheckpoint",
     "StartupPolicy",
@@ -80,6 +90,7 @@ __all__ = [
     "decode_json",
     "find_condition",
     "load_config",
+    "malformed_dgd",
     "malformed_of",
     "names",
     "parse_config",

@@ -9,7 +9,7 @@ import msgspec
 
 T = TypeVar("T")
 
-__all__ = ["InvalidObject", "Malformed", "convert", "decode_json", "malformed_of", "to_dict"]
+__all__ = ["InvalidObject", "Malformed", "Refused", "convert", "decode_json", "malformed_of", "to_dict"]
 
 
 class InvalidObject(ValueError):
@@ -19,6 +19,16 @@ class InvalidObject(ValueError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class Refused(msgspec.ValidationError):
+    """An object that decodes but that a decoder refuses by name (`api.decode_dgd`: a feature this project
+    does not run, a path in the shape the object was written in): an `InvalidObject` raised as the
+    msgspec.ValidationError an informer hands its `on_mismatch`, which keeps `invalid` as it is."""
+
+    def __init__(self, invalid: InvalidObject):
+        super().__init__(str(invalid))
+        self.invalid = invalid
 
 
 _AT = re.compile(r"^(?P<problem>.*?)(?P<at>( - at `\$[^`]*`)+)$", re.S)
@@ -183,12 +193,14 @@ def malformed_of(type_: Any) -> Any:
     from dynamo_snapshot.api.meta import ObjectMeta
 
     def stand_in(raw: bytes, err: msgspec.ValidationError) -> Malformed | None:
+        """`err` a `Refused`: its `invalid` as it is; otherwise msgspec's error, the keys named."""
         try:
             envelope = msgspec.json.decode(raw, type=_Envelope)
             meta = msgspec.convert(envelope.metadata, ObjectMeta)
         except msgspec.ValidationError:
             return None  # not even an object with metadata: nothing a controller could write to
-        invalid = _name_keys(_translate(err, type_), msgspec.json.decode(raw))
+        invalid = err.invalid if isinstance(err, Refused) else _name_keys(_translate(err, type_),
+                                                                          msgspec.json.decode(raw))
         defaults = {f.name: f.default for f in msgspec.structs.fields(type_)}
         return Malformed(metadata=meta, status=_status_of(type_, envelope.status), path=invalid.path,
                          problem=invalid.problem, kind=defaults.get("kind", ""),

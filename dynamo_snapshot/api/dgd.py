@@ -16,7 +16,8 @@ from msgspec import Meta
 
 from dynamo_snapshot.api import names
 from dynamo_snapshot.api.checkpoint import BackendFramework
-from dynamo_snapshot.api.decode import InvalidObject
+from dynamo_snapshot.api.decode import InvalidObject, Malformed, Refused, convert, malformed_of
+from dynamo_snapshot.api.dgdshape import as_services_shape, components_path, is_components_shape
 from dynamo_snapshot.api.meta import Base, Condition, JSONObject, ObjectMeta
 from dynamo_snapshot.api.podtemplate import MetadataShape, PodSpecShape, ResourcesShape, check_shape
 
@@ -85,18 +86,22 @@ class Service(Base):
 _NOT_SUPPORTED = "is not supported by dynamo-snapshot"
 
 
-def refuse_unsupported(component: str, service: Service) -> None:
-    """Upstream features the schema accepts and this project does not run: refused by name when enabled."""
-    at = f"spec.services.{component}"
+def refuse_unsupported(component: str, service: Service, index: int | None = None) -> None:
+    """Upstream features the schema accepts and this project does not run: refused by name when enabled.
+    `index`: the component's place in a v1beta1 `spec.components` (the fields are named as written there,
+    where the presence of `experimental.<feature>` is what enables it)."""
+    at = f"spec.services.{component}" if index is None else f"spec.components[{index}].experimental"
     if service.gpu_memory_service is not None and service.gpu_memory_service.enabled:
-        raise InvalidObject(f"{at}.gpuMemoryService.enabled", f"GPU Memory Service {_NOT_SUPPORTED}; set it to "
-                            "false or remove gpuMemoryService (v1beta1: experimental.gpuMemoryService)")
+        field = "gpuMemoryService.enabled" if index is None else "gpuMemoryService"
+        fix = "set it to false or remove gpuMemoryService" if index is None else "remove it"
+        raise InvalidObject(f"{at}.{field}", f"GPU Memory Service {_NOT_SUPPORTED} (component {component}); {fix}")
     if service.failover is not None and service.failover.enabled:
-        raise InvalidObject(f"{at}.failover.enabled", f"failover restore {_NOT_SUPPORTED}; set it to false or "
-                            "remove failover (v1beta1: experimental.failover)")
+        field = "failover.enabled" if index is None else "failover"
+        fix = "set it to false or remove failover" if index is None else "remove it"
+        raise InvalidObject(f"{at}.{field}", f"failover restore {_NOT_SUPPORTED} (component {component}); {fix}")
     if service.checkpoint is not None and service.checkpoint.enabled and service.checkpoint.job:
         raise InvalidObject(f"{at}.checkpoint.job", f"GMS + Snapshot (the checkpoint Job's gmsClientContainers "
-                            f"and podTemplate) {_NOT_SUPPORTED}; remove checkpoint.job")
+                            f"and podTemplate) {_NOT_SUPPORTED} (component {component}); remove checkpoint.job")
 
 
 class DynamoGraphDeploymentSpec(Base):
@@ -161,9 +166,61 @@ _DGD_DECODER = msgspec.json.Decoder(DynamoGraphDeployment)
 _STORED_DECODER = msgspec.json.Decoder(_Stored)
 
 
-def decode_dgd(raw: bytes) -> DynamoGraphDeployment:
-    """A DGD from its JSON as the API server sent it, with `stored_spec` set. Raises msgspec.ValidationError
-    for one that does not fit (the DGD informer's `on_mismatch` turns that into an `api.Malformed`)."""
-    dgd = _DGD_DECODER.decode(raw)
-    dgd.__dict__["_stored_spec"] = _STORED_DECODER.decode(raw).spec
+class _Shape(msgspec.Struct):
+    spec: Any = None
+
+
+_SHAPE_DECODER = msgspec.json.Decoder(_Shape)
+V1BETA1_API_VERSION = f"{names.GROUP}/{names.DGD_VERSION_V1BETA1}"
+
+
+def _is_v1beta1(raw: bytes) -> bool:
+    return is_components_shape(_SHAPE_DECODER.decode(raw).spec)
+
+
+def _decode_v1beta1(raw: bytes) -> DynamoGraphDeployment:
+    """A `spec.components` DGD as the `spec.services` one it means; errors name the component's path."""
+    obj = msgspec.json.decode(raw)
+    try:
+        services = as_services_shape(obj)
+        dgd = convert(services, DynamoGraphDeployment)
+    except InvalidObject as err:
+        listed = obj["spec"]["components"]
+        names_ = [c.get("name") if isinstance(c, dict) else None for c in listed] if isinstance(listed, list) else []
+        raise Refused(InvalidObject(components_path(err.path, names_), err.problem)) from None
+    dgd.__dict__["_stored_spec"] = msgspec.convert(services, _Stored).spec
+    dgd.api_version = V1BETA1_API_VERSION
     return dgd
+
+
+def decode_dgd(raw: bytes) -> DynamoGraphDeployment:
+    """A DGD from its JSON as the API server sent it, with `stored_spec` set and `api_version` the version
+    whose shape its spec is in (the endpoint its writes go through: the other version's schema refuses
+    it). Raises msgspec.ValidationError for one that does not fit, `api.Refused` for one that uses what
+    this project does not run (the DGD informer's `on_mismatch` turns either into an `api.Malformed`)."""
+    if _is_v1beta1(raw):
+        dgd = _decode_v1beta1(raw)
+    else:
+        dgd = _DGD_DECODER.decode(raw)
+        dgd.__dict__["_stored_spec"] = _STORED_DECODER.decode(raw).spec
+        dgd.api_version = names.API_VERSION
+    beta = dgd.api_version == V1BETA1_API_VERSION
+    for index, (component, service) in enumerate(dgd.spec.services.items()):
+        try:
+            refuse_unsupported(component, service, index if beta else None)
+        except InvalidObject as err:
+            raise Refused(err) from None
+    return dgd
+
+
+def malformed_dgd(raw: bytes, err: msgspec.ValidationError) -> Malformed | None:
+    """The DGD informer's `on_mismatch`: `api.malformed_of`'s stand-in, its `api_version` the version whose
+    shape the stored spec is in (the endpoint its status is written through)."""
+    stand_in = malformed_of(DynamoGraphDeployment)(raw, err)
+    if stand_in is not None:
+        try:
+            beta = _is_v1beta1(raw)
+        except msgspec.ValidationError:
+            beta = False
+        stand_in.api_version = V1BETA1_API_VERSION if beta else names.API_VERSION
+    return stand_in

@@ -111,3 +111,25 @@ def as_services_shape(obj: dict[str, Any]) -> dict[str, Any]:
     if spec.get("env") is not None:
         new_spec["envs"] = spec["env"]
     return {**obj, "spec": new_spec}
+
+
+def is_components_shape(spec: Any) -> bool:
+    """Whether `spec` is in the v1beta1 shape (`spec.components`). With conversion strategy None the API
+    server stamps every object with the version it was read through, so the shape is the only trace of the
+    version an object was written in: each version's CRD schema refuses the other's shape."""
+    return isinstance(spec, dict) and "components" in spec
+
+
+def components_path(path: str, components: list[str]) -> str:
+    """A path into the services shape (`spec.services[Worker].replicas`) as a path into the components
+    list it came from (`spec.components[1].replicas`); the part past the component is left in v1alpha1
+    terms. Paths outside `spec.services` are returned unchanged."""
+    for prefix in ("spec.services[", "spec.services."):
+        if not path.startswith(prefix):
+            continue
+        rest = path[len(prefix):]
+        for index, name in enumerate(components):
+            end = name + "]" if prefix.endswith("[") else name
+            if rest == end or rest.startswith(end + ".") or rest.startswith(end + "["):
+                return f"spec.components[{index}]{rest[len(end):]}"
+    return path

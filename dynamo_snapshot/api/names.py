@@ -14,6 +14,9 @@ DGD_KIND = "DynamoGraphDeployment"
 DGD_PLURAL = "dynamographdeployments"
 # The DGD's second served version (upstream's components-list shape); v1alpha1 stays the storage version.
 DGD_VERSION_V1BETA1 = "v1beta1"
+# kubectl's unqualified `dgd` is the highest served version, v1beta1 (as upstream); with no conversion the
+# object is served as written, so a write in the v1alpha1 shape (`spec.services`) names its version.
+DGD_KUBECTL_V1ALPHA1 = f"{DGD_PLURAL}.{VERSION}.{GROUP}"
 
 # Labels
 LABEL_CHECKPOINT_ID = "nvidia.com/snapshot-checkpoint-id"

@@ -173,7 +173,7 @@ class Flow:
     def scale(self, dgd: str, replicas: int) -> float:
         """Scale the DGD's worker; returns when it was asked."""
         started = time.time()
-        self.stack.kubectl("patch", "dgd", dgd, "-n", self.stack.namespace, "--type=merge",
+        self.stack.kubectl("patch", names.DGD_KUBECTL_V1ALPHA1, dgd, "-n", self.stack.namespace, "--type=merge",
                            "-p", f'{{"spec":{{"services":{{"{WORKER}":{{"replicas":{replicas}}}}}}}}}')
         return started
 

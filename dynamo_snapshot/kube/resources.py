@@ -48,6 +48,14 @@ class Resource(NamedTuple):
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
+    def at_version(self, api_version: str) -> Resource:
+        """This resource through the endpoint of another version it is served at (`api_version` as in an
+        object's `apiVersion`: `nvidia.com/v1beta1`)."""
+        group, _, version = api_version.rpartition("/")
+        if group != self.group or not version:
+            raise ValueError(f"{api_version} is not a version of {self}")
+        return self._replace(version=version)
+
     def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
         """The URL path: `/api/v1/namespaces/ns/pods/name/status` and the like."""
         base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"

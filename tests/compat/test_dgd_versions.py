@@ -11,7 +11,7 @@ import pytest
 
 from dynamo_snapshot.api import as_services_shape
 from dynamo_snapshot.hashing import dgd_checkpoint_id, worker_hash
-from tests.controllers.support import agent_daemonset, enabled_config
+from tests.controllers.support import agent_daemonset, enabled_config, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -150,13 +150,79 @@ def test_a_v1beta1_dgd_gets_its_automatic_checkpoint_and_status_from_the_operato
     operator.wait("dgd.v1beta1.nvidia.com", "graph", f"{{.status.checkpoints.{WORKER}.checkpointName}}", name)
 
 
+def twins() -> tuple[dict, dict]:
+    """The v1beta1 graph `beta` and `alpha`, the v1alpha1 graph it means (as upstream's conversion)."""
+    beta = v1beta1("beta")
+    alpha = {**as_services_shape(v1beta1("alpha")), "apiVersion": "nvidia.com/v1alpha1"}
+    return alpha, beta
+
+
+def worker_pods(cluster, dgd: str) -> list[dict]:
+    return cluster.pods_of(f"nvidia.com/dynamo-graph-deployment-name={dgd},nvidia.com/dynamo-component={WORKER}")
+
+
+def is_restore_shaped(pod: dict) -> bool:
+    return "nvidia.com/snapshot-checkpoint-id" in pod["metadata"].get("labels", {})
+
+
+def lifecycle(cluster, kubectl, namespace: str, name: str, version: str) -> dict:
+    """Play the kubelet and the agent for `name`: its cold pods Ready, its automatic checkpoint Ready, then a
+    scale to 2 (through its own version) whose new pod restores. What the operator wrote, for comparing."""
+    resource = f"dynamographdeployments.{version}.nvidia.com"
+    eventually(lambda: len(worker_pods(cluster, name)) == 1, what=f"the cold pod of {name}")
+    (cold,) = worker_pods(cluster, name)
+    eventually(lambda: len(cluster.pods_of(f"nvidia.com/dynamo-graph-deployment-name={name}")) == 2,
+               what=f"the frontend and worker pods of {name}")
+    for pod in cluster.pods_of(f"nvidia.com/dynamo-graph-deployment-name={name}"):
+        cluster.make_ready(pod["metadata"]["name"])
+    stored = cluster.get(resource, name)
+    services = as_services_shape(stored)["spec"]
+    whash = worker_hash(WORKER, services["services"][WORKER], services.get("envs"))
+    ckpt = "checkpoint-" + dgd_checkpoint_id(namespace, name, stored["metadata"]["uid"], WORKER, whash)
+    job = cluster.wait_phase(ckpt, "Creating")["status"]["jobName"]
+    cluster.agent_verdict(job, "completed")
+    cluster.run_job_to(job)
+    cluster.wait_phase(ckpt, "Ready")
+    cluster.wait(resource, name, "{.status.state}", "successful")
+    status = cluster.get(resource, name)["status"]
+    path = "/spec/components/1/replicas" if version == "v1beta1" else f"/spec/services/{WORKER}/replicas"
+    kubectl("patch", resource, name, "-n", namespace, "--type=json",
+            "-p", json.dumps([{"op": "replace", "path": path, "value": 2}]))
+    eventually(lambda: len(worker_pods(cluster, name)) == 2, what=f"the scale-up of {name}")
+    restored = [p for p in worker_pods(cluster, name) if p["metadata"]["uid"] != cold["metadata"]["uid"]]
+    (rs,) = cluster.list("replicasets", f"nvidia.com/dynamo-graph-deployment-name={name},"
+                                        f"nvidia.com/dynamo-component={WORKER}")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    checkpoint = status["checkpoints"][WORKER]
+    return {"state": status["state"], "ready": (ready["status"], ready["reason"], ready["message"]),
+            "checkpoint": (checkpoint["checkpointName"] == ckpt, checkpoint["ready"]),
+            "worker hash": rs["metadata"]["labels"]["nvidia.com/dynamo-worker-hash"],
+            "replicas": rs["spec"]["replicas"], "restored": [is_restore_shaped(p) for p in restored],
+            "owner": rs["metadata"]["ownerReferences"][0]["name"] == name}
+
+
+def test_a_v1beta1_dgd_reaches_its_status_exactly_as_its_v1alpha1_twin(operator, kubectl, namespace):
+    alpha, beta = twins()
+    apply(kubectl, namespace, alpha)
+    apply(kubectl, namespace, beta)
+    got_alpha = lifecycle(operator, kubectl, namespace, "alpha", "v1alpha1")
+    got_beta = lifecycle(operator, kubectl, namespace, "beta", "v1beta1")
+    assert got_beta == got_alpha
+    assert got_beta["state"] == "successful" and got_beta["checkpoint"] == (True, True)
+    assert got_beta["restored"] == [True] and got_beta["replicas"] == 2
+    # written through its own version: still the shape it was written in, readable as written
+    assert "components" in get(kubectl, namespace, "v1beta1", "beta")["spec"]
+
+
 @pytest.mark.parametrize("version, field", [
-    ("v1alpha1", "gpuMemoryService.enabled"), ("v1alpha1", "failover.enabled"),
-    ("v1beta1", "gpuMemoryService.enabled"), ("v1beta1", "failover.enabled"),
+    ("v1alpha1", f"spec.services.{WORKER}.gpuMemoryService.enabled"),
+    ("v1alpha1", f"spec.services.{WORKER}.failover.enabled"),
+    ("v1beta1", "spec.components[1].experimental.gpuMemoryService"),
+    ("v1beta1", "spec.components[1].experimental.failover"),
 ])
 def test_gms_and_failover_are_accepted_and_refused_by_name_when_enabled(operator, kubectl, namespace, version,
                                                                         field):
-    key = field.split(".")[0]
+    key = "failover" if "failover" in field else "gpuMemoryService"
     if version == "v1alpha1":
         manifest = v1alpha1()
         manifest["spec"]["services"][WORKER][key] = {"enabled": True}
@@ -164,10 +230,12 @@ def test_gms_and_failover_are_accepted_and_refused_by_name_when_enabled(operator
         manifest = v1beta1()
         manifest["spec"]["components"][1]["experimental"][key] = {"mode": "IntraPod"}
     apply(kubectl, namespace, manifest)
-    operator.wait("dgd.v1alpha1.nvidia.com", "graph", "{.status.state}", "failed")
-    ready = next(c for c in operator.get("dgd.v1alpha1.nvidia.com", "graph")["status"]["conditions"]
+    # the failed status is written through the DGD's own version: the other one's schema refuses its shape
+    operator.wait(f"dgd.{version}.nvidia.com", "graph", "{.status.state}", "failed")
+    ready = next(c for c in operator.get(f"dgd.{version}.nvidia.com", "graph")["status"]["conditions"]
                  if c["type"] == "Ready")
-    assert f"spec.services.{WORKER}.{field}:" in ready["message"] and "is not supported" in ready["message"]
+    assert f"{field}: " in ready["message"] and f"is not supported by dynamo-snapshot (component {WORKER})" \
+        in ready["message"]
     assert not json.loads(kubectl("get", "replicasets", "-n", namespace, "-o", "json"))["items"]
 
 

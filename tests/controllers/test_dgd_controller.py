@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from dynamo_snapshot.api import names
 from dynamo_snapshot.hashing import dgd_checkpoint_id, worker_hash
 from tests.controllers.support import agent_daemonset, checkpoint_manifest, enabled_config, eventually
 
@@ -102,7 +103,7 @@ def test_immediate_cold_start_then_new_pods_restore(env):
     assert status["checkpointName"] == name and status["checkpointID"] == status["identityHash"]
 
     # existing pods are not touched; pods created from now on restore
-    cluster.kubectl("patch", "dgd", "graph", "-n", cluster.namespace, "--type=json",
+    cluster.kubectl("patch", names.DGD_KUBECTL_V1ALPHA1, "graph", "-n", cluster.namespace, "--type=json",
                     "-p", f'[{{"op":"replace","path":"/spec/services/{WORKER}/replicas","value":3}}]')
     pods = cluster.wait_pods(COMPONENT_SELECTOR, 3)
     by_uid = {p["metadata"]["uid"]: p for p in pods}
@@ -163,7 +164,7 @@ def test_failed_checkpoint_immediate_keeps_cold_starting(env):
     cluster.wait_phase(name, "Failed")
     cluster.kubectl("scale", "--replicas=2", "replicaset", "-l", "nvidia.com/dynamo-graph-deployment-name=graph",
                     "-n", cluster.namespace)  # a user's scale is undone: replicas follow the DGD
-    cluster.kubectl("patch", "dgd", "graph", "-n", cluster.namespace, "--type=json",
+    cluster.kubectl("patch", names.DGD_KUBECTL_V1ALPHA1, "graph", "-n", cluster.namespace, "--type=json",
                     "-p", f'[{{"op":"replace","path":"/spec/services/{WORKER}/replicas","value":2}}]')
     pods = cluster.wait_pods(COMPONENT_SELECTOR, 2)
     assert not any(is_restore_shaped(p) for p in pods)
@@ -190,7 +191,7 @@ def test_checkpoint_ref_is_used_as_is(env):
     confirm_checkpoint(cluster, "shared-ckpt")
     cluster.wait("dgd", "graph", f"{{.status.checkpoints.{WORKER}.ready}}", "true")
     assert cluster.get("dgd", "graph")["status"]["checkpoints"][WORKER]["checkpointID"] == "96429b2725761a09"
-    cluster.kubectl("patch", "dgd", "graph", "-n", cluster.namespace, "--type=json",
+    cluster.kubectl("patch", names.DGD_KUBECTL_V1ALPHA1, "graph", "-n", cluster.namespace, "--type=json",
                     "-p", f'[{{"op":"replace","path":"/spec/services/{WORKER}/replicas","value":2}}]')
     pods = cluster.wait_pods(COMPONENT_SELECTOR, 2)
     assert sum(is_restore_shaped(p) for p in pods) == 1
