@@ -16,8 +16,8 @@ from dynamo_snapshot.api import (
     decode_dgd,
     malformed_dgd,
 )
-from dynamo_snapshot.controllers.dgd.reconciler import dgd_endpoint
 from dynamo_snapshot.hashing import worker_hash
+from dynamo_snapshot.kube import DYNAMO_GRAPH_DEPLOYMENTS
 
 META = {"name": "graph", "namespace": "ns", "uid": "u-1", "resourceVersion": "3", "generation": 1}
 MAIN = {"name": "main", "image": "placeholder:1", "args": ["--model", "m"]}
@@ -37,18 +37,22 @@ def encode(obj: dict) -> bytes:
     return msgspec.json.encode(obj)
 
 
+def endpoint(dgd) -> str:
+    """Where the operator writes the DGD's status (controllers/dgd/reconciler.py)."""
+    return DYNAMO_GRAPH_DEPLOYMENTS.at_version(dgd.api_version).path("ns", "graph", "status")
+
+
 def test_a_v1beta1_dgd_listed_through_v1alpha1_is_written_back_through_v1beta1():
     dgd = decode_dgd(encode(beta()))
     assert dgd.api_version == "nvidia.com/v1beta1"
-    assert dgd_endpoint(dgd).path("ns", "graph", "status") == \
-        "/apis/nvidia.com/v1beta1/namespaces/ns/dynamographdeployments/graph/status"
+    assert endpoint(dgd) == "/apis/nvidia.com/v1beta1/namespaces/ns/dynamographdeployments/graph/status"
 
 
 def test_a_v1alpha1_dgd_read_through_v1beta1_is_written_back_through_v1alpha1():
     alpha = {**as_services_shape(beta()), "apiVersion": "nvidia.com/v1beta1"}
     dgd = decode_dgd(encode(alpha))
     assert dgd.api_version == "nvidia.com/v1alpha1"
-    assert dgd_endpoint(dgd).version == "v1alpha1"
+    assert endpoint(dgd) == "/apis/nvidia.com/v1alpha1/namespaces/ns/dynamographdeployments/graph/status"
 
 
 def test_a_v1beta1_dgd_means_the_services_upstream_converts_it_to():
@@ -80,7 +84,7 @@ def test_an_unsupported_v1beta1_feature_is_refused_where_it_was_written(feature,
     stand_in = malformed_dgd(raw, caught.value)
     assert isinstance(stand_in, Malformed) and stand_in.path == path
     assert "is not supported by dynamo-snapshot (component Worker); remove it" in stand_in.problem
-    assert dgd_endpoint(stand_in).version == "v1beta1"  # its failed status goes through its own version
+    assert endpoint(stand_in).startswith("/apis/nvidia.com/v1beta1/")  # its failed status: its own version
 
 
 def test_an_unsupported_v1alpha1_feature_is_refused_naming_the_field_and_the_fix():

@@ -91,6 +91,9 @@ def _python_files(roots: list[Path]) -> list[Path]:
 
 
 def _resource(node: ast.AST) -> resources.Resource | None:
+    """`RESOURCE`, or `RESOURCE.at_version(...)` (RBAC names no version)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "at_version":
+        node = node.func.value
     return RESOURCES.get(node.id) if isinstance(node, ast.Name) else None
 
 

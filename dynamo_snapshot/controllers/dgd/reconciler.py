@@ -53,7 +53,6 @@ from dynamo_snapshot.kube import (
     Invalid,
     NotFound,
     ObjectKey,
-    Resource,
     Result,
     index_by_label,
 )
@@ -76,15 +75,11 @@ def dgd_informer(factory: InformerFactory, namespace: str | None) -> Informer[Dy
     """The DGDs as api structs (`api.decode_dgd`: either served version's shape as the services it means,
     the services as stored kept for the worker hash); one that does not fit, or uses what this project does
     not run, is cached as a `Malformed` naming the field. Listed through v1alpha1: with conversion None
-    the list says nothing of the version an object was written in, its shape does (`api_version`)."""
+    the list says nothing of the version an object was written in, its shape does (`api_version`). Every
+    write to a DGD goes through `DYNAMO_GRAPH_DEPLOYMENTS.at_version(dgd.api_version)`: each version's
+    schema refuses the other's shape, and a write is validated whole, status included."""
     return factory.informer(DYNAMO_GRAPH_DEPLOYMENTS, namespace=namespace, type=DynamoGraphDeployment,
                             decode=decode_dgd, on_mismatch=malformed_dgd)
-
-
-def dgd_endpoint(dgd: DynamoGraphDeployment | Malformed) -> Resource:
-    """Where a write to `dgd` goes: the version whose shape its spec is in (its `api_version` as decoded).
-    Each version's schema refuses the other's shape, and a write is validated whole, status included."""
-    return DYNAMO_GRAPH_DEPLOYMENTS.at_version(dgd.api_version or names.API_VERSION)
 
 
 def _checkpoint_settings(dgd: DynamoGraphDeployment | Malformed) -> list[ServiceCheckpoint]:
@@ -151,7 +146,7 @@ class DGDController:
             return
         condition = {"type": "Ready", "status": "False", "reason": "invalid_spec", "message": obj.message,
                      "lastTransitionTime": timestamp(utcnow()), "observedGeneration": m.generation}
-        await self.client.patch_status(dgd_endpoint(obj), m.name, {
+        await self.client.patch_status(DYNAMO_GRAPH_DEPLOYMENTS.at_version(obj.api_version), m.name, {
             "metadata": {"resourceVersion": m.resource_version},
             "status": {"state": STATE_FAILED, "observedGeneration": m.generation, "conditions": [condition]}},
             m.namespace)
@@ -352,7 +347,7 @@ class _Reconcile:
         body = to_dict(status)
         body.setdefault("checkpoints", {})  # a merge patch keeps what is left out: say "none" explicitly
         await self.ctrl.client.patch_status(
-            dgd_endpoint(self.dgd), self.name,
+            DYNAMO_GRAPH_DEPLOYMENTS.at_version(self.dgd.api_version), self.name,
             {"metadata": {"resourceVersion": self.dgd.metadata.resource_version}, "status": body}, self.namespace)
         previous = find_condition(old.conditions, "Ready")
         if problems and message != (previous.message if previous else None):

@@ -91,6 +91,11 @@ API (Kubernetes 1.30+). */}}
 {{- end -}}
 {{- end -}}
 
+{{/* The seccomp profile's file name, under the kubelet's seccomp root's profiles/ (seccomp.deploy). */}}
+{{- define "snapshot.seccompProfile" -}}
+block-iouring.json
+{{- end -}}
+
 {{- define "snapshot.image" -}}
 {{- $image := .Values.daemonset.image -}}
 {{- printf "%s:%s" (required "daemonset.image.repository is required" $image.repository) (default .Chart.AppVersion $image.tag) -}}
