@@ -74,6 +74,11 @@ def test_agent_mount_install_is_accepted_and_discoverable(helm, kubectl, apply, 
     pvc = json.loads(kubectl("get", "pvc", "snapshot-pvc", "-n", namespace, "-o", "json"))
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    # seccomp.deploy (default, as upstream): the profile and the init container that installs it, as stored
+    profiles = json.loads(kubectl("get", "configmap", "snapshot-agent-seccomp", "-n", namespace, "-o", "json"))
+    assert "io_uring_setup" in json.loads(profiles["data"]["block-iouring.json"])["syscalls"][0]["names"]
+    (init,) = stored[0]["spec"]["template"]["spec"]["initContainers"]
+    assert init["name"] == "deploy-seccomp"
 
     sa = service_account(objects)
     for verb, resource in [("watch", "pods"), ("patch", "pods"), ("patch", "jobs.batch"),

@@ -2,6 +2,8 @@
 operator in each storage mode, runtime, RBAC scope and OpenShift, and values refused with a clear error."""
 
 import base64
+import json
+import subprocess
 
 import pytest
 import yaml
@@ -35,6 +37,12 @@ def agent(objects) -> dict:
     return container
 
 
+def agent_config_map(objects) -> dict:
+    """The agent's configuration ConfigMap (the other one, with seccomp.deploy, holds the seccomp profile)."""
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config")]
+    return config
+
+
 def mounts(objects) -> dict[str, tuple[str, dict]]:
     """volume name -> (mount path in the agent, volume source)."""
     ds = only(objects, "DaemonSet")
@@ -49,7 +57,7 @@ def test_lint_passes_in_every_mode(helm, mode):
 
 def test_agent_mount_daemonset_is_the_agent_contract(helm):
     objects = render(helm, **SIZE)
-    assert kinds(objects) == ["ConfigMap", "DaemonSet", "PersistentVolumeClaim", "Role", "RoleBinding",
+    assert kinds(objects) == ["ConfigMap", "ConfigMap", "DaemonSet", "PersistentVolumeClaim", "Role", "RoleBinding",
                               "Secret", "ServiceAccount"]
     ds = only(objects, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
@@ -180,9 +188,9 @@ def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
     default = render(helm, **SIZE)
     tuned = render(helm, **SIZE, **{"config.criu.networkLock": "nftables", "config.criu.logLevel": 2,
                                     "config.criu.extraArgs": "{--skip-in-flight}"})
-    config = yaml.safe_load(only(tuned, "ConfigMap")["data"]["config.yaml"])
+    config = yaml.safe_load(agent_config_map(tuned)["data"]["config.yaml"])
     for rendered in (default, tuned):  # what the chart renders is what the agent accepts
-        text = only(rendered, "ConfigMap")["data"]["config.yaml"]
+        text = agent_config_map(rendered)["data"]["config.yaml"]
         (tmp_path / "config.yaml").write_text(text)
         agent_config.load(tmp_path / "config.yaml")
     assert config["restore"] == {"prefetchThreads": 8}
@@ -190,7 +198,7 @@ def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
     assert config["criu"]["logLevel"] == 2
     assert config["criu"]["extraArgs"] == ["--skip-in-flight"]
     path, volume = mounts(tuned)["config"]
-    assert path == "/etc/snapshot-agent" and volume["configMap"]["name"] == only(tuned, "ConfigMap")["metadata"]["name"]
+    assert path == "/etc/snapshot-agent" and volume["configMap"]["name"] == agent_config_map(tuned)["metadata"]["name"]
     checksum = [only(o, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
                 for o in (default, tuned)]
     assert checksum[0] != checksum[1], "a config change must roll the agent pods"
@@ -257,3 +265,62 @@ def test_the_checkpoint_keys_are_a_kept_secret_mounted_only_into_the_agent(helm)
     reuse = render(helm, **SIZE, **{"keys.create": "false", "keys.secretName": "my-keys"})
     assert "Secret" not in kinds(reuse)
     assert mounts(reuse)["keys"][1]["secret"]["secretName"] == "my-keys"
+
+
+def seccomp_installer(objects) -> dict:
+    (init,) = only(objects, "DaemonSet")["spec"]["template"]["spec"]["initContainers"]
+    return init
+
+
+def test_the_seccomp_profile_is_deployed_by_default_as_upstream(helm):
+    objects = render(helm, **SIZE)
+    profiles = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-seccomp"))
+    profile = json.loads(profiles["data"]["block-iouring.json"])
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    (rule,) = profile["syscalls"]
+    assert sorted(rule["names"]) == ["io_uring_enter", "io_uring_register", "io_uring_setup"]
+    assert rule["action"] == "SCMP_ACT_ERRNO"
+    init = seccomp_installer(objects)
+    assert init["image"] == agent(objects)["image"] and init["imagePullPolicy"] == "IfNotPresent"
+    pod = only(objects, "DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    source = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert volumes["seccomp-profiles"]["configMap"]["name"] == profiles["metadata"]["name"]
+    assert volumes["host-seccomp"]["hostPath"] == {"path": "/var/lib/kubelet/seccomp", "type": "DirectoryOrCreate"}
+    assert set(source) == {"seccomp-profiles", "host-seccomp"}
+    assert "host-seccomp" not in mounts(objects), "only the init container writes the node's seccomp root"
+
+
+def test_the_seccomp_installer_puts_the_profile_where_the_kubelet_reads_it(helm, tmp_path):
+    """The init container's own command, run here against a copy of its two mounts."""
+    objects = render(helm, **SIZE)
+    init = seccomp_installer(objects)
+    configmap, node = tmp_path / "configmap", tmp_path / "node-seccomp"
+    configmap.mkdir()
+    node.mkdir()
+    profiles = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-seccomp"))
+    (configmap / "block-iouring.json").write_text(profiles["data"]["block-iouring.json"])
+    paths = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    script = init["command"][2].replace(paths["seccomp-profiles"], str(configmap)) \
+        .replace(paths["host-seccomp"], str(node))
+    for _ in range(2):  # a restarted agent pod installs it again over the old one
+        subprocess.run([*init["command"][:2], script], check=True, timeout=30)
+    assert sorted(p.name for p in (node / "profiles").iterdir()) == ["block-iouring.json"]
+    assert json.loads((node / "profiles" / "block-iouring.json").read_text()) == \
+        json.loads(profiles["data"]["block-iouring.json"])
+
+
+def test_seccomp_deploy_false_renders_no_profile_and_no_installer(helm):
+    objects = render(helm, **SIZE, **{"seccomp.deploy": "false"})
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"] == [
+        agent_config_map(objects)["metadata"]["name"]]
+    pod = only(objects, "DaemonSet")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod and "host-seccomp" not in {v["name"] for v in pod["volumes"]}
+    assert "checksum/seccomp" not in only(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_the_seccomp_installer_image_can_be_set_as_upstream_names_it(helm):
+    objects = render(helm, **SIZE, **{"daemonset.initContainer.image": "busybox:1.36",
+                                      "daemonset.initContainer.imagePullPolicy": "Always"})
+    init = seccomp_installer(objects)
+    assert (init["image"], init["imagePullPolicy"]) == ("busybox:1.36", "Always")
