@@ -56,6 +56,18 @@ def dgd_manifest(name: str, *, replicas: int, policy: str = "Immediate", heap_mi
     }
 
 
+def dgd_manifest_v1beta1(name: str, *, replicas: int, policy: str = "Immediate", heap_mib: int = 64) -> dict[str, Any]:
+    """`dgd_manifest`'s automatic-checkpoint graph in upstream's v1beta1 shape (a components list, the
+    worker's container `main` in `podTemplate`, `experimental.checkpoint` present: enabled)."""
+    return {
+        "apiVersion": f"{names.GROUP}/{names.DGD_VERSION_V1BETA1}", "kind": names.DGD_KIND, "metadata": {"name": name},
+        "spec": {"backendFramework": "vllm", "components": [{
+            "name": WORKER, "type": "worker", "replicas": replicas,
+            "podTemplate": {"spec": {"containers": [worker_container(heap_mib)]}},
+            "experimental": {"checkpoint": {"mode": "Auto", "startupPolicy": policy}}}]},
+    }
+
+
 def _log_time(record: dict[str, Any]) -> float:
     return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
 

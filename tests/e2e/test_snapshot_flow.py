@@ -20,6 +20,7 @@ from dynamo_snapshot.devcluster.scenarios import (
     checkpoint_manifest,
     component_selector,
     dgd_manifest,
+    dgd_manifest_v1beta1,
 )
 from dynamo_snapshot.kube import DYNAMO_GRAPH_DEPLOYMENTS, PODS
 
@@ -84,6 +85,21 @@ def test_wait_for_checkpoint_starts_workers_only_from_the_checkpoint(flow: Flow)
         assert [e["reason"] for e in agent_events(flow, pod["metadata"]["name"])] == ["Restored"]
     dgd = stack.get("dgd", "waiting")
     assert dgd["status"]["checkpoints"]["worker"]["ready"] is True
+
+
+def test_a_v1beta1_dgd_is_checkpointed_and_restored_as_its_v1alpha1_twin(flow: Flow):
+    """Upstream's v1beta1 shape on the real kubelet: the same automatic checkpoint and restored workers as
+    the v1alpha1 graph above, its status written through v1beta1 (the shape it was written in)."""
+    stack = flow.stack
+    started = time.time()
+    stack.apply(dgd_manifest_v1beta1("beta", replicas=1, policy="WaitForCheckpoint"))
+    run = flow.wait_checkpoint(flow.auto_checkpoint_name("beta"), started)
+    (restored,) = flow.wait_restored(component_selector("beta"), 1, started)
+    assert restored.instance == run.instance and restored.heap_ok
+    dgd = stack.wait_object(DYNAMO_GRAPH_DEPLOYMENTS.at_version(f"{names.GROUP}/{names.DGD_VERSION_V1BETA1}"),
+                            "beta", lambda d: (d.get("status") or {}).get("state") == "successful",
+                            "the v1beta1 DGD to be successful")
+    assert "components" in dgd["spec"] and dgd["status"]["checkpoints"]["worker"]["ready"] is True
 
 
 def test_immediate_starts_cold_then_scale_up_restores_and_restarts_restore_nothing_twice(flow: Flow):
