@@ -61,6 +61,8 @@ def snapshot_values(stack: SnapshotStack) -> dict[str, Any]:
     assert stack.node is not None
     return {"storage": {"pvc": {"size": "10Gi"}},
             "runtime": {"socketPath": str(stack.node.cri_socket)},
+            # this node's kubelet runs with its own --root-dir: its seccomp root, not the machine's
+            "seccomp": {"hostPath": str(stack.node.kubelet_root / "seccomp")},
             "config": {"criu": {"timeoutSeconds": 300}}}
 
 

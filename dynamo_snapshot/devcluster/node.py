@@ -194,6 +194,11 @@ class KubeletNode:
         path.write_text(yaml.safe_dump(config))
         return path, kubeconfig
 
+    @property
+    def kubelet_root(self) -> Path:
+        """The kubelet's --root-dir (its seccomp profiles are under `seccomp/`)."""
+        return self.root / "kubelet"
+
     def _kubelet_component(self) -> Component:
         config, kubeconfig = self._kubelet_files()
         binary = binaries.bin_dir() / "kubelet"
@@ -204,7 +209,7 @@ class KubeletNode:
                 f"--config={config}",
                 f"--kubeconfig={kubeconfig}",
                 f"--hostname-override={self.name}",
-                f"--root-dir={self.root / 'kubelet'}",
+                f"--root-dir={self.kubelet_root}",
                 f"--cert-dir={self.root / 'pki'}",
                 "--v=1",
             ],

@@ -324,3 +324,11 @@ def test_the_seccomp_installer_image_can_be_set_as_upstream_names_it(helm):
                                       "daemonset.initContainer.imagePullPolicy": "Always"})
     init = seccomp_installer(objects)
     assert (init["image"], init["imagePullPolicy"]) == ("busybox:1.36", "Always")
+
+
+def test_a_kubelet_with_another_root_dir_gets_the_profile_in_its_own_seccomp_root(helm):
+    objects = render(helm, **SIZE, **{"seccomp.hostPath": "/data/kubelet/seccomp/"})
+    volumes = {v["name"]: v for v in only(objects, "DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["host-seccomp"]["hostPath"]["path"] == "/data/kubelet/seccomp"
+    error = helm.template_error(SNAPSHOT_CHART, values={**SIZE, "seccomp.hostPath": "relative/seccomp"})
+    assert "seccomp.hostPath must be the kubelet's seccomp directory" in error

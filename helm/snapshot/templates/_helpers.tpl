@@ -157,6 +157,12 @@ whatever order Helm renders the templates in. */}}
 {{- if or (not (hasPrefix "/" $base)) (eq (clean $base) "/") -}}
 {{- fail (printf "storage.pvc.basePath must be an absolute directory other than /, got %q" $base) -}}
 {{- end -}}
+{{- if .Values.seccomp.deploy -}}
+{{- $seccompRoot := clean (toString .Values.seccomp.hostPath) -}}
+{{- if or (not (isAbs $seccompRoot)) (eq $seccompRoot "/") -}}
+{{- fail (printf "seccomp.hostPath must be the kubelet's seccomp directory, an absolute path other than / (default /var/lib/kubelet/seccomp), got %q" (toString .Values.seccomp.hostPath)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (include "snapshot.agentMount" .) (not $s.pvc.name) -}}
 {{- fail "storage.pvc.name is required in agentMount mode: the PVC the agent mounts (the chart's or an existing one)" -}}
 {{- end -}}
