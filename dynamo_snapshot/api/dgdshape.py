@@ -9,6 +9,8 @@ Stages: tell the shape (services, components, or both: refused by name); map eac
 service it means in v1alpha1 (upstream's conversion: `type` -> `componentType`, the `main` container of
 `podTemplate` -> `extraPodSpec.mainContainer`, its metadata -> `extraPodMetadata`, `env` -> `envs`, the
 presence of `experimental.checkpoint` / `gpuMemoryService` / `failover` -> `enabled: true`).
+`is_components_shape` says which version an object is in (the API server's stamp does not, see there);
+`components_path` names an error found in the services shape where the user wrote it.
 Pure: plain dicts in, plain dicts out; the input is not modified.
 """
 
