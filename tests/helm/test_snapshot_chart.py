@@ -228,16 +228,18 @@ def test_bad_values_fail_naming_the_value(helm, values, names):
 def test_the_node_cache_is_a_host_path_mounted_only_into_the_agent_and_configured_there(helm, mode, tmp_path):
     off = render(helm, **MODES[mode])
     assert "node-cache" not in mounts(off)
-    assert "cache" not in yaml.safe_load(only(off, "ConfigMap")["data"]["config.yaml"])
+    assert "cache" not in yaml.safe_load(agent_config_map(off)["data"]["config.yaml"])
     on = render(helm, **MODES[mode], **{"cache.hostPath": "/mnt/nvme/snapshot-cache/", "cache.budgetGiB": 200})
     path, volume = mounts(on)["node-cache"]
     assert volume["hostPath"] == {"path": "/mnt/nvme/snapshot-cache", "type": "DirectoryOrCreate"}
-    text = only(on, "ConfigMap")["data"]["config.yaml"]
+    text = agent_config_map(on)["data"]["config.yaml"]
     assert yaml.safe_load(text)["cache"] == {"dir": path, "budgetGiB": 200}
     (tmp_path / "config.yaml").write_text(text)  # what the chart renders is what the agent accepts
     assert agent_config.load(tmp_path / "config.yaml").cache == agent_config.CacheSettings(path, 200 << 30)
     pod = only(on, "DaemonSet")["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["containers"]] == ["agent"] and "initContainers" not in pod
+    # no container of its own: only the seccomp profile's installer (seccomp.deploy) runs before the agent
+    assert [c["name"] for c in pod["containers"]] == ["agent"]
+    assert [c["name"] for c in pod["initContainers"]] == ["deploy-seccomp"]
 
 
 def test_size_error_says_how_to_reuse_an_existing_pvc(helm):
