@@ -13,6 +13,9 @@
 # placeholder's runtime image may be any distribution.
 #
 # INSTALL_DEPS=1 first installs the Debian build dependencies with apt-get (what the Dockerfiles do).
+# CRIU_PATCHES: a directory whose *.patch files are applied (name order, patch -p1) before the build,
+# default images/criu/patches next to this script (the Dockerfiles copy it and pass its path); "none"
+# builds REF as it is. hack/build-criu.sh applies the same patches, so tests, bundle and images run one CRIU.
 set -euo pipefail
 
 say() { printf '[criu-bundle] %s\n' "$*" >&2; }
@@ -27,7 +30,7 @@ repo="$1" ref="$2" out="$3"
 # a workload container's root filesystem when it runs inside a placeholder (same as hack/build-criu.sh).
 CRIU_RUNDIR="/run/dynamo-snapshot-criu"
 BUILD_DEPS=(
-  git ca-certificates gcc make libc6-dev pkg-config python3
+  git ca-certificates gcc make libc6-dev pkg-config python3 patch
   protobuf-c-compiler protobuf-compiler libprotobuf-dev libprotobuf-c-dev
   libnl-3-dev libnet1-dev libcap-dev libbsd-dev libnftables-dev libaio-dev uuid-dev
 )
@@ -38,9 +41,16 @@ if [ "${INSTALL_DEPS:-0}" = 1 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${BUILD_DEPS[@]}" >/dev/null
 fi
-for tool in git make gcc pkg-config protoc-c ldd; do
+for tool in git make gcc pkg-config protoc-c ldd patch; do
   command -v "$tool" >/dev/null || die "$tool is missing; run with INSTALL_DEPS=1 (Debian, as root) or install: ${BUILD_DEPS[*]}"
 done
+
+patch_dir="${CRIU_PATCHES:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/patches}"
+patches=()
+if [ "$patch_dir" != none ]; then
+  [ -d "$patch_dir" ] || die "CRIU_PATCHES=$patch_dir is not a directory of *.patch files (or 'none' to build $ref as it is)"
+  while IFS= read -r name; do patches+=("$name"); done < <(cd "$patch_dir" && LC_ALL=C ls -1 | grep '\.patch$' || true)
+fi
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/criu-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
@@ -61,6 +71,13 @@ else
     || git -C "$src" checkout -q --detach "origin/$ref" 2>/dev/null \
     || die "$repo has no tag, branch or commit '$ref': check CRIU_REF"
 fi
+for name in "${patches[@]}"; do
+  say "applying $name"
+  patch -d "$src" -p1 --batch --forward <"$patch_dir/$name" >>"$work/patch.log" 2>&1 || {
+    tail -n 20 "$work/patch.log" >&2
+    die "$patch_dir/$name does not apply to $repo $ref; fix the patch or build with CRIU_PATCHES=none"
+  }
+done
 say "building criu at $(git -C "$src" rev-parse --short HEAD) with $(nproc) jobs"
 # GnuTLS is only for the TLS page server, which the agent never uses; leaving it out keeps the bundle small.
 if ! make -C "$src" -j"$(nproc)" NO_GNUTLS=1 RUNDIR="$CRIU_RUNDIR" criu >"$work/build.log" 2>&1; then
@@ -84,6 +101,8 @@ version_text="$("$stage/ld.so" --library-path "$stage/lib" "$stage/criu" --versi
 version="$(printf '%s\n' "$version_text" | awk '$1 == "Version:" {print $2}')"
 [ -n "$version" ] || die "cannot read the version from: $version_text"
 echo "$version" >"$stage/VERSION"
+# The applied patch set, as its sha256sum lines (empty for an unpatched build).
+if [ ${#patches[@]} -gt 0 ]; then (cd "$patch_dir" && sha256sum -- "${patches[@]}"); fi >"$stage/PATCHES"
 touch "$stage/.complete"
 
 rm -rf "$out"

@@ -52,7 +52,8 @@ def _load_image_builder() -> Any:
 
 
 def criu_bundle() -> Path:
-    return CACHE / f"criu-{CRIU_VERSION}" / "bundle"
+    """The bundle hack/build-criu.sh builds: patched by default, stock with CRIU_PATCHES=none."""
+    return criu.cache_dir({**os.environ, criu.CACHE_ENV: str(CACHE)}, CRIU_VERSION) / "bundle"
 
 
 def missing() -> str | None:
@@ -65,7 +66,7 @@ def missing() -> str | None:
     if not any(Path(d, "bridge").exists() for d in CNI_BIN_DIRS):
         return "CNI plugins are not installed (run hack/ci/containers.sh)"
     if not (criu_bundle() / ".complete").exists():
-        return f"CRIU {CRIU_VERSION} is not built (run hack/build-criu.sh)"
+        return f"CRIU {CRIU_VERSION} is not built in {criu_bundle().parent} (run hack/build-criu.sh)"
     builder = _load_image_builder()
     if (
         builder._cached_layer(

@@ -107,6 +107,17 @@ def test_criu_repo_and_ref_reach_both_snapshot_images(make: Make, target: str) -
     assert build_args(argv).get("CRIU_REF") == "v4.2.2" and "CRIU_REPO" not in build_args(argv)
 
 
+@pytest.mark.parametrize("target", ["agent-image", "placeholder-image"])
+def test_criu_patches_none_builds_both_snapshot_images_with_stock_criu(make: Make, target: str) -> None:
+    assert make(target, f"RUNTIME_IMAGE={RUNTIME}", "CRIU_PATCHES=none").returncode == 0
+    (argv,) = make.builds()
+    assert build_args(argv).get("CRIU_PATCHES") == "none"
+    # any other value leaves the Dockerfile's default (the patches copied into the build) in charge
+    assert make(target, f"RUNTIME_IMAGE={RUNTIME}", "CRIU_PATCHES=yes").returncode == 0
+    (argv,) = make.builds()
+    assert "CRIU_PATCHES" not in build_args(argv)
+
+
 def test_placeholder_records_the_runtime_images_entrypoint_and_builds_on_the_inspected_digest(make: Make) -> None:
     result = make("placeholder-image", f"RUNTIME_IMAGE={RUNTIME}")
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,8 @@
 The agent runs one CRIU build, kept as a *bundle*: the binary, every shared library it links and the
 dynamic loader. Started as ``<bundle>/ld.so --library-path <bundle>/lib <bundle>/criu``, it runs in any
 mount namespace, so a restore inside a placeholder container uses exactly the CRIU that made the dump
-and the placeholder image needs no CRIU of its own. ``hack/build-criu.sh`` builds the bundle.
+and the placeholder image needs no CRIU of its own. ``hack/build-criu.sh`` builds the bundle, with the
+patches of images/criu/patches, into a cache directory keyed by the patch set (``cache_dir``).
 
 Each run keeps CRIU's log (``dump.log`` in the artifact, ``restore.log`` in the restore work
 directory); a failure raises ``CriuFailed`` with the log's tail.
@@ -11,6 +12,7 @@ directory); a failure raises ``CriuFailed`` with the log's tail.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -27,6 +29,10 @@ log = structlog.get_logger(__name__)
 
 BUNDLE_ENV = "DYN_SNAPSHOT_CRIU_BUNDLE"
 DEFAULT_CRIU_VERSION = "4.2.1"
+# hack/build-criu.sh's inputs: the patch directory (or "none": stock CRIU) and the build cache.
+PATCHES_ENV = "CRIU_PATCHES"
+CACHE_ENV = "DYNAMO_SNAPSHOT_CACHE"
+REPO_PATCHES = Path(__file__).resolve().parents[3] / "images" / "criu" / "patches"
 # Where the agent image installs the bundle; the build cache is the fallback for development and CI.
 IMAGE_BUNDLE = Path("/usr/local/lib/dynamo-snapshot/criu")
 LOG_TAIL_LINES = 40
@@ -36,6 +42,26 @@ EXTERNAL_NET_KEY = "extNetNs"
 EXTERNAL_PID_KEY = "extPidNs"
 
 
+def patch_set_key(patches: Path) -> str | None:
+    """The key hack/build-criu.sh names a patched build by: the first 12 hex digits of the sha256 of
+    the ``sha256sum`` lines of the directory's *.patch files in name order; None when there are none."""
+    names = sorted(p.name for p in patches.glob("*.patch")) if patches.is_dir() else []
+    if not names:
+        return None
+    lines = "".join(f"{hashlib.sha256((patches / n).read_bytes()).hexdigest()}  {n}\n" for n in names)
+    return hashlib.sha256(lines.encode()).hexdigest()[:12]
+
+
+def cache_dir(env: Mapping[str, str] | None = None, version: str = DEFAULT_CRIU_VERSION) -> Path:
+    """The directory hack/build-criu.sh builds into (and prints) under ``env``: criu-<version>-p<key>
+    for the patch set, criu-<version> for stock CRIU (CRIU_PATCHES=none, or no patches)."""
+    env = os.environ if env is None else env
+    cache = Path(env.get(CACHE_ENV) or Path.home() / ".cache" / "dynamo-snapshot")
+    patches = env.get(PATCHES_ENV) or str(REPO_PATCHES)
+    key = None if patches == "none" else patch_set_key(Path(patches))
+    return cache / (f"criu-{version}-p{key}" if key else f"criu-{version}")
+
+
 @dataclass(frozen=True)
 class CriuBundle:
     path: Path
@@ -43,10 +69,7 @@ class CriuBundle:
     @classmethod
     def locate(cls) -> CriuBundle:
         candidates = [Path(p) for p in [os.environ.get(BUNDLE_ENV)] if p]
-        candidates += [
-            IMAGE_BUNDLE,
-            Path.home() / ".cache" / "dynamo-snapshot" / f"criu-{DEFAULT_CRIU_VERSION}" / "bundle",
-        ]
+        candidates += [IMAGE_BUNDLE, cache_dir() / "bundle"]
         for candidate in candidates:
             if (candidate / "criu").is_file() and (candidate / "ld.so").is_file():
                 return cls(candidate)
