@@ -2,7 +2,7 @@
 # One batch on a GPU machine, from the repository root, as root: probe, the real-GPU tests, the
 # benchmark. Results and logs go to $OUT (default ./bench-gpu-out).
 #
-# Needs the CRIU bundle in .carry/criu (cp -a ~/.cache/dynamo-snapshot/criu-4.2.1/bundle .carry/criu)
+# Needs the CRIU bundle in .carry/criu (cp -a "$(hack/build-criu.sh)/bundle" .carry/criu)
 # and, where the machine's Python lacks them, wheels of structlog and msgspec in .whl/.
 #
 #   WEIGHTS_GIB=8 BATCH_SIZES=1,2,4,8,16,32 bash bench/gpu/device.sh
