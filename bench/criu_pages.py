@@ -116,7 +116,8 @@ def configs(threads: int) -> list[Config]:
                               / "bundle")
     stock = criu.cache_dir({**os.environ, criu.PATCHES_ENV: "none"}) / "bundle"
     out = [Config("stock binary", criu.CriuBundle(stock), {})] if (stock / ".complete").is_file() else []
-    return out + [
+    return [
+        *out,
         Config("patched threads=0", patched, {"DYNAMO_CRIU_RESTORE_THREADS": "0"}),
         Config("patched threads=1", patched, {"DYNAMO_CRIU_RESTORE_THREADS": "1"}),
         Config(f"patched threads={threads}", patched, {"DYNAMO_CRIU_RESTORE_THREADS": str(threads)}),

@@ -57,8 +57,9 @@ def criu_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return f"file://{repo}", git("rev-parse", "HEAD", cwd=repo)
 
 
-def build(repo: str, ref: str, out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BUILD), repo, ref, str(out)], capture_output=True, text=True, timeout=1200)
+def build(repo: str, ref: str, out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BUILD), repo, ref, str(out)], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, **(env or {})})
 
 
 def test_builds_a_commit_of_a_fork_into_a_bundle_the_agent_runs(criu_repo, tmp_path: Path) -> None:
@@ -69,6 +70,11 @@ def test_builds_a_commit_of_a_fork_into_a_bundle_the_agent_runs(criu_repo, tmp_p
     assert bundle.version() == harness.CRIU_VERSION
     assert (tmp_path / "bundle" / "VERSION").read_text().strip() == harness.CRIU_VERSION
     assert (tmp_path / "bundle" / ".complete").is_file()
+    # images/criu/patches applied, as hack/build-criu.sh applies them: one CRIU for tests and images
+    version = subprocess.run([*bundle.command(), "--version"], capture_output=True, text=True, check=True).stdout
+    assert "Patches: dynamo-parallel-pages" in version
+    patches = sorted(p.name for p in (IMAGES / "criu" / "patches").glob("*.patch"))
+    assert [line.split()[1] for line in (tmp_path / "bundle" / "PATCHES").read_text().splitlines()] == patches
     # Every library comes from the bundle: it must run in a mount namespace without them.
     libs = {p.name for p in (tmp_path / "bundle" / "lib").iterdir()}
     assert "libc.so.6" in libs and "libprotobuf-c.so.1" in libs
@@ -87,3 +93,17 @@ def test_an_unreachable_repository_fails_naming_it(tmp_path: Path) -> None:
     result = build(f"file://{tmp_path}/nothing", "v4.2.1", tmp_path / "bundle")
     assert result.returncode != 0
     assert "check CRIU_REPO" in result.stderr
+
+
+def test_a_patch_that_does_not_apply_to_the_ref_fails_naming_it_and_the_way_out(criu_repo, tmp_path: Path) -> None:
+    url, commit = criu_repo
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "0001-other.patch").write_text(
+        "--- a/FORK\n+++ b/FORK\n@@ -1 +1 @@\n-not what the fork has\n+changed\n"
+    )
+    result = build(url, commit, tmp_path / "bundle", {"CRIU_PATCHES": str(patches)})
+    assert result.returncode != 0
+    assert f"{patches}/0001-other.patch does not apply to {url} {commit}" in result.stderr
+    assert "CRIU_PATCHES=none" in result.stderr
+    assert not (tmp_path / "bundle").exists()
