@@ -2,21 +2,23 @@
 """Measures CRIU's page restore on this CPU machine: stock against the patched parallel page restore
 (images/criu/patches/0001-dynamo-parallel-pages.patch), with the image in the page cache.
 
-    sudo .venv/bin/python bench/criu_pages.py [--gib 2] [--repeat 3] [--threads 2]
+    sudo .venv/bin/python bench/criu_pages.py [--gib 2] [--repeat 5] [--threads 2] [--dir DIR]
 
 Stages: (1) start a process holding --gib GiB of private anonymous memory (one run plain, one with
 MADV_HUGEPAGE on it), (2) ``criu dump`` it once, (3) ``criu restore -d`` the same image --repeat times
-per configuration, killing the restored process in between, and (4) print one row per workload and
-configuration: the median wall time of ``criu restore``, and the patch's own log line (bytes, threads,
-ms of the parallel fill). Configurations: the stock binary (hack/build-criu.sh with CRIU_PATCHES=none,
-when built), the patched binary with DYNAMO_CRIU_RESTORE_THREADS=0 (its stock path), 1 and --threads
-readers, and --threads readers with DYNAMO_CRIU_RESTORE_THP=force. Needs root and the patched CRIU
-(hack/build-criu.sh).
+per configuration, the configurations taking turns, the page image read into the page cache before
+each restore and the restored process killed after it, and (4) print one row per workload and
+configuration: the median and the best wall time of ``criu restore``, and the patch's own log line of
+the median run (bytes, threads, ms of the parallel fill). Configurations: the stock binary
+(hack/build-criu.sh with CRIU_PATCHES=none, when built), the patched binary with
+DYNAMO_CRIU_RESTORE_THREADS=0 (its stock path), 1 and --threads readers, and --threads readers with
+DYNAMO_CRIU_RESTORE_THP=force. Needs root and the patched CRIU (hack/build-criu.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import re
@@ -91,15 +93,21 @@ def dump(bundle: criu.CriuBundle, gib: int, kind: str, images: Path) -> int:
         time.sleep(0.05)
     run_criu(bundle, ["dump", "-t", str(proc.pid), "-D", str(images), "-v4", "-o", "dump.log"])
     wait_gone(proc.pid)
-    for page_image in images.glob("pages-*.img"):  # the image in the page cache, as after a fresh dump
+    return proc.pid
+
+
+def warm(images: Path) -> None:
+    """Reads the page image, so that it is in the page cache (as after a fresh dump) even where the
+    kernel has dropped some of it since."""
+    for page_image in images.glob("pages-*.img"):
         with open(page_image, "rb") as f:
             while f.read(64 << 20):
                 pass
-    return proc.pid
 
 
 def restore(config: Config, images: Path, pid: int, run: int) -> tuple[float, str]:
     log = f"restore-{config.name.replace(' ', '_')}-{run}.log"
+    warm(images)
     seconds = run_criu(config.bundle, ["restore", "-d", "-D", str(images), "-v4", "-o", log], config.env)
     os.kill(pid, signal.SIGKILL)
     wait_gone(pid)
@@ -107,7 +115,7 @@ def restore(config: Config, images: Path, pid: int, run: int) -> tuple[float, st
     if not match:
         return seconds, "stock path"
     nbytes, threads, ms = (int(g) for g in match.groups())
-    rate = nbytes / 1e6 / ms if ms else float("inf")
+    rate = nbytes / 1e3 / ms if ms else float("inf")
     return seconds, f"{nbytes >> 20} MiB by {threads} threads in {ms} ms ({rate:.0f} MB/s)"
 
 
@@ -131,7 +139,7 @@ def main() -> int:
     parser.add_argument("--gib", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dir", type=Path, help="where the images go (default: a temporary directory)")
+    parser.add_argument("--dir", type=Path, help="where images and CRIU logs go, kept (default: a temporary one)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (CRIU)")
@@ -139,17 +147,23 @@ def main() -> int:
     if not (table[-1].bundle.path / ".complete").is_file():
         raise SystemExit(f"the patched CRIU is not built at {table[-1].bundle.path} (run hack/build-criu.sh)")
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: restored processes come back to us
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with contextlib.nullcontext(str(args.dir)) if args.dir else tempfile.TemporaryDirectory() as tmp:
         print(f"{args.gib} GiB private anonymous memory, image in the page cache, median of {args.repeat}")
-        print(f"{'workload':<14} {'configuration':<26} {'restore s':>9}  parallel fill (criu log)")
+        print(f"{'workload':<14} {'configuration':<26} {'restore s':>9} {'best':>6}  parallel fill (criu log)")
         for kind in ("plain", "huge"):
             images = Path(tmp) / kind
             pid = dump(table[-1].bundle, args.gib, kind, images)
             label = "plain" if kind == "plain" else "MADV_HUGEPAGE"
+            # round-robin over the configurations, so that a change of load on the machine hits all alike
+            runs: dict[str, list[tuple[float, str]]] = {c.name: [] for c in table}
+            for r in range(args.repeat):
+                for config in table:
+                    runs[config.name].append(restore(config, images, pid, r))
             for config in table:
-                runs = [restore(config, images, pid, r) for r in range(args.repeat)]
-                median = statistics.median(s for s, _ in runs)
-                print(f"{label:<14} {config.name:<26} {median:>9.2f}  {runs[-1][1]}", flush=True)
+                times = [s for s, _ in runs[config.name]]
+                fill = statistics.median_low(runs[config.name])[1]
+                print(f"{label:<14} {config.name:<26} {statistics.median(times):>9.2f} {min(times):>6.2f}  {fill}",
+                      flush=True)
     return 0
 
 
