@@ -95,6 +95,16 @@ def test_criu_repo_and_ref_default_to_upstream_criu_4_2_1(name: str) -> None:
     assert '"$CRIU_REPO" "$CRIU_REF"' in run.value
 
 
+@pytest.mark.parametrize("name", ["agent", "placeholder"])
+def test_both_snapshot_images_apply_the_criu_patches_unless_told_none(name: str) -> None:
+    criu_stage = dockerfile.parse(DOCKERFILES[name]).stage("criu")
+    patches = criu_stage.args()["CRIU_PATCHES"]
+    copies = [c.flags_and_args()[1] for c in criu_stage.all("COPY")]
+    assert ["images/criu/patches/", f"{patches}/"] in copies
+    (run,) = criu_stage.all("RUN")
+    assert 'CRIU_PATCHES="$CRIU_PATCHES"' in run.value
+
+
 def test_both_snapshot_images_build_criu_the_same_way() -> None:
     """The same stage text lets BuildKit build CRIU once, and the agent restores with the CRIU the
     placeholder carries."""
