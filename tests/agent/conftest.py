@@ -1,14 +1,17 @@
 """Fixtures for the node-machinery tests: one real containerd + runc node per session and CRIU.
-Tests whose real parts are missing on this machine skip with the reason (``node_harness.missing``)."""
+Tests whose real parts are missing on this machine skip with the reason (``node_harness.missing``).
+The object-storage tests get a real MinIO on loopback (``minio_server``, ``bucket``)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.devcluster import minio
 from tests.agent import node_harness as harness
 
 
@@ -36,3 +39,19 @@ def pods(node: harness.Node, tmp_path: Path) -> Iterator[harness.Pods]:
     yield made
     for pod in [p for p in node.pods if id(p) not in before]:
         node.remove_pod(pod)
+
+
+@pytest.fixture(scope="session")
+def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[minio.Minio]:
+    """A real MinIO on loopback for the session (hack/build-minio.sh builds it; skips with the reason if not)."""
+    reason = minio.missing()
+    if reason:
+        pytest.skip(reason)
+    with minio.running(tmp_path_factory.mktemp("minio")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(minio_server: minio.Minio, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket for one test."""
+    return minio_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")

@@ -1,0 +1,265 @@
+"""Checkpoints in object storage (S3): upload a promoted version, download one into a node-local cache.
+
+    s3://<bucket>/<prefix>/<checkpointID>/versions/<artifactVersion>/<file>   every file of the version
+    .../versions/<artifactVersion>/manifest.json.mac                          its MAC (``authn.py``)
+    .../versions/<artifactVersion>/manifest.json                              written LAST: the commit point
+
+Upload stages (``upload_version``):
+    open      the local version's manifest, authenticated (``authn.open_manifest``) and shape-checked, every
+              listed file present with its size
+    refuse    a destination that already has a manifest (a committed version is never replaced)
+    files     every listed file, ``concurrency`` at a time; big ones in parallel multipart parts
+    commit    the MAC, then ``manifest.json`` (create-only): until it lands, nothing restores the version
+
+Download stages (``download_version``), into ``<cache>/<checkpointID>/versions/tmp/<uuid>/`` then one rename:
+    hit       a cached version (the final directory exists) is checked (authenticated listing) and used
+    manifest  ``manifest.json`` and its MAC, size-bounded; no manifest: "not a checkpoint"; then
+              ``authn.open_manifest`` on them - nothing else from the bucket is trusted before it passes
+    plan      the pieces (pure: ``plan_pieces``): one per digest of the manifest (each chunk of a chunked
+              file, else the whole file), paths checked to stay below the version directory
+    fetch     ``concurrency`` ranged GETs at a time (at most ``MAX_PIECE`` bytes each), hashed as they land
+              and written (pwrite) into the preallocated files; a piece whose digest differs names the
+              object and the byte range
+    promote   ``verification.verify_listing`` on the staging directory, fsync, and ``layout.promote`` (a
+              rename that never replaces): the final directory exists only when all of it is verified; on
+              any failure or cancellation the staging directory is removed
+
+The S3 calls go through ``ObjectClient`` (``s3.py`` implements it with obstore); this module decides what
+to read, write and check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+import anyio
+
+from dynamo_snapshot.agent.artifact import authn, verification
+from dynamo_snapshot.agent.artifact import fields as manifest_fields
+from dynamo_snapshot.agent.artifact.layout import ArtifactLayout
+from dynamo_snapshot.agent.artifact.manifest import Compatibility
+from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError, SnapshotError
+from dynamo_snapshot.api import names
+
+MANIFEST = names.MANIFEST_FILE
+MAC_FILE = names.MANIFEST_MAC_FILE
+DEFAULT_CONCURRENCY = 8
+MAX_PIECE = 64 << 20  # a single-digest file is fetched in ranges of at most this, hashed in order
+
+
+class ObjectStoreError(SnapshotError):
+    """The object store refused or failed a call (credentials, bucket, network); names the object."""
+
+
+class ObjectClient(Protocol):
+    """The S3 calls the backend needs. ``get`` returns None for a missing object."""
+
+    def url(self, key: str) -> str: ...
+    async def get(self, key: str, max_bytes: int) -> bytes | None: ...
+    async def get_range(self, key: str, start: int, length: int) -> bytes: ...
+    async def exists(self, key: str) -> bool: ...
+    async def put_bytes(self, key: str, data: bytes, create_only: bool = False) -> None: ...
+    async def put_file(self, key: str, path: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one version of a checkpoint lives in a bucket (the client knows the bucket)."""
+
+    prefix: str
+    checkpoint_id: str
+    artifact_version: str = "1"
+
+    def __post_init__(self) -> None:
+        ArtifactLayout(Path("/"), self.checkpoint_id, self.artifact_version)  # the names are one path part each
+
+    def key(self, rel: str = "") -> str:
+        parts = [self.prefix.strip("/"), self.checkpoint_id, names.VERSIONS_DIR, self.artifact_version, rel]
+        return "/".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, start+length) of file ``rel``, which ``digest`` covers exactly: fetched by ranged GETs
+    of at most ``MAX_PIECE`` bytes in order, hashed as they land."""
+
+    rel: str
+    start: int
+    length: int
+    digest: str
+
+
+def safe_rel(rel: str, where: str) -> str:
+    """A manifest path that stays below the version directory and is not one of its sidecars."""
+    parts = PurePosixPath(rel).parts
+    if (not rel or rel.startswith("/") or "\\" in rel or any(p in ("..", ".") for p in parts)
+            or rel in (MANIFEST, MAC_FILE) or "//" in rel):
+        raise ArtifactInvalid(f"{where} lists an unsafe path {rel!r}")
+    return rel
+
+
+def plan_pieces(manifest: dict[str, Any], where: str) -> list[Piece]:
+    """One piece per digest of the manifest (each chunk of a chunked file, else the whole file) (pure)."""
+    pieces: list[Piece] = []
+    for entry in manifest["files"]:
+        rel, size = safe_rel(str(entry["path"]), where), int(entry["size"])
+        chunk = entry.get("chunkBytes")
+        if chunk is None:
+            pieces.append(Piece(rel, 0, size, str(entry["sha256"])))
+            continue
+        digests = list(entry["chunkSha256"])
+        starts = list(range(0, size, chunk)) or [0]
+        if len(digests) != len(starts):
+            raise ArtifactInvalid(f"{where} has a malformed chunk list for {rel}")
+        pieces += [Piece(rel, s, min(chunk, size - s), d) for s, d in zip(starts, digests, strict=True)]
+    return sorted(pieces, key=lambda p: -p.length)  # the big pieces first: the long poles start early
+
+
+def _listed(directory: Path, manifest: dict[str, Any]) -> list[tuple[str, Path]]:
+    where = str(directory / MANIFEST)
+    out = []
+    for entry in manifest["files"]:
+        rel = safe_rel(str(entry["path"]), where)
+        path = directory / rel
+        if path.is_symlink() or not path.is_file():
+            raise CheckpointError(f"{path} is listed in the manifest but is not a regular file: not uploaded")
+        if path.stat().st_size != entry["size"]:
+            raise CheckpointError(f"{path} is {path.stat().st_size} bytes; the manifest says {entry['size']}")
+        out.append((rel, path))
+    return out
+
+
+async def upload_version(client: ObjectClient, directory: Path, location: Location, keyring: authn.Keyring,
+                         concurrency: int = DEFAULT_CONCURRENCY) -> dict[str, Any]:
+    """Upload the promoted version ``directory`` to ``location``, the manifest last; returns the manifest."""
+    manifest = authn.open_manifest(directory, keyring)
+    manifest_fields.check(manifest, str(directory / MANIFEST))
+    if manifest["checkpointID"] != location.checkpoint_id:
+        raise CheckpointError(f"{directory} holds checkpoint {manifest['checkpointID']!r}, "
+                              f"not {location.checkpoint_id!r}: not uploaded to {client.url(location.key())}")
+    files = _listed(directory, manifest)
+    if await client.exists(location.key(MANIFEST)):
+        raise CheckpointError(f"{client.url(location.key(MANIFEST))} already exists: version "
+                              f"{location.artifact_version} of {location.checkpoint_id} is committed and never "
+                              "replaced (raise the artifactVersion to take a new one)")
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def one(rel: str, path: Path) -> None:
+        async with limiter:
+            await client.put_file(location.key(rel), path)
+
+    async with anyio.create_task_group() as tg:
+        for rel, path in files:
+            tg.start_soon(one, rel, path)
+    await client.put_bytes(location.key(MAC_FILE), (directory / MAC_FILE).read_bytes())
+    await client.put_bytes(location.key(MANIFEST), (directory / MANIFEST).read_bytes(), create_only=True)
+    return manifest
+
+
+async def _fetch_manifest(client: ObjectClient, location: Location, staging: Path,
+                          keyring: authn.Keyring) -> dict[str, Any]:
+    data = await client.get(location.key(MANIFEST), authn.MAX_MANIFEST_BYTES)
+    if data is None:
+        raise ArtifactInvalid(
+            f"{client.url(location.key())}/ has no {MANIFEST}: it is not a checkpoint (its upload never "
+            "completed, or it was never taken); nothing there is restored")
+    mac = await client.get(location.key(MAC_FILE), authn.MAX_MAC_BYTES)
+    (staging / MANIFEST).write_bytes(data)
+    if mac is not None:
+        (staging / MAC_FILE).write_bytes(mac)
+    manifest = authn.open_manifest(staging, keyring)  # before anything else from the bucket is trusted
+    manifest_fields.check(manifest, client.url(location.key(MANIFEST)))
+    return manifest
+
+
+class _Files:
+    """The staging files being written: created at full size first, written by offset."""
+
+    def __init__(self, staging: Path, manifest: dict[str, Any]):
+        self.fds: dict[str, int] = {}
+        for entry in manifest["files"]:
+            path = staging / entry["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            os.ftruncate(fd, int(entry["size"]))
+            self.fds[entry["path"]] = fd
+
+    def write(self, rel: str, offset: int, data: bytes) -> None:
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.pwrite(self.fds[rel], view[done:], offset + done)
+
+    def close(self, sync: bool) -> None:
+        for fd in self.fds.values():
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+        self.fds.clear()
+
+
+async def _fetch_piece(client: ObjectClient, location: Location, piece: Piece, files: _Files,
+                       limiter: anyio.CapacityLimiter, sizes: dict[str, int]) -> None:
+    key = location.key(piece.rel)
+    digest = hashlib.sha256()
+    for offset in range(piece.start, piece.start + piece.length, MAX_PIECE) if piece.length else ():
+        want = min(MAX_PIECE, piece.start + piece.length - offset)
+        async with limiter:
+            data = await client.get_range(key, offset, want)
+        if len(data) != want:
+            raise ArtifactInvalid(f"{client.url(key)} returned {len(data)} bytes for bytes {offset}-"
+                                  f"{offset + want}: the object is shorter than the manifest says")
+        await anyio.to_thread.run_sync(digest.update, data)
+        await anyio.to_thread.run_sync(files.write, piece.rel, offset, data)
+    if (got := digest.hexdigest()) != piece.digest:
+        span = "" if piece.length == sizes[piece.rel] else f" in bytes {piece.start}-{piece.start + piece.length}"
+        raise ArtifactInvalid(f"{client.url(key)} has SHA-256 {got}{span}; the manifest says {piece.digest}: "
+                              "the object was altered or replaced, the version is not restored")
+
+
+async def _fetch_all(client: ObjectClient, location: Location, manifest: dict[str, Any], files: _Files,
+                     concurrency: int) -> None:
+    pieces = plan_pieces(manifest, client.url(location.key(MANIFEST)))
+    sizes = {str(e["path"]): int(e["size"]) for e in manifest["files"]}
+    limiter = anyio.CapacityLimiter(concurrency)
+    async with anyio.create_task_group() as tg:
+        for piece in pieces:
+            tg.start_soon(_fetch_piece, client, location, piece, files, limiter, sizes)
+
+
+async def download_version(client: ObjectClient, location: Location, cache: Path, keyring: authn.Keyring,
+                           here: Compatibility, concurrency: int = DEFAULT_CONCURRENCY) -> Path:
+    """The verified local copy of ``location`` in the node cache ``cache``; downloads it unless cached."""
+    layout = ArtifactLayout(cache, location.checkpoint_id, location.artifact_version)
+    if layout.final_dir.is_dir():
+        authn.verify_listing(layout.final_dir, location.checkpoint_id, here, keyring)
+        return layout.final_dir
+    staging = layout.new_staging()
+    files: _Files | None = None
+    try:
+        manifest = await _fetch_manifest(client, location, staging, keyring)
+        if manifest["checkpointID"] != location.checkpoint_id:
+            raise ArtifactInvalid(f"{client.url(location.key(MANIFEST))} is of checkpoint "
+                                  f"{manifest['checkpointID']!r}, not {location.checkpoint_id!r}")
+        plan_pieces(manifest, client.url(location.key(MANIFEST)))  # the paths are safe before any is created
+        files = _Files(staging, manifest)
+        await _fetch_all(client, location, manifest, files, concurrency)
+        files.close(sync=True)
+        files = None
+        verification.verify_listing(staging, location.checkpoint_id, here, manifest=manifest)
+        try:
+            return layout.promote(staging)
+        except CheckpointError:  # another download of the same version promoted first: use that one
+            if not layout.final_dir.is_dir():
+                raise
+            return layout.final_dir
+    finally:
+        if files is not None:
+            files.close(sync=False)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)

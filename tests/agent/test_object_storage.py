@@ -1,0 +1,185 @@
+"""Checkpoints in object storage, against a real S3 server (MinIO on loopback, hack/build-minio.sh)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from dynamo_snapshot.agent.artifact import authn, objectstore
+from dynamo_snapshot.agent.artifact import layout as artifact_layout
+from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import s3 as s3client
+from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError
+from dynamo_snapshot.devcluster import minio
+
+HERE = artifact.Compatibility(criu_version="4.2.1", kernel="6.18.44", architecture="x86_64")
+CHUNK = 1 << 20  # small digest chunks so a few MiB make a multi-chunk, multipart file
+
+
+@pytest.fixture
+def keyring(tmp_path: Path) -> authn.Keyring:
+    authn.create_key(tmp_path / "keys", "k1")
+    return authn.Keyring.from_directory(tmp_path / "keys")
+
+
+def make_version(base: Path, keyring: authn.Keyring, checkpoint_id: str = "ck1") -> Path:
+    """A promoted, authenticated version: a multi-chunk page image, small files, one in a subdirectory."""
+    layout = artifact_layout.ArtifactLayout(base, checkpoint_id)
+    staging = layout.new_staging()
+    (staging / "pages-1.img").write_bytes(os.urandom(6 * CHUNK + 12345))
+    (staging / "dump.log").write_text("(00.1) Dumping finished successfully\n")
+    (staging / "deleted-files.json").write_text("[]\n")
+    (staging / "empty.img").write_bytes(b"")
+    (staging / "sub").mkdir()
+    (staging / "sub" / "core-1.img").write_bytes(os.urandom(3000))
+    fields = {"checkpointID": checkpoint_id, "compatibility": HERE.to_json(), authn.KEY_FIELD: keyring.signing_id}
+    artifact.write_manifest(staging, fields, chunk_bytes=CHUNK)
+    authn.seal(staging, keyring)
+    return layout.promote(staging)
+
+
+def client_for(server: minio.Minio, bucket: str) -> s3client.S3Client:
+    return s3client.S3Client(s3client.S3Settings(
+        bucket=bucket, endpoint=server.endpoint, region=minio.REGION, path_style=True,
+        access_key_id=server.user, secret_access_key=server.password, part_bytes=5 << 20))
+
+
+LOCATION = objectstore.Location(prefix="fleet/ckpts", checkpoint_id="ck1")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def upload(client: s3client.S3Client, version: Path, keyring: authn.Keyring) -> None:
+    anyio.run(lambda: objectstore.upload_version(client, version, LOCATION, keyring, concurrency=4))
+
+
+def download(client, cache: Path, keyring: authn.Keyring) -> Path:
+    return anyio.run(lambda: objectstore.download_version(client, LOCATION, cache, keyring, HERE, concurrency=4))
+
+
+def test_an_uploaded_version_downloads_byte_identical_and_verified(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    cached = download(client, tmp_path / "cache", keyring)
+    assert cached == tmp_path / "cache" / "ck1" / "versions" / "1"
+    assert _files(cached) == _files(version)
+    assert authn.verify_listing(cached, "ck1", HERE, keyring)["checkpointID"] == "ck1"
+    assert not any((tmp_path / "cache" / "ck1" / "versions" / "tmp").iterdir())
+    assert download(client, tmp_path / "cache", keyring) == cached  # a second restore reads the cache
+
+
+def test_the_big_file_is_uploaded_in_multipart_parts(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    upload(client_for(minio_server, bucket), version, keyring)
+    status, headers = minio_server.head(f"/{bucket}/{LOCATION.key('pages-1.img')}")
+    etag = headers["etag"]
+    assert status == 200 and etag.strip('"').endswith("-2"), etag  # 6 MiB in 5 MiB parts: a two-part ETag
+
+
+def test_a_bucket_with_the_data_but_no_manifest_is_not_a_checkpoint(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    status, _ = minio_server.request("DELETE", f"/{bucket}/{LOCATION.key('manifest.json')}")
+    assert status == 204
+    with pytest.raises(ArtifactInvalid, match=r"has no manifest.json: it is not a checkpoint"):
+        download(client, tmp_path / "cache", keyring)
+    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
+
+
+def test_a_tampered_object_is_refused_naming_the_file(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    data = bytearray((version / "pages-1.img").read_bytes())
+    data[3 * CHUNK + 7] ^= 0xFF
+    status, _ = minio_server.request("PUT", f"/{bucket}/{LOCATION.key('pages-1.img')}", body=bytes(data))
+    assert status == 200
+    with pytest.raises(ArtifactInvalid, match=rf"pages-1.img has SHA-256 \w+ in bytes {3 * CHUNK}-{4 * CHUNK}"):
+        download(client, tmp_path / "cache", keyring)
+    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
+
+
+def test_a_manifest_not_signed_by_a_known_key_is_refused_before_any_data_is_read(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    authn.create_key(tmp_path / "other", "k1")
+    stranger = authn.Keyring.from_directory(tmp_path / "other")
+    reads: list[str] = []
+    counting = _Counting(client, reads)
+    with pytest.raises(ArtifactInvalid, match=r"does not match its manifest.json.mac"):
+        download(counting, tmp_path / "cache", stranger)
+    assert reads == []
+
+
+def test_an_interrupted_download_leaves_no_complete_looking_cache_entry_and_a_retry_recovers(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    cache = tmp_path / "cache"
+    with pytest.raises(objectstore.ObjectStoreError):
+        download(_StopsServerAfterOneRange(client, minio_server), cache, keyring)  # the S3 server goes away
+    assert not (cache / "ck1" / "versions" / "1").exists()
+    assert not any((cache / "ck1" / "versions" / "tmp").iterdir())
+    minio_server.start()  # the same data directory and port: the server comes back
+    assert _files(download(client_for(minio_server, bucket), cache, keyring)) == _files(version)
+
+
+def test_a_committed_version_is_never_replaced_by_another_upload(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    with pytest.raises(CheckpointError, match=r"manifest.json already exists: version 1 of ck1 is committed"):
+        upload(client, version, keyring)
+
+
+def test_a_wrong_credential_is_a_clear_error_naming_the_bucket(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    wrong = s3client.S3Client(s3client.S3Settings(
+        bucket=bucket, endpoint=minio_server.endpoint, region=minio.REGION, path_style=True,
+        access_key_id=minio_server.user, secret_access_key="not-the-password"))
+    with pytest.raises(objectstore.ObjectStoreError, match=rf"s3://{bucket}/fleet/ckpts/ck1/versions/1/"):
+        upload(wrong, version, keyring)
+
+
+class _Counting:
+    """The real client, recording the data reads (ranged GETs) it is asked for."""
+
+    def __init__(self, inner: s3client.S3Client, reads: list[str]):
+        self.inner, self.reads = inner, reads
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        self.reads.append(key)
+        return await self.inner.get_range(key, start, length)
+
+
+class _StopsServerAfterOneRange(_Counting):
+    """The real client; after the first ranged GET lands, the real S3 server is stopped."""
+
+    def __init__(self, inner: s3client.S3Client, server: minio.Minio):
+        super().__init__(inner, [])
+        self.server = server
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        data = await super().get_range(key, start, length)
+        if len(self.reads) == 1:
+            await anyio.to_thread.run_sync(self.server.stop)
+        return data
