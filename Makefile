@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup k8s helm node run test test-unit lint bench stop clean e2e docker-engine
+.PHONY: setup k8s helm minio node run test test-unit lint bench stop clean e2e docker-engine
 
 # Images: agent-image, operator-image, placeholder-image (RUNTIME_IMAGE=..., CRIU_REPO=..., CRIU_REF=...), images
 include images/Makefile.inc
@@ -24,11 +24,15 @@ k8s:
 helm:
 	hack/build-helm.sh >/dev/null
 
+# A real MinIO (S3 server) for the object-storage tests (built from the Go module proxy, cached; ~5 min cold).
+minio:
+	hack/build-minio.sh >/dev/null
+
 # containerd, runc and CRIU for the node tests (needs root; skipped with a note otherwise).
 node:
 	@if [ "$$(id -u)" = 0 ]; then hack/ci/containers.sh; else echo "not root: skipping containerd/CRIU setup (their tests will skip)"; fi
 
-setup: $(BIN)/.installed k8s helm
+setup: $(BIN)/.installed k8s helm minio
 
 run: setup node
 	$(BIN)/dynamo-snapshot demo

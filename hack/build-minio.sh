@@ -35,7 +35,7 @@ ldflags="-s -w -X $pkg.Version=$iso -X $pkg.ReleaseTag=$tag -X $pkg.CommitID=$co
 # interrupted build never leaves a half-written binary that the cache check would accept.
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/build-minio.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
-say "go install minio $MINIO_VERSION (about 10-15 minutes cold on 2 cores; downloads modules on the first run)"
+say "go install minio $MINIO_VERSION (about 5 minutes cold on 2 cores; downloads modules on the first run)"
 start=$SECONDS
 GOFLAGS=-mod=mod CGO_ENABLED=0 GOBIN="$tmp" go install -trimpath -ldflags "$ldflags" "github.com/minio/minio@$MINIO_VERSION" \
   || die "go install github.com/minio/minio@$MINIO_VERSION failed (see the Go output above)"
