@@ -4,7 +4,8 @@
               ``missing()`` says in one line why it is not there (the tests skip with it)
     start     ``minio server <root>/data`` on 127.0.0.1 at a free port, a generated root user and password,
               the web console and the update check off, its log in ``<root>/minio.log``
-    ready     polls ``/minio/health/live`` until it answers 200 (or the process exits, or a deadline)
+    ready     polls ``/minio/health/cluster`` (write quorum: it serves S3, not only lives) until it answers 200
+              (or the process exits, or a deadline)
     bucket    creates a bucket with one SigV4-signed ``PUT /<bucket>`` (``request`` signs any S3 call the
               harness needs; the agent itself uses its S3 client library)
     stop      SIGTERM, then SIGKILL after a grace period; the data directory stays for inspection
@@ -119,7 +120,7 @@ class Minio:
                 raise MinioError(f"minio exited with {self.process.returncode} before it was ready: "
                                  f"{self._log_tail()}")
             with contextlib.suppress(OSError):
-                if self._get("/minio/health/live") == 200:
+                if self._get("/minio/health/cluster") == 200:
                     return
             if time.monotonic() > deadline:
                 raise MinioError(f"minio on port {self.port} not live after {timeout_s:.0f}s: {self._log_tail()}")

@@ -48,7 +48,8 @@ def make_version(base: Path, keyring: authn.Keyring, checkpoint_id: str = "ck1")
 def client_for(server: minio.Minio, bucket: str) -> s3client.S3Client:
     return s3client.S3Client(s3client.S3Settings(
         bucket=bucket, endpoint=server.endpoint, region=minio.REGION, path_style=True,
-        access_key_id=server.user, secret_access_key=server.password, part_bytes=5 << 20))
+        access_key_id=server.user, secret_access_key=server.password, part_bytes=5 << 20,
+        max_retries=2, retry_timeout_s=3))
 
 
 LOCATION = objectstore.Location(prefix="fleet/ckpts", checkpoint_id="ck1")
@@ -134,7 +135,7 @@ def test_an_interrupted_download_leaves_no_complete_looking_cache_entry_and_a_re
     client = client_for(minio_server, bucket)
     upload(client, version, keyring)
     cache = tmp_path / "cache"
-    with pytest.raises(objectstore.ObjectStoreError):
+    with pytest.raises(objectstore.ObjectStoreError, match=r"pages-1.img failed: the endpoint could not be reached"):
         download(_StopsServerAfterOneRange(client, minio_server), cache, keyring)  # the S3 server goes away
     assert not (cache / "ck1" / "versions" / "1").exists()
     assert not any((cache / "ck1" / "versions" / "tmp").iterdir())
@@ -157,8 +158,48 @@ def test_a_wrong_credential_is_a_clear_error_naming_the_bucket(
     wrong = s3client.S3Client(s3client.S3Settings(
         bucket=bucket, endpoint=minio_server.endpoint, region=minio.REGION, path_style=True,
         access_key_id=minio_server.user, secret_access_key="not-the-password"))
-    with pytest.raises(objectstore.ObjectStoreError, match=rf"s3://{bucket}/fleet/ckpts/ck1/versions/1/"):
+    with pytest.raises(objectstore.ObjectStoreError,
+                       match=rf"s3://{bucket}/fleet/ckpts/ck1/versions/1/.* the credentials were refused"):
         upload(wrong, version, keyring)
+
+
+def test_a_missing_bucket_is_a_clear_error_naming_it_for_upload_and_restore(
+        minio_server: minio.Minio, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, "no-such-bucket-here")
+    with pytest.raises(objectstore.ObjectStoreError, match=r"s3://no-such-bucket-here/.* the bucket does not exist"):
+        upload(client, version, keyring)
+    with pytest.raises(objectstore.ObjectStoreError, match=r"s3://no-such-bucket-here/.* the bucket does not exist"):
+        download(client, tmp_path / "cache", keyring)
+    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
+
+
+def test_an_object_shorter_than_its_manifest_says_is_refused_naming_it(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    short = (version / "pages-1.img").read_bytes()[: 2 * CHUNK + 5]
+    status, _ = minio_server.request("PUT", f"/{bucket}/{LOCATION.key('pages-1.img')}", body=short)
+    assert status == 200
+    with pytest.raises(ArtifactInvalid, match=r"pages-1.img returned \d+ bytes for bytes .*shorter than the manifest"):
+        download(client, tmp_path / "cache", keyring)
+    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
+    assert not any((tmp_path / "cache" / "ck1" / "versions" / "tmp").iterdir())
+
+
+def test_an_upload_interrupted_before_the_manifest_is_not_restorable_and_a_retry_completes_it(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    with pytest.raises(objectstore.ObjectStoreError, match="writing s3://"):
+        upload(_FailsOnManifest(client), version, keyring)  # every data object landed, the commit did not
+    status, _ = minio_server.head(f"/{bucket}/{LOCATION.key('pages-1.img')}")
+    assert status == 200
+    with pytest.raises(ArtifactInvalid, match=r"has no manifest.json: it is not a checkpoint"):
+        download(client, tmp_path / "cache", keyring)
+    upload(client, version, keyring)  # the retry writes over the uncommitted objects and commits
+    assert _files(download(client, tmp_path / "cache", keyring)) == _files(version)
 
 
 class _Counting:
@@ -175,15 +216,28 @@ class _Counting:
         return await self.inner.get_range(key, start, length)
 
 
+class _FailsOnManifest(_Counting):
+    """The real client, whose write of manifest.json fails (as if the agent died just before the commit)."""
+
+    def __init__(self, inner: s3client.S3Client):
+        super().__init__(inner, [])
+
+    async def put_bytes(self, key: str, data: bytes, create_only: bool = False) -> None:
+        if key.endswith("/manifest.json"):
+            raise objectstore.ObjectStoreError(f"writing {self.url(key)} failed: the agent stopped")
+        await self.inner.put_bytes(key, data, create_only)
+
+
 class _StopsServerAfterOneRange(_Counting):
     """The real client; after the first ranged GET lands, the real S3 server is stopped."""
 
     def __init__(self, inner: s3client.S3Client, server: minio.Minio):
         super().__init__(inner, [])
-        self.server = server
+        self.server, self.stopped = server, False
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         data = await super().get_range(key, start, length)
-        if len(self.reads) == 1:
-            await anyio.to_thread.run_sync(self.server.stop)
+        if not self.stopped:
+            self.stopped = True
+            self.server.stop()  # on the event loop on purpose: no further piece starts before the server is gone
         return data

@@ -34,11 +34,13 @@ import contextlib
 import hashlib
 import os
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 
 from dynamo_snapshot.agent.artifact import authn, verification
 from dynamo_snapshot.agent.artifact import fields as manifest_fields
@@ -93,6 +95,25 @@ class Piece:
     start: int
     length: int
     digest: str
+
+
+@contextlib.asynccontextmanager
+async def _together() -> AsyncIterator[anyio.abc.TaskGroup]:
+    """A task group whose first failure leaves it as itself (the others are cancelled with it), so callers
+    catch ``ArtifactInvalid``/``ObjectStoreError`` rather than an ExceptionGroup."""
+    try:
+        async with anyio.create_task_group() as group:
+            yield group
+    except BaseExceptionGroup as errors:
+        leaves = _leaves(errors)
+        raise leaves[0] from (errors if len(leaves) > 1 else None)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for err in group.exceptions:
+        out += _leaves(err) if isinstance(err, BaseExceptionGroup) else [err]
+    return out
 
 
 def safe_rel(rel: str, where: str) -> str:
@@ -154,7 +175,7 @@ async def upload_version(client: ObjectClient, directory: Path, location: Locati
         async with limiter:
             await client.put_file(location.key(rel), path)
 
-    async with anyio.create_task_group() as tg:
+    async with _together() as tg:
         for rel, path in files:
             tg.start_soon(one, rel, path)
     await client.put_bytes(location.key(MAC_FILE), (directory / MAC_FILE).read_bytes())
@@ -227,7 +248,7 @@ async def _fetch_all(client: ObjectClient, location: Location, manifest: dict[st
     pieces = plan_pieces(manifest, client.url(location.key(MANIFEST)))
     sizes = {str(e["path"]): int(e["size"]) for e in manifest["files"]}
     limiter = anyio.CapacityLimiter(concurrency)
-    async with anyio.create_task_group() as tg:
+    async with _together() as tg:
         for piece in pieces:
             tg.start_soon(_fetch_piece, client, location, piece, files, limiter, sizes)
 
