@@ -27,6 +27,7 @@ import anyio
 
 from dynamo_snapshot.agent.artifact.authn import Keyring
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
+from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.driverstep import DriverCuda
 from dynamo_snapshot.agent.cuda.step import CudaStep, default_step
@@ -59,9 +60,11 @@ async def checkpoint_tree(
     io_threads: int | None = None,
     hooks: Hooks = NO_HOOKS,
     keyring: Keyring | None = None,
+    remote: ObjectStorage | None = None,
 ) -> ckpt.CheckpointResult:
     """The checkpoint pipeline on the tree rooted at ``root_pid`` (left running)."""
-    request = ckpt.CheckpointRequest(checkpoint_id, base, io_threads=io_threads, release=release, keyring=keyring)
+    request = ckpt.CheckpointRequest(checkpoint_id, base, io_threads=io_threads, release=release, keyring=keyring,
+                                     remote=remote)
     return await ckpt.checkpoint(TreeTarget(root_pid), request, bundle, cuda, hooks, settings)
 
 
@@ -78,12 +81,14 @@ async def restore_tree(
     overlap: bool = True,
     hooks: Hooks = NO_HOOKS,
     keyring: Keyring | None = None,
+    remote: ObjectStorage | None = None,
 ) -> TreeRestore:
     """The restore pipeline onto this host. ``overlap``: CRIU starts once everything it parses is
     verified, the page data is verified meanwhile (tasks held stopped until it passed); without it,
     everything is verified first. ``prefetch``: files read into the page cache after the image."""
     request = rst.RestoreRequest(checkpoint_id, base, work_dir=work_dir, io_threads=io_threads, keyring=keyring,
-                                 prefetch_threads=prefetch_threads, prefetch=tuple(prefetch), overlap=overlap)
+                                 prefetch_threads=prefetch_threads, prefetch=tuple(prefetch), overlap=overlap,
+                                 remote=remote)
     done = await rst.restore(TreeRestoreTarget(), request, bundle, cuda, hooks, settings)
     seconds = {**done.seconds, **(done.background_seconds if overlap else {})}
     pairs = list(getattr(cuda, "gpu_pairs", []))

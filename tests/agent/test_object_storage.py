@@ -11,6 +11,7 @@ import pytest
 from dynamo_snapshot.agent.artifact import authn, objectstore
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError
 from dynamo_snapshot.devcluster import minio
 
@@ -241,3 +242,34 @@ class _StopsServerAfterOneRange(_Counting):
             self.stopped = True
             self.server.stop()  # on the event loop on purpose: no further piece starts before the server is gone
         return data
+
+
+def test_a_process_tree_checkpointed_into_the_bucket_restores_on_a_node_that_never_had_it(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    from dynamo_snapshot.agent import tree
+    from dynamo_snapshot.agent.artifact.remote import ObjectStorage
+    from tests.agent.test_tree_restore import counting, gone, start_ticker
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CRIU)")
+    try:
+        bundle = criu.CriuBundle.locate()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    remote = ObjectStorage(client_for(minio_server, bucket), prefix="fleet/ckpts", concurrency=4)
+    settings = criu.CriuSettings(network_lock="skip")
+    proc, count = start_ticker(tmp_path)
+    stored = anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "node-a", "t3", bundle, settings=settings,
+                                                    keyring=keyring, remote=remote))
+    gone(proc.pid)
+    status, _ = minio_server.head(f"/{bucket}/fleet/ckpts/t3/versions/1/manifest.json")
+    assert status == 200
+    restored = anyio.run(lambda: tree.restore_tree(tmp_path / "node-b", "t3", bundle, settings=settings,
+                                                   io_threads=4, keyring=keyring, remote=remote))
+    try:
+        assert restored.pid == proc.pid
+        assert "fetch" in restored.seconds
+        assert _files(tmp_path / "node-b" / "t3" / "versions" / "1") == _files(stored.directory)
+        assert counting(count)
+    finally:
+        gone(restored.pid)

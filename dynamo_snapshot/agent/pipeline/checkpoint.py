@@ -9,6 +9,8 @@
     dev-shm   /dev/shm contents -> dev-shm.tar (still frozen; a tree: none)
     manifest  every file's size and SHA-256, written last (``target.manifest_fields``)
     promote   one rename from versions/tmp/<uuid> to versions/<artifactVersion>
+    upload    (object storage only: ``request.remote``) the promoted version into the bucket, the manifest
+              last; still frozen, so a failure here is undone like any other before the confirmation
     confirm   the hooks' confirmation (the agent annotates the checkpoint Job), still frozen
     release   thaw; the source gets its GPU state back; tell the workload snapshot-complete
 
@@ -61,6 +63,7 @@ class Stage(enum.StrEnum):
     DEV_SHM = "dev-shm"
     MANIFEST = "manifest"
     PROMOTE = "promote"
+    UPLOAD = "upload"
     CONFIRM = "confirm"
     RELEASE = "release"
 
@@ -140,6 +143,11 @@ class _Run:
         final = await anyio.to_thread.run_sync(self.layout.promote, staging)
         await guard.promoted(final)
         leave(Stage.PROMOTE)
+
+        if request.remote is not None:
+            await enter(Stage.UPLOAD)
+            await request.remote.upload(final, request.checkpoint_id, request.artifact_version, self.keyring)
+            leave(Stage.UPLOAD)
 
         await enter(Stage.CONFIRM)
         await guard.confirming()  # from here a dead pipeline's workload and artifact wait for the verdict

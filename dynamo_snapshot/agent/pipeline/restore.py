@@ -1,6 +1,9 @@
 """The restore pipeline, one for every target (a placeholder container or the host: ``target.py``).
 
     resolve   the target (a placeholder: looked up once, then checked to be in standby)
+    fetch     (object storage only: ``request.remote``) the version downloaded into the node-local base,
+              each chunk checked against the authenticated manifest as it lands (a cached complete copy
+              is used as it is); the stages below then read it as they read a PVC's
     verify    manifest, checkpoint ID, compatibility, every file's size; every file but the raw page
               data copied to the agent's private directory and the SHA-256 of the copies checked (what
               CRIU and the agent parse is what was verified: ``artifact/private.py``); the target's own
@@ -75,6 +78,7 @@ class RestoreRequest(Request):
 
 class Stage(enum.StrEnum):
     RESOLVE = "resolve"
+    FETCH = "fetch"
     VERIFY = "verify"
     PIDS = "pids"
     ROOTFS = "rootfs"
@@ -119,7 +123,12 @@ class _Run:
         here = artifact.Compatibility.of_this_node(
             await anyio.to_thread.run_sync(self.bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
-        wanted, threads = self.request.checkpoint_id, self.request.io_threads
+        wanted, threads, remote = self.request.checkpoint_id, self.request.io_threads, self.request.remote
+        if remote is not None:
+            await self.stages.enter(Stage.FETCH)
+            base, version = self.request.base_path, self.request.artifact_version
+            self.stored = await remote.fetch(base, wanted, version, self.keyring, here)
+            self.stages.leave(Stage.FETCH)
         manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.stored, wanted, here, self.keyring)
         self.private = await anyio.to_thread.run_sync(nodecache.restore_images, self.request.cache, self.stored,
                                                       manifest, self.request.artifact_version,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from dynamo_snapshot.agent.artifact.authn import Keyring
+from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 
 S = TypeVar("S", bound=enum.StrEnum)
@@ -22,6 +23,7 @@ class Request:
     artifact_version: str = "1"
     io_threads: int | None = None  # digest readers (default: artifact.default_io_threads)
     keyring: Keyring | None = None  # the checkpoint keys (default: authn.default_keyring(), read at the start)
+    remote: ObjectStorage | None = None  # S3: base_path is node-local, the version is uploaded/fetched (remote.py)
 
 
 class Stages(Generic[S]):
