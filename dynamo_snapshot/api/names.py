@@ -47,6 +47,17 @@ ANN_AUTO_CHECKPOINT = "nvidia.com/dynamo-auto-checkpoint"
 ANN_DELETION_POLICY = "nvidia.com/dynamo-checkpoint-deletion-policy"
 ANN_STORAGE_TYPE = "nvidia.com/snapshot-storage-type"
 ANN_STORAGE_BASE_PATH = "nvidia.com/snapshot-storage-base-path"
+# Values of ANN_STORAGE_TYPE, of status.storageType and of the `storage.type` settings (upstream has oci too)
+STORAGE_TYPE_PVC = "pvc"
+STORAGE_TYPE_S3 = "s3"
+STORAGE_TYPES = (STORAGE_TYPE_PVC, STORAGE_TYPE_S3)
+# Object storage: the agent's S3 credentials, as the snapshot chart sets them from the Secret
+# `storage.s3.credentialsSecret` (env vars, or files of these names in `storage.s3.credentialsDirectory`)
+ENV_S3_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+ENV_S3_SESSION_TOKEN = "AWS_SESSION_TOKEN"
+# Where the agent keeps the versions it uploads and fetches (node-local; the chart's hostPath)
+DEFAULT_S3_LOCAL_DIRECTORY = "/var/lib/dynamo-snapshot/objects"
 # On a DGD's ReplicaSet: the hash of the pod template the operator wrote
 ANN_POD_TEMPLATE_HASH = "nvidia.com/dynamo-pod-template-hash"
 

@@ -11,14 +11,10 @@ import pytest
 from dynamo_snapshot.agent.artifact import authn, objectstore
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
+from dynamo_snapshot.agent.artifact import s3 as s3client
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError
 from dynamo_snapshot.devcluster import minio
-
-# The obstore adapter (dynamo_snapshot/agent/artifact/s3.py) is the next step of issue 19; until it lands these
-# tests skip with that reason rather than fail to import.
-s3client = pytest.importorskip("dynamo_snapshot.agent.artifact.s3", reason="the S3 client adapter (artifact/s3.py) "
-                               "is not written yet (issue 19)")
 
 HERE = artifact.Compatibility(criu_version="4.2.1", kernel="6.18.44", architecture="x86_64")
 CHUNK = 1 << 20  # small digest chunks so a few MiB make a multi-chunk, multipart file

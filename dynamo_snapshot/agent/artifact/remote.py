@@ -29,6 +29,14 @@ class ObjectStorage:
     def location(self, checkpoint_id: str, artifact_version: str) -> objectstore.Location:
         return objectstore.Location(self.prefix, checkpoint_id, artifact_version)
 
+    def describe_root(self) -> str:
+        """``s3://bucket/prefix`` (logs)."""
+        return self.client.url(self.prefix.strip("/")).rstrip("/")
+
+    def checkpoint_url(self, checkpoint_id: str) -> str:
+        """``s3://bucket/prefix/<checkpointID>`` (status ``location``)."""
+        return self.client.url("/".join(p for p in (self.prefix.strip("/"), checkpoint_id) if p))
+
     def describe(self, checkpoint_id: str, artifact_version: str) -> str:
         """The version's address, for status ``location`` and logs: ``s3://bucket/prefix/<id>/versions/<v>/``."""
         return self.client.url(self.location(checkpoint_id, artifact_version).key()) + "/"

@@ -45,6 +45,7 @@ class S3Settings:
     secret_access_key: str | None = None
     session_token: str | None = None
     ca_file: str | None = None  # a PEM bundle added to the trusted roots
+    insecure_skip_tls_verify: bool = False  # accept any server certificate (a test endpoint only)
     part_bytes: int = DEFAULT_PART_BYTES
     part_concurrency: int = DEFAULT_PART_CONCURRENCY
     max_retries: int = 5
@@ -73,11 +74,13 @@ def _store(settings: S3Settings) -> S3Store:
             config["session_token"] = settings.session_token
     client: dict[str, Any] = {"connect_timeout": timedelta(seconds=settings.connect_timeout_s),
                               "allow_http": bool(settings.endpoint and settings.endpoint.startswith("http://"))}
+    if settings.insecure_skip_tls_verify:
+        client["allow_invalid_certificates"] = True
     if settings.ca_file:
         try:
             client["root_certificate"] = Path(settings.ca_file).read_bytes()
         except OSError as err:
-            raise ValueError(f"storage.s3.caFile {settings.ca_file}: {err.strerror}") from err
+            raise ValueError(f"storage.s3.caBundle {settings.ca_file}: {err.strerror}") from err
     retry = {"max_retries": settings.max_retries, "retry_timeout": timedelta(seconds=settings.retry_timeout_s),
              "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5),
                          "base": 2}}

@@ -14,6 +14,8 @@
     cache:
       dir: ""                # the node-local checkpoint cache (local NVMe, the agent's only); "": no cache
       budgetGiB: 0           # its byte budget; 0: no cache (artifact/nodecache.py)
+    storage:
+      type: pvc              # or s3, with storage.s3 (bucket, prefix, endpoint, ...): storageconfig.py
 
 A missing file or key keeps the default; an unknown key or a value of the wrong type is an error that
 names it, since a misspelt option silently ignored would make the agent do something else than asked.
@@ -32,47 +34,14 @@ import yaml
 from dynamo_snapshot.agent.artifact.authn import DEFAULT_KEY_DIRECTORY, KEY_DIRECTORY_ENV
 from dynamo_snapshot.agent.artifact.private import DEFAULT_ROOT as DEFAULT_PRIVATE_DIR
 from dynamo_snapshot.agent.container.criu import CriuSettings
-from dynamo_snapshot.agent.errors import AgentError
+from dynamo_snapshot.agent.service.configfields import ConfigError
+from dynamo_snapshot.agent.service.configfields import bounded as _bounded
+from dynamo_snapshot.agent.service.configfields import section as _section
+from dynamo_snapshot.agent.service.configfields import short as _short
+from dynamo_snapshot.agent.service.configfields import typed as _typed
+from dynamo_snapshot.agent.service.storageconfig import StorageSettings, storage_settings
 
 NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
-
-
-class ConfigError(AgentError, ValueError):
-    pass
-
-
-def _short(value: Any) -> str:
-    """A value for a message: its repr, cut short (a fuzzed or binary value can be huge or deeply nested)."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        text = f"a deeply nested {type(value).__name__}"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _typed(section: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = section[key]
-    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {_short(value)}")
-    return value
-
-
-def _section(data: Any, where: str, known: set[str]) -> dict[str, Any]:
-    section = data or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {_short(section)}")
-    if odd := [key for key in section if not isinstance(key, str)]:
-        raise ConfigError(f"{where}: keys must be strings, got {_short(odd[0])} (known: {', '.join(sorted(known))})")
-    if unknown := sorted(set(section) - known):
-        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return section
-
-
-def _bounded(section: dict[str, Any], key: str, low: int, high: int, where: str, hint: str = "") -> int:
-    value = _typed(section, key, int, where)
-    if not low <= value <= high:
-        raise ConfigError(f"{where}.{key}: must be {low}-{high}{hint}, got {value}")
-    return value
 
 
 def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSettings:
@@ -126,6 +95,7 @@ class AgentConfig:
     restore: RestoreSettings = field(default_factory=RestoreSettings)
     key_directory: str = field(default_factory=lambda: key_directory(None))
     cache: CacheSettings = field(default_factory=CacheSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
 
 def key_directory(data: dict[str, Any] | None, where: str = "keys") -> str:
@@ -203,11 +173,11 @@ def load(path: str | Path | None) -> AgentConfig:
         raise ConfigError(f"{where} is nested too deeply to be an agent configuration") from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{where}: expected a mapping at the top level (cache, criu, keys, restore), got {_short(data)}")
+            f"{where}: expected a mapping at the top level (cache, criu, keys, restore, storage), got {_short(data)}")
     try:
-        top = _section(data, "(top level)", {"criu", "restore", "keys", "cache"})
+        top = _section(data, "(top level)", {"criu", "restore", "keys", "cache", "storage"})
         restore = restore_settings(top.get("restore"))
         return AgentConfig(criu_settings(top.get("criu")), restore, key_directory(top.get("keys")),
-                           cache_settings(top.get("cache"), restore))
+                           cache_settings(top.get("cache"), restore), storage_settings(top.get("storage")))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

@@ -5,6 +5,10 @@
                    --storage-access-mode=agentMount --storage-base-path=/checkpoints
                    --host-proc=/host/proc --config=/etc/snapshot-agent/config.yaml --metrics-bind-address=:9090
 
+With ``storage.type: s3`` in the configuration (``storageconfig.py``) checkpoints are uploaded to and restored
+from object storage, and ``--storage-base-path`` is the node-local directory the versions are written and
+fetched into (agentMount, created at start; no PVC).
+
 Serves /metrics, /healthz and /readyz (ready once its pod cache is synced). SIGTERM or SIGINT stops it:
 running operations get ``--drain-timeout`` seconds to finish.
 """
@@ -24,12 +28,14 @@ import structlog
 from dynamo_snapshot.agent.artifact import private
 from dynamo_snapshot.agent.artifact.authn import Keyring, KeyringError
 from dynamo_snapshot.agent.artifact.nodecache import NodeCache
+from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
 from dynamo_snapshot.agent.container.criu import CriuBundle, CriuSettings
 from dynamo_snapshot.agent.container.runtime import CRIClient, CRIError, RuntimeType, default_socket
 from dynamo_snapshot.agent.cuda.step import CudaStep, default_step
 from dynamo_snapshot.agent.host import procfs
-from dynamo_snapshot.agent.service.config import CacheSettings, ConfigError, RestoreSettings, load
+from dynamo_snapshot.agent.service.config import AgentConfig, CacheSettings, ConfigError, RestoreSettings, load
+from dynamo_snapshot.agent.service.storageconfig import credentials, object_storage
 
 log = structlog.get_logger("dynamo_snapshot.agent")
 
@@ -55,11 +61,13 @@ class AgentOptions:
     workers: int = 2
     drain_timeout: float = 90.0
     identity: str = ""
+    remote: ObjectStorage | None = None  # storage.type s3: the bucket; storage_base_path is node-local
 
     @property
     def watched_namespace(self) -> str | None:
-        """agentMount serves its own namespace only (it mounts that namespace's PVC); so does a restricted agent."""
-        if self.namespace_restricted or self.storage_mode is StorageMode.AGENT_MOUNT:
+        """agentMount serves its own namespace only (it mounts that namespace's PVC); so does a restricted agent.
+        With object storage there is no namespace's PVC: every namespace, unless restricted."""
+        if self.namespace_restricted or (self.storage_mode is StorageMode.AGENT_MOUNT and self.remote is None):
             return self.namespace
         return None
 
@@ -88,6 +96,11 @@ def agent_identity(node_name: str) -> str:
     return f"snapshot-agent-{node_name}"
 
 
+def local_directory(path: Path) -> None:
+    """Object storage: the node-local directory the versions pass through, the agent's only."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
     from dynamo_snapshot.agent.service.daemon import Agent
     from dynamo_snapshot.agent.service.metrics import AgentMetrics
@@ -108,10 +121,12 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             await tg.start(probes.serve)
             await _connect_runtime(cri)
             storage = StorageResolver(options.storage_mode, options.storage_base_path, cri)
+            if options.remote is not None:
+                local_directory(Path(options.storage_base_path))
             private.sweep(Path(options.restore.private_dir))  # copies a killed predecessor left mid-restore
             cache = node_cache(options)  # sweeps the fills a killed predecessor left
             node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore, options.keyring,
-                            cache)
+                            cache, remote=options.remote)
             recorder = EventRecorder(client, controller=EVENT_CONTROLLER, instance=identity)
             metrics = AgentMetrics(prometheus_client.REGISTRY)
             if cache is not None:
@@ -122,7 +137,8 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
                           drain_timeout=options.drain_timeout)
             log.info("snapshot agent starting", node=options.node_name, identity=identity,
                      runtime=f"{options.runtime_type}:{options.runtime_socket}",
-                     storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path))
+                     storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path),
+                     objects=options.remote.describe_root() if options.remote else None)
             try:
                 await agent.run()
             finally:
@@ -167,18 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remote(configured: AgentConfig, mode: StorageMode, env: dict[str, str]) -> ObjectStorage | None:
+    """The object storage the configuration asks for (None: PVC storage). Raises ConfigError."""
+    s3 = configured.storage.s3
+    if s3 is None:
+        return None
+    if mode is not StorageMode.AGENT_MOUNT:
+        raise ConfigError(f"--storage-access-mode {mode}: storage.type s3 needs agentMount (the agent writes and "
+                          "fetches versions in its node-local --storage-base-path; no pod mounts storage)")
+    return object_storage(s3, credentials(s3, env))
+
+
 def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AgentOptions:
     if not args.node_name:
         parser.error("--node-name is required (or NODE_NAME)")
     mode = StorageMode(args.storage_access_mode)
-    if (mode is StorageMode.AGENT_MOUNT or args.namespace_restricted) and not args.namespace:
-        why = "agentMount" if mode is StorageMode.AGENT_MOUNT else "--namespace-restricted"
-        parser.error(f"--namespace is required with {why} (or POD_NAMESPACE)")
     try:
         configured = load(args.config)
         keyring = Keyring.from_directory(configured.key_directory)
+        remote = _remote(configured, mode, dict(os.environ))
     except (ConfigError, KeyringError) as err:
         parser.error(str(err))
+    if (args.namespace_restricted or (mode is StorageMode.AGENT_MOUNT and remote is None)) and not args.namespace:
+        why = "--namespace-restricted" if args.namespace_restricted else "agentMount"
+        parser.error(f"--namespace is required with {why} (or POD_NAMESPACE)")
     return AgentOptions(
         node_name=args.node_name,
         namespace=args.namespace,
@@ -195,6 +223,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
         kubeconfig=args.kubeconfig,
         workers=args.workers,
         drain_timeout=args.drain_timeout,
+        remote=remote,
     )
 
 

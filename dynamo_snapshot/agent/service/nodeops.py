@@ -17,6 +17,7 @@ import structlog
 
 from dynamo_snapshot.agent.artifact import authn
 from dynamo_snapshot.agent.artifact.nodecache import NodeCache
+from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.artifact.storage import StorageResolver
 from dynamo_snapshot.agent.container import control, criu
 from dynamo_snapshot.agent.container.runtime import ContainerInfo, ContainerNotFound, CRIClient
@@ -32,7 +33,6 @@ from dynamo_snapshot.agent.service.config import RestoreSettings
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork
 
 log = structlog.get_logger(__name__)
-
 
 
 class NodeOps(Protocol):
@@ -74,7 +74,7 @@ class CriuNode:
     def __init__(self, cri: CRIClient, bundle: criu.CriuBundle, storage: StorageResolver,
                  settings: criu.CriuSettings, cuda: CudaStep | None = None,
                  restore: RestoreSettings | None = None, keyring: authn.Keyring | None = None,
-                 cache: NodeCache | None = None):
+                 cache: NodeCache | None = None, remote: ObjectStorage | None = None):
         self.cri = cri
         self.bundle = bundle
         self.storage = storage
@@ -83,6 +83,7 @@ class CriuNode:
         self.restore_settings = restore or RestoreSettings()
         self.keyring = keyring or authn.default_keyring()
         self.cache = cache  # the node-local checkpoint cache, when configured
+        self.remote = remote  # object storage: uploaded after the promotion, fetched before the verification
         self._foreign: set[str] = set()  # containers refused as not the pod's (or not a placeholder): never killed
 
     async def _check_owned(self, work: CheckpointWork | RestoreWork, info: ContainerInfo, placeholder: bool) -> None:
@@ -108,7 +109,8 @@ class CriuNode:
         info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
         await self._check_owned(work, info, placeholder=False)
         async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
-            request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version, keyring=self.keyring)
+            request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version, keyring=self.keyring,
+                                           remote=self.remote)
             target = ContainerTarget(self.cri, work.container_id, info)
             return await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
 
@@ -120,7 +122,8 @@ class CriuNode:
             request = rst.RestoreRequest(work.checkpoint_id, base, work.artifact_version,
                                          io_threads=tuned.verify_threads, keyring=self.keyring,
                                          prefetch_threads=tuned.prefetch_threads,
-                                         private_root=Path(tuned.private_dir), cache=self.cache)
+                                         private_root=Path(tuned.private_dir), cache=self.cache,
+                                         remote=self.remote)
             target = PlaceholderTarget(self.cri, work.container_id, info)
             return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
 
