@@ -23,6 +23,7 @@ MODES = {
     "crio-openshift": {**SIZE, "runtime.type": "crio", "openshift.enabled": "true"},
     "podMount-restricted": {"storage.accessMode": "podMount", "rbac.namespaceRestricted": "true"},
     "agentMount-node-cache": {**SIZE, "cache.hostPath": "/mnt/nvme/snapshot-cache", "cache.budgetGiB": 100},
+    "s3": {"storage.type": "s3", "storage.s3.bucket": "ckpts", "storage.s3.credentialsSecret": "s3-creds"},
 }
 
 
@@ -207,7 +208,11 @@ def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
 @pytest.mark.parametrize(("values", "names"), [
     ({"storage.pvc.size": ""}, "storage.pvc.size"),
     ({"storage.accessMode": "hostMount", **SIZE}, "storage.accessMode"),
-    ({"storage.type": "s3", **SIZE}, "storage.type"),
+    ({"storage.type": "oci", **SIZE}, "storage.type must be pvc or s3"),
+    ({"storage.type": "s3"}, "storage.s3.bucket is required"),
+    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "storage.accessMode": "podMount"}, "storage.accessMode"),
+    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "storage.s3.localDirectory": "objs"},
+     "storage.s3.localDirectory"),
     ({"runtime.type": "docker", **SIZE}, "runtime.type"),
     ({"storage.pvc.basePath": "checkpoints", **SIZE}, "storage.pvc.basePath"),
     ({"storage.pvc.accessMode": "ReadOnlyMany", **SIZE}, "storage.pvc.accessMode"),
@@ -219,6 +224,7 @@ def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
     ({"cache.hostPath": "/c", "cache.budgetGiB": "lots", **SIZE}, "cache.budgetGiB must be a number of GiB"),
     ({"cache.hostPath": "/c", "cache.budgetGiB": -1, **SIZE}, "cache.budgetGiB must be 0"),
     ({"config.cache.dir": "/c", **SIZE}, "use cache.hostPath and cache.budgetGiB"),
+    ({"config.storage.type": "s3", **SIZE}, "use storage.type and storage.s3"),
 ])
 def test_bad_values_fail_naming_the_value(helm, values, names):
     assert names in helm.template_error(SNAPSHOT_CHART, values=values)
@@ -240,6 +246,34 @@ def test_the_node_cache_is_a_host_path_mounted_only_into_the_agent_and_configure
     # no container of its own: only the seccomp profile's installer (seccomp.deploy) runs before the agent
     assert [c["name"] for c in pod["containers"]] == ["agent"]
     assert [c["name"] for c in pod["initContainers"]] == ["deploy-seccomp"]
+
+
+def test_s3_storage_configures_the_agent_for_the_bucket_with_the_secret_and_mounts_no_pvc(helm, tmp_path):
+    objects = render(helm, **MODES["s3"], **{"storage.s3.prefix": "fleet/a", "storage.s3.forcePathStyle": "true",
+                                              "storage.s3.endpoint": "https://minio.storage:9000",
+                                              "storage.s3.caConfigMap": "s3-ca", "storage.pvc.size": "1Ti"})
+    assert "PersistentVolumeClaim" not in kinds(objects)
+    vols = mounts(objects)
+    assert "checkpoints" not in vols
+    assert vols["objects"] == ("/var/lib/dynamo-snapshot/objects", {"name": "objects", "hostPath": {
+        "path": "/var/lib/dynamo-snapshot/objects", "type": "DirectoryOrCreate"}})
+    assert vols["s3-ca"][1]["configMap"] == {"name": "s3-ca"}
+    container = agent(objects)
+    assert "--storage-base-path=/var/lib/dynamo-snapshot/objects" in container["command"]
+    assert "--namespace-restricted" not in container["command"]  # one agent serves every namespace
+    assert {"ClusterRole", "ClusterRoleBinding"} <= set(kinds(objects))
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+                  if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secret_env == {
+        "AWS_ACCESS_KEY_ID": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"},
+        "AWS_SESSION_TOKEN": {"name": "s3-creds", "key": "AWS_SESSION_TOKEN", "optional": True}}
+    # What the chart renders is what the agent accepts, and means the bucket, prefix and endpoint given.
+    (tmp_path / "config.yaml").write_text(only(objects, "ConfigMap")["data"]["config.yaml"])
+    s3 = agent_config.load(tmp_path / "config.yaml").storage.s3
+    assert s3 is not None and (s3.bucket, s3.prefix, s3.endpoint, s3.force_path_style) == (
+        "ckpts", "fleet/a", "https://minio.storage:9000", True)
+    assert s3.ca_bundle == "/etc/dynamo-snapshot/s3-ca/ca.crt" and s3.ca_bundle.startswith(vols["s3-ca"][0])
 
 
 def test_size_error_says_how_to_reuse_an_existing_pvc(helm):

@@ -48,14 +48,37 @@ app.kubernetes.io/component: snapshot-agent
 {{- .Values.keys.secretName | default (printf "%s-keys" (include "snapshot.agentName" .)) -}}
 {{- end -}}
 
+{{/* "true" when the agent mounts the checkpoint PVC (agentMount with PVC storage). */}}
 {{- define "snapshot.agentMount" -}}
-{{- if eq .Values.storage.accessMode "agentMount" -}}true{{- end -}}
+{{- if and (eq .Values.storage.accessMode "agentMount") (eq .Values.storage.type "pvc") -}}true{{- end -}}
+{{- end -}}
+
+{{- define "snapshot.s3" -}}
+{{- if eq .Values.storage.type "s3" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The agent's --storage-base-path: the PVC's base path, or with s3 the node-local directory. */}}
+{{- define "snapshot.basePath" -}}
+{{- if include "snapshot.s3" . -}}{{ clean .Values.storage.s3.localDirectory }}{{- else -}}{{ clean .Values.storage.pvc.basePath }}{{- end -}}
+{{- end -}}
+
+{{- define "snapshot.s3CAPath" -}}/etc/dynamo-snapshot/s3-ca/ca.crt{{- end -}}
+
+{{/* With s3: the storage section of the agent's configuration file (storage.s3.* as the agent reads them). */}}
+{{- define "snapshot.s3Storage" -}}
+{{- $s3 := .Values.storage.s3 -}}
+{{- $want := dict "bucket" $s3.bucket "prefix" $s3.prefix "endpoint" $s3.endpoint "region" $s3.region "forcePathStyle" $s3.forcePathStyle "insecureSkipTLSVerify" $s3.insecureSkipTLSVerify "concurrency" $s3.concurrency "partMiB" $s3.partMiB -}}
+{{- if $s3.caConfigMap -}}
+{{- $_ := set $want "caBundle" (include "snapshot.s3CAPath" .) -}}
+{{- end -}}
+{{- toYaml (dict "type" "s3" "s3" $want) -}}
 {{- end -}}
 
 {{/* "true" when the agent is confined to the release namespace. Unset means: restricted in agentMount
 (the agent serves only its own namespace), cluster-wide in podMount (one agent serves every namespace). */}}
 {{- define "snapshot.namespaceRestricted" -}}
 {{- $restricted := .Values.rbac.namespaceRestricted -}}
+{{- /* unset: restricted exactly when the agent mounts its namespace's PVC */ -}}
 {{- if kindIs "bool" $restricted -}}
 {{- if $restricted -}}true{{- end -}}
 {{- else if kindIs "invalid" $restricted -}}
@@ -136,13 +159,30 @@ whatever order Helm renders the templates in. */}}
 {{- if hasKey (.Values.config | default dict) "cache" -}}
 {{- fail "config.cache is set by the chart: use cache.hostPath and cache.budgetGiB instead" -}}
 {{- end -}}
+{{- if hasKey (.Values.config | default dict) "storage" -}}
+{{- fail "config.storage is set by the chart: use storage.type and storage.s3.* instead" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "snapshot.validate" -}}
 {{- include "snapshot.validateCache" . -}}
 {{- $s := .Values.storage -}}
-{{- if ne $s.type "pvc" -}}
-{{- fail (printf "storage.type %q is not supported: only \"pvc\" is" $s.type) -}}
+{{- if not (has $s.type (list "pvc" "s3")) -}}
+{{- fail (printf "storage.type must be pvc or s3, got %q" $s.type) -}}
+{{- end -}}
+{{- if eq $s.type "s3" -}}
+{{- if not $s.s3.bucket -}}
+{{- fail "storage.s3.bucket is required when storage.type=s3: the bucket checkpoints are uploaded to (it must exist)" -}}
+{{- end -}}
+{{- if ne $s.accessMode "agentMount" -}}
+{{- fail (printf "storage.accessMode %s cannot be used with storage.type=s3: no pod mounts storage; leave storage.accessMode at agentMount" $s.accessMode) -}}
+{{- end -}}
+{{- if not (hasPrefix "/" ($s.s3.localDirectory | toString)) -}}
+{{- fail (printf "storage.s3.localDirectory must be an absolute directory on the node, got %q" $s.s3.localDirectory) -}}
+{{- end -}}
+{{- if and $s.s3.caConfigMap $s.s3.insecureSkipTLSVerify -}}
+{{- fail "storage.s3: set caConfigMap or insecureSkipTLSVerify, not both" -}}
+{{- end -}}
 {{- end -}}
 {{- if not (has $s.accessMode (list "agentMount" "podMount")) -}}
 {{- fail (printf "storage.accessMode must be agentMount or podMount, got %q" $s.accessMode) -}}
