@@ -87,6 +87,8 @@ class DynamoCheckpointStatus(Base):
     message: str = ""
     conditions: list[Condition] = []
     observed_generation: int = 0
+    storage_type: str = ""  # pvc or s3 (upstream: pvc|s3|oci), set when the checkpoint Job is created
+    location: str = ""  # <basePath>/<checkpointID> on the PVC, or s3://<bucket>/<prefix>/<checkpointID>
 
 
 class DynamoCheckpoint(Base):

@@ -9,6 +9,7 @@ true` without `storage.accessMode`) mean podMount, as upstream; convert to the s
 from __future__ import annotations
 
 import difflib
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -40,12 +41,28 @@ class PVCStorage(Base):
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany"] = "ReadWriteMany"
 
 
+S3Prefix = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!_.*'()/-]*$")]
+
+
+class S3Storage(Base):
+    """Object storage: where the agents (the snapshot chart's storage.s3, the same bucket and prefix) keep
+    checkpoints. The operator needs no credentials: it only names the location in status."""
+
+    bucket: str = ""  # required with type s3
+    prefix: S3Prefix = ""
+
+    def url(self, checkpoint_id: str = "") -> str:
+        """``s3://bucket/prefix/<checkpointID>``."""
+        return "/".join(p for p in (f"s3://{self.bucket}", self.prefix.strip("/"), checkpoint_id) if p)
+
+
 class StorageConfig(Base):
-    type: Literal["pvc"] = "pvc"
+    type: Literal["pvc", "s3"] = "pvc"
     # Left out: podMount when pvc.create is true (the operator creates the PVCs only pods mount), else
     # agentMount - as upstream, whose operator has no such setting (see docs/compatibility.md).
     access_mode: StorageAccessMode = StorageAccessMode.AGENT_MOUNT
     pvc: PVCStorage = msgspec.field(default_factory=PVCStorage)
+    s3: S3Storage = msgspec.field(default_factory=S3Storage)  # type s3 only; accessMode and pvc are then unused
 
 
 class CheckpointConfig(Base):
@@ -60,7 +77,19 @@ class OperatorConfig(Base):
 
 def validate_config(config: OperatorConfig) -> OperatorConfig:
     """Cross-field rules the types cannot say."""
-    pvc = config.checkpoint.storage.pvc
+    storage = config.checkpoint.storage
+    if storage.type == "s3":
+        bucket = storage.s3.bucket
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
+            raise InvalidObject("checkpoint.storage.s3.bucket", f"{bucket!r} is not a bucket name (3-63 lowercase "
+                                "letters, digits, dots, hyphens); required with checkpoint.storage.type s3 - "
+                                "the snapshot chart's storage.s3.bucket")
+        prefix = storage.s3.prefix.strip("/")
+        if any(p in ("", ".", "..") for p in (prefix.split("/") if prefix else [])):
+            raise InvalidObject("checkpoint.storage.s3.prefix", f"{storage.s3.prefix!r} has an empty, . or .. "
+                                "segment")
+        return config
+    pvc = storage.pvc
     if pvc.create and not pvc.size:
         raise InvalidObject(
             "checkpoint.storage.pvc.size", "required when checkpoint.storage.pvc.create is true (e.g. 1Ti)"
@@ -169,6 +198,7 @@ __all__ = [
     "CheckpointConfig",
     "OperatorConfig",
     "PVCStorage",
+    "S3Storage",
     "StorageAccessMode",
     "StorageConfig",
     "load_config",

@@ -158,7 +158,7 @@ async def checkpoint(client: Client, args: argparse.Namespace, plan: Plan, names
     except AlreadyExists:
         raise ManifestError(f"Job {namespace}/{name} already exists: checkpoint ID {checkpoint_id} is taken "
                             "(delete the Job or choose another --checkpoint-id)") from None
-    location = f"{storage.base_path}/{checkpoint_id}"
+    location = storage.location(checkpoint_id)
     outcome = Outcome({"checkpointID": checkpoint_id, "job": name, "namespace": namespace})
     status, detail = "created", ""
     if args.wait:
@@ -181,7 +181,7 @@ async def checkpoint(client: Client, args: argparse.Namespace, plan: Plan, names
 # -- restore -------------------------------------------------------------------------------------------------
 def _restore_lines(namespace: str, pod: str, checkpoint_id: str, storage: Storage | None) -> list[str]:
     """Upstream's output: key=value lines (the restore is requested, not waited for)."""
-    location = f"{storage.base_path}/{checkpoint_id}" if storage else ""
+    location = storage.location(checkpoint_id) if storage else ""
     return ["status=requested", f"namespace={namespace}", f"name={pod}", f"restore_pod={pod}",
             f"checkpoint_id={checkpoint_id}", f"checkpoint_location={location}"]
 

@@ -98,8 +98,9 @@ def _stamp_metadata(
     annotations[names.ANN_ARTIFACT_VERSION] = artifact_version
     annotations[names.ANN_TARGET_CONTAINERS] = ",".join(targets)
     if storage is not None:
-        annotations[names.ANN_STORAGE_TYPE] = STORAGE_TYPE_PVC
-        annotations[names.ANN_STORAGE_BASE_PATH] = storage.base_path
+        annotations[names.ANN_STORAGE_TYPE] = storage.type
+        if storage.type == STORAGE_TYPE_PVC:
+            annotations[names.ANN_STORAGE_BASE_PATH] = storage.base_path
     return meta
 
 

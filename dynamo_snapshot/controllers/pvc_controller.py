@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from dynamo_snapshot.api import TERMINAL_PHASES, OperatorConfig, StorageAccessMode
+from dynamo_snapshot.api import TERMINAL_PHASES, OperatorConfig, StorageAccessMode, names
 from dynamo_snapshot.controllers.checkpoint.reconciler import checkpoint_informer
 from dynamo_snapshot.controllers.common import FIELD_MANAGER, is_deleting, metadata
 from dynamo_snapshot.controllers.pvc import build_storage_pvc
@@ -68,7 +68,7 @@ class PVCController:
     async def reconcile(self, key: ObjectKey) -> Result | None:
         storage = self.config.checkpoint.storage
         namespace = key.namespace
-        if storage.access_mode is not StorageAccessMode.POD_MOUNT:
+        if storage.type != names.STORAGE_TYPE_PVC or storage.access_mode is not StorageAccessMode.POD_MOUNT:
             return None
         pvc = self.pvcs.store.get_by_name(namespace, self.pvc_name)
         # The PVC first: every checkpoint event of the namespace lands here, and scanning the namespace's

@@ -10,18 +10,24 @@ from dynamo_snapshot.api import OperatorConfig, StorageAccessMode, names
 
 AGENT_CONTAINER = "agent"
 CHECKPOINT_VOLUME = "checkpoints"
-STORAGE_TYPE_PVC = "pvc"
+STORAGE_TYPE_PVC = names.STORAGE_TYPE_PVC
 
 
 @dataclass(frozen=True)
 class Storage:
     mode: StorageAccessMode
-    pvc_name: str
-    base_path: str
+    pvc_name: str  # "" with object storage
+    base_path: str  # "" with object storage
+    type: str = names.STORAGE_TYPE_PVC
+    url: str = ""  # object storage: s3://bucket/prefix
 
     @property
     def pod_mount(self) -> bool:
-        return self.mode is StorageAccessMode.POD_MOUNT
+        return self.mode is StorageAccessMode.POD_MOUNT and self.type == names.STORAGE_TYPE_PVC
+
+    def location(self, checkpoint_id: str) -> str:
+        """Where the checkpoint is: ``<basePath>/<id>`` on the PVC, ``s3://bucket/prefix/<id>`` (status)."""
+        return f"{self.url or self.base_path}/{checkpoint_id}"
 
 
 class StorageUnavailable(Exception):
@@ -77,7 +83,10 @@ def resolve_storage(
     pvc_names: Iterable[str] = (),
 ) -> Storage:
     """agentMount: the agent DaemonSet of the namespace says which PVC and path. podMount: the configured
-    PVC of the namespace, at the configured base path."""
+    PVC of the namespace, at the configured base path. s3: the configured bucket and prefix, no PVC (the
+    agents, wherever they run, upload and fetch; none need be in the namespace)."""
+    if config.checkpoint.storage.type == names.STORAGE_TYPE_S3:
+        return Storage(StorageAccessMode.AGENT_MOUNT, "", "", names.STORAGE_TYPE_S3, config.checkpoint.storage.s3.url())
     if config.checkpoint.storage.access_mode is StorageAccessMode.POD_MOUNT:
         return _pod_mount(namespace, config, pvc_names)
     return _agent_mount(namespace, daemonsets)

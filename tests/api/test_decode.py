@@ -128,8 +128,8 @@ checkpoint:
 """
     assert parse_config(spec_example).checkpoint.storage.pvc.size == "1Ti"
     with pytest.raises(InvalidObject) as err:
-        parse_config("checkpoint: {storage: {type: s3}}")
-    assert str(err.value) == "checkpoint.storage.type: invalid enum value 's3' (expected one of: pvc)"
+        parse_config("checkpoint: {storage: {type: oci}}")
+    assert str(err.value) == "checkpoint.storage.type: invalid enum value 'oci' (expected one of: pvc, s3)"
     with pytest.raises(InvalidObject, match=r"checkpoint\.storage\.pvc\.size: required when"):
         parse_config("checkpoint: {storage: {pvc: {create: true}}}")
     with pytest.raises(InvalidObject, match=r"checkpoint\.storage\.pvc\.basePath"):

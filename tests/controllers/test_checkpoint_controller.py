@@ -28,6 +28,17 @@ def agent_mount(cluster):
     return cluster
 
 
+def test_an_s3_checkpoint_needs_no_pvc_and_says_where_it_is_in_the_bucket(cluster, start_operator):
+    start_operator(enabled_config(type="s3", s3={"bucket": "ckpts", "prefix": "fleet"}))  # no agent DaemonSet here
+    cluster.apply(checkpoint_manifest("s3-ckpt"))
+    ckpt = cluster.wait_phase("s3-ckpt", "Creating")
+    checkpoint_id = ckpt["status"]["checkpointID"]
+    assert (ckpt["status"]["storageType"], ckpt["status"]["location"]) == ("s3", f"s3://ckpts/fleet/{checkpoint_id}")
+    pod = cluster.job_pod(ckpt["status"]["jobName"])
+    assert not any("persistentVolumeClaim" in v for v in pod["spec"]["volumes"])
+    assert pod["metadata"]["annotations"]["nvidia.com/snapshot-storage-type"] == "s3"
+
+
 def test_seed_example_reaches_ready_once_the_agent_confirms(agent_mount, start_operator):
     cluster = agent_mount
     start_operator(enabled_config())
@@ -38,6 +49,7 @@ def test_seed_example_reaches_ready_once_the_agent_confirms(agent_mount, start_o
     checkpoint_id, job_name = ckpt["status"]["checkpointID"], ckpt["status"]["jobName"]
     assert ckpt["status"]["identityHash"] == checkpoint_id
     assert job_name == f"checkpoint-job-{checkpoint_id}-1"
+    assert (ckpt["status"]["storageType"], ckpt["status"]["location"]) == ("pvc", f"/checkpoints/{checkpoint_id}")
     assert ckpt["metadata"].get("labels", {}).get("nvidia.com/snapshot-checkpoint-id") in (None, checkpoint_id)
 
     job = cluster.get("job", job_name)

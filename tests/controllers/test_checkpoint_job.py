@@ -71,3 +71,15 @@ def test_missing_target_container_names_the_field():
     ckpt.spec.job.target_container_name = "worker"
     with pytest.raises(MissingContainer, match=r"spec\.job\.targetContainerName: no container named 'worker'"):
         build_checkpoint_job(ckpt, name="j", checkpoint_id="abc", artifact_version="1", storage=None)
+
+
+def test_s3_storage_needs_no_pvc_and_stamps_the_storage_type():
+    config = parse_config("checkpoint: {enabled: true, storage: {type: s3, accessMode: podMount, "
+                          "pvc: {create: true, size: 1Ti}, s3: {bucket: ckpts, prefix: fleet/a}}}")
+    storage = resolve_storage("ns", config)  # no agent DaemonSet, no PVC in the namespace
+    assert (storage.type, storage.location("abc")) == ("s3", "s3://ckpts/fleet/a/abc")
+    job = build_checkpoint_job(ckpt_(), name="j", checkpoint_id="abc", artifact_version="1", storage=storage)
+    pod = job["spec"]["template"]
+    assert "checkpoint-storage" not in {v["name"] for v in pod["spec"]["volumes"]}
+    assert pod["metadata"]["annotations"][names.ANN_STORAGE_TYPE] == "s3"
+    assert names.ANN_STORAGE_BASE_PATH not in pod["metadata"]["annotations"]

@@ -41,3 +41,24 @@ def test_pod_mount_storage_missing_pvc():
     creating = parse_config("checkpoint: {storage: {accessMode: podMount, pvc: {create: true, size: 10Gi}}}")
     with pytest.raises(StorageNotReady):
         resolve_storage("ns", creating, pvc_names=[])
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("checkpoint: {storage: {type: s3}}", r"checkpoint.storage.s3.bucket: '' is not a bucket name"),
+    ("checkpoint: {storage: {type: s3, s3: {bucket: Bad_Name}}}", "checkpoint.storage.s3.bucket"),
+    ("checkpoint: {storage: {type: s3, s3: {bucket: ok1, prefix: a//b}}}", "checkpoint.storage.s3.prefix"),
+    ("checkpoint: {storage: {type: s3, s3: {bucket: ok1, region: x}}}", "checkpoint.storage.s3.region"),
+    ("checkpoint: {storage: {type: oci}}", "checkpoint.storage.type"),
+])
+def test_a_wrong_s3_setting_is_refused_naming_it(text, field):
+    from dynamo_snapshot.api import InvalidObject
+
+    with pytest.raises(InvalidObject, match=field):
+        parse_config(text)
+
+
+def test_s3_storage_is_the_configured_bucket_wherever_the_agents_are():
+    config = parse_config("checkpoint: {storage: {type: s3, s3: {bucket: ckpts}}}")
+    storage = resolve_storage("team-a", config)
+    assert (storage.type, storage.pvc_name, storage.pod_mount, storage.location("ck1")) == (
+        "s3", "", False, "s3://ckpts/ck1")

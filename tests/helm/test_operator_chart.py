@@ -112,6 +112,12 @@ def test_config_block_renders_every_value(helm):
     assert c.cleanup_image == "registry.local/busybox:1.36"
 
 
+def test_s3_storage_reaches_the_operator_with_the_bucket_and_prefix(helm):
+    c = config(render(helm, **{"checkpoint.enabled": "true", "checkpoint.storage.type": "s3",
+                               "checkpoint.storage.s3.bucket": "ckpts", "checkpoint.storage.s3.prefix": "fleet/a"}))
+    assert (c.checkpoint.storage.type, c.checkpoint.storage.s3.url("ck1")) == ("s3", "s3://ckpts/fleet/a/ck1")
+
+
 def test_config_change_restarts_the_operator(helm):
     before, after = (only(render(helm, **v), "Deployment")["spec"]["template"]["metadata"]["annotations"]
                      ["checksum/config"] for v in ({}, {"checkpoint.enabled": "true"}))
@@ -121,7 +127,8 @@ def test_config_change_restarts_the_operator(helm):
 @pytest.mark.parametrize(("values", "names"), [
     ({"checkpoint.storage.pvc.create": "true"}, "checkpoint.storage.pvc.size"),
     ({"checkpoint.storage.accessMode": "hostMount"}, "checkpoint.storage.accessMode"),
-    ({"checkpoint.storage.type": "s3"}, "checkpoint.storage.type"),
+    ({"checkpoint.storage.type": "oci"}, "checkpoint.storage.type must be pvc or s3"),
+    ({"checkpoint.storage.type": "s3"}, "checkpoint.storage.s3.bucket is required"),
     ({"checkpoint.storage.pvc.basePath": "/"}, "checkpoint.storage.pvc.basePath"),
     ({"checkpoint.storage.pvc.pvcName": ""}, "checkpoint.storage.pvc.pvcName"),
     ({"checkpoint.storage.pvc.accessMode": "RWX"}, "checkpoint.storage.pvc.accessMode"),

@@ -8,7 +8,7 @@ from typing import Any
 
 from dynamo_snapshot.api import DynamoCheckpoint, names
 from dynamo_snapshot.controllers.checkpoint.job import owner_reference
-from dynamo_snapshot.controllers.storage import Storage
+from dynamo_snapshot.controllers.storage import Storage, StorageUnavailable
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 STORAGE_VOLUME = "checkpoint-storage"
@@ -39,6 +39,10 @@ def cleanup_target(base_path: str, checkpoint_id: str) -> str:
 
 
 def build_cleanup_job(ckpt: DynamoCheckpoint, checkpoint_id: str, storage: Storage, image: str) -> dict[str, Any]:
+    if not storage.pvc_name:  # object storage: the operator holds no credentials to delete objects with
+        raise StorageUnavailable(f"{storage.location(checkpoint_id)} is in object storage, which the operator "
+                                 "does not delete from: remove it with a bucket lifecycle rule or "
+                                 f"`aws s3 rm --recursive {storage.location(checkpoint_id)}/`")
     target = cleanup_target(storage.base_path, checkpoint_id)
     base = posixpath.normpath(storage.base_path)
     # The script checks again where the path resolves, so a symlink planted in storage cannot widen it.

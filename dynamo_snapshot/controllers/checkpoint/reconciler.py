@@ -49,7 +49,7 @@ from dynamo_snapshot.controllers.common import (
     with_condition,
 )
 from dynamo_snapshot.controllers.podshape import MissingContainer
-from dynamo_snapshot.controllers.storage import StorageNotReady, StorageUnavailable
+from dynamo_snapshot.controllers.storage import Storage, StorageNotReady, StorageUnavailable
 from dynamo_snapshot.controllers.storage_view import StorageView
 from dynamo_snapshot.kube import (
     DYNAMO_CHECKPOINTS,
@@ -312,7 +312,7 @@ class _Reconcile:
             await self._decide(Phase.FAILED, REASON_INVALID,
                                f"the API server rejected checkpoint Job {name}: {err.message}", created=False)
             return None
-        await self._write_status(Phase.CREATING, f"checkpoint Job {name} created", job_name=name,
+        await self._write_status(Phase.CREATING, f"checkpoint Job {name} created", job_name=name, storage=storage,
                                  conditions=[(COND_JOB_CREATED, True, REASON_JOB_CREATED, f"created Job {name}")])
         return None
 
@@ -369,6 +369,7 @@ class _Reconcile:
         job_name: str | None = None,
         conditions: list[tuple[str, bool, str, str]] = (),
         event: tuple[str, str] | None = None,
+        storage: Storage | None = None,  # where the Job puts the checkpoint (status storageType, location)
     ) -> bool:
         generation = self.meta.generation
         old = self.status
@@ -382,7 +383,9 @@ class _Reconcile:
             # identityHash: the deprecated alias, always equal
             checkpoint_id=checkpoint_id or old.checkpoint_id, identity_hash=checkpoint_id or old.identity_hash,
             job_name=job_name or old.job_name, created_at=timestamp(self.now) if phase is Phase.READY
-            else old.created_at, conditions=condition_list)
+            else old.created_at, conditions=condition_list,
+            storage_type=storage.type if storage else old.storage_type,
+            location=storage.location(checkpoint_id) if storage and checkpoint_id else old.location)
         if status == old:
             return True
         patch = {"metadata": {"resourceVersion": self.meta.resource_version}, "status": to_dict(status)}

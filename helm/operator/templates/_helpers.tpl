@@ -82,6 +82,10 @@ of being ignored by the operator. */}}
 {{- $_ := set $pvcOut "size" ($pvc.size | toString) -}}
 {{- end -}}
 {{- $storage := dict "type" $c.storage.type "accessMode" $c.storage.accessMode "pvc" $pvcOut -}}
+{{- if eq $c.storage.type "s3" -}}
+{{- $s3 := $c.storage.s3 | default dict -}}
+{{- $_ := set $storage "s3" (dict "bucket" $s3.bucket "prefix" ($s3.prefix | default "")) -}}
+{{- end -}}
 {{- toYaml (dict "checkpoint" (dict "enabled" $c.enabled "storage" $storage "cleanupImage" $c.cleanupImage)) -}}
 {{- end -}}
 
@@ -92,8 +96,11 @@ of being ignored by the operator. */}}
 {{- if not (kindIs "bool" $c.enabled) -}}
 {{- fail (printf "checkpoint.enabled must be true or false, got %v" $c.enabled) -}}
 {{- end -}}
-{{- if ne $c.storage.type "pvc" -}}
-{{- fail (printf "checkpoint.storage.type %q is not supported: only \"pvc\" is" $c.storage.type) -}}
+{{- if not (has $c.storage.type (list "pvc" "s3")) -}}
+{{- fail (printf "checkpoint.storage.type must be pvc or s3, got %q" $c.storage.type) -}}
+{{- end -}}
+{{- if and (eq $c.storage.type "s3") (not ($c.storage.s3 | default dict).bucket) -}}
+{{- fail "checkpoint.storage.s3.bucket is required when checkpoint.storage.type=s3 (the snapshot chart's storage.s3.bucket)" -}}
 {{- end -}}
 {{- if not (has $c.storage.accessMode (list "agentMount" "podMount")) -}}
 {{- fail (printf "checkpoint.storage.accessMode must be agentMount or podMount, got %q" $c.storage.accessMode) -}}
