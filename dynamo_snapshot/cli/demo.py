@@ -44,7 +44,7 @@ class Steps:
             print(f"           {line}", flush=True)
 
 
-def run_demo(*, keep: bool, workdir: str) -> int:
+def run_demo(*, keep: bool, workdir: str, storage: str = "agentMount") -> int:
     from dynamo_snapshot import logs
     from dynamo_snapshot.devcluster.stack import missing
 
@@ -54,14 +54,22 @@ def run_demo(*, keep: bool, workdir: str) -> int:
         shutil.rmtree(root)  # a fresh cluster each run, so the demo shows the whole flow
     steps = Steps()
     reason = missing()
+    if storage == "s3" and not reason:
+        from dynamo_snapshot.devcluster import minio
+
+        if why := minio.missing():
+            print(f"error: --s3: {why}", flush=True)
+            return 2
     if reason:
         steps.step(f"the node part of the flow cannot run here: {reason}")
         steps.detail("showing the control-plane part only (run as root after hack/ci/containers.sh for all of it)")
         return _control_plane_only(steps, root, keep)
-    return _whole_flow(steps, root, keep)
+    return _whole_flow(steps, root, keep, storage)
 
 
 def _start_stack(steps: Steps, stack: SnapshotStack) -> LocalCluster:
+    from dynamo_snapshot.devcluster.stack import S3_BUCKET, S3_PREFIX
+
     steps.step("starting the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)")
     cluster = stack.start_control_plane()
     steps.detail(f"API server {cluster.server}; CRDs installed")
@@ -70,8 +78,12 @@ def _start_stack(steps: Steps, stack: SnapshotStack) -> LocalCluster:
     steps.detail(cluster.kubectl("get", "nodes", "-o", "wide"))
     steps.step("starting the operator and the snapshot agent as local processes")
     stack.start_snapshot()
+    if stack.minio is not None:
+        steps.detail(f"MinIO on {stack.minio.endpoint}, bucket {S3_BUCKET}: checkpoints go to "
+                     f"s3://{S3_BUCKET}/{S3_PREFIX}/<id>, through {stack.objects} on the node")
+    base = stack.objects if stack.minio is not None else stack.checkpoints
     steps.detail(f"agent: snapshot-agent --node-name={node.name} --storage-access-mode=agentMount "
-                 f"--storage-base-path={stack.checkpoints} (log {stack.agent_log})")
+                 f"--storage-base-path={base} (log {stack.agent_log})")
     return cluster
 
 
@@ -87,7 +99,8 @@ def _standalone_checkpoint(steps: Steps, stack: SnapshotStack, flow: Flow) -> Ch
                  f"included); the agent's own part: {run.agent_overhead:.3f} s")
     steps.detail(f"agent: lease to confirmation {run.agent_total:.2f} s; stages "
                  + ", ".join(f"{k} {v:.2f}" for k, v in run.stages.items()))
-    steps.detail(f"artifact {stack.checkpoints / run.checkpoint_id}/versions/1: {run.artifact_bytes >> 20} MiB")
+    where = stack.get("dckpt", "counter")["status"].get("location") or stack.checkpoints / run.checkpoint_id
+    steps.detail(f"artifact {where}/versions/1: {run.artifact_bytes >> 20} MiB")
     return run
 
 
@@ -132,11 +145,11 @@ def _immediate_dgd(steps: Steps, stack: SnapshotStack, flow: Flow) -> list[Resto
     return restored
 
 
-def _whole_flow(steps: Steps, root: Path, keep: bool) -> int:
+def _whole_flow(steps: Steps, root: Path, keep: bool, storage: str = "agentMount") -> int:
     from dynamo_snapshot.devcluster.scenarios import CheckpointFailed, Flow
     from dynamo_snapshot.devcluster.stack import SnapshotStack
 
-    stack = SnapshotStack(root, namespace=DEMO_NAMESPACE)
+    stack = SnapshotStack(root, namespace=DEMO_NAMESPACE, storage_mode=storage)
     try:
         cluster = _start_stack(steps, stack)
         flow = Flow(stack)

@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"error: {err.msg}", file=sys.stderr)
         return 2
 
-    return run_demo(keep=args.keep, workdir=args.workdir)
+    return run_demo(keep=args.keep, workdir=args.workdir, storage="s3" if args.s3 else "agentMount")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="leave the cluster running and print its kubeconfig")
     demo.add_argument("--workdir", default=".local/cluster", help="where the cluster keeps its state")
+    demo.add_argument("--s3", action="store_true",
+                      help="keep checkpoints in object storage: a MinIO on loopback (hack/build-minio.sh builds it)")
     demo.set_defaults(func=_demo)
     return parser
 

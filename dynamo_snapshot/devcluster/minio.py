@@ -7,7 +7,9 @@
     ready     polls ``/minio/health/cluster`` (write quorum: it serves S3, not only lives) until it answers 200
               (or the process exits, or a deadline)
     bucket    creates a bucket with one SigV4-signed ``PUT /<bucket>`` (``request`` signs any S3 call the
-              harness needs; the agent itself uses its S3 client library)
+              harness needs; the agent itself uses its S3 client library); ``list_objects`` lists a prefix
+    agent     ``agent_storage``: the agent configuration's ``storage`` section for this server, its keys as
+              files in a directory (as the chart's Secret would be mounted)
     stop      SIGTERM, then SIGKILL after a grace period; the data directory stays for inspection
 
 Nothing here reaches past 127.0.0.1.
@@ -27,6 +29,7 @@ import socket
 import subprocess
 import time
 import urllib.parse
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +174,27 @@ class Minio:
         if status != 200:
             raise MinioError(f"creating bucket {name!r} failed with HTTP {status}: {body[:300]!r}")
         return name
+
+    def list_objects(self, bucket: str, prefix: str = "") -> list[tuple[str, str, int]]:
+        """(key, LastModified, size) of every object under ``prefix`` (one ListObjectsV2 page: up to 1000)."""
+        query = "list-type=2&prefix=" + urllib.parse.quote(prefix, safe="-_.~")
+        status, body = self.request("GET", f"/{bucket}", query=query)
+        if status != 200:
+            raise MinioError(f"listing s3://{bucket}/{prefix} failed with HTTP {status}: {body[:300]!r}")
+        ns = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
+        return [(item.findtext("s3:Key", "", ns), item.findtext("s3:LastModified", "", ns),
+                 int(item.findtext("s3:Size", "0", ns))) for item in ET.fromstring(body).findall("s3:Contents", ns)]
+
+    def agent_storage(self, bucket: str, prefix: str, credentials: Path) -> dict[str, object]:
+        """The agent configuration's ``storage`` section for this server; the keys are written as files
+        into ``credentials`` (``storage.s3.credentialsDirectory``, readable by the owner only)."""
+        credentials.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name, value in (("AWS_ACCESS_KEY_ID", self.user), ("AWS_SECRET_ACCESS_KEY", self.password)):
+            path = credentials / name
+            path.write_text(value)
+            path.chmod(0o600)
+        return {"type": "s3", "s3": {"bucket": bucket, "prefix": prefix, "endpoint": self.endpoint, "region": REGION,
+                                     "forcePathStyle": True, "credentialsDirectory": str(credentials)}}
 
     def stop(self) -> None:
         process, self.process = self.process, None

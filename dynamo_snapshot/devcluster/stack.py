@@ -11,7 +11,10 @@ What stands in for the Helm charts: the agent runs with the snapshot chart's com
 certificate carries), and in agentMount mode a DaemonSet object describes it to the operator (the
 operator discovers checkpoint storage from it) without running any pod (its node selector matches no
 node). In podMount mode the namespace gets a hostPath PersistentVolume bound to ``snapshot-pvc``, which
-the workload pods mount at the base path, and the agent reaches it through them.
+the workload pods mount at the base path, and the agent reaches it through them. In s3 mode a MinIO on
+loopback (``devcluster/minio.py``) holds the checkpoints in bucket ``S3_BUCKET`` under ``S3_PREFIX``: the
+operator is configured for it (no PVC, no DaemonSet), the agent too, with a node-local ``objects/``
+directory and its keys as files (the chart's Secret).
 
 ``installed=True`` replaces all of that with the real thing (``devcluster/installed.py``): the agent and
 operator images imported into the node, both charts installed with Helm, the operator as its Deployment
@@ -33,7 +36,7 @@ from typing import Any
 import anyio
 import yaml
 
-from dynamo_snapshot.devcluster import images, installed
+from dynamo_snapshot.devcluster import images, installed, minio
 from dynamo_snapshot.devcluster.cluster import ClusterError, Component, LocalCluster, _free_port
 from dynamo_snapshot.devcluster.node import KubeletNode
 from dynamo_snapshot.kube import Client, Informer, Resource
@@ -43,6 +46,8 @@ CRD_DIR = REPO / "helm" / "operator" / "crds"
 AGENT = "snapshot-agent"
 PVC_NAME = "snapshot-pvc"
 POD_BASE_PATH = "/checkpoints"  # where pods mount the checkpoint PVC (podMount); what the operator records
+S3_BUCKET, S3_PREFIX = "checkpoints", "stack"  # s3 mode
+STORAGE_MODES = ("agentMount", "podMount", "s3")
 
 # The snapshot chart's agent Role (helm/snapshot/templates/rbac.yaml); tests/helm checks they agree.
 AGENT_RULES = [
@@ -59,6 +64,8 @@ class SnapshotStack:
                  installed: bool = False, gpu_plugin: list[str] | None = None):
         if installed and storage_mode != "agentMount":
             raise ValueError("installed=True runs the snapshot chart in agentMount mode only")
+        if storage_mode not in STORAGE_MODES:
+            raise ValueError(f"storage_mode {storage_mode!r} is not one of {', '.join(STORAGE_MODES)}")
         self.installed = installed
         self.root = Path(root).resolve()
         self.gpu_plugin = gpu_plugin  # the node offers nvidia.com/gpu through devcluster/gpu_plugin.py
@@ -69,6 +76,8 @@ class SnapshotStack:
         self.criu_config = criu_config or {"networkLock": "nftables", "timeoutSeconds": 300}
         self.checkpoints = self.root / "checkpoints"  # agentMount: the agent's mount; podMount: the PV's data
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.objects = self.root / "objects"  # s3: the agent's node-local directory
+        self.minio: minio.Minio | None = None  # s3: the server, started with the snapshot parts
         self.cluster: LocalCluster | None = None
         self.node: KubeletNode | None = None
         self.ports = {"agent": _free_port(), "operator": _free_port()}
@@ -102,7 +111,9 @@ class SnapshotStack:
 
     def _operator(self, cluster: LocalCluster) -> Component:
         storage: dict[str, Any] = {"type": "pvc", "accessMode": self.storage_mode}
-        if self.storage_mode == "podMount":
+        if self.storage_mode == "s3":
+            storage = {"type": "s3", "s3": {"bucket": S3_BUCKET, "prefix": S3_PREFIX}}
+        elif self.storage_mode == "podMount":
             storage["pvc"] = {"pvcName": PVC_NAME, "basePath": POD_BASE_PATH, "create": False}
         config = self.root / "operator.yaml"
         config.write_text(yaml.safe_dump({"checkpoint": {"enabled": True, "storage": storage}}))
@@ -122,17 +133,21 @@ class SnapshotStack:
             from dynamo_snapshot.agent.artifact import authn
 
             authn.create_key(keys, "k1")
-        config.write_text(yaml.safe_dump({"criu": self.criu_config, "keys": {"directory": str(keys)},
-                                          "restore": {"privateDir": str(self.root / "agent-private")}}))
+        settings: dict[str, Any] = {"criu": self.criu_config, "keys": {"directory": str(keys)},
+                                    "restore": {"privateDir": str(self.root / "agent-private")}}
+        mode, base = self.storage_mode, str(self.checkpoints) if self.storage_mode == "agentMount" else POD_BASE_PATH
+        if self.minio is not None:
+            settings["storage"] = self.minio.agent_storage(S3_BUCKET, S3_PREFIX, self.root / "s3-credentials")
+            mode, base = "agentMount", str(self.objects)
+        config.write_text(yaml.safe_dump(settings))
         kubeconfig = cluster.kubeconfig_for(f"system:serviceaccount:{self.namespace}:{AGENT}")
-        base = str(self.checkpoints) if self.storage_mode == "agentMount" else POD_BASE_PATH
         port = self.ports["agent"]
         return Component(
             AGENT,
             lambda: self._python(
                 "-m", "dynamo_snapshot.agent.service.main", f"--node-name={node.name}", f"--namespace={self.namespace}",
                 "--namespace-restricted", "--runtime-type=containerd", f"--runtime-socket={node.cri_socket}",
-                f"--storage-access-mode={self.storage_mode}", f"--storage-base-path={base}", "--host-proc=/proc",
+                f"--storage-access-mode={mode}", f"--storage-base-path={base}", "--host-proc=/proc",
                 f"--config={config}", f"--metrics-bind-address=127.0.0.1:{port}", f"--kubeconfig={kubeconfig}"),
             lambda: f"http://127.0.0.1:{port}/readyz",
         )
@@ -165,7 +180,7 @@ class SnapshotStack:
                     }},
                 },
             })
-        else:
+        elif self.storage_mode == "podMount":
             volume = f"{ns}-{PVC_NAME}"
             objects += [
                 {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
@@ -214,6 +229,9 @@ class SnapshotStack:
             installed.install(self)
             return
         self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(self._namespace_objects()))
+        if self.storage_mode == "s3":
+            self.minio = minio.Minio(self.root / "minio")
+            self.minio.start().create_bucket(S3_BUCKET)
         if self.storage_mode == "podMount":
             # A pod of an unbound claim is unschedulable and waits for the scheduler's requeue: bound first.
             self.cluster.kubectl("wait", "-n", self.namespace, f"pvc/{PVC_NAME}",
@@ -237,6 +255,8 @@ class SnapshotStack:
                     self.cluster.stop_component(name, timeout=120)  # the agent may be finishing a checkpoint
         if self.node is not None:
             self.node.stop()
+        if self.minio is not None:
+            self.minio.stop()
         if self.cluster is not None:
             self.cluster.stop()
 

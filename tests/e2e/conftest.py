@@ -1,6 +1,6 @@
 """One whole system per test module, all real: control plane, a kubelet node on containerd, the operator
 and the snapshot agent (``dynamo_snapshot.devcluster.stack``), in the module's ``STORAGE_MODE``
-(agentMount by default), installed from the charts when the module sets ``INSTALLED = True``.
+(agentMount by default; s3: with MinIO), installed from the charts when the module sets ``INSTALLED = True``.
 Skips with the reason when this machine cannot run it (not root, no containerd, no CRIU, no kubelet)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_snapshot.devcluster import minio
 from dynamo_snapshot.devcluster.scenarios import Flow
 from dynamo_snapshot.devcluster.stack import SnapshotStack, missing
 
@@ -22,6 +23,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if reason:
         pytest.skip(f"the end-to-end flow needs a real node: {reason}")
     mode = getattr(request.module, "STORAGE_MODE", "agentMount")
+    if mode == "s3" and (reason := minio.missing()):
+        pytest.skip(f"the object-storage flow needs MinIO: {reason}")
     install = getattr(request.module, "INSTALLED", False)
     # The node tests' counter (it can hold an io_uring, which CRIU cannot dump) rides along in the image.
     extra = {"/opt/workloads/counter.py": WORKLOADS / "counter.py"}

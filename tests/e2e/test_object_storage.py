@@ -1,0 +1,47 @@
+"""Object storage on the local stack, all real: MinIO on loopback as the storage (``storage.type: s3`` for the
+operator and the agent). A CPU worker is checkpointed into the bucket - the manifest, the commit point, is the
+last object written - and a DGD's worker is restored from the bucket, with the node-local copy gone first."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from dynamo_snapshot.api import names
+from dynamo_snapshot.devcluster.scenarios import Flow, checkpoint_manifest, component_selector, dgd_manifest
+from dynamo_snapshot.devcluster.stack import S3_BUCKET, S3_PREFIX
+
+pytestmark = pytest.mark.e2e
+
+STORAGE_MODE = "s3"
+
+
+def test_a_worker_checkpointed_into_the_bucket_is_restored_from_it(flow: Flow):
+    stack = flow.stack
+    assert stack.minio is not None
+    run = flow.create_checkpoint(checkpoint_manifest("to-bucket"))
+    ckpt = stack.get("dckpt", "to-bucket")
+    assert ckpt["status"]["storageType"] == "s3"
+    assert ckpt["status"]["location"] == f"s3://{S3_BUCKET}/{S3_PREFIX}/{run.checkpoint_id}"
+    source = stack.get("pod", run.source_pod)
+    assert source["metadata"]["annotations"][names.ANN_STORAGE_TYPE] == "s3"
+    assert not any("persistentVolumeClaim" in v for v in source["spec"]["volumes"])  # no PVC anywhere
+
+    version = f"{S3_PREFIX}/{run.checkpoint_id}/versions/1/"
+    objects = {key.removeprefix(version): (modified, size)
+               for key, modified, size in stack.minio.list_objects(S3_BUCKET, version)}
+    assert names.MANIFEST_FILE in objects and names.MANIFEST_MAC_FILE in objects
+    assert any(key.startswith("pages-") for key in objects)
+    assert sum(size for _, size in objects.values()) >= run.artifact_bytes > 0
+    last = objects.pop(names.MANIFEST_FILE)[0]  # ISO 8601 in UTC: ordered as text
+    assert all(modified <= last for modified, _ in objects.values()), "the manifest must be written last"
+
+    shutil.rmtree(stack.objects / run.checkpoint_id)  # the restore must come from the bucket
+    started = time.time()
+    stack.apply(dgd_manifest("from-bucket", replicas=1, checkpoint_ref="to-bucket"))
+    (restored,) = flow.wait_restored(component_selector("from-bucket"), 1, started)
+    assert restored.instance == run.instance and restored.heap_ok
+    assert "fetch" in restored.stages  # the pipeline's object-storage stage ran
+    assert (stack.objects / run.checkpoint_id / "versions" / "1" / names.MANIFEST_FILE).is_file()
