@@ -52,6 +52,7 @@ from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 from dynamo_snapshot.agent.artifact.private import PrivateImages
+from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.state import CudaState
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
@@ -118,17 +119,20 @@ class _Run:
         self.touched = False  # the target was changed (root filesystem, /dev/shm, CRIU): a failure kills it
         self.keyring = request.keyring or authn.default_keyring()
 
-    async def verify(self, dest: Destination) -> tuple[dict[str, Any], CudaState]:
+    async def here(self) -> artifact.Compatibility:
         node = await self.cuda.node_state()
-        here = artifact.Compatibility.of_this_node(
+        return artifact.Compatibility.of_this_node(
             await anyio.to_thread.run_sync(self.bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
-        wanted, threads, remote = self.request.checkpoint_id, self.request.io_threads, self.request.remote
-        if remote is not None:
-            await self.stages.enter(Stage.FETCH)
-            base, version = self.request.base_path, self.request.artifact_version
-            self.stored = await remote.fetch(base, wanted, version, self.keyring, here)
-            self.stages.leave(Stage.FETCH)
+
+    async def fetch(self, here: artifact.Compatibility, remote: ObjectStorage) -> None:
+        """Object storage: the version downloaded, verified, into the node-local base (a complete copy is used)."""
+        request = self.request
+        self.stored = await remote.fetch(request.base_path, request.checkpoint_id, request.artifact_version,
+                                         self.keyring, here)
+
+    async def verify(self, dest: Destination, here: artifact.Compatibility) -> tuple[dict[str, Any], CudaState]:
+        wanted, threads = self.request.checkpoint_id, self.request.io_threads
         manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.stored, wanted, here, self.keyring)
         self.private = await anyio.to_thread.run_sync(nodecache.restore_images, self.request.cache, self.stored,
                                                       manifest, self.request.artifact_version,
@@ -179,8 +183,13 @@ class _Run:
 
     async def stages_after_resolve(self, dest: Destination) -> tuple[dict[str, Any], int]:
         enter, leave = self.stages.enter, self.stages.leave
+        here = await self.here()
+        if self.request.remote is not None:
+            await enter(Stage.FETCH)
+            await self.fetch(here, self.request.remote)
+            leave(Stage.FETCH)
         await enter(Stage.VERIFY)
-        manifest, recorded = await self.verify(dest)
+        manifest, recorded = await self.verify(dest, here)
         leave(Stage.VERIFY)
 
         checked = self.request.overlap and not self.cached
