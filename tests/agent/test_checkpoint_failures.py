@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
@@ -57,9 +58,11 @@ def _guards_running(freezer: Freezer) -> bool:
     return False
 
 
-def _kill_pipeline_at(node: harness.Node, workload: harness.Workload, base: Path, stage: Stage) -> None:
+def _kill_pipeline_at(node: harness.Node, workload: harness.Workload, base: Path, stage: Stage,
+                      config: Path | None = None) -> None:
     driver = subprocess.Popen(
-        [sys.executable, str(DRIVER), node.socket, workload.container_id, str(base), CHECKPOINT_ID, stage.value],
+        [sys.executable, str(DRIVER), node.socket, workload.container_id, str(base), CHECKPOINT_ID, stage.value,
+         *([str(config)] if config else [])],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parent,
@@ -74,14 +77,19 @@ def _kill_pipeline_at(node: harness.Node, workload: harness.Workload, base: Path
 
 @pytest.mark.parametrize("stage", list(Stage), ids=lambda s: s.value)
 def test_killing_the_pipeline_leaves_no_promoted_checkpoint_and_no_frozen_workload(
-    node: harness.Node, pods: harness.Pods, tmp_path: Path, stage: Stage
+    node: harness.Node, pods: harness.Pods, tmp_path: Path, stage: Stage, request: pytest.FixtureRequest
 ) -> None:
+    config = None
+    if stage is Stage.UPLOAD:  # only with object storage: a real MinIO
+        server, bucket = request.getfixturevalue("minio_server"), request.getfixturevalue("bucket")
+        config = tmp_path / "agent.yaml"
+        config.write_text(yaml.safe_dump({"storage": server.agent_storage(bucket, "p", tmp_path / "s3-keys")}))
     workload = pods.counter(heap_mib=16)
     freezer = Freezer.of_process(node.info(workload.container_id).pid)
     base = tmp_path / "checkpoints"
     layout = artifact_layout.ArtifactLayout(base, CHECKPOINT_ID)
 
-    _kill_pipeline_at(node, workload, base, stage)
+    _kill_pipeline_at(node, workload, base, stage, config)
     harness.wait_for(lambda: not _guards_running(freezer), 30, "the checkpoint guard to finish")
 
     if stage is Stage.RELEASE:  # killed after the promotion: the checkpoint is whole
