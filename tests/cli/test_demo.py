@@ -27,3 +27,15 @@ def test_without_a_node_the_demo_says_why_and_shows_the_control_plane(monkeypatc
     assert "the node part of the flow cannot run here: needs root (containerd, runc and the kubelet run as root)" in out
     assert "legacy identity hash (the checkpoint ID the operator resolves): " in out
     assert "stopping the local control plane" in out
+
+
+def test_demo_s3_without_minio_says_how_to_build_it(monkeypatch, tmp_path, capsys):
+    from dynamo_snapshot.cli.main import build_parser
+    from dynamo_snapshot.devcluster import minio
+
+    assert build_parser().parse_args(["demo", "--s3"]).s3 is True
+    monkeypatch.setattr(stack, "missing", lambda: None)
+    monkeypatch.setattr(minio, "missing", lambda: "no MinIO binary at /x: run hack/build-minio.sh")
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: None)
+    assert demo.run_demo(keep=False, workdir=str(tmp_path / "demo"), storage="s3") == 2
+    assert "error: --s3: no MinIO binary at /x: run hack/build-minio.sh" in capsys.readouterr().out
