@@ -68,3 +68,22 @@ def test_a_restore_left_in_progress_for_the_running_container_is_interrupted():
 def test_pod_mount_storage_path_comes_from_the_pod_when_it_says():
     obj = pod(source=True, annotations={names.ANN_STORAGE_BASE_PATH: "/data/ckpts"})
     assert podwork.work_for(obj)[0].base_path == "/data/ckpts"
+
+
+def test_a_pod_for_other_storage_than_the_agent_has_is_refused_naming_both(tmp_path):
+    import anyio
+
+    from dynamo_snapshot.agent.artifact import authn
+    from dynamo_snapshot.agent.errors import CheckpointError, RestoreError
+    from dynamo_snapshot.agent.service.nodeops import CriuNode
+
+    (work,) = podwork.work_for(pod(source=True, annotations={names.ANN_STORAGE_TYPE: "s3"}))
+    (restore,) = podwork.work_for(pod(source=False, annotations={names.ANN_STORAGE_TYPE: "s3"}))
+    assert work.storage_type == restore.storage_type == "s3"
+    authn.create_key(tmp_path / "keys", "k1")
+    node = CriuNode(None, None, None, None, keyring=authn.Keyring.from_directory(tmp_path / "keys"))  # a pvc agent
+    refusal = r"pod ns/p is for s3 storage .* but this agent's storage.type is pvc: set the operator's"
+    with pytest.raises(CheckpointError, match=refusal):
+        anyio.run(node.checkpoint, work, None)
+    with pytest.raises(RestoreError, match=refusal):
+        anyio.run(node.restore, restore)

@@ -31,6 +31,7 @@ from dynamo_snapshot.agent.pipeline.containers import ContainerTarget, Placehold
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from dynamo_snapshot.agent.service.config import RestoreSettings
 from dynamo_snapshot.agent.service.podwork import CheckpointWork, RestoreWork
+from dynamo_snapshot.api import names
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +106,16 @@ class CriuNode:
             error = RestoreError if placeholder else CheckpointError
             raise error(f"container {work.container_id} {why}; refused")
 
+    def _check_storage_type(self, work: CheckpointWork | RestoreWork, error: type[Exception]) -> None:
+        """The operator and this agent agree on where checkpoints are (pvc or s3), or the pod is refused."""
+        mine = names.STORAGE_TYPE_S3 if self.remote is not None else names.STORAGE_TYPE_PVC
+        if work.storage_type and work.storage_type != mine:
+            raise error(f"pod {work.pod} is for {work.storage_type} storage ({names.ANN_STORAGE_TYPE}) but this "
+                        f"agent's storage.type is {mine}: set the operator's checkpoint.storage.type and the "
+                        "snapshot chart's storage.type alike")
+
     async def checkpoint(self, work: CheckpointWork, hooks: Hooks) -> ckpt.CheckpointResult:
+        self._check_storage_type(work, CheckpointError)
         info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
         await self._check_owned(work, info, placeholder=False)
         async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
@@ -115,6 +125,7 @@ class CriuNode:
             return await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
 
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
+        self._check_storage_type(work, RestoreError)
         info = await self.cri.container_info(work.container_id)  # the one lookup, handed down
         await self._check_owned(work, info, placeholder=True)
         async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:

@@ -12,7 +12,7 @@ Pure functions over plain dicts: the daemon feeds them from its informer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dynamo_snapshot.api import names
@@ -38,6 +38,8 @@ class _ContainerWork:
     checkpoint_id: str
     artifact_version: str
     base_path: str | None  # where the operator says the pod mounts storage (podMount), if it says
+    # the operator's storage type for this pod (pvc or s3), if it says: an agent configured otherwise refuses
+    storage_type: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,10 @@ def _ref(pod: dict[str, Any]) -> PodRef:
     return PodRef(meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", ""))
 
 
+def storage_type(pod: dict[str, Any]) -> str | None:
+    return ((_meta(pod).get("annotations") or {}).get(names.ANN_STORAGE_TYPE)) or None
+
+
 def _common(pod: dict[str, Any]) -> tuple[str, str, str | None]:
     annotations = _meta(pod).get("annotations") or {}
     return (
@@ -179,7 +185,7 @@ def source_of(pod: dict[str, Any]) -> CheckpointWork | None:
     return CheckpointWork(pod=_ref(pod), container=targets[0],
                           container_id=running_container_id(pod, targets[0]) or "",
                           checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
-                          job=job[0], job_uid=job[1],
+                          storage_type=storage_type(pod), job=job[0], job_uid=job[1],
                           container_spec=_container_spec(pod.get("spec") or {}, targets[0]))
 
 
@@ -214,7 +220,7 @@ def restore_work(pod: dict[str, Any]) -> list[RestoreWork]:
             refused = annotations.get(names.restore_message_annotation(container)) or "refused by the agent"
         found.append(RestoreWork(pod=_ref(pod), container=container, container_id=container_id,
                                  checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
-                                 interrupted=interrupted, refused=refused,
+                                 storage_type=storage_type(pod), interrupted=interrupted, refused=refused,
                                  falls_back_cold=_falls_back_cold((pod.get("spec") or {}), container)))
     return found
 
