@@ -269,7 +269,7 @@ def test_s3_storage_configures_the_agent_for_the_bucket_with_the_secret_and_moun
         "AWS_SECRET_ACCESS_KEY": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"},
         "AWS_SESSION_TOKEN": {"name": "s3-creds", "key": "AWS_SESSION_TOKEN", "optional": True}}
     # What the chart renders is what the agent accepts, and means the bucket, prefix and endpoint given.
-    (tmp_path / "config.yaml").write_text(only(objects, "ConfigMap")["data"]["config.yaml"])
+    (tmp_path / "config.yaml").write_text(agent_config_map(objects)["data"]["config.yaml"])
     s3 = agent_config.load(tmp_path / "config.yaml").storage.s3
     assert s3 is not None and (s3.bucket, s3.prefix, s3.endpoint, s3.force_path_style) == (
         "ckpts", "fleet/a", "https://minio.storage:9000", True)
