@@ -11,15 +11,10 @@ HELM_VERSION="${HELM_VERSION:-3.19.5}"
 CACHE="${DYNAMO_SNAPSHOT_CACHE:-$HOME/.cache/dynamo-snapshot}"
 OUT="$CACHE/bin/helm-$HELM_VERSION"
 
-say() { printf '[build-helm] %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-if [ -x "$OUT/helm" ]; then say "cached: $OUT/helm"; echo "$OUT/helm"; exit 0; fi
-command -v go >/dev/null || die "Go is not installed (need go >= 1.24 on PATH to build helm v$HELM_VERSION)"
-
-say "resolving helm.sh/helm/v3 v$HELM_VERSION from $(go env GOPROXY)"
-go mod download -json "helm.sh/helm/v3@v$HELM_VERSION" >/dev/null \
-  || die "the Go module proxy did not serve helm.sh/helm/v3@v$HELM_VERSION (set HELM_VERSION to one it has)"
+NAME=helm
+. "$(dirname "${BASH_SOURCE[0]}")/go-tool.sh"
+go_tool_cached
+go_tool_resolve "helm.sh/helm/v3@v$HELM_VERSION"
 modfile="$(go env GOMODCACHE)/cache/download/helm.sh/helm/v3/@v/v$HELM_VERSION.mod"
 
 # helm's own Makefile stamps its version and the Kubernetes version `helm template`/`helm lint` assume
@@ -31,15 +26,5 @@ for pkg in pkg/lint/rules pkg/chartutil; do
   ldflags+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$k8s_minor"
 done
 
-# go install writes into GOBIN; build into a scratch dir and move into place only when it succeeded, so an
-# interrupted build never leaves a half-written binary that the cache check would accept.
-tmp="$(mktemp -d "${TMPDIR:-/tmp}/build-helm.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
-say "go install helm v$HELM_VERSION (several minutes on 2 cores; downloads modules on the first run)"
-start=$SECONDS
-CGO_ENABLED=0 GOBIN="$tmp" go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" \
-  || die "go install helm.sh/helm/v3/cmd/helm@v$HELM_VERSION failed (see the Go output above)"
-mkdir -p "$OUT"
-mv "$tmp/helm" "$OUT/helm"
-say "built helm v$HELM_VERSION in $((SECONDS - start))s: $("$OUT/helm" version --short 2>/dev/null || echo '?')"
-echo "$OUT/helm"
+go_tool_install "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" "$ldflags" \
+  "several minutes on 2 cores; downloads modules on the first run"

@@ -13,15 +13,10 @@ MINIO_VERSION="${MINIO_VERSION:-v0.0.0-20260212201848-7aac2a2c5b7c}"
 CACHE="${DYNAMO_SNAPSHOT_CACHE:-$HOME/.cache/dynamo-snapshot}"
 OUT="$CACHE/bin/minio-$MINIO_VERSION"
 
-say() { printf '[build-minio] %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-if [ -x "$OUT/minio" ]; then say "cached: $OUT/minio"; echo "$OUT/minio"; exit 0; fi
-command -v go >/dev/null || die "Go is not installed (need go >= 1.24 on PATH to build minio $MINIO_VERSION)"
-
-say "resolving github.com/minio/minio $MINIO_VERSION from $(go env GOPROXY)"
-go mod download -json "github.com/minio/minio@$MINIO_VERSION" >/dev/null \
-  || die "the Go module proxy did not serve github.com/minio/minio@$MINIO_VERSION (set MINIO_VERSION to one it has)"
+NAME=minio
+. "$(dirname "${BASH_SOURCE[0]}")/go-tool.sh"
+go_tool_cached
+go_tool_resolve "github.com/minio/minio@$MINIO_VERSION"
 
 # MinIO's own build stamps these; without them `minio --version` says DEVELOPMENT.GOGET.
 stamp="${MINIO_VERSION#v0.0.0-}"           # 20260212201848-7aac2a2c5b7c
@@ -31,16 +26,5 @@ tag="DEVELOPMENT.${when:0:4}-${when:4:2}-${when:6:2}T${when:8:2}-${when:10:2}-${
 pkg="github.com/minio/minio/cmd"
 ldflags="-s -w -X $pkg.Version=$iso -X $pkg.ReleaseTag=$tag -X $pkg.CommitID=$commit -X $pkg.ShortCommitID=$commit"
 
-# go install writes into GOBIN; build into a scratch dir and move into place only when it succeeded, so an
-# interrupted build never leaves a half-written binary that the cache check would accept.
-tmp="$(mktemp -d "${TMPDIR:-/tmp}/build-minio.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
-say "go install minio $MINIO_VERSION (about 5 minutes cold on 2 cores; downloads modules on the first run)"
-start=$SECONDS
-GOFLAGS=-mod=mod CGO_ENABLED=0 GOBIN="$tmp" go install -trimpath -ldflags "$ldflags" "github.com/minio/minio@$MINIO_VERSION" \
-  || die "go install github.com/minio/minio@$MINIO_VERSION failed (see the Go output above)"
-mkdir -p "$OUT"
-mv "$tmp/minio" "$OUT/minio.tmp"
-mv "$OUT/minio.tmp" "$OUT/minio"
-say "built minio $MINIO_VERSION in $((SECONDS - start))s: $("$OUT/minio" --version 2>/dev/null | head -1 || echo '?')"
-echo "$OUT/minio"
+GOFLAGS=-mod=mod go_tool_install "github.com/minio/minio@$MINIO_VERSION" "$ldflags" \
+  "about 5 minutes cold on 2 cores; downloads modules on the first run"
