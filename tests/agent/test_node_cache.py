@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from dynamo_snapshot.agent.artifact import authn, copies
-from dynamo_snapshot.agent.artifact.nodecache import RECORD, NodeCache, NodeCacheError, NodeCacheFull
+from dynamo_snapshot.agent.artifact.cachefiles import RECORD
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache, NodeCacheError, NodeCacheFull
 from dynamo_snapshot.agent.errors import ArtifactInvalid
 
 KiB = 1024

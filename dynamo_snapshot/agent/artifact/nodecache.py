@@ -3,12 +3,9 @@ node (local NVMe, the agent's only), within a byte budget, so that a restore rea
 
     fill      one version from storage: room made first (least recently used entries that no restore
               pins are evicted until it fits the budget, else it is refused before a byte is written);
-              into a temporary directory, every listed file opened without following a link, a regular
-              file of its listed size (``copies.py``), then ``manifest.json`` (its bytes' SHA-256 must be
-              the authenticated one's) and its MAC; every digest verified on the copy
-              (``verification.verify_digests``); files and directory synced; the completion record
-              written last; one rename into place. Any failure (a tampered or truncated source, a full
-              disk) removes the temporary directory: nothing half-written is ever used
+              written and verified into a temporary directory (``cachefiles.py``), then one rename into
+              place. Any failure (a tampered or truncated source, a full disk) removes the temporary
+              directory: nothing half-written is ever used
     use       an entry is read only when complete and bound to the manifest the restore authenticated from
               storage (the SHA-256 of that manifest's bytes equals the one recorded); a use pins it
     evict     least recently used first, never a pinned entry
@@ -35,10 +32,7 @@ import contextlib
 import errno
 import hashlib
 import itertools
-import json
 import os
-import re
-import shutil
 import threading
 import time
 import uuid
@@ -50,20 +44,13 @@ from typing import Any
 
 import structlog
 
-from dynamo_snapshot.agent.artifact import authn, copies
+from dynamo_snapshot.agent.artifact import authn, cachefiles, copies
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact.manifest import default_io_threads
 from dynamo_snapshot.agent.artifact.private import PrivateImages
-from dynamo_snapshot.agent.artifact.verification import verify_digests
 from dynamo_snapshot.agent.errors import AgentError, ArtifactInvalid
 
 log = structlog.get_logger(__name__)
-
-RECORD = "COMPLETE"
-PARTIAL = ".partial"
-_SIDECARS = ((authn.MANIFEST, authn.MAX_MANIFEST_BYTES), (authn.MAC_FILE, authn.MAX_MAC_BYTES))
-_HEX = re.compile(r"^[0-9a-f]{64}$")
-
 
 class NodeCacheError(AgentError):
     """The node cache could not take a version (full disk, no room within the budget, I/O error)."""
@@ -116,38 +103,6 @@ class Pinned:
             self._cache._unpin(self._entry)
 
 
-def _listed_bytes(manifest: dict[str, Any]) -> int:
-    return sum(int(entry["size"]) for entry in manifest.get("files") or [])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, copies.DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or not path.is_dir():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads((path / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not _HEX.match(str(record.get("manifestSha256"))):
-        return None
-    if record.get("checkpointID") != path.parent.name or record.get("version") != path.name:
-        return None
-    return record if isinstance(record.get("bytes"), int) else None
-
-
 class NodeCache:
     def __init__(self, root: Path, budget_bytes: int, io_threads: int | None = None):
         if budget_bytes <= 0:
@@ -173,16 +128,16 @@ class NodeCache:
         os.chmod(self.root, 0o700)
         found: list[tuple[float, _Entry]] = []
         for child in sorted(self.root.iterdir()):
-            if child.name == PARTIAL or child.is_symlink() or not child.is_dir():
-                _remove(child)
+            if child.name == cachefiles.PARTIAL or child.is_symlink() or not child.is_dir():
+                cachefiles.remove(child)
                 continue
             for version in sorted(child.iterdir()):
-                record = _read_record(version) if version.is_dir() and not version.is_symlink() else None
+                record = cachefiles.read_record(version) if version.is_dir() and not version.is_symlink() else None
                 if record is None:
                     log.info("removing an incomplete node cache entry", path=str(version))
-                    _remove(version)
+                    cachefiles.remove(version)
                     continue
-                mtime = (version / RECORD).stat().st_mtime
+                mtime = (version / cachefiles.RECORD).stat().st_mtime
                 found.append((mtime, _Entry(child.name, version.name, version, record["bytes"],
                                             record["manifestSha256"], mtime, 0)))
             with contextlib.suppress(OSError):
@@ -190,7 +145,7 @@ class NodeCache:
         for _, entry in sorted(found, key=lambda pair: pair[0]):
             entry.order = next(self._tick)
             self._entries[(entry.checkpoint_id, entry.version)] = entry
-        (self.root / PARTIAL).mkdir(mode=0o700)
+        (self.root / cachefiles.PARTIAL).mkdir(mode=0o700)
         with self._lock:
             gone = self._evict_for(0)  # the budget may have shrunk since
         for entry in gone:
@@ -198,7 +153,7 @@ class NodeCache:
 
     def _remove_entry(self, path: Path) -> None:
         """An entry's files (outside the lock), then its checkpoint's directory if that is left empty."""
-        _remove(path)
+        cachefiles.remove(path)
         with self._lock, contextlib.suppress(OSError):  # under the lock: a commit may be making it
             path.parent.rmdir()
 
@@ -220,7 +175,7 @@ class NodeCache:
         pinned = Pinned(self, entry)
         try:
             ok = hashlib.sha256((entry.path / authn.MANIFEST).read_bytes()).hexdigest() == wanted
-            os.utime(entry.path / RECORD)  # the order survives a restart
+            os.utime(entry.path / cachefiles.RECORD)  # the order survives a restart
         except OSError:
             ok = False
         if not ok:
@@ -365,13 +320,13 @@ class NodeCache:
     def _fill(self, checkpoint_id: str, version: str, dir_fd: int, where: Path, manifest: dict[str, Any],
               sha256: str) -> CacheEntry | None:
         key = (checkpoint_id, version)
-        sidecars = [(name, copies.open_regular(dir_fd, name, where), limit) for name, limit in _SIDECARS]
+        sidecars = [(name, copies.open_regular(dir_fd, name, where), limit) for name, limit in cachefiles.SIDECARS]
         try:
             sizes = {name: os.fstat(fd).st_size for name, fd, _ in sidecars}
             for name, _, limit in sidecars:
                 if sizes[name] > limit:
                     raise ArtifactInvalid(f"{where / name} is larger than the {limit} bytes an agent reads")
-            need = _listed_bytes(manifest) + sum(sizes.values())
+            need = cachefiles.listed_bytes(manifest) + sum(sizes.values())
             with self._lock:
                 drops = self._drops.get(checkpoint_id, 0)
             if not self._reserve(key, need, sha256):
@@ -389,51 +344,21 @@ class NodeCache:
     def _copy_in(self, key: tuple[str, str], dir_fd: int, where: Path, manifest: dict[str, Any], sha256: str,
                  sidecars: list[tuple[str, int, int]], sizes: dict[str, int], need: int,
                  drops: int) -> CacheEntry | None:
-        tmp = self.root / PARTIAL / uuid.uuid4().hex
+        tmp = self.root / cachefiles.PARTIAL / uuid.uuid4().hex
         try:
             tmp.mkdir(mode=0o700)
-            self._copy_files(tmp, dir_fd, where, manifest)
-            for name, fd, _ in sidecars:
-                copies.copy_exact(fd, tmp / name, sizes[name], where / name, sync=True)
-            try:
-                verify_digests(tmp, manifest, io_threads=self.io_threads)
-            except ArtifactInvalid as exc:  # name the stored file, not the copy
-                raise ArtifactInvalid(str(exc).replace(str(tmp), str(where))) from None
-            if hashlib.sha256((tmp / authn.MANIFEST).read_bytes()).hexdigest() != sha256:
-                raise ArtifactInvalid(f"{where / authn.MANIFEST} changed since the restore authenticated it; "
-                                      "nothing is cached from it")
             record = {"checkpointID": key[0], "version": key[1], "manifestSha256": sha256, "bytes": need}
-            fd = os.open(tmp / RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(json.dumps(record))
-                out.flush()
-                os.fsync(out.fileno())
-            _fsync_dir(tmp)
+            cachefiles.write_version(tmp, dir_fd, where, manifest, sidecars, sizes, record,
+                                io_threads=self.io_threads, stopping=self._stopping)
             return self._commit(key, tmp, need, sha256, drops)
+        except cachefiles.Stopping:
+            raise NodeCacheError(f"node cache {self.root}: the agent is stopping; nothing was cached") from None
         except OSError as exc:
             full = " (the cache disk is full)" if exc.errno == errno.ENOSPC else ""
             raise NodeCacheError(f"node cache {self.root}: filling {key[0]} version {key[1]} failed{full}: "
                                  f"{exc.strerror or exc}; nothing was cached") from exc
         finally:
-            _remove(tmp)  # gone by now when committed
-
-    def _copy_files(self, tmp: Path, dir_fd: int, where: Path, manifest: dict[str, Any]) -> None:
-        jobs = [(str(e["path"]), int(e["size"])) for e in manifest.get("files") or []]
-        for rel, _ in jobs:
-            (tmp / rel).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-        def copy(job: tuple[str, int]) -> None:
-            if self._stopping.is_set():
-                raise NodeCacheError(f"node cache {self.root}: the agent is stopping; nothing was cached")
-            rel, size = job
-            src = copies.open_regular(dir_fd, rel, where)
-            try:
-                copies.copy_exact(src, tmp / rel, size, where / rel, sync=True)
-            finally:
-                os.close(src)
-
-        with ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="node-cache-copy") as pool:
-            list(pool.map(copy, jobs))
+            cachefiles.remove(tmp)  # gone by now when committed
 
     def _commit(self, key: tuple[str, str], tmp: Path, need: int, sha256: str, drops: int) -> CacheEntry | None:
         with self._lock:
@@ -445,7 +370,7 @@ class NodeCache:
             parent.mkdir(mode=0o700, exist_ok=True)
             final = parent / key[1]
             os.rename(tmp, final)  # fails if something is there: the index said nothing was
-            _fsync_dir(parent)
+            cachefiles.fsync_dir(parent)
             entry = _Entry(key[0], key[1], final, need, sha256, time.time(), next(self._tick))
             self._entries[key] = entry
         log.info("node cache filled", checkpoint_id=key[0], version=key[1], bytes=need)
