@@ -15,6 +15,7 @@ from dynamo_snapshot.api import (
     Malformed,
     Phase,
     Service,
+    ServiceCheckpoint,
     StartupPolicy,
 )
 from dynamo_snapshot.controllers.checkpoint.ids import MissingAutoCheckpointID, artifact_version, resolve_checkpoint_id
@@ -139,6 +140,16 @@ def plan_component(
                              "identity to be set")
         return plan
 
+    _restore_or_wait(plan, component, name, checkpoint_id, ckpt, template, target, storage, settings)
+    return plan
+
+
+
+def _restore_or_wait(plan: ComponentPlan, component: str, name: str, checkpoint_id: str,
+                     ckpt: DynamoCheckpoint | None, template: dict[str, Any], target: str,
+                     storage: Storage | None, settings: ServiceCheckpoint) -> None:
+    """The checkpoint's part of ``plan``: a restore-shaped template once it is Ready, else (with
+    ``WaitForCheckpoint``) no replicas and why."""
     phase = ckpt.status.phase if ckpt is not None else None
     ready = phase is Phase.READY
     plan.checkpoint_status = ComponentCheckpointStatus(checkpoint_name=name, checkpoint_id=checkpoint_id,
@@ -162,5 +173,3 @@ def plan_component(
             plan.waiting = f"{component}: waiting for a DynamoCheckpoint with checkpoint ID {checkpoint_id}"
         else:
             plan.waiting = f"{component}: waiting for checkpoint {name} to become Ready"
-    return plan
-
