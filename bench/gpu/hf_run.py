@@ -163,13 +163,15 @@ class HfBench(Bench):
         return True
 
     def restore_once(self, name: str, drop: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
+        env = dict(env or {})
+        io_threads = int(env.pop("io_threads", self.args.io_threads))  # a setting of the pipeline, not of CRIU
         page_cache = drop_caches([self.model, self.base]) if drop else "warm (read by the run before)"
         saved = {key: os.environ.get(key) for key in env or {}}
         os.environ.update(env or {})  # CRIU inherits it (the patched CRIU's DYNAMO_CRIU_RESTORE_* settings)
         started = time.perf_counter()
         try:
             done = anyio.run(lambda: tree.restore_tree(self.base, CHECKPOINT, self.bundle, DriverCuda(),
-                                                       self.settings, io_threads=self.args.io_threads, overlap=True))
+                                                       self.settings, io_threads=io_threads, overlap=True))
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -182,7 +184,7 @@ class HfBench(Bench):
         state = request({"cmd": "state"})
         answered = time.perf_counter()
         kill_and_reap(done.pid)
-        result = {"page_cache": page_cache, "dropped": drop, "env": env or {}, "io_threads": self.args.io_threads,
+        result = {"page_cache": page_cache, "dropped": drop, "env": env, "io_threads": io_threads,
                   "seconds": done.seconds,
                   "pipeline_s": restored - started, "restore_to_serving_s": serving - started,
                   "restore_to_first_state_s": answered - started, "state_generate_s": state.get("generate_s"),
@@ -269,8 +271,9 @@ def table(results: dict[str, Any]) -> str:
     for name, r in results.get("restores", {}).items():
         dropped = r.get("dropped", name == "dropped")
         label = "restore, page cache dropped" if dropped else "restore, image in page cache"
-        if r.get("env"):
-            label += " (" + " ".join(f"{k}={v}" for k, v in r["env"].items()) + ")"
+        if r.get("env") or r.get("io_threads") != 16:
+            settings = [f"{k}={v}" for k, v in r.get("env", {}).items()] + [f"verifier threads {r.get('io_threads')}"]
+            label += " (" + " ".join(settings) + ")"
         if "error" in r:
             lines.append(f"| {label} | failed | {r['error'][-300:]!r} | | | | |")
             continue
@@ -312,7 +315,8 @@ def main() -> None:
     parser.add_argument("--write-probe-gib", type=int, default=4)
     parser.add_argument("--budget", type=float, default=530.0, help="seconds for the whole run (timeouts)")
     parser.add_argument("--variant", dest="variants", action="append", type=variant, default=[],
-                        help="NAME:dropped|warm[:KEY=VALUE,...] a restore to run (repeatable); default: "
+                        help="NAME:dropped|warm[:KEY=VALUE,...] a restore to run (repeatable; io_threads=N sets the "
+                             "pipeline's readers, other keys CRIU's environment); default: "
                              "dropped:dropped and warm:warm. dropped: with the page cache dropped first")
     args = parser.parse_args()
     args.variants = args.variants or [("dropped", True, {}), ("warm", False, {})]
