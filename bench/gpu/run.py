@@ -503,7 +503,7 @@ def table(results: dict[str, Any]) -> str:
         f"pinned H2D {h2d:.1f} GB/s; weights {weights / 1e9:.2f} GB",
         f"cold start to ready: {cold:.1f} s" if cold else "cold start: not measured",
         "",
-        "| restore | image GB | CUDA ckpt s | CRIU dump s | verify s | CRIU restore s | pages verified during CRIU s "
+        "| restore | image GB | CUDA ckpt s | CRIU dump s | verify s | CRIU restore s | pages verified in memory after CRIU s "
         "| CUDA restore s | reload s | restore->ready s | bytes read GB | SoL s | x SoL | x faster than cold |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -521,7 +521,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {image / 1e9:.2f} | {ck['seconds'].get('cuda', 0):.2f} | {ck['seconds'].get('dump', 0):.2f} "
             f"| {r['seconds'].get('verify', 0):.2f} | {r['seconds'].get('criu', 0):.2f} "
-            f"| {r['seconds'].get('verify-pages', 0):.2f} "
+            f"| {r['seconds'].get('verify-memory', 0):.2f} "
             f"| {r['seconds'].get('cuda', 0):.2f} "
             f"| {reload:.2f} | {ready:.2f} | {read / 1e9:.2f} | {sol:.2f} | {ready / sol:.2f} "
             f"| {(cold / ready) if cold else 0:.1f} |"

@@ -43,7 +43,7 @@ TreeCheckpoint = ckpt.CheckpointResult
 class TreeRestore:
     pid: int
     manifest: dict[str, Any]
-    seconds: dict[str, float]  # per stage, and the background page check's ``verify-pages``
+    seconds: dict[str, float]  # per stage (``verify-memory``: the page data), and ``prefetch-pages`` beside them
     log_path: Path
     prefetch: Prefetch | None = None  # still reading in the background: .wait() for its result
     gpu_pairs: list[tuple[str, str]] = field(default_factory=list)
@@ -84,8 +84,9 @@ async def restore_tree(
     remote: ObjectStorage | None = None,
 ) -> TreeRestore:
     """The restore pipeline onto this host. ``overlap``: CRIU starts once everything it parses is
-    verified, the page data is verified meanwhile (tasks held stopped until it passed); without it,
-    everything is verified first. ``prefetch``: files read into the page cache after the image."""
+    verified, the page data read ahead meanwhile and verified in the restored memory (tasks held
+    stopped until it passed); without it, the page data is also verified on storage first.
+    ``prefetch``: files read into the page cache after the image."""
     request = rst.RestoreRequest(checkpoint_id, base, work_dir=work_dir, io_threads=io_threads, keyring=keyring,
                                  prefetch_threads=prefetch_threads, prefetch=tuple(prefetch), overlap=overlap,
                                  remote=remote)

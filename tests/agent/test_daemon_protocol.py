@@ -104,7 +104,7 @@ def checkpoint_result() -> CheckpointResult:
 
 def restore_result() -> RestoreResult:
     return RestoreResult(workload_pid=1000, host_pid=1, manifest={}, log_path=Path("/x/restore.log"),
-                         seconds={"criu": 0.1}, background_seconds={"verify-pages": 0.2})
+                         seconds={"criu": 0.1}, background_seconds={"prefetch-pages": 0.2})
 
 
 class Harness:
@@ -464,7 +464,7 @@ async def test_restore_annotations_say_in_progress_then_completed(harness):
     assert after[names.restore_container_id_annotation("main")] == "c-restore"
     assert [e["reason"] for e in await harness.events("restore")] == ["Restored"]
     # where a restore's time went, for the node's dashboards
-    for stage, seconds in (("criu", 0.1), ("verify-pages", 0.2)):
+    for stage, seconds in (("criu", 0.1), ("prefetch-pages", 0.2)):
         labels = {"operation": "restore", "stage": stage}
         assert harness.registry.get_sample_value("snapshot_agent_stage_duration_seconds_sum", labels) >= seconds
 

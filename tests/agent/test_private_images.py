@@ -15,10 +15,12 @@ import pytest
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import private
 from dynamo_snapshot.agent.artifact.private import PrivateImages
+from dynamo_snapshot.agent.container.memimages import PE_PRESENT
 from dynamo_snapshot.agent.errors import ArtifactInvalid
 from dynamo_snapshot.agent.pipeline import restore as rst
 from dynamo_snapshot.agent.pipeline.containers import PlaceholderTarget
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
+from tests.agent import criu_images as img
 from tests.agent import node_harness as harness
 
 CHECKPOINT_ID = "swapped"
@@ -70,14 +72,19 @@ def _version(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, dict]:
     return version, {"files": entries}
 
 
-def test_the_parsed_files_are_copied_and_the_page_data_linked(tmp_path: Path) -> None:
-    version, manifest = _version(tmp_path, {"core-1.img": b"core", "pages-1.img": b"pages" * 1000})
+def test_the_parsed_files_are_copied_a_process_page_data_linked_and_shared_memory_copied(tmp_path: Path) -> None:
+    version, manifest = _version(tmp_path, {
+        "core-1.img": img.core(), "pstree.img": img.pstree((1, [1])),
+        "pagemap-1.img": img.pagemap(1, (0x1000, 1, PE_PRESENT)), "pages-1.img": b"p" * 4096,
+        "pagemap-shmem-9.img": img.pagemap(2, (0, 1, PE_PRESENT)), "pages-2.img": b"s" * 4096})
     images = PrivateImages.prepare(version, manifest, tmp_path / "private")
     try:
         assert not (images.path / "core-1.img").is_symlink()
-        assert (images.path / "core-1.img").read_bytes() == b"core"
-        assert (images.path / "pages-1.img").is_symlink()
-        assert (images.path / "pages-1.img").read_bytes() == b"pages" * 1000
+        assert (images.path / "core-1.img").read_bytes() == img.core()
+        assert (images.path / "pages-1.img").is_symlink()  # checked in the restored memory (memcheck)
+        assert (images.path / "pages-1.img").read_bytes() == b"p" * 4096
+        assert not (images.path / "pages-2.img").is_symlink()  # no one process holds it: a verified copy
+        assert images.layout.shared == frozenset({"pages-2.img"})
         assert not os.readlink(images.path / "pages-1.img").startswith("/")  # resolved from CRIU's side too
         assert oct((tmp_path / "private").stat().st_mode & 0o777) == "0o700"
     finally:

@@ -8,18 +8,20 @@ data) is copied - opened without following a link, a regular file of the listed 
 on the node that only the agent can reach, and its digest is checked on that copy: what was verified is
 what is read, and the credential check reads the same copies.
 
-The raw page data (``pages-<n>.img``, most of the bytes) is not copied: a relative link in the private
-directory names the stored file (up to the agent's root, then its path there: it resolves the same from
-CRIU's restored tasks, which run in the placeholder's mount namespace but open images through the
-directory's descriptor), and its digests are checked in the background as before, the restored tasks
-held stopped until they pass. What stays open there: a writer that rewrites a page file after the
-background check read it and before CRIU does controls that workload's memory (within the credentials
-already checked). A restore from the node cache (``nodecache.py``) closes that: it reads every file, the
-page data included, from a complete copy verified when it was cached, and no private copy is made
-(docs/security.md). The open/copy helpers are shared with the cache (``copies.py``).
+The raw page data of each process (``pages-<n>.img`` named by a ``pagemap-<pid>.img``, most of the
+bytes) is not copied: a relative link in the private directory names the stored file (up to the agent's
+root, then its path there: it resolves the same from CRIU's restored tasks, which run in the
+placeholder's mount namespace but open images through the directory's descriptor), and its digests are
+checked where CRIU put it, in the restored memory, the tasks held stopped until they pass
+(``memcheck.py``): whatever storage showed CRIU, what runs is what was signed. The page files of shared
+memory (``layout.shared``: no one process holds them at one address) are copied and verified like the
+parsed files. A restore from the node cache (``nodecache.py``) reads every file, the page data included,
+from a complete copy verified when it was cached, and no private copy is made (docs/security.md). The
+open/copy helpers are shared with the cache (``copies.py``).
 
     images = PrivateImages.prepare(version_dir, manifest, root)   # copies; digests of the copies
     images.path                                                     # for CRIU and the agent
+    images.layout                                                   # where each page file lands
     images.close()                                                  # removes the copies
 """
 
@@ -36,6 +38,7 @@ from typing import Any
 from dynamo_snapshot.agent.artifact import copies
 from dynamo_snapshot.agent.artifact.manifest import default_io_threads
 from dynamo_snapshot.agent.artifact.verification import is_page_data, verify_digests
+from dynamo_snapshot.agent.container import memimages
 from dynamo_snapshot.agent.errors import ArtifactInvalid
 
 DEFAULT_ROOT = Path("/var/lib/dynamo-snapshot/restore")
@@ -52,6 +55,7 @@ class PrivateImages:
     def __init__(self, path: Path, storage_fd: int):
         self.path = path
         self._storage_fd = storage_fd
+        self.layout = memimages.PageLayout((), frozenset())
 
     @classmethod
     def prepare(cls, version: Path, manifest: dict[str, Any], root: Path = DEFAULT_ROOT,
@@ -71,16 +75,23 @@ class PrivateImages:
         return images
 
     def _fill(self, version: Path, manifest: dict[str, Any], threads: int) -> None:
-        jobs = []
-        for entry in manifest.get("files") or []:
-            rel = str(entry["path"])
+        files = {str(entry["path"]): int(entry["size"]) for entry in manifest.get("files") or []}
+        for rel in files:
             (self.path / rel).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if is_page_data(rel):
+        self._copy(version, manifest, {rel: size for rel, size in files.items() if not is_page_data(rel)}, threads)
+        try:
+            self.layout = memimages.read_layout(self.path, [rel for rel in files if is_page_data(rel)])
+        except (ValueError, OSError) as exc:
+            raise ArtifactInvalid(f"{version}: {exc}".replace(str(self.path), str(version))) from None
+        shared = {rel: size for rel, size in files.items() if rel in self.layout.shared}
+        self._copy(version, manifest, shared, threads)
+        for rel in files:
+            if is_page_data(rel) and rel not in shared:
                 os.close(copies.open_regular(self._storage_fd, rel, version))  # a regular file, now
                 os.symlink(_from_root(self.path / rel, version / rel), self.path / rel)
-            else:
-                jobs.append((rel, int(entry["size"])))
 
+    def _copy(self, version: Path, manifest: dict[str, Any], files: dict[str, int], threads: int) -> None:
+        """Copy ``files`` (path -> size) from storage, then check their digests on the copies."""
         def copy(job: tuple[str, int]) -> None:
             rel, size = job
             src = copies.open_regular(self._storage_fd, rel, version)
@@ -90,9 +101,9 @@ class PrivateImages:
                 os.close(src)
 
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="private-copy") as pool:
-            list(pool.map(copy, jobs))
+            list(pool.map(copy, files.items()))
         try:
-            verify_digests(self.path, manifest, lambda rel: not is_page_data(rel), threads)
+            verify_digests(self.path, manifest, lambda rel: rel in files, threads)
         except ArtifactInvalid as exc:  # name the stored file, not the private copy
             raise ArtifactInvalid(str(exc).replace(str(self.path), str(version))) from None
 

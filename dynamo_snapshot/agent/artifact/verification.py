@@ -4,7 +4,7 @@
                      size, nothing unlisted (cheap; before any byte is trusted)
     verify_digests   the SHA-256 of every byte the selector picks, ``io_threads`` readers in parallel:
                      first what CRIU and the agent parse (``is_parsed``), then, possibly while CRIU
-                     runs, the raw page data (``is_page_data``, see ``pagecheck.py``)
+                     runs, the raw page data (``is_page_data``; a restore checks it in memory: ``memcheck.py``)
 
 A check that must pass before the manifest is parsed belongs before ``read_manifest`` in
 ``verify_listing``.

@@ -20,15 +20,13 @@ Anything more is refused, naming the thread, the field and both values.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynamo_snapshot.agent.container.criuimage import CORE_MAGIC, fields, ints, one, records
 from dynamo_snapshot.agent.errors import ArtifactInvalid, RestoreExceedsPrivilege
 from dynamo_snapshot.agent.host import procfs
 
-IMG_COMMON_MAGIC = 0x54564319
-CORE_MAGIC = 0x55053847
 MAX_CORE_BYTES = 4 << 20  # one thread's registers, signals, creds: a few KiB
 CAP_SETGID, CAP_SETUID = 6, 7
 
@@ -36,80 +34,6 @@ CAP_SETGID, CAP_SETUID = 6, 7
 _THREAD_CORE, _CREDS, _SECCOMP = 5, 10, 11
 _UIDS, _GIDS = (1, 3, 5, 7), (2, 4, 6, 8)  # uid, euid, suid, fsuid / gid, egid, sgid, fsgid
 _CAP_INH, _CAP_PRM, _CAP_EFF, _CAP_BND, _SECBITS, _GROUPS, _NO_NEW_PRIVS, _CAP_AMB = 9, 10, 11, 12, 13, 14, 18, 19
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def fields(message: bytes) -> dict[int, list[int | bytes]]:
-    """The fields of one protobuf message: number -> values (varints as ints, length-delimited as bytes;
-    packed repeated varints are left as bytes, see ``ints``)."""
-    out: dict[int, list[int | bytes]] = {}
-    pos = 0
-    while pos < len(message):
-        key, pos = _varint(message, pos)
-        number, wire = key >> 3, key & 7
-        value: int | bytes
-        if wire == 0:
-            value, pos = _varint(message, pos)
-        elif wire == 1:
-            value, pos = int.from_bytes(message[pos : pos + 8], "little"), pos + 8
-        elif wire == 5:
-            value, pos = int.from_bytes(message[pos : pos + 4], "little"), pos + 4
-        elif wire == 2:
-            length, pos = _varint(message, pos)
-            value, pos = message[pos : pos + length], pos + length
-        else:
-            raise ValueError(f"unsupported wire type {wire} for field {number}")
-        if pos > len(message):
-            raise ValueError(f"field {number} runs past the end of the message")
-        out.setdefault(number, []).append(value)
-    return out
-
-
-def ints(values: list[int | bytes]) -> list[int]:
-    """A repeated varint field, packed or not."""
-    result: list[int] = []
-    for value in values:
-        if isinstance(value, int):
-            result.append(value)
-            continue
-        pos = 0
-        while pos < len(value):
-            number, pos = _varint(value, pos)
-            result.append(number)
-    return result
-
-
-def records(image: bytes) -> list[bytes]:
-    """The messages of a CRIU image with the given magic: u32 common magic, u32 image magic, then
-    (u32 length, message) records."""
-    if len(image) < 8:
-        raise ValueError("shorter than CRIU's image header")
-    common, magic = struct.unpack_from("<II", image)
-    if common != IMG_COMMON_MAGIC or magic != CORE_MAGIC:
-        raise ValueError(f"magic {common:#x} {magic:#x} is not a CRIU core image")
-    out, pos = [], 8
-    while pos < len(image):
-        if pos + 4 > len(image):
-            raise ValueError("truncated record length")
-        (length,) = struct.unpack_from("<I", image, pos)
-        pos += 4
-        if pos + length > len(image):
-            raise ValueError("record runs past the end of the image")
-        out.append(image[pos : pos + length])
-        pos += length
-    return out
 
 
 @dataclass(frozen=True)
@@ -130,14 +54,9 @@ def _caps(words: list[int]) -> int:
     return sum((w & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(words))
 
 
-def _one(found: dict[int, list[int | bytes]], number: int, default: int = 0) -> int:
-    values = ints(found.get(number, []))
-    return values[-1] if values else default
-
-
 def core_creds(image: bytes) -> Creds:
     """The credentials of the thread a ``core-<tid>.img`` holds."""
-    entry = fields(records(image)[0])
+    entry = fields(records(image, CORE_MAGIC, "core")[0])
     thread = entry.get(_THREAD_CORE)
     if not thread or not isinstance(thread[-1], bytes):
         raise ValueError("no thread_core record")
@@ -147,16 +66,16 @@ def core_creds(image: bytes) -> Creds:
         raise ValueError("no creds in thread_core")
     c = fields(creds[-1])
     return Creds(
-        uids=tuple(_one(c, n) for n in _UIDS),
-        gids=tuple(_one(c, n) for n in _GIDS),
+        uids=tuple(one(c, n) for n in _UIDS),
+        gids=tuple(one(c, n) for n in _GIDS),
         groups=tuple(ints(c.get(_GROUPS, []))),
         cap_inh=_caps(ints(c.get(_CAP_INH, []))),
         cap_prm=_caps(ints(c.get(_CAP_PRM, []))),
         cap_eff=_caps(ints(c.get(_CAP_EFF, []))),
         cap_bnd=_caps(ints(c.get(_CAP_BND, []))),
         cap_amb=_caps(ints(c.get(_CAP_AMB, []))),
-        no_new_privs=bool(_one(c, _NO_NEW_PRIVS)),
-        seccomp=_one(core, _SECCOMP),
+        no_new_privs=bool(one(c, _NO_NEW_PRIVS)),
+        seccomp=one(core, _SECCOMP),
     )
 
 

@@ -8,19 +8,22 @@
               data copied to the agent's private directory and the SHA-256 of the copies checked (what
               CRIU and the agent parse is what was verified: ``artifact/private.py``); the target's own
               checks (the placeholder has the checkpoint's mounts); the GPUs the target can see cover
-              the checkpoint's. The page data (most of the bytes) is verified from here on in the
-              background by parallel readers, ahead of CRIU's reads (``overlap``; without it every byte
-              is verified here). With a node cache (``artifact/nodecache.py``) holding this version
-              bound to the authenticated manifest, everything is read from that pinned entry instead,
-              and the page data needs no check (verified when cached, agent-private); after a restore
-              from storage the cache is filled in the background
+              the checkpoint's. The page data (most of the bytes) is read ahead of CRIU from here on
+              by parallel readers and verified after CRIU, in the restored memory
+              (``artifact/memcheck.py``; without ``overlap`` it is also verified on storage here). With
+              a node cache (``artifact/nodecache.py``) holding this version bound to the authenticated
+              manifest, everything is read from that pinned entry instead, and the page data needs no
+              check (verified when cached, agent-private); after a restore from storage the cache is
+              filled in the background
     pids      the checkpoint's PIDs: reserved in the placeholder's namespace, or free on the host
     rootfs    delete what the workload had deleted, then extract rootfs-diff.tar (confined)
     dev-shm   refill /dev/shm from dev-shm.tar
     criu      CRIU restores the subtree with its PIDs, in the target's namespaces; its tasks stay
-              stopped (``--leave-stopped``) until every page byte has passed, then get SIGCONT. Once
-              the page data is verified, the declared files (``rereadAfterRestore``, the worker's
-              weights, and any the caller names) are read into the page cache in the background
+              stopped (``--leave-stopped``). Once the page data is read, the declared files
+              (``rereadAfterRestore``, the worker's weights, and any the caller names) are read into
+              the page cache in the background
+    verify-memory  every page byte CRIU copied into the held tasks' memory checked against its digest
+              there (``artifact/memcheck.py``; nothing to do for a node-cache hit), then SIGCONT
     cuda      restore GPU state and unlock (no-op without CUDA)
     signal    restore-complete, naming the restored workload's PID, into the control directory
     (after)   old restore logs are pruned (best effort)
@@ -49,7 +52,7 @@ from dynamo_snapshot import lifecycle
 from dynamo_snapshot.agent.artifact import authn, beneath, nodecache, private, verification
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
-from dynamo_snapshot.agent.artifact.pagecheck import PageCheck, Verified
+from dynamo_snapshot.agent.artifact.memcheck import MemoryCheck, Verified
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 from dynamo_snapshot.agent.artifact.private import PrivateImages
 from dynamo_snapshot.agent.artifact.remote import ObjectStorage
@@ -72,7 +75,7 @@ class RestoreRequest(Request):
     work_dir: Path | None = None  # CRIU's restore.log and pidfile; default <base>/<id>/restores/<target's name>
     prefetch_threads: int = 8  # 0: no prefetch
     prefetch: Sequence[Path] = ()  # files to read ahead besides the declared ones
-    overlap: bool = True  # verify the page data while CRIU runs (tasks held stopped until it passed)
+    overlap: bool = True  # start CRIU before the page data is verified (False: verified on storage first too)
     private_root: Path = private.DEFAULT_ROOT  # node-local, the agent's only: the copies of the parsed files
     cache: nodecache.NodeCache | None = None  # read a complete cached copy; after a restore from storage, fill it
 
@@ -85,6 +88,7 @@ class Stage(enum.StrEnum):
     ROOTFS = "rootfs"
     DEV_SHM = "dev-shm"
     CRIU = "criu"
+    VERIFY_MEMORY = "verify-memory"
     CUDA = "cuda"
     SIGNAL = "signal"
 
@@ -115,7 +119,7 @@ class _Run:
         self.warm: Prefetch | None = None
         self.host_pid: int | None = None
         self.work_dir: Path | None = None
-        self.pages: PageCheck | Verified = Verified()
+        self.pages: MemoryCheck | Verified = Verified()
         self.touched = False  # the target was changed (root filesystem, /dev/shm, CRIU): a failure kills it
         self.keyring = request.keyring or authn.default_keyring()
 
@@ -165,21 +169,22 @@ class _Run:
         self.warm = Prefetch(files, threads=request.prefetch_threads, root=dest.prefetch_root)
         return self.warm
 
-    async def criu(self, dest: Destination, manifest: dict[str, Any], pages: PageCheck | Verified) -> int:
+    async def criu(self, dest: Destination, manifest: dict[str, Any]) -> int:
         assert self.work_dir is not None
-        pages.check()
         beneath.make_dirs(self.request.base_path, self.work_dir)  # <id>/restores/<name>, never through a link
-        held = ["--leave-stopped"] if self.request.overlap else []
-        await dest.run_criu(self.bundle, self.images, self.work_dir, manifest, self.settings, held)
+        await dest.run_criu(self.bundle, self.images, self.work_dir, manifest, self.settings, ["--leave-stopped"])
         workload_pid = int((self.work_dir / PIDFILE).read_text())
         self.host_pid = dest.host_pid(workload_pid)
         if self.host_pid is None:
             raise RestoreError(f"restored workload PID {workload_pid} is not running in {dest.name}")
-        await pages.result()  # a bad page kills the target, and the stopped tasks with it
-        if self.request.overlap:
-            for member in procfs.process_tree(self.host_pid):  # every byte verified: let the restored tasks run
-                os.kill(member, signal.SIGCONT)
         return workload_pid
+
+    async def verify_memory(self, dest: Destination) -> None:
+        """The page data checked in the restored memory; only then do the held tasks run."""
+        assert self.host_pid is not None
+        await self.pages.result(dest.host_pid)  # a bad page kills the target, and the stopped tasks with it
+        for member in procfs.process_tree(self.host_pid):
+            os.kill(member, signal.SIGCONT)
 
     async def stages_after_resolve(self, dest: Destination) -> tuple[dict[str, Any], int]:
         enter, leave = self.stages.enter, self.stages.leave
@@ -192,8 +197,9 @@ class _Run:
         manifest, recorded = await self.verify(dest, here)
         leave(Stage.VERIFY)
 
-        checked = self.request.overlap and not self.cached
-        pages = PageCheck(self.pages_dir, manifest, self.request.io_threads) if checked else Verified()
+        pages: MemoryCheck | Verified = Verified()
+        if isinstance(self.private, PrivateImages):  # not from the node cache: checked in memory after CRIU
+            pages = MemoryCheck(self.pages_dir, self.private.layout, manifest, self.request.io_threads)
         self.pages = pages
         async with lifecycle.background() as group:
             group.start_soon(pages.run)
@@ -215,8 +221,12 @@ class _Run:
                 group.start_soon(pages.then_prefetch, warm)
 
             await enter(Stage.CRIU)
-            workload_pid = await self.criu(dest, manifest, pages)
+            workload_pid = await self.criu(dest, manifest)
             leave(Stage.CRIU)
+
+            await enter(Stage.VERIFY_MEMORY)
+            await self.verify_memory(dest)
+            leave(Stage.VERIFY_MEMORY)
 
         await enter(Stage.CUDA)
         assert self.host_pid is not None
@@ -272,9 +282,9 @@ async def restore(target: RestoreTarget, request: RestoreRequest, bundle: criu.C
     if not run.cached:
         nodecache.fill_after_restore(request.cache, run.stored, manifest, request.artifact_version)
     assert run.host_pid is not None
-    background = {"verify-pages": run.pages.seconds}
+    background = {"prefetch-pages": run.pages.prefetch_seconds}
     bound.info("restored", workload_pid=workload_pid, seconds=run.stages.rounded(),
-               verify_pages_seconds=round(run.pages.seconds, 3))
+               verify_memory_seconds=round(run.pages.seconds, 3), verified_bytes=run.pages.checked_bytes)
     return RestoreResult(
         workload_pid=workload_pid,
         host_pid=run.host_pid,

@@ -36,7 +36,7 @@ class AgentMetrics:
         )
         self.stage_duration = Histogram(
             "snapshot_agent_stage_duration_seconds",
-            "Time of each stage of a completed checkpoint or restore (verify-pages runs beside the other restore "
+            "Time of each stage of a completed checkpoint or restore (prefetch-pages runs beside the other restore "
             "stages)",
             ["operation", "stage"],
             buckets=_SECONDS,
