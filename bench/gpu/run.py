@@ -503,7 +503,7 @@ def table(results: dict[str, Any]) -> str:
         f"pinned H2D {h2d:.1f} GB/s; weights {weights / 1e9:.2f} GB",
         f"cold start to ready: {cold:.1f} s" if cold else "cold start: not measured",
         "",
-        "| restore | image GB | CUDA ckpt s | CRIU dump s | verify s | CRIU restore s | pages verified in memory after CRIU s "
+        "| restore | image GB | CUDA ckpt s | CRIU dump s | verify s | CRIU restore s | pages verified in memory s "
         "| CUDA restore s | reload s | restore->ready s | bytes read GB | SoL s | x SoL | x faster than cold |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

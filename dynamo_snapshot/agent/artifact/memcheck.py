@@ -21,6 +21,8 @@ is killed. ``Verified`` is the null check (a node-cache hit: every byte verified
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import hashlib
 import os
 import threading
@@ -46,21 +48,24 @@ log = structlog.get_logger(__name__)
 
 def _pieces(process: ProcessPages, start: int, length: int) -> Iterator[tuple[int, int, int]]:
     """(file offset, address, length) runs of ``[start, start + length)`` of the process's page file."""
-    offset, end = 0, start + length
-    for span in process.spans:
+    end = start + length
+    i = max(0, bisect.bisect_right(process.offsets, start) - 1)
+    while i < len(process.spans) and process.offsets[i] < end:
+        offset, span = process.offsets[i], process.spans[i]
         lo, hi = max(start, offset), min(end, offset + span.length)
         if lo < hi:
             yield lo, span.vaddr + lo - offset, hi - lo
-        offset += span.length
-        if offset >= end:
-            return
+        i += 1
 
 
 def _split(address: int, length: int, kernel: tuple[tuple[int, int], ...]) -> Iterator[tuple[int, int, bool]]:
     """(address, length, from memory?) runs of one piece, the kernel's ranges cut out."""
     end = address + length
-    for lo, hi in kernel:
-        if hi <= address or lo >= end:
+    i = max(0, bisect.bisect_right(kernel, (address, address)) - 1)
+    for lo, hi in kernel[i:]:
+        if lo >= end:
+            break
+        if hi <= address:
             continue
         if lo > address:
             yield address, lo - address, True
@@ -71,41 +76,107 @@ def _split(address: int, length: int, kernel: tuple[tuple[int, int], ...]) -> It
         yield address, end - address, True
 
 
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.POINTER(_IOVec),
+                                   ctypes.c_ulong, ctypes.c_ulong]
+
+
 class _Reader:
-    """One thread's reads into a reused buffer, each run fed to the hash as it comes."""
+    """One thread's reads into a reused buffer, each run fed to the hash as it comes. Memory is read with
+    ``process_vm_readv`` (one lock of the address space per 4 MiB, where ``/proc/<pid>/mem`` takes it
+    per page: parallel readers of one process scale), and through ``/proc/<pid>/mem`` where that cannot
+    read (pages the process may not read itself, e.g. PROT_NONE)."""
 
     def __init__(self) -> None:
-        self.view = memoryview(bytearray(_READ))
+        self.buf = bytearray(_READ)
+        self.view = memoryview(self.buf)
+        self.local = _IOVec(ctypes.addressof(ctypes.c_char.from_buffer(self.buf)), _READ)
 
     def feed(self, h: Any, fd: int, offset: int, length: int, what: Callable[[], str]) -> None:
         done = 0
         while done < length:
-            want = min(_READ, length - done)
-            try:
-                n = os.preadv(fd, [self.view[:want]], offset + done)
-            except OSError as exc:
-                raise ArtifactInvalid(f"{what()} could not be read ({exc.strerror})") from None
-            if n <= 0:
-                raise ArtifactInvalid(f"{what()} ends {length - done} bytes short")
+            n = self._pread(fd, min(_READ, length - done), offset + done, what)
             h.update(self.view[:n])
             done += n
+
+    def gather(self, h: Any, pid: int, mem_fd: int, runs: list[tuple[int, int]], what: Callable[[int], str]) -> None:
+        """Hash the memory ``runs`` ((address, length), together at most the buffer, at most IOV_MAX of
+        them) in order: one ``process_vm_readv``; from where it stopped short, ``/proc/<pid>/mem``."""
+        while runs:
+            remote = (_IOVec * len(runs))(*(_IOVec(a, n) for a, n in runs))
+            self.local.len = total = sum(n for _, n in runs)
+            got = _libc.process_vm_readv(pid, ctypes.byref(self.local), 1, remote, len(runs), 0)
+            got = max(got, 0)
+            h.update(self.view[:got])
+            if got == total:
+                return
+            for k, (address, n) in enumerate(runs):  # the run it stopped in: the forced read, then the rest
+                if got < n:
+                    self.feed(h, mem_fd, address + got, n - got, lambda address=address: what(address))
+                    runs = runs[k + 1:]
+                    break
+                got -= n
+
+    def _pread(self, fd: int, want: int, offset: int, what: Callable[[], str]) -> int:
+        try:
+            n = os.preadv(fd, [self.view[:want]], offset)
+        except OSError as exc:
+            raise ArtifactInvalid(f"{what()} could not be read ({exc.strerror})") from None
+        if n <= 0:
+            raise ArtifactInvalid(f"{what()} ends {want} bytes short")
+        return n
 
 
 _readers = threading.local()
 
 
-def chunk_digest(process: ProcessPages, mem_fd: int, stored_fd: int, start: int, length: int) -> str:
-    """SHA-256 of bytes ``[start, start + length)`` of the process's page file, as restored in memory."""
-    reader = getattr(_readers, "reader", None) or _Reader()
-    _readers.reader = reader
+def _reader() -> _Reader:
+    reader = getattr(_readers, "reader", None)
+    if reader is None:
+        reader = _readers.reader = _Reader()
+    return reader
+
+
+_IOV_MAX = 1024
+
+
+def chunk_digest(process: ProcessPages, pid: int, mem_fd: int, stored_fd: int, start: int, length: int) -> str:
+    """SHA-256 of bytes ``[start, start + length)`` of the process's page file, as restored in memory
+    (``pid``: the restored process, ``mem_fd`` its ``/proc/<pid>/mem``). Memory runs are read in
+    batches (a fragmented heap is many short runs)."""
+    reader = _reader()
     h = hashlib.sha256()
+    batch: list[tuple[int, int]] = []
+    batched = 0
+
+    def what(address: int) -> str:
+        return f"restored memory of process {process.pid} at {address:#x}"
+
+    def flush() -> None:
+        nonlocal batch, batched
+        if batch:
+            reader.gather(h, pid, mem_fd, batch, what)
+        batch, batched = [], 0
+
     for offset, address, n in _pieces(process, start, length):
         for at, size, in_memory in _split(address, n, process.kernel):
-            if in_memory:
-                reader.feed(h, mem_fd, at, size,
-                            lambda at=at, size=size: f"restored memory of process {process.pid} at {at:#x} (+{size})")
-            else:
+            if not in_memory:
+                flush()
                 reader.feed(h, stored_fd, offset + at - address, size, lambda: f"stored {process.pages}")
+                continue
+            while size:
+                take = min(size, _READ - batched)
+                batch.append((at, take))
+                batched += take
+                at, size = at + take, size - take
+                if batched == _READ or len(batch) == _IOV_MAX:
+                    flush()
+    flush()
     return h.hexdigest()
 
 
@@ -122,8 +193,7 @@ def read_ahead(paths: list[Path], threads: int, stop: threading.Event) -> int:
 
         def read(job: tuple[int, int, int]) -> int:
             fd, start, n = job
-            reader = getattr(_readers, "reader", None) or _Reader()
-            _readers.reader = reader
+            reader = _reader()
             done = 0
             while done < n and not stop.is_set():
                 got = os.preadv(fd, [reader.view[: min(_READ, n - done)]], start + done)
@@ -154,7 +224,7 @@ def verify_memory(stored: Path, layout: PageLayout, manifest: dict[str, Any], ho
                   io_threads: int | None = None) -> int:
     """Check every process's page data in its restored memory; returns the bytes checked."""
     fds: list[int] = []
-    jobs: list[tuple[ProcessPages, int, int, int, int, str]] = []
+    jobs: list[tuple[ProcessPages, int, int, int, int, int, str]] = []
     try:
         for process in layout.processes:
             expected = _expected(manifest, process.pages)
@@ -166,11 +236,11 @@ def verify_memory(stored: Path, layout: PageLayout, manifest: dict[str, Any], ho
                 raise ArtifactInvalid(f"process {process.pid} of the checkpoint is not among the restored ones")
             fds.append(mem := os.open(procfs.proc(pid) / "mem", os.O_RDONLY | os.O_CLOEXEC))
             fds.append(src := os.open(stored / process.pages, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
-            jobs += [(process, mem, src, start, n, digest) for start, n, digest in expected if n]
+            jobs += [(process, pid, mem, src, start, n, digest) for start, n, digest in expected if n]
 
-        def check(job: tuple[ProcessPages, int, int, int, int, str]) -> None:
-            process, mem, src, start, n, want = job
-            got = chunk_digest(process, mem, src, start, n)
+        def check(job: tuple[ProcessPages, int, int, int, int, int, str]) -> None:
+            process, pid, mem, src, start, n, want = job
+            got = chunk_digest(process, pid, mem, src, start, n)
             if got != want:
                 raise ArtifactInvalid(
                     f"{stored / process.pages} bytes {start}-{start + n} as restored in process {process.pid}'s "
@@ -180,7 +250,7 @@ def verify_memory(stored: Path, layout: PageLayout, manifest: dict[str, Any], ho
         with ThreadPoolExecutor(max_workers=max(1, io_threads or default_io_threads()),
                                 thread_name_prefix="memcheck") as pool:
             list(pool.map(check, jobs))
-        return sum(job[4] for job in jobs)
+        return sum(job[5] for job in jobs)
     finally:
         for fd in fds:
             os.close(fd)

@@ -58,7 +58,15 @@ class ProcessPages:
     pid: int  # in the checkpoint's PID namespace
     pages: str  # the page file, relative to the images
     spans: tuple[Span, ...]
-    kernel: tuple[tuple[int, int], ...]  # [start, end) ranges whose restored bytes the kernel decides
+    kernel: tuple[tuple[int, int], ...]  # [start, end) ranges whose restored bytes the kernel decides, sorted
+    offsets: tuple[int, ...] = ()  # where each span starts in the page file
+
+    def __post_init__(self) -> None:
+        starts, at = [], 0
+        for span in self.spans:
+            starts.append(at)
+            at += span.length
+        object.__setattr__(self, "offsets", tuple(starts))
 
     @property
     def size(self) -> int:
@@ -101,7 +109,11 @@ def pagemap(path: Path) -> tuple[int, tuple[Span, ...]]:
             raise ValueError(f"{path} has pages in a parent image; an artifact is one complete dump")
         pages = one(entry, 5) if 5 in entry else one(entry, 2)
         if flags & PE_PRESENT and pages:
-            spans.append(Span(one(entry, 1), pages * PAGE_SIZE))
+            vaddr, length = one(entry, 1), pages * PAGE_SIZE
+            if spans and spans[-1].vaddr + spans[-1].length == vaddr:  # one run of memory and of the file
+                spans[-1] = Span(spans[-1].vaddr, spans[-1].length + length)
+            else:
+                spans.append(Span(vaddr, length))
     return one(head, 1), tuple(spans)
 
 
