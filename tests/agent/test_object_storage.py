@@ -270,3 +270,57 @@ def test_a_process_tree_checkpointed_into_the_bucket_restores_on_a_node_that_nev
         assert counting(count)
     finally:
         gone(restored.pid)
+
+
+def test_an_unconfirmed_commit_is_taken_back_whole_or_uncommitted_and_a_new_upload_lands(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    version = make_version(tmp_path / "pvc", keyring)
+    client = client_for(minio_server, bucket)
+    upload(client, version, keyring)
+    manifest = authn.open_manifest(version, keyring)
+    anyio.run(lambda: objectstore.withdraw_version(client, LOCATION, manifest))  # its confirmation failed
+    for rel in ("manifest.json", "manifest.json.mac", "pages-1.img", "sub/core-1.img"):
+        assert minio_server.head(f"/{bucket}/{LOCATION.key(rel)}")[0] == 404, rel
+    upload(client, version, keyring)  # a retry of the same version
+    # its agent died before the verdict: the next attempt only uncommits, then writes over the data
+    assert anyio.run(lambda: objectstore.uncommit(client, LOCATION)) is True
+    with pytest.raises(ArtifactInvalid, match=r"has no manifest.json: it is not a checkpoint"):
+        download(client, tmp_path / "cache", keyring)
+    assert anyio.run(lambda: objectstore.uncommit(client, LOCATION)) is False
+    upload(client, version, keyring)
+    assert _files(download(client, tmp_path / "cache", keyring)) == _files(version)
+
+
+def test_a_checkpoint_whose_confirmation_fails_leaves_nothing_committed_and_its_retry_lands(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    from dynamo_snapshot.agent import tree
+    from dynamo_snapshot.agent.artifact.remote import ObjectStorage
+    from dynamo_snapshot.agent.pipeline.hooks import Hooks
+    from tests.agent.test_tree_restore import gone, start_ticker
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CRIU)")
+    try:
+        bundle = criu.CriuBundle.locate()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+    class Refused(Hooks):
+        async def confirm(self, directory: Path) -> None:
+            raise CheckpointError("the Job could not be annotated (the API server said no)")
+
+    remote = ObjectStorage(client_for(minio_server, bucket), prefix="fleet/ckpts", concurrency=4)
+    settings = criu.CriuSettings(network_lock="skip")
+    committed = f"/{bucket}/fleet/ckpts/t4/versions/1/manifest.json"
+    proc, _ = start_ticker(tmp_path)
+    try:
+        with pytest.raises(CheckpointError, match="could not be annotated"):
+            anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "node-a", "t4", bundle, settings=settings,
+                                                   keyring=keyring, remote=remote, hooks=Refused()))
+        assert minio_server.head(committed)[0] == 404  # withdrawn with the local version
+        stored = anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "node-a", "t4", bundle,
+                                                        settings=settings, keyring=keyring, remote=remote))
+        assert minio_server.head(committed)[0] == 200
+        assert stored.directory.exists()
+    finally:
+        gone(proc.pid)

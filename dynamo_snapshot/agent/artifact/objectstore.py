@@ -68,6 +68,7 @@ class ObjectClient(Protocol):
     async def exists(self, key: str) -> bool: ...
     async def put_bytes(self, key: str, data: bytes, create_only: bool = False) -> None: ...
     async def put_file(self, key: str, path: Path) -> None: ...
+    async def delete(self, key: str) -> None: ...  # a missing object is no error
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,29 @@ async def upload_version(client: ObjectClient, directory: Path, location: Locati
     await client.put_bytes(location.key(MAC_FILE), (directory / MAC_FILE).read_bytes())
     await client.put_bytes(location.key(MANIFEST), (directory / MANIFEST).read_bytes(), create_only=True)
     return manifest
+
+
+async def uncommit(client: ObjectClient, location: Location) -> bool:
+    """Take back the commit of a version that was never confirmed: the manifest (the commit point), then
+    its MAC; the data objects stay, not restorable, until an upload writes over them. Returns whether
+    there was a commit. Only an attempt holding the checkpoint's Lease for a Job without a verdict calls
+    it (nothing vouches for such a version, and nothing restored from it: restores need the verdict)."""
+    committed = await client.exists(location.key(MANIFEST))
+    await client.delete(location.key(MANIFEST))
+    await client.delete(location.key(MAC_FILE))
+    return committed
+
+
+async def withdraw_version(client: ObjectClient, location: Location, manifest: dict[str, Any]) -> None:
+    """Take back a committed version whose confirmation failed: ``uncommit`` (the manifest first, so no
+    reader ever sees the version half gone), then every file the manifest lists (keys inside the
+    version's prefix)."""
+    await uncommit(client, location)
+    keys = [location.key(safe_rel(str(e.get("path", "")), client.url(location.key(MANIFEST))))
+            for e in manifest.get("files") or []]
+    async with _together() as tg:
+        for key in keys:
+            tg.start_soon(client.delete, key)
 
 
 async def _fetch_manifest(client: ObjectClient, location: Location, staging: Path,

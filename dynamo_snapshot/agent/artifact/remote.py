@@ -46,6 +46,14 @@ class ObjectStorage:
         location = self.location(checkpoint_id, artifact_version)
         return await objectstore.upload_version(self.client, directory, location, keyring, self.concurrency)
 
+    async def uncommit(self, checkpoint_id: str, artifact_version: str) -> bool:
+        """An unconfirmed commit an earlier attempt left taken back: ``objectstore.uncommit``."""
+        return await objectstore.uncommit(self.client, self.location(checkpoint_id, artifact_version))
+
+    async def withdraw(self, checkpoint_id: str, artifact_version: str, manifest: dict[str, Any]) -> None:
+        """The version's commit taken back (it was never confirmed): ``objectstore.withdraw_version``."""
+        await objectstore.withdraw_version(self.client, self.location(checkpoint_id, artifact_version), manifest)
+
     async def fetch(self, base: Path, checkpoint_id: str, artifact_version: str, keyring: authn.Keyring,
                     here: Compatibility) -> Path:
         location = self.location(checkpoint_id, artifact_version)

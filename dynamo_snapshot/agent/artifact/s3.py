@@ -179,3 +179,10 @@ class S3Client:
                                     max_concurrency=self.settings.part_concurrency)
         except FAILED as err:
             raise self._error(f"uploading {path} to", key, err) from err
+
+    async def delete(self, key: str) -> None:
+        try:
+            await obstore.delete_async(self.store, key)
+        except FAILED as err:
+            if not self._missing(err):
+                raise self._error("deleting", key, err) from err

@@ -156,9 +156,33 @@ class _Run:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await guard.not_confirmed()
+                await self.withdraw_upload(manifest)
             raise
         leave(Stage.CONFIRM)
         return final, manifest
+
+    async def withdraw_upload(self, manifest: dict[str, Any]) -> None:
+        """A version whose confirmation failed is taken back out of the bucket too (best effort: a later
+        attempt uncommits what is left, ``uncommit_earlier``)."""
+        request = self.request
+        if request.remote is None:
+            return
+        try:
+            await request.remote.withdraw(request.checkpoint_id, request.artifact_version, manifest)
+        except (OSError, AgentError) as exc:
+            self.bound.warning("could not withdraw the unconfirmed upload; the next attempt will",
+                               location=request.remote.describe(request.checkpoint_id, request.artifact_version),
+                               error=str(exc))
+
+    async def uncommit_earlier(self) -> None:
+        """An earlier attempt's commit in the bucket, never confirmed (its agent died, or its withdrawal
+        failed), taken back as the local version is (``layout.withdraw_unconfirmed``)."""
+        request = self.request
+        if request.remote is not None and await request.remote.uncommit(request.checkpoint_id,
+                                                                         request.artifact_version):
+            self.bound.warning("withdrew an unconfirmed commit an earlier attempt left in the bucket; "
+                               "uploading afresh",
+                               location=request.remote.describe(request.checkpoint_id, request.artifact_version))
 
     async def release(self, source: Source, guard: Guard) -> bool:
         """The checkpoint is stored and confirmed: a failure here only costs the workload (killed)."""
@@ -194,6 +218,7 @@ async def checkpoint(target: CheckpointTarget, request: CheckpointRequest, bundl
     if await anyio.to_thread.run_sync(run.layout.withdraw_unconfirmed):
         bound.warning("withdrew an unconfirmed version an earlier attempt left; dumping afresh",
                       directory=str(run.layout.final_dir))
+    await run.uncommit_earlier()
     staging = run.layout.new_staging()
     run.stages.leave(Stage.RESOLVE)
 
