@@ -7,7 +7,8 @@
               artifact is one complete dump
     kernel    address ranges whose restored bytes the kernel decides, not CRIU's copy of the image:
               the vDSO (the running kernel's own is put in its place, or a proxy of it), AIO rings
-              (recreated by the kernel), each thread's rseq area (the kernel writes the CPU numbers
+              (recreated by the kernel), shadow stacks (CRIU rebuilds them with the CPU's restore
+              tokens), each thread's rseq area (the kernel writes the CPU numbers
               the moment the thread is scheduled); from ``mm-<pid>.img`` and ``core-<tid>.img``
     shared    every other ``pages-<id>.img`` (shared anonymous memory and memfd contents, named by
               ``pagemap-shmem-<id>.img``): not in one process at one address, so not checked in memory
@@ -40,7 +41,7 @@ PAGE_SIZE = 4096  # CRIU's PAGE_SIZE on x86-64 and the 4 KiB arm64 kernels it du
 MAX_IMAGE_BYTES = 256 << 20  # a pagemap of a fragmented 100 GB process is a few MiB
 
 PE_PARENT, PE_LAZY, PE_PRESENT = 1 << 0, 1 << 1, 1 << 2
-VMA_AREA_VDSO, VMA_AREA_AIORING = 1 << 3, 1 << 13
+VMA_AREA_VDSO, VMA_AREA_AIORING, VMA_AREA_SHSTK = 1 << 3, 1 << 13, 1 << 15
 
 _PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
 
@@ -118,14 +119,14 @@ def pagemap(path: Path) -> tuple[int, tuple[Span, ...]]:
 
 
 def kernel_ranges(images: Path, pid: int, threads: list[int]) -> list[tuple[int, int]]:
-    """The vDSO and AIO rings of the process, and the rseq area of each of its threads."""
+    """The vDSO, AIO rings and shadow stacks of the process, and the rseq area of each of its threads."""
     ranges: list[tuple[int, int]] = []
     mm = images / f"mm-{pid}.img"
     if mm.exists():
         entry = _image(mm, MM_MAGIC, "mm")[0]
         for raw in entry.get(14, []):
             vma = fields(raw) if isinstance(raw, bytes) else {}
-            if one(vma, 7) & (VMA_AREA_VDSO | VMA_AREA_AIORING):
+            if one(vma, 7) & (VMA_AREA_VDSO | VMA_AREA_AIORING | VMA_AREA_SHSTK):
                 ranges.append((one(vma, 1), one(vma, 2)))
     for tid in threads:
         core = images / f"core-{tid}.img"
