@@ -9,10 +9,11 @@ MADV_HUGEPAGE on it), (2) ``criu dump`` it once, (3) ``criu restore -d`` the sam
 per configuration, the configurations taking turns, the page image read into the page cache before
 each restore and the restored process killed after it, and (4) print one row per workload and
 configuration: the median and the best wall time of ``criu restore``, and the patch's own log line of
-the median run (bytes, threads, ms of the parallel fill). Configurations: the stock binary
-(hack/build-criu.sh with CRIU_PATCHES=none, when built), the patched binary with
-DYNAMO_CRIU_RESTORE_THREADS=0 (its stock path), 1 and --threads readers, and --threads readers with
-DYNAMO_CRIU_RESTORE_THP=force. Needs root and the patched CRIU (hack/build-criu.sh).
+the median run (bytes, threads, ms of the parallel fill) with how much of the restored memory is in
+huge pages (``AnonHugePages``: 0002-dynamo-thp-alignment.patch keeps them through the restorer's
+mremap). Configurations: the stock binary (hack/build-criu.sh with CRIU_PATCHES=none, when built),
+the patched binary with DYNAMO_CRIU_RESTORE_THREADS=0 (its stock path), 1 and --threads readers,
+and --threads readers with DYNAMO_CRIU_RESTORE_THP=force. Needs root and the patched CRIU (hack/build-criu.sh).
 """
 
 from __future__ import annotations
@@ -109,14 +110,23 @@ def restore(config: Config, images: Path, pid: int, run: int) -> tuple[float, st
     log = f"restore-{config.name.replace(' ', '_')}-{run}.log"
     warm(images)
     seconds = run_criu(config.bundle, ["restore", "-d", "-D", str(images), "-v4", "-o", log], config.env)
+    huge = huge_mib(pid)
     os.kill(pid, signal.SIGKILL)
     wait_gone(pid)
     match = LOGGED.search((images / log).read_text())
     if not match:
-        return seconds, "stock path"
+        return seconds, f"stock path; {huge} MiB in huge pages after it"
     nbytes, threads, ms = (int(g) for g in match.groups())
     rate = nbytes / 1e3 / ms if ms else float("inf")
-    return seconds, f"{nbytes >> 20} MiB by {threads} threads in {ms} ms ({rate:.0f} MB/s)"
+    return seconds, f"{nbytes >> 20} MiB by {threads} threads in {ms} ms ({rate:.0f} MB/s); {huge} MiB in huge pages"
+
+
+def huge_mib(pid: int) -> int:
+    """The restored process's anonymous memory in transparent huge pages (smaps_rollup)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) >> 10
+    return 0
 
 
 def configs(threads: int) -> list[Config]:
