@@ -4,10 +4,12 @@
               the resolved source is handed down to every later stage)
     cuda      lock and checkpoint the subtree's CUDA processes (no-op without CUDA)
     freeze    freeze the container's cgroup (a tree: nothing, CRIU stops it)
-    dump      CRIU dump of the subtree; ``dump-running`` is heard once CRIU's process runs
+    dump      CRIU dump of the subtree; ``dump-running`` is heard once CRIU's process runs; meanwhile
+              the page images are digested as CRIU appends to them (``artifact/following.py``)
     rootfs    overlay upper dir -> rootfs-diff.tar + deleted-files.json (still frozen; a tree: none)
     dev-shm   /dev/shm contents -> dev-shm.tar (still frozen; a tree: none)
-    manifest  every file's size and SHA-256, written last (``target.manifest_fields``)
+    manifest  every file's size and SHA-256, written last (``target.manifest_fields``): the page
+              images' digests from the dump stage where nothing doubts them, every other file hashed here
     promote   one rename from versions/tmp/<uuid> to versions/<artifactVersion>
     upload    (object storage only: ``request.remote``) the promoted version into the bucket, the manifest
               last; still frozen, so a failure here is undone like any other before the confirmation
@@ -36,7 +38,7 @@ from typing import Any
 import anyio
 import structlog
 
-from dynamo_snapshot.agent.artifact import authn, layout
+from dynamo_snapshot.agent.artifact import authn, following, layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
@@ -51,6 +53,7 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class CheckpointRequest(Request):
     release: bool = True  # give the source its GPU state back (False: left CUDA-checkpointed)
+    digest_during_dump: bool = True  # hash the page images while CRIU writes them (False: all at the manifest)
 
 
 class Stage(enum.StrEnum):
@@ -74,6 +77,7 @@ class CheckpointResult:
     manifest: dict[str, Any]
     seconds: dict[str, float]  # per stage
     workload_notified: bool
+    digested_during_dump: tuple[str, ...] = ()  # the files whose digests the dump stage computed
 
     @property
     def image_bytes(self) -> int:
@@ -90,18 +94,52 @@ class _Run:
         self.stages = Stages[Stage]("checkpoint", bound, hooks)
         self.layout = layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
         self.keyring = request.keyring or authn.default_keyring()  # before anything is touched: no key, no checkpoint
+        self.digested_during_dump: tuple[str, ...] = ()
 
-    async def dump(self, source: Source, guard: Guard, staging: Path) -> criu.DumpOptions:
+    async def dump(self, source: Source, guard: Guard, staging: Path,
+                   follower: following.Follower | None) -> criu.DumpOptions:
         options = source.dump_options(self.settings, staging, self.bundle)
 
         async def started(pid: int) -> None:
+            if follower is not None:
+                follower.writer(pid)
             await guard.watch(pid)
             await self.hooks.on_stage(Stage.DUMP_RUNNING)
             await self.hooks.dump_started(pid)
 
         argv = source.dump_argv(self.bundle, options)
         await criu.run("dump", argv, staging / options.log_file, on_started=started)
+        if follower is not None:
+            await anyio.to_thread.run_sync(follower.writer_exited)
         return options
+
+    async def capture(self, source: Source, guard: Guard, staging: Path) -> tuple[criu.DumpOptions, list[str],
+                                                                                  list[str], dict]:
+        """The dump, rootfs and dev-shm stages, then (entering the manifest stage) the page images' digests
+        the dump stage computed: the options CRIU ran with, the rootfs entries and deleted paths, the digests."""
+        enter, leave = self.stages.enter, self.stages.leave
+        await enter(Stage.DUMP)
+        follower = None
+        if self.request.digest_during_dump:
+            follower = await anyio.to_thread.run_sync(following.Follower.start, staging, self.request.io_threads)
+        try:
+            options = await self.dump(source, guard, staging, follower)
+            leave(Stage.DUMP)
+
+            await enter(Stage.ROOTFS)
+            archived, deleted = await source.capture_rootfs(staging)
+            leave(Stage.ROOTFS)
+
+            await enter(Stage.DEV_SHM)
+            await source.capture_dev_shm(staging)
+            leave(Stage.DEV_SHM)
+
+            await enter(Stage.MANIFEST)
+            hashed = await anyio.to_thread.run_sync(follower.finish) if follower is not None else {}
+        finally:
+            if follower is not None:
+                follower.close()  # a failure: the readers stop, no early digest outlives the attempt
+        return options, archived, deleted, hashed
 
     async def store(self, source: Source, guard: Guard, staging: Path, criu_version: str) -> tuple[Path, dict]:
         enter, leave = self.stages.enter, self.stages.leave
@@ -114,19 +152,8 @@ class _Run:
         await anyio.to_thread.run_sync(source.freeze)
         leave(Stage.FREEZE)
 
-        await enter(Stage.DUMP)
-        options = await self.dump(source, guard, staging)
-        leave(Stage.DUMP)
-
-        await enter(Stage.ROOTFS)
-        archived, deleted = await source.capture_rootfs(staging)
-        leave(Stage.ROOTFS)
-
-        await enter(Stage.DEV_SHM)
-        await source.capture_dev_shm(staging)
-        leave(Stage.DEV_SHM)
-
-        await enter(Stage.MANIFEST)
+        options, archived, deleted, hashed = await self.capture(source, guard, staging)
+        self.digested_during_dump = tuple(sorted(hashed))
         here = artifact.Compatibility.of_this_node(
             criu_version, cuda_state.driver_version, cuda_state.gpus, cuda_state.gpu_models
         )
@@ -136,7 +163,7 @@ class _Run:
             archived, deleted, options, cuda_state.manifest_block(workload.vpid_of),
         )
         write = authn.write_manifest
-        manifest = await anyio.to_thread.run_sync(write, staging, fields, self.keyring, request.io_threads)
+        manifest = await anyio.to_thread.run_sync(write, staging, fields, self.keyring, request.io_threads, hashed)
         leave(Stage.MANIFEST)
 
         await enter(Stage.PROMOTE)
@@ -241,7 +268,7 @@ async def checkpoint(target: CheckpointTarget, request: CheckpointRequest, bundl
     notified = await run.release(source, guard)
     bound.info("checkpoint stored", directory=str(final), seconds=run.stages.rounded())
     return CheckpointResult(directory=final, manifest=manifest, seconds=run.stages.seconds,
-                            workload_notified=notified)
+                            workload_notified=notified, digested_during_dump=run.digested_during_dump)
 
 
 
