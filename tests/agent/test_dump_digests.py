@@ -20,7 +20,10 @@ from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.errors import CriuFailed
 from dynamo_snapshot.agent.pipeline.checkpoint import Stage
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
-from tests.agent.test_tree_restore import bundle, counting, gone, start_ticker  # noqa: F401 - bundle: a fixture
+from tests.agent import test_tree_restore as trees
+from tests.agent.test_tree_restore import counting, gone, start_ticker
+
+bundle = trees.bundle  # the fixture: root and a CRIU bundle, else skipped
 
 SETTINGS = criu.CriuSettings(network_lock="skip")
 BIG_TICKER = TICKER.replace("os.urandom(96 << 20)", "os.urandom(300 << 20)")  # a page image of ~5 digest chunks
