@@ -1,6 +1,8 @@
-"""The page images' digests computed while CRIU writes them (artifact/following.py), with real CRIU
-on a process tree: the manifest is the one hashing after the dump gives, a page image written behind
-the follower is hashed again, and a CRIU that fails mid-dump leaves nothing promoted."""
+"""What the checkpoint pipeline overlaps, with real CRIU on a process tree. The page images' digests
+computed while CRIU writes them (artifact/following.py): the manifest is the one hashing after the
+dump gives, a page image written behind the follower is hashed again, a CRIU that fails mid-dump leaves
+nothing promoted. A tree's GPU state comes back while its checkpoint is kept, and a failure there waits
+for it before undoing."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dynamo_snapshot.agent import tree
 from dynamo_snapshot.agent.artifact import following
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container import criu
+from dynamo_snapshot.agent.cuda.step import NoCuda
 from dynamo_snapshot.agent.errors import CriuFailed
 from dynamo_snapshot.agent.pipeline.checkpoint import Stage
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
@@ -103,6 +106,66 @@ def test_a_criu_that_fails_mid_dump_leaves_nothing_promoted(bundle: criu.CriuBun
     finally:
         gone(proc.pid)
         subprocess.run(["umount", "-l", str(base)], check=False)
+
+
+class Events(list):
+    """What happened, in order; ``confirmed`` is set by the confirmation (made in the event loop)."""
+
+    def confirmed(self) -> anyio.Event:
+        if not hasattr(self, "_confirmed"):
+            self._confirmed = anyio.Event()
+        return self._confirmed
+
+
+class RecordingCuda(NoCuda):
+    def __init__(self, events: Events):
+        self.events = events
+
+    async def release(self) -> None:
+        self.events.append("gpu back: start")
+        await self.events.confirmed().wait()  # a GPU restore still running at the confirmation: no deadlock
+        self.events.append("gpu back: done")
+
+    async def abort(self) -> None:
+        self.events.append("abort")
+
+
+class RecordingConfirm(Hooks):
+    def __init__(self, events: Events, fail: bool = False):
+        self.events, self.fail = events, fail
+
+    async def confirm(self, directory: Path) -> None:
+        self.events.append("confirm")
+        self.events.confirmed().set()
+        if self.fail:
+            raise RuntimeError("the Job could not be annotated")
+
+
+def test_a_tree_gets_its_gpu_state_back_while_its_checkpoint_is_kept(bundle: criu.CriuBundle, tmp_path: Path) -> None:
+    proc, _ = start_ticker(tmp_path)
+    events = Events()
+    try:
+        stored = anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "ck", "d4", bundle, RecordingCuda(events),
+                                                        settings=SETTINGS, hooks=RecordingConfirm(events)))
+    finally:
+        gone(proc.pid)
+    assert events == ["gpu back: start", "confirm", "gpu back: done"]
+    assert "release-gpu-early" in stored.seconds
+
+
+def test_a_failed_confirmation_waits_for_the_gpu_state_and_withdraws_the_checkpoint(
+    bundle: criu.CriuBundle, tmp_path: Path
+) -> None:
+    proc, _ = start_ticker(tmp_path)
+    events = Events()
+    try:
+        with pytest.raises(RuntimeError, match="could not be annotated"):
+            anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "ck", "d5", bundle, RecordingCuda(events),
+                                                   settings=SETTINGS, hooks=RecordingConfirm(events, fail=True)))
+    finally:
+        gone(proc.pid)
+    assert events == ["gpu back: start", "confirm", "gpu back: done", "abort"]
+    assert [p.name for p in (tmp_path / "ck" / "d5" / "versions").iterdir() if p.name != "tmp"] == []
 
 
 def test_a_follower_doubts_a_file_anything_but_crius_run_touched() -> None:

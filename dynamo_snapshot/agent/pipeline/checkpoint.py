@@ -14,7 +14,10 @@
     upload    (object storage only: ``request.remote``) the promoted version into the bucket, the manifest
               last; still frozen, so a failure here is undone like any other before the confirmation
     confirm   the hooks' confirmation (the agent annotates the checkpoint Job), still frozen
-    release   thaw; the source gets its GPU state back; tell the workload snapshot-complete
+    release   thaw; the source gets its GPU state back; tell the workload snapshot-complete. A source
+              not held frozen until the confirmation (``Source.held_until_confirmed``: a tree, which
+              CRIU leaves running) gets its GPU state back from the end of the dump on, overlapping
+              manifest..confirm; snapshot-complete and the guard's disarm stay after the confirmation
 
 ``resume_source`` is the release for a source whose pipeline died at the confirmation or after it (its
 guard thawed it and kept it): the GPU state back by each process's driver state, then, if the verdict
@@ -25,12 +28,19 @@ everything before the confirmation: a container's guard process kills and thaws 
 this process dies, removes the staging directory and takes an unconfirmed version back out of
 ``versions/``; then the CUDA lock is undone. From the confirmation on, a dead pipeline's guard only
 thaws (the verdict may be written; the agent settles it when back). A failure at the release only
-costs the workload: the checkpoint is stored.
+costs the workload: the checkpoint is stored. With the GPU state coming back early (a tree), a failure
+before the confirmation first waits for it, then undoes as always (``cuda.abort`` finds nothing
+locked; the tree runs on, as after any failed tree checkpoint); a failure of the early return itself
+is the release's failure, met at the release stage: the checkpoint is still confirmed and kept, the
+workload killed. A container is held frozen to the confirmation: its guard's kill (every process of
+the cgroup) is complete only while nothing in it can fork, and a GPU state brought back to a frozen
+cgroup has not been measured on a GPU.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +81,9 @@ class Stage(enum.StrEnum):
     RELEASE = "release"
 
 
+RELEASE_EARLY = "release-gpu-early"  # seconds of the GPU state's return during manifest..confirm (not a stage)
+
+
 @dataclass(frozen=True)
 class CheckpointResult:
     directory: Path
@@ -95,6 +108,8 @@ class _Run:
         self.layout = layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
         self.keyring = request.keyring or authn.default_keyring()  # before anything is touched: no key, no checkpoint
         self.digested_during_dump: tuple[str, ...] = ()
+        self.released_early = False
+        self.early_failure: Exception | None = None
 
     async def dump(self, source: Source, guard: Guard, staging: Path,
                    follower: following.Follower | None) -> criu.DumpOptions:
@@ -154,6 +169,36 @@ class _Run:
 
         options, archived, deleted, hashed = await self.capture(source, guard, staging)
         self.digested_during_dump = tuple(sorted(hashed))
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            if self.request.release and not source.held_until_confirmed():
+                tg.start_soon(self.gpu_back_early)  # a failure below waits for it, then undoes as always
+            try:
+                kept = await self.keep(source, guard, staging, criu_version, cuda_state, options, archived,
+                                       deleted, hashed)
+            except Exception as exc:  # raised as itself once the early release is done, not in a group
+                failure = exc
+        if failure is not None:
+            raise failure
+        return kept
+
+    async def gpu_back_early(self) -> None:
+        """A source CRIU left running gets its GPU state back while the dump is kept (``release_early``);
+        shielded: the driver calls finish before a failure's undo (``cuda.abort``) runs."""
+        started = time.monotonic()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.cuda.release()
+            except Exception as exc:
+                self.early_failure = exc  # the release stage handles it as its own failure
+        self.released_early = True
+        self.stages.seconds[RELEASE_EARLY] = time.monotonic() - started
+
+    async def keep(self, source: Source, guard: Guard, staging: Path, criu_version: str, cuda_state: Any,
+                   options: criu.DumpOptions, archived: list[str], deleted: list[str],
+                   hashed: dict) -> tuple[Path, dict]:
+        """The rest of the manifest stage, then promote, upload and confirm."""
+        enter, leave = self.stages.enter, self.stages.leave
         here = artifact.Compatibility.of_this_node(
             criu_version, cuda_state.driver_version, cuda_state.gpus, cuda_state.gpu_models
         )
@@ -218,7 +263,9 @@ class _Run:
             # Thaw before disarming: dying in between leaves a thawed workload the agent settles when back.
             source.thaw()
             await guard.disarm()
-            if self.request.release:
+            if self.early_failure is not None:
+                raise self.early_failure
+            if self.request.release and not self.released_early:
                 await self.cuda.release()  # a CUDA-locked source would hang in its first CUDA call
         except Exception as exc:
             self.bound.error("the source could not be released; killing it (the checkpoint is stored)",
