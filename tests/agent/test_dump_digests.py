@@ -24,7 +24,7 @@ from dynamo_snapshot.agent.errors import CriuFailed
 from dynamo_snapshot.agent.pipeline.checkpoint import Stage
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from tests.agent import test_tree_restore as trees
-from tests.agent.test_tree_restore import counting, gone, start_ticker
+from tests.agent.test_tree_restore import TICKER, counting, gone, start_ticker
 
 bundle = trees.bundle  # the fixture: root and a CRIU bundle, else skipped
 
