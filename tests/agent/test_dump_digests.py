@@ -21,6 +21,7 @@ from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.step import NoCuda
 from dynamo_snapshot.agent.errors import CriuFailed
+from dynamo_snapshot.agent.host import fswatch
 from dynamo_snapshot.agent.pipeline.checkpoint import Stage
 from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from tests.agent import test_tree_restore as trees
@@ -48,6 +49,23 @@ def test_digests_taken_during_the_dump_are_those_of_hashing_every_file_after_it(
     pages = page_image(stored.directory)
     assert pages.name in stored.digested_during_dump
     assert pages.stat().st_size > 4 * artifact.DIGEST_CHUNK
+    full_pass = {f["path"]: f for f in artifact.digest_files(stored.directory, io_threads=2)}
+    assert stored.manifest["files"] == [full_pass[f["path"]] for f in stored.manifest["files"]]
+
+
+def test_without_a_write_watch_every_file_is_hashed_after_the_dump(
+    bundle: criu.CriuBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(directory: Path) -> None:
+        raise fswatch.WatchUnavailable(1, "fanotify_init: Operation not permitted (needs CAP_SYS_ADMIN)")
+
+    monkeypatch.setattr(fswatch.WriteWatch, "open", staticmethod(refused))
+    proc, _ = start_ticker(tmp_path)
+    try:
+        stored = anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "ck", "d6", bundle, settings=SETTINGS))
+    finally:
+        gone(proc.pid)
+    assert stored.digested_during_dump == ()
     full_pass = {f["path"]: f for f in artifact.digest_files(stored.directory, io_threads=2)}
     assert stored.manifest["files"] == [full_pass[f["path"]] for f in stored.manifest["files"]]
 
