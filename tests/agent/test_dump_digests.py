@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -51,6 +52,57 @@ def test_digests_taken_during_the_dump_are_those_of_hashing_every_file_after_it(
     assert pages.stat().st_size > 4 * artifact.DIGEST_CHUNK
     full_pass = {f["path"]: f for f in artifact.digest_files(stored.directory, io_threads=2)}
     assert stored.manifest["files"] == [full_pass[f["path"]] for f in stored.manifest["files"]]
+
+
+# Changes byte 10 of a file through a shared mapping (no write system call, so no write event) and keeps
+# the file open, as a process scribbling on it from the side would.
+SCRIBBLER = """
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 4096)
+m[10] ^= 0x01
+m.flush()
+print("changed", flush=True)
+time.sleep(600)
+"""
+
+
+class ScribbleAtManifest(Hooks):
+    def __init__(self, base: Path):
+        self.base = base
+        self.scribbler: subprocess.Popen | None = None
+        self.changed: Path | None = None
+
+    async def on_stage(self, stage: enum.StrEnum) -> None:
+        if stage != Stage.MANIFEST:
+            return
+        await anyio.to_thread.run_sync(self.scribble)
+
+    def scribble(self) -> None:
+        pages = page_image(next((self.base / "d7" / "versions" / "tmp").iterdir()))
+        self.scribbler = subprocess.Popen([sys.executable, "-c", SCRIBBLER, str(pages)], stdout=subprocess.PIPE)
+        assert self.scribbler.stdout is not None and self.scribbler.stdout.readline() == b"changed\n"
+        self.changed = pages
+
+
+def test_a_page_image_changed_through_a_mapping_behind_the_follower_is_hashed_again(
+    bundle: criu.CriuBundle, tmp_path: Path
+) -> None:
+    proc, _ = start_ticker(tmp_path, BIG_TICKER)
+    hooks = ScribbleAtManifest(tmp_path / "ck")
+    try:
+        stored = anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "ck", "d7", bundle, settings=SETTINGS,
+                                                        hooks=hooks))
+    finally:
+        gone(proc.pid)
+        if hooks.scribbler is not None:
+            hooks.scribbler.kill()
+            hooks.scribbler.wait()
+    assert hooks.changed is not None
+    name = hooks.changed.name
+    assert name not in stored.digested_during_dump
+    entry = next(f for f in stored.manifest["files"] if f["path"] == name)
+    assert entry["chunkSha256"][0] == artifact.sha256_range(stored.directory / name, 0, artifact.DIGEST_CHUNK)
 
 
 def test_without_a_write_watch_every_file_is_hashed_after_the_dump(

@@ -17,10 +17,12 @@ Why the data below a page image's size is final: CRIU creates each pages-<id>.im
 in a fresh staging directory) and splices the pages into it at the file position (criu/page-xfer.c,
 ``write_pages_loc``), one task after another: it only appends. Only with a parent image (pre-dump
 chains, auto-dedup) does CRIU write into page images elsewhere; the checkpoint pipeline makes none.
-What is checked rather than assumed, per file: every write to it came from CRIU's PID while CRIU ran
-(nothing else wrote to it, nothing wrote to it after), its size never went down, its inode stayed,
-and at the manifest stage it still has the size its tail was hashed to; an overflowed watch doubts
-every file. A doubted file is hashed again by the manifest stage; its early digests are dropped.
+What is checked rather than assumed, per file: every write to it, and every close of it after writing,
+came from CRIU's PID while CRIU ran (nothing else wrote to it, nothing wrote to it after), its size
+never went down, its inode stayed, and at the manifest stage it still has the size its tail was hashed
+to and nothing holds it open for writing (a store through a shared mapping raises no write event, but
+its process opened the file for writing: its close is heard, or its open descriptor seen); an
+overflowed watch doubts every file. A doubted file is hashed again by the manifest stage; its early digests are dropped.
 """
 
 from __future__ import annotations
@@ -204,6 +206,8 @@ class Follower:
             st = os.stat(self.staging / track.name, follow_symlinks=False)
         except FileNotFoundError:
             return "removed"
+        if fswatch.open_for_writing(self.staging / track.name):
+            return "open for writing by another process (or no lease can tell)"
         return doubt(track, self.criu_pid, st.st_size, st.st_ino)
 
     def close(self) -> None:
