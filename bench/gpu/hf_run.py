@@ -8,7 +8,8 @@ Stages (one run, each measured against its limit in the same run):
                 pinned H2D and D2H bandwidth
     bandwidth   storage read (16 readers; 32 O_DIRECT readers) and write (one stream, fsynced)
     cold        page cache dropped, empty compile caches: worker start -> serving; ``state`` twice
-    checkpoint  agent.tree's checkpoint of the worker's tree (stage times, image bytes); the source,
+    checkpoint  agent.tree's checkpoint of the worker's tree (stage times, image bytes, the page
+                images digested during the dump: --digests-after-dump for none); the source,
                 released, answers ``state`` again
     restore     page cache dropped: agent.tree's restore -> serving; ``state`` equal to the cold one
     warm        killed, restored again with the image still in the page cache; equal again
@@ -151,13 +152,15 @@ class HfBench(Bench):
         started = time.perf_counter()
         try:
             done = anyio.run(lambda: tree.checkpoint_tree(
-                self.worker_pid, self.base, CHECKPOINT, self.bundle, DriverCuda(), self.settings, release=True))
+                self.worker_pid, self.base, CHECKPOINT, self.bundle, DriverCuda(), self.settings, release=True,
+                digest_during_dump=not self.args.digests_after_dump))
         except CudaHelperProcesses as exc:
             result.update(refused=True, pids=exc.pids, message=str(exc)[-2000:])
             log("checkpoint REFUSED", **result)
             return False
         result.update(total_s=time.perf_counter() - started, seconds=done.seconds, image_bytes=done.image_bytes,
-                      files={f["path"]: int(f["size"]) for f in done.manifest["files"]}, cuda=done.manifest["cuda"])
+                      files={f["path"]: int(f["size"]) for f in done.manifest["files"]}, cuda=done.manifest["cuda"],
+                      digested_during_dump=list(done.digested_during_dump))
         result["source_equal_after"] = same_state(request({"cmd": "state"}), self.results["reference"])
         log("checkpoint", **{k: v for k, v in result.items() if k != "files"})
         return True
@@ -227,7 +230,9 @@ def limits(results: dict[str, Any]) -> dict[str, float]:
     if bw.get("read_gbps") and model.get("pinned_h2d_gbps"):
         out["restore_sol_s"] = image / (bw["read_gbps"] * 1e9) + gpu / (model["pinned_h2d_gbps"] * 1e9)
     if bw.get("write_gbps") and model.get("pinned_d2h_gbps"):
-        out["checkpoint_sol_s"] = gpu / (model["pinned_d2h_gbps"] * 1e9) + image / (bw["write_gbps"] * 1e9)
+        out["checkpoint_gpu_sol_s"] = gpu / (model["pinned_d2h_gbps"] * 1e9)
+        out["checkpoint_image_sol_s"] = image / (bw["write_gbps"] * 1e9)
+        out["checkpoint_sol_s"] = out["checkpoint_gpu_sol_s"] + out["checkpoint_image_sol_s"]
     return out
 
 
@@ -265,8 +270,14 @@ def table(results: dict[str, Any]) -> str:
     if ck.get("refused"):
         lines.append(f"| checkpoint | refused | {ck.get('message', '')[:300]!r} | | | | |")
     elif ck.get("total_s"):
-        lines.append(f"| checkpoint | {ck['total_s']:.2f} | {_stages(ck.get('seconds', {}))} | "
-                     f"{lim.get('checkpoint_sol_s', 0):.2f} | {_ratio(ck['total_s'], lim.get('checkpoint_sol_s'))} "
+        early = ck.get("digested_during_dump")
+        digests = (f"; page images digested during the dump: {', '.join(early) or 'none'}" if early is not None
+                   else "")
+        split = (f" (GPU / D2H {lim['checkpoint_gpu_sol_s']:.2f} + image / write {lim['checkpoint_image_sol_s']:.2f})"
+                 if "checkpoint_gpu_sol_s" in lim else "")
+        lines.append(f"| checkpoint | {ck['total_s']:.2f} | {_stages(ck.get('seconds', {}))}{digests} | "
+                     f"{lim.get('checkpoint_sol_s', 0):.2f}{split} | "
+                     f"{_ratio(ck['total_s'], lim.get('checkpoint_sol_s'))} "
                      f"(<= {CHECKPOINT_GOAL}) | - | source {ck.get('source_equal_after')} |")
     for name, r in results.get("restores", {}).items():
         dropped = r.get("dropped", name == "dropped")
@@ -314,6 +325,8 @@ def main() -> None:
     parser.add_argument("--cold-timeout", type=float, default=400.0)
     parser.add_argument("--write-probe-gib", type=int, default=4)
     parser.add_argument("--budget", type=float, default=530.0, help="seconds for the whole run (timeouts)")
+    parser.add_argument("--digests-after-dump", action="store_true",
+                        help="checkpoint with every digest taken after the dump (the pipeline before the follower)")
     parser.add_argument("--variant", dest="variants", action="append", type=variant, default=[],
                         help="NAME:dropped|warm[:KEY=VALUE,...] a restore to run (repeatable; io_threads=N sets the "
                              "pipeline's readers, other keys CRIU's environment); default: "

@@ -61,10 +61,12 @@ async def checkpoint_tree(
     hooks: Hooks = NO_HOOKS,
     keyring: Keyring | None = None,
     remote: ObjectStorage | None = None,
+    digest_during_dump: bool = True,
 ) -> ckpt.CheckpointResult:
-    """The checkpoint pipeline on the tree rooted at ``root_pid`` (left running)."""
+    """The checkpoint pipeline on the tree rooted at ``root_pid`` (left running). ``digest_during_dump``:
+    the page images are hashed while CRIU writes them (False: all files after the dump)."""
     request = ckpt.CheckpointRequest(checkpoint_id, base, io_threads=io_threads, release=release, keyring=keyring,
-                                     remote=remote)
+                                     remote=remote, digest_during_dump=digest_during_dump)
     return await ckpt.checkpoint(TreeTarget(root_pid), request, bundle, cuda, hooks, settings)
 
 

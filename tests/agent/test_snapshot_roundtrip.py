@@ -86,6 +86,12 @@ def test_artifact_is_promoted_complete_with_every_file_in_the_manifest(stored: S
     assert manifest["workload"]["rereadAfterRestore"] == [REREAD]
 
 
+def test_a_containers_page_images_were_digested_while_criu_wrote_them(stored: Stored) -> None:
+    # the digests checked against the files above are the follower's (artifact/following.py)
+    pages = [f["path"] for f in stored.result.manifest["files"] if f["path"].startswith("pages-")]
+    assert pages and set(pages) <= set(stored.result.digested_during_dump)
+
+
 def test_restored_counter_continues_without_gap_with_its_memory_socket_shm_and_files(
     node: harness.Node, bundle, stored: Stored, pods: harness.Pods
 ) -> None:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,13 @@ def open_manifest(directory: Path, keyring: Keyring) -> dict[str, Any]:
 
 
 def write_manifest(
-    staging: Path, fields: dict[str, Any], keyring: Keyring, io_threads: int | None = None
+    staging: Path, fields: dict[str, Any], keyring: Keyring, io_threads: int | None = None,
+    hashed: Mapping[str, artifact.Hashed] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint's manifest stage: ``manifest.json`` naming the signing key, then its MAC."""
-    written = artifact.write_manifest(staging, {**fields, KEY_FIELD: keyring.signing_id}, io_threads)
+    """The checkpoint's manifest stage: ``manifest.json`` naming the signing key, then its MAC.
+    ``hashed``: digests computed during the dump (``artifact.write_manifest``)."""
+    written = artifact.write_manifest(staging, {**fields, KEY_FIELD: keyring.signing_id}, io_threads,
+                                      hashed=hashed)
     seal(staging, keyring)
     return written
 

@@ -11,7 +11,9 @@ Files larger than ``DIGEST_CHUNK`` carry one SHA-256 per chunk (``chunkBytes``, 
 instead of one for the whole file, so both sides hash with every core: a GPU worker's page image
 is one file of many GiB, and a single SHA-256 stream over it (about 2 GB/s) would cost more than
 reading it. Verification reads every byte with ``io_threads`` readers in parallel, which also brings
-the image into the page cache ahead of CRIU's sequential reads (the restore's prefetch).
+the image into the page cache ahead of CRIU's sequential reads (the restore's prefetch). At the
+checkpoint, the page images' chunks are hashed while CRIU writes them (``following.py``); the manifest
+takes those digests (``Hashed``) for a file still of the size and inode they were computed for.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import platform
 import re
 import stat
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -81,6 +84,21 @@ def hash_chunks(jobs: list[tuple[Path, int, int]], threads: int) -> list[str]:
         return [sha256_range(*job) for job in jobs]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="digest") as pool:
         return list(pool.map(lambda job: sha256_range(*job), jobs))
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """A file's digests computed before the manifest stage (``following.py``: while CRIU wrote it), and
+    the file they were computed for: they stand only for a file of this size and inode."""
+
+    size: int
+    inode: int
+    chunk_bytes: int
+    digests: tuple[str, ...]  # one per chunk_ranges(size, chunk_bytes); one for the whole of a small file
+
+    def stands_for(self, st: os.stat_result, chunk_bytes: int) -> bool:
+        return (st.st_size, st.st_ino, self.chunk_bytes) == (self.size, self.inode, chunk_bytes) and len(
+            self.digests) == len(chunk_ranges(self.size, chunk_bytes))
 
 
 def _fsync_file(path: Path) -> None:
@@ -174,32 +192,11 @@ def check_compatible(recorded: Compatibility, here: Compatibility) -> list[str]:
 
 
 def write_manifest(
-    staging: Path, fields: dict[str, Any], io_threads: int | None = None, chunk_bytes: int = DIGEST_CHUNK
+    staging: Path, fields: dict[str, Any], io_threads: int | None = None, chunk_bytes: int = DIGEST_CHUNK,
+    hashed: Mapping[str, Hashed] | None = None,
 ) -> dict[str, Any]:
-    """Digest every file in ``staging`` (in parallel) and write ``manifest.json`` last, atomically."""
-    threads = io_threads or default_io_threads()
-    paths: list[tuple[str, Path, int]] = []
-    for path in sorted(p for p in staging.rglob("*") if not p.is_dir()):
-        rel = path.relative_to(staging).as_posix()
-        if rel == MANIFEST or rel.startswith(f".{MANIFEST}"):
-            continue
-        if path.is_symlink() or not path.is_file():
-            raise CheckpointError(f"{path} is not a regular file; an artifact holds regular files only")
-        paths.append((rel, path, path.stat().st_size))
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fsync") as pool:
-        list(pool.map(_fsync_file, [path for _, path, _ in paths]))
-    jobs: list[tuple[Path, int, int]] = []
-    for _, path, size in paths:
-        pieces = chunk_ranges(size, chunk_bytes) if size > chunk_bytes else [(0, size)]
-        jobs += [(path, start, length) for start, length in pieces]
-    digests = iter(hash_chunks(jobs, threads))
-    files = []
-    for rel, _, size in paths:
-        if size > chunk_bytes:
-            chunks = [next(digests) for _ in chunk_ranges(size, chunk_bytes)]
-            files.append({"path": rel, "size": size, "chunkBytes": chunk_bytes, "chunkSha256": chunks})
-        else:
-            files.append({"path": rel, "size": size, "sha256": next(digests)})
+    """Digest every file in ``staging`` (``digest_files``) and write ``manifest.json`` last, atomically."""
+    files = digest_files(staging, io_threads, chunk_bytes, hashed)
     manifest = {"formatVersion": MANIFEST_FORMAT, **fields, "files": files}
     tmp = staging / f".{MANIFEST}.tmp"
     with tmp.open("w") as f:
@@ -209,6 +206,42 @@ def write_manifest(
         os.fsync(f.fileno())
     os.replace(tmp, staging / MANIFEST)
     return manifest
+
+
+def digest_files(
+    staging: Path, io_threads: int | None = None, chunk_bytes: int = DIGEST_CHUNK,
+    hashed: Mapping[str, Hashed] | None = None,
+) -> list[dict[str, Any]]:
+    """The manifest's file listing of ``staging``: every file fsynced, then hashed in parallel.
+    ``hashed``: digests computed earlier, by relative path; taken for a file only if they stand for it
+    as it is now (``Hashed.stands_for``), the file is hashed otherwise."""
+    threads = io_threads or default_io_threads()
+    paths: list[tuple[str, Path, os.stat_result]] = []
+    for path in sorted(p for p in staging.rglob("*") if not p.is_dir()):
+        rel = path.relative_to(staging).as_posix()
+        if rel == MANIFEST or rel.startswith(f".{MANIFEST}"):
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise CheckpointError(f"{path} is not a regular file; an artifact holds regular files only")
+        paths.append((rel, path, path.stat()))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fsync") as pool:
+        list(pool.map(_fsync_file, [path for _, path, _ in paths]))
+    early = {rel: hashed[rel].digests for rel, _, st in paths
+             if hashed and rel in hashed and hashed[rel].stands_for(st, chunk_bytes)}
+    jobs: list[tuple[Path, int, int]] = []
+    for rel, path, st in paths:
+        if rel not in early:
+            jobs += [(path, start, length) for start, length in chunk_ranges(st.st_size, chunk_bytes)]
+    digests = iter(hash_chunks(jobs, threads))
+    files = []
+    for rel, _, st in paths:
+        size = st.st_size
+        chunks = list(early[rel]) if rel in early else [next(digests) for _ in chunk_ranges(size, chunk_bytes)]
+        if size > chunk_bytes:
+            files.append({"path": rel, "size": size, "chunkBytes": chunk_bytes, "chunkSha256": chunks})
+        else:
+            files.append({"path": rel, "size": size, "sha256": chunks[0]})
+    return files
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

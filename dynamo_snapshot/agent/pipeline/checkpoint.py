@@ -4,15 +4,20 @@
               the resolved source is handed down to every later stage)
     cuda      lock and checkpoint the subtree's CUDA processes (no-op without CUDA)
     freeze    freeze the container's cgroup (a tree: nothing, CRIU stops it)
-    dump      CRIU dump of the subtree; ``dump-running`` is heard once CRIU's process runs
+    dump      CRIU dump of the subtree; ``dump-running`` is heard once CRIU's process runs; meanwhile
+              the page images are digested as CRIU appends to them (``artifact/following.py``)
     rootfs    overlay upper dir -> rootfs-diff.tar + deleted-files.json (still frozen; a tree: none)
     dev-shm   /dev/shm contents -> dev-shm.tar (still frozen; a tree: none)
-    manifest  every file's size and SHA-256, written last (``target.manifest_fields``)
+    manifest  every file's size and SHA-256, written last (``target.manifest_fields``): the page
+              images' digests from the dump stage where nothing doubts them, every other file hashed here
     promote   one rename from versions/tmp/<uuid> to versions/<artifactVersion>
     upload    (object storage only: ``request.remote``) the promoted version into the bucket, the manifest
               last; still frozen, so a failure here is undone like any other before the confirmation
     confirm   the hooks' confirmation (the agent annotates the checkpoint Job), still frozen
-    release   thaw; the source gets its GPU state back; tell the workload snapshot-complete
+    release   thaw; the source gets its GPU state back; tell the workload snapshot-complete. A source
+              not held frozen until the confirmation (``Source.held_until_confirmed``: a tree, which
+              CRIU leaves running) gets its GPU state back from the end of the dump on, overlapping
+              manifest..confirm; snapshot-complete and the guard's disarm stay after the confirmation
 
 ``resume_source`` is the release for a source whose pipeline died at the confirmation or after it (its
 guard thawed it and kept it): the GPU state back by each process's driver state, then, if the verdict
@@ -23,12 +28,19 @@ everything before the confirmation: a container's guard process kills and thaws 
 this process dies, removes the staging directory and takes an unconfirmed version back out of
 ``versions/``; then the CUDA lock is undone. From the confirmation on, a dead pipeline's guard only
 thaws (the verdict may be written; the agent settles it when back). A failure at the release only
-costs the workload: the checkpoint is stored.
+costs the workload: the checkpoint is stored. With the GPU state coming back early (a tree), a failure
+before the confirmation first waits for it, then undoes as always (``cuda.abort`` finds nothing
+locked; the tree runs on, as after any failed tree checkpoint); a failure of the early return itself
+is the release's failure, met at the release stage: the checkpoint is still confirmed and kept, the
+workload killed. A container is held frozen to the confirmation: its guard's kill (every process of
+the cgroup) is complete only while nothing in it can fork, and a GPU state brought back to a frozen
+cgroup has not been measured on a GPU.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +48,7 @@ from typing import Any
 import anyio
 import structlog
 
-from dynamo_snapshot.agent.artifact import authn, layout
+from dynamo_snapshot.agent.artifact import authn, following, layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.cuda.step import CudaStep, NoCuda
@@ -51,6 +63,7 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class CheckpointRequest(Request):
     release: bool = True  # give the source its GPU state back (False: left CUDA-checkpointed)
+    digest_during_dump: bool = True  # hash the page images while CRIU writes them (False: all at the manifest)
 
 
 class Stage(enum.StrEnum):
@@ -68,12 +81,16 @@ class Stage(enum.StrEnum):
     RELEASE = "release"
 
 
+RELEASE_EARLY = "release-gpu-early"  # seconds of the GPU state's return during manifest..confirm (not a stage)
+
+
 @dataclass(frozen=True)
 class CheckpointResult:
     directory: Path
     manifest: dict[str, Any]
     seconds: dict[str, float]  # per stage
     workload_notified: bool
+    digested_during_dump: tuple[str, ...] = ()  # the files whose digests the dump stage computed
 
     @property
     def image_bytes(self) -> int:
@@ -90,18 +107,54 @@ class _Run:
         self.stages = Stages[Stage]("checkpoint", bound, hooks)
         self.layout = layout.ArtifactLayout(request.base_path, request.checkpoint_id, request.artifact_version)
         self.keyring = request.keyring or authn.default_keyring()  # before anything is touched: no key, no checkpoint
+        self.digested_during_dump: tuple[str, ...] = ()
+        self.released_early = False
+        self.early_failure: Exception | None = None
 
-    async def dump(self, source: Source, guard: Guard, staging: Path) -> criu.DumpOptions:
+    async def dump(self, source: Source, guard: Guard, staging: Path,
+                   follower: following.Follower | None) -> criu.DumpOptions:
         options = source.dump_options(self.settings, staging, self.bundle)
 
         async def started(pid: int) -> None:
+            if follower is not None:
+                follower.writer(pid)
             await guard.watch(pid)
             await self.hooks.on_stage(Stage.DUMP_RUNNING)
             await self.hooks.dump_started(pid)
 
         argv = source.dump_argv(self.bundle, options)
         await criu.run("dump", argv, staging / options.log_file, on_started=started)
+        if follower is not None:
+            await anyio.to_thread.run_sync(follower.writer_exited)
         return options
+
+    async def capture(self, source: Source, guard: Guard, staging: Path) -> tuple[criu.DumpOptions, list[str],
+                                                                                  list[str], dict]:
+        """The dump, rootfs and dev-shm stages, then (entering the manifest stage) the page images' digests
+        the dump stage computed: the options CRIU ran with, the rootfs entries and deleted paths, the digests."""
+        enter, leave = self.stages.enter, self.stages.leave
+        await enter(Stage.DUMP)
+        follower = None
+        if self.request.digest_during_dump:
+            follower = await anyio.to_thread.run_sync(following.Follower.start, staging, self.request.io_threads)
+        try:
+            options = await self.dump(source, guard, staging, follower)
+            leave(Stage.DUMP)
+
+            await enter(Stage.ROOTFS)
+            archived, deleted = await source.capture_rootfs(staging)
+            leave(Stage.ROOTFS)
+
+            await enter(Stage.DEV_SHM)
+            await source.capture_dev_shm(staging)
+            leave(Stage.DEV_SHM)
+
+            await enter(Stage.MANIFEST)
+            hashed = await anyio.to_thread.run_sync(follower.finish) if follower is not None else {}
+        finally:
+            if follower is not None:
+                follower.close()  # a failure: the readers stop, no early digest outlives the attempt
+        return options, archived, deleted, hashed
 
     async def store(self, source: Source, guard: Guard, staging: Path, criu_version: str) -> tuple[Path, dict]:
         enter, leave = self.stages.enter, self.stages.leave
@@ -114,19 +167,38 @@ class _Run:
         await anyio.to_thread.run_sync(source.freeze)
         leave(Stage.FREEZE)
 
-        await enter(Stage.DUMP)
-        options = await self.dump(source, guard, staging)
-        leave(Stage.DUMP)
+        options, archived, deleted, hashed = await self.capture(source, guard, staging)
+        self.digested_during_dump = tuple(sorted(hashed))
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            if self.request.release and not source.held_until_confirmed():
+                tg.start_soon(self.gpu_back_early)  # a failure below waits for it, then undoes as always
+            try:
+                kept = await self.keep(source, guard, staging, criu_version, cuda_state, options, archived,
+                                       deleted, hashed)
+            except Exception as exc:  # raised as itself once the early release is done, not in a group
+                failure = exc
+        if failure is not None:
+            raise failure
+        return kept
 
-        await enter(Stage.ROOTFS)
-        archived, deleted = await source.capture_rootfs(staging)
-        leave(Stage.ROOTFS)
+    async def gpu_back_early(self) -> None:
+        """A source CRIU left running gets its GPU state back while the dump is kept (``release_early``);
+        shielded: the driver calls finish before a failure's undo (``cuda.abort``) runs."""
+        started = time.monotonic()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.cuda.release()
+            except Exception as exc:
+                self.early_failure = exc  # the release stage handles it as its own failure
+        self.released_early = True
+        self.stages.seconds[RELEASE_EARLY] = time.monotonic() - started
 
-        await enter(Stage.DEV_SHM)
-        await source.capture_dev_shm(staging)
-        leave(Stage.DEV_SHM)
-
-        await enter(Stage.MANIFEST)
+    async def keep(self, source: Source, guard: Guard, staging: Path, criu_version: str, cuda_state: Any,
+                   options: criu.DumpOptions, archived: list[str], deleted: list[str],
+                   hashed: dict) -> tuple[Path, dict]:
+        """The rest of the manifest stage, then promote, upload and confirm."""
+        enter, leave = self.stages.enter, self.stages.leave
         here = artifact.Compatibility.of_this_node(
             criu_version, cuda_state.driver_version, cuda_state.gpus, cuda_state.gpu_models
         )
@@ -136,7 +208,7 @@ class _Run:
             archived, deleted, options, cuda_state.manifest_block(workload.vpid_of),
         )
         write = authn.write_manifest
-        manifest = await anyio.to_thread.run_sync(write, staging, fields, self.keyring, request.io_threads)
+        manifest = await anyio.to_thread.run_sync(write, staging, fields, self.keyring, request.io_threads, hashed)
         leave(Stage.MANIFEST)
 
         await enter(Stage.PROMOTE)
@@ -191,7 +263,9 @@ class _Run:
             # Thaw before disarming: dying in between leaves a thawed workload the agent settles when back.
             source.thaw()
             await guard.disarm()
-            if self.request.release:
+            if self.early_failure is not None:
+                raise self.early_failure
+            if self.request.release and not self.released_early:
                 await self.cuda.release()  # a CUDA-locked source would hang in its first CUDA call
         except Exception as exc:
             self.bound.error("the source could not be released; killing it (the checkpoint is stored)",
@@ -241,7 +315,7 @@ async def checkpoint(target: CheckpointTarget, request: CheckpointRequest, bundl
     notified = await run.release(source, guard)
     bound.info("checkpoint stored", directory=str(final), seconds=run.stages.rounded())
     return CheckpointResult(directory=final, manifest=manifest, seconds=run.stages.seconds,
-                            workload_notified=notified)
+                            workload_notified=notified, digested_during_dump=run.digested_during_dump)
 
 
 

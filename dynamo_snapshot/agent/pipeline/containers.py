@@ -115,6 +115,9 @@ class ContainerSource:
     def kill_workload(self) -> None:
         self.freezer.kill_all_but(self.init_pid)
 
+    def held_until_confirmed(self) -> bool:
+        return True  # the guard's kill is complete only on a frozen cgroup (nothing forks meanwhile)
+
     def touched(self) -> bool:
         return self.freezer.frozen() or procfs.stopped_tasks(self.workload.host_tasks) != []
 

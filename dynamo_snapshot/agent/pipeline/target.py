@@ -12,7 +12,8 @@ A target is resolved once, at the first stage, into a ``Source`` (checkpoint) or
     dump         nsenter the container's UTS+IPC,     host namespaces, plugins from the bundle
                  external net+PID namespaces
     rootfs       overlay upper dir, /dev/shm          none
-    release      thaw, signal snapshot-complete       none; the tree runs on
+    release      thaw, signal snapshot-complete       none; the tree runs on (its GPU state came
+                                                      back during the manifest stage)
 
     restore      container                           tree
     resolve      placeholder in standby               nothing to look up
@@ -81,6 +82,10 @@ class Source(Protocol):
     async def capture_rootfs(self, staging: Path) -> tuple[list[str], list[str]]: ...
     async def capture_dev_shm(self, staging: Path) -> None: ...
     def kill_workload(self) -> None: ...
+    def held_until_confirmed(self) -> bool:
+        """Whether the workload stays frozen until the confirmation (a container's cgroup). One that is not
+        (a tree: CRIU leaves it running) gets its GPU state back while the manifest is written."""
+        ...
     def touched(self) -> bool:
         """Whether a checkpoint has begun on the workload: frozen, or a task stopped or traced."""
         ...

@@ -106,6 +106,9 @@ class TreeSource:
     def kill_workload(self) -> None:
         kill_tree(self.workload.root_pid)
 
+    def held_until_confirmed(self) -> bool:
+        return False  # CRIU leaves the tree running; a failure only undoes the artifact and the CUDA lock
+
     def touched(self) -> bool:
         return procfs.stopped_tasks(self.workload.host_tasks) != []
 
