@@ -1,16 +1,23 @@
 """The stack's installed mode: the operator and the agent run from their images, installed with Helm the
-way the user guide installs them, instead of as local processes.
+way the user guide installs them, instead of as local processes - in the stack's storage mode, agentMount
+or podMount.
 
 1. ``archives``: the agent and operator images (hack/images/python_images.py, no Docker) beside the
    node's pause and placeholder images, imported into the node's containerd under the names the charts
    default to (``dynamo-snapshot-{agent,operator}:<appVersion>``);
 2. ``install``, once the node is Ready:
-   a. what a cluster admin provides: a hostPath PersistentVolume pre-bound to the snapshot chart's
-      checkpoint claim (static provisioning: this cluster has no storage provisioner);
+   a. what a cluster admin provides: the workload namespace and a hostPath PersistentVolume pre-bound to
+      its checkpoint claim (static provisioning: this cluster has no storage provisioner);
    b. ``helm install`` of the operator chart into its own namespace (cluster-wide, leader election,
-      probes, metrics, the chart's ClusterRole) and of the snapshot chart into the workload namespace
-      (the DaemonSet: privileged, hostPID, the node's CRI socket, the checkpoint PVC), each with a
-      values file as a user writes it, ``--wait`` for both to be Ready;
+      probes, metrics, the chart's ClusterRole and admission policy) and of the snapshot chart (the
+      DaemonSet: privileged, hostPID, the node's CRI socket), each with a values file as a user writes it,
+      ``--wait`` for both to be Ready:
+      - agentMount: the snapshot chart in the workload namespace, creating the claim and mounting it
+        into the agent (a namespace-restricted agent, a Role);
+      - podMount: the snapshot chart once, in its own namespace (``AGENT_NAMESPACE``): the cluster-wide
+        agent with the chart's ClusterRole and its ValidatingAdmissionPolicy required; the operator
+        creates the workload namespace's claim (``checkpoint.storage.pvc.create``) and only the workload
+        pods mount it;
 3. the agent's log is its pod's log (the kubelet's files), a restart of the agent deletes its pod.
 
 RBAC is what the charts grant: nothing is added, so a missing permission fails the flow.
@@ -32,11 +39,24 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 HELM_BUILDER = REPO / "hack" / "build-helm.sh"
 OPERATOR_NAMESPACE = "dynamo-snapshot-system"
+AGENT_NAMESPACE = "dynamo-snapshot-agent"  # podMount: the cluster-wide agent's own namespace
 OPERATOR_RELEASE = "dynamo-snapshot"
 SNAPSHOT_RELEASE = "snapshot"
 AGENT_SELECTOR = "app.kubernetes.io/component=snapshot-agent"
 OPERATOR_SELECTOR = "app.kubernetes.io/instance=" + OPERATOR_RELEASE
 PVC_NAME = "snapshot-pvc"
+POD_BASE_PATH = "/checkpoints"  # podMount: where the workload pods mount the claim (both charts' default)
+PVC_SIZE = "10Gi"
+INSTALLED_MODES = ("agentMount", "podMount")  # SnapshotStack refuses the others
+
+
+def pod_mount(stack: SnapshotStack) -> bool:
+    return stack.storage_mode == "podMount"
+
+
+def agent_namespace(stack: SnapshotStack) -> str:
+    """Where the snapshot chart is installed: the workload namespace (agentMount), or its own (podMount)."""
+    return AGENT_NAMESPACE if pod_mount(stack) else stack.namespace
 
 
 def helm_binary() -> Path:
@@ -51,24 +71,40 @@ def archives(workdir: Path) -> list[Path]:
     return list(images.python_builder().build(workdir / "python").values())
 
 
-def operator_values() -> dict[str, Any]:
-    return {"checkpoint": {"enabled": True,
-                           # no registry: the cleanup Jobs run the local placeholder image (it has rm)
-                           "cleanupImage": images.PLACEHOLDER_IMAGE}}
+def operator_values(stack: SnapshotStack) -> dict[str, Any]:
+    checkpoint: dict[str, Any] = {"enabled": True,
+                                  # no registry: the cleanup Jobs run the local placeholder image (it has rm)
+                                  "cleanupImage": images.PLACEHOLDER_IMAGE}
+    if pod_mount(stack):  # the operator owns each workload namespace's claim
+        checkpoint["storage"] = {"type": "pvc", "accessMode": "podMount", "pvc": {
+            "pvcName": PVC_NAME, "basePath": POD_BASE_PATH, "create": True, "size": PVC_SIZE,
+            "storageClassName": "", "accessMode": "ReadWriteMany"}}
+    return {"checkpoint": checkpoint}
 
 
 def snapshot_values(stack: SnapshotStack) -> dict[str, Any]:
     assert stack.node is not None
-    return {"storage": {"pvc": {"size": "10Gi"}},
-            "runtime": {"socketPath": str(stack.node.cri_socket)},
-            # this node's kubelet runs with its own --root-dir: its seccomp root, not the machine's
-            "seccomp": {"hostPath": str(stack.node.kubelet_root / "seccomp")},
-            "config": {"criu": {"timeoutSeconds": 300}}}
+    values: dict[str, Any] = {
+        "storage": {"pvc": {"size": PVC_SIZE}},
+        "runtime": {"socketPath": str(stack.node.cri_socket)},
+        # this node's kubelet runs with its own --root-dir: its seccomp root, not the machine's
+        "seccomp": {"hostPath": str(stack.node.kubelet_root / "seccomp")},
+        "config": {"criu": {"timeoutSeconds": 300}}}
+    if pod_mount(stack):  # the chart's defaults for podMount (a ClusterRole), the label policy required
+        values["storage"] = {"accessMode": "podMount", "pvc": {"basePath": POD_BASE_PATH}}
+        values["admissionPolicy"] = {"checkpointObjectsOnly": True}
+    return values
+
+
+def _admin_objects(stack: SnapshotStack) -> list[dict[str, Any]]:
+    """The workload namespace and the PersistentVolume of its checkpoint claim (whoever creates the claim)."""
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": stack.namespace}}
+    return [namespace, _volume(stack)]
 
 
 def _volume(stack: SnapshotStack) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{stack.namespace}-{PVC_NAME}"},
-            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"],
+            "spec": {"capacity": {"storage": PVC_SIZE}, "accessModes": ["ReadWriteMany"],
                      "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
                      "hostPath": {"path": str(stack.checkpoints), "type": "Directory"},
                      "claimRef": {"namespace": stack.namespace, "name": PVC_NAME}}}
@@ -77,7 +113,7 @@ def _volume(stack: SnapshotStack) -> dict[str, Any]:
 def install(stack: SnapshotStack) -> None:
     assert stack.cluster is not None
     helm = helm_binary()
-    stack.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(_volume(stack)))
+    stack.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_admin_objects(stack)))
 
     def helm_install(release: str, chart: str, namespace: str, values: dict[str, Any]) -> None:
         assert stack.cluster is not None
@@ -91,11 +127,11 @@ def install(stack: SnapshotStack) -> None:
         if result.returncode != 0:
             raise RuntimeError(f"helm install {release} failed: {result.stderr.strip()}\n{diagnostics(stack)}")
 
-    helm_install(OPERATOR_RELEASE, "operator", OPERATOR_NAMESPACE, operator_values())
-    helm_install(SNAPSHOT_RELEASE, "snapshot", stack.namespace, snapshot_values(stack))
+    helm_install(OPERATOR_RELEASE, "operator", OPERATOR_NAMESPACE, operator_values(stack))
+    helm_install(SNAPSHOT_RELEASE, "snapshot", agent_namespace(stack), snapshot_values(stack))
     # helm --wait counts a rollout done with maxUnavailable pods not ready (here: all of them)
     for namespace, workload in ((OPERATOR_NAMESPACE, f"deployment/{OPERATOR_RELEASE}-operator"),
-                                (stack.namespace, f"daemonset/{SNAPSHOT_RELEASE}-agent")):
+                                (agent_namespace(stack), f"daemonset/{SNAPSHOT_RELEASE}-agent")):
         result = subprocess.run([str(stack.cluster.bin / "kubectl"), f"--kubeconfig={stack.cluster.kubeconfig}",
                                  "rollout", "status", "-n", namespace, workload, "--timeout=180s"],
                                 capture_output=True, text=True, timeout=200)
@@ -118,7 +154,7 @@ def _pod_logs(stack: SnapshotStack, namespace: str, pod_prefix: str, container: 
 
 
 def agent_log(stack: SnapshotStack) -> str:
-    return _pod_logs(stack, stack.namespace, f"{SNAPSHOT_RELEASE}-agent-", "agent")
+    return _pod_logs(stack, agent_namespace(stack), f"{SNAPSHOT_RELEASE}-agent-", "agent")
 
 
 def operator_log(stack: SnapshotStack) -> str:
@@ -127,15 +163,16 @@ def operator_log(stack: SnapshotStack) -> str:
 
 def restart_agent(stack: SnapshotStack) -> None:
     """Delete the agent's pod (``kill``: without a grace period); the DaemonSet starts a new one."""
-    stack.kubectl("delete", "pod", "-n", stack.namespace, "-l", AGENT_SELECTOR, "--grace-period=0", "--wait=true")
-    stack.kubectl("rollout", "status", "-n", stack.namespace, f"daemonset/{SNAPSHOT_RELEASE}-agent", "--timeout=180s",
+    namespace = agent_namespace(stack)
+    stack.kubectl("delete", "pod", "-n", namespace, "-l", AGENT_SELECTOR, "--grace-period=0", "--wait=true")
+    stack.kubectl("rollout", "status", "-n", namespace, f"daemonset/{SNAPSHOT_RELEASE}-agent", "--timeout=180s",
                   timeout=200)
 
 
 def diagnostics(stack: SnapshotStack) -> str:
     """The pods of both releases and their recent events, for a failed install."""
     parts = []
-    for namespace in (OPERATOR_NAMESPACE, stack.namespace):
+    for namespace in dict.fromkeys((OPERATOR_NAMESPACE, agent_namespace(stack), stack.namespace)):
         parts.append(stack.kubectl("get", "pods,pvc", "-n", namespace, "-o", "wide", check=False))
         parts.append(stack.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False)[-3000:])
     parts.append("--- agent ---\n" + agent_log(stack)[-3000:])

@@ -44,10 +44,11 @@ from dynamo_snapshot.kube import Client, Informer, Resource
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "helm" / "operator" / "crds"
 AGENT = "snapshot-agent"
-PVC_NAME = "snapshot-pvc"
-POD_BASE_PATH = "/checkpoints"  # where pods mount the checkpoint PVC (podMount); what the operator records
+PVC_NAME = installed.PVC_NAME
+POD_BASE_PATH = installed.POD_BASE_PATH  # where pods mount the checkpoint PVC (podMount); what the operator records
 S3_BUCKET, S3_PREFIX = "checkpoints", "stack"  # s3 mode
 STORAGE_MODES = ("agentMount", "podMount", "s3")
+INSTALLED_MODES = installed.INSTALLED_MODES
 
 # The snapshot chart's agent Role (helm/snapshot/templates/rbac.yaml); tests/helm checks they agree.
 AGENT_RULES = [
@@ -62,10 +63,11 @@ class SnapshotStack:
     def __init__(self, root: Path, *, namespace: str = "dynamo-demo", storage_mode: str = "agentMount",
                  extra_image_files: dict[str, Path] | None = None, criu_config: dict[str, Any] | None = None,
                  installed: bool = False, gpu_plugin: list[str] | None = None):
-        if installed and storage_mode != "agentMount":
-            raise ValueError("installed=True runs the snapshot chart in agentMount mode only")
         if storage_mode not in STORAGE_MODES:
             raise ValueError(f"storage_mode {storage_mode!r} is not one of {', '.join(STORAGE_MODES)}")
+        if installed and storage_mode not in INSTALLED_MODES:
+            raise ValueError(f"installed=True runs the charts in {' or '.join(INSTALLED_MODES)} mode, "
+                             f"not {storage_mode}: use installed=False for {storage_mode}")
         self.installed = installed
         self.root = Path(root).resolve()
         self.gpu_plugin = gpu_plugin  # the node offers nvidia.com/gpu through devcluster/gpu_plugin.py
