@@ -8,9 +8,10 @@ policy lets through every write the agent needs, while it refuses the agent's wr
 from __future__ import annotations
 
 import json
-import subprocess
 import time
+from pathlib import Path
 
+import anyio
 import pytest
 
 from dynamo_snapshot.agent.artifact import layout, verification
@@ -20,6 +21,7 @@ from dynamo_snapshot.api import names
 from dynamo_snapshot.devcluster import installed
 from dynamo_snapshot.devcluster.scenarios import Flow, checkpoint_manifest, component_selector, dgd_manifest
 from dynamo_snapshot.devcluster.stack import SnapshotStack
+from dynamo_snapshot.kube import PODS, ApiError, Client, PatchType
 
 pytestmark = pytest.mark.e2e
 
@@ -39,26 +41,33 @@ def agent_user(stack: SnapshotStack) -> str:
     return f"system:serviceaccount:{installed.AGENT_NAMESPACE}:{agent_pod(stack)['spec']['serviceAccountName']}"
 
 
-def annotate_as_agent(stack: SnapshotStack, namespace: str, kind: str, name: str) -> subprocess.CompletedProcess:
-    """A write the agent's ClusterRole allows everywhere (patch), asked as the agent, not persisted."""
-    assert stack.cluster is not None
-    return subprocess.run([str(stack.cluster.bin / "kubectl"), f"--kubeconfig={stack.cluster.kubeconfig}",
-                           "annotate", kind, name, "-n", namespace, "e2e.dynamo-snapshot.dev/probe=1",
-                           f"--as={agent_user(stack)}", "--dry-run=server"],
-                          capture_output=True, text=True, timeout=60)
+def patch_as_agent(kubeconfig: Path, namespace: str, pod: str) -> str | None:
+    """A write the agent's ClusterRole allows on every pod (a merge patch; kubectl would get the pod first,
+    which the agent may not), made as the agent's ServiceAccount and not persisted (dry run). The refusal,
+    or None when it was let through."""
+    patch = {"metadata": {"annotations": {"e2e.dynamo-snapshot.dev/probe": "1"}}}
+
+    async def attempt() -> str | None:
+        async with Client.from_config(str(kubeconfig)) as client:
+            try:
+                await client.request("PATCH", PODS.path(namespace, pod), params={"dryRun": "All"}, body=patch,
+                                     content_type=str(PatchType.MERGE))
+            except ApiError as err:
+                return str(err)
+        return None
+
+    return anyio.run(attempt)
 
 
 def wait_policy_enforced(stack: SnapshotStack) -> str:
     """The API server loads a new policy asynchronously: wait (bounded) until it refuses the agent's patch
     of a pod without a checkpoint ID (the operator's); returns the refusal."""
+    assert stack.cluster is not None
+    kubeconfig = stack.cluster.kubeconfig_for(agent_user(stack))  # the agent's identity: RBAC applies
     operator = json.loads(stack.kubectl("get", "pods", "-n", installed.OPERATOR_NAMESPACE, "-l",
                                         installed.OPERATOR_SELECTOR, "-o", "json"))["items"][0]["metadata"]["name"]
-
-    def refused() -> str | None:
-        result = annotate_as_agent(stack, installed.OPERATOR_NAMESPACE, "pod", operator)
-        return result.stderr if result.returncode != 0 else None
-
-    return stack.wait_until(refused, "the agent's admission policy to refuse a patch of an unlabelled pod", 60)
+    return stack.wait_until(lambda: patch_as_agent(kubeconfig, installed.OPERATOR_NAMESPACE, operator),
+                            "the agent's admission policy to refuse a patch of an unlabelled pod", 60)
 
 
 def test_the_cluster_wide_agent_runs_once_in_its_own_namespace_under_the_charts_cluster_role_and_policy(flow: Flow):
