@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+from dynamo_snapshot.agent.service import main as agent_main
 from dynamo_snapshot.api import OperatorConfig, names, parse_config
 from dynamo_snapshot.controllers.storage import resolve_storage
 
@@ -154,6 +155,54 @@ def test_a_cluster_wide_agent_cannot_touch_leases_that_are_not_a_checkpoints(hel
     # Others are not bound by it.
     assert kubectl.run("annotate", "lease", "kube-controller-manager", "x=y", "-n", other_namespace,
                        "--dry-run=server").returncode == 0
+
+
+def event(name: str, namespace: str, controller: str) -> str:
+    return json.dumps({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                       "metadata": {"name": name, "namespace": namespace},
+                       "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": controller,
+                       "reportingInstance": "x", "action": "Probe", "reason": "Probe", "type": "Normal",
+                       "regarding": {"apiVersion": "v1", "kind": "Pod", "name": "p", "namespace": namespace}})
+
+
+def test_a_cluster_wide_agent_changes_only_annotations_of_checkpoint_pods_and_writes_only_its_own_events(
+        helm, kubectl, apply, namespace, other_namespace):
+    """The policy alone (RBAC is the tests above): the requests carry the agent's user name, which the policy
+    matches, and group system:masters, so that RBAC lets each of them reach admission."""
+    objects = helm.template(SNAPSHOT_CHART, namespace=namespace, release="snapshot",
+                            values={"storage.accessMode": "podMount"},
+                            api_versions=["admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"])
+    apply(objects, namespace)
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "restore", "namespace": other_namespace, "labels": {names.LABEL_CHECKPOINT_ID: "c1"}},
+           "spec": {"containers": [{"name": "main", "image": "placeholder:1"}]}}
+    kubectl("create", "-f", "-", input=json.dumps(pod))
+    kubectl("create", "-f", "-", input=event("theirs", other_namespace, "kubernetes.io/kubelet"))
+    kubectl("create", "-f", "-", input=event("ours", other_namespace, agent_main.EVENT_CONTROLLER))
+    as_agent = ["--as", service_account(objects), "--as-group", "system:masters", "-n", other_namespace,
+                "--dry-run=server"]
+
+    def agent(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return kubectl.run(*args, *as_agent, input=input, check=False)
+
+    deadline = time.monotonic() + 60  # the API server loads a new policy asynchronously
+    while (denied := agent("label", "pod", "restore", "extra=1")).returncode == 0:
+        assert time.monotonic() < deadline, "the agent's policy never took effect"
+        time.sleep(0.5)
+    assert "the snapshot agent may change only the annotations of pods" in denied.stderr, denied.stderr
+    image = json.dumps({"spec": {"containers": [{"name": "main", "image": "attacker:1"}]}})
+    finalizer = json.dumps({"metadata": {"finalizers": ["example.com/hold"]}})
+    for refused in (agent("patch", "pod", "restore", "-p", image),
+                    agent("patch", "pod", "restore", "--type=merge", "-p", finalizer),
+                    agent("create", "-f", "-", input=event("forged", other_namespace, "kubernetes.io/kubelet")),
+                    agent("annotate", "event.events.k8s.io", "theirs", "x=y")):
+        assert refused.returncode != 0 and "the snapshot agent may" in refused.stderr, refused.stderr
+    own = event("new", other_namespace, agent_main.EVENT_CONTROLLER)
+    for allowed in (agent("annotate", "pod", "restore", f"{names.restore_status_annotation('main')}=completed"),
+                    agent("create", "-f", "-", input=own),
+                    agent("patch", "event.events.k8s.io", "ours", "--type=merge", "-p", '{"series": {"count": 2, '
+                          '"lastObservedTime": "2026-01-01T00:00:01.000000Z"}}')):
+        assert allowed.returncode == 0, allowed.stderr
 
 
 def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace):

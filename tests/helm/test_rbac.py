@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_snapshot.agent.service import main as agent_main
 from dynamo_snapshot.api import names
 from dynamo_snapshot.controllers import common
 from dynamo_snapshot.kube import resources
@@ -276,14 +277,26 @@ def test_a_cluster_wide_agent_may_write_only_pods_jobs_and_leases_labelled_with_
     sa = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]
     (condition,) = policy["spec"]["matchConditions"]
     assert condition["expression"] == f"request.userInfo.username == 'system:serviceaccount:infra:{sa['name']}'"
-    assert all(f"'{names.LABEL_CHECKPOINT_ID}' in " in v["expression"] for v in policy["spec"]["validations"])
-    # every write the ClusterRole grants passes through the policy
+    assert sum(f"'{names.LABEL_CHECKPOINT_ID}' in " in v["expression"] for v in policy["spec"]["validations"]) == 2
+    # every write the ClusterRole grants passes through the policy, its Events included
     matched = {(g, r, op) for rule in policy["spec"]["matchConstraints"]["resourceRules"]
                for g in rule["apiGroups"] for r in rule["resources"] for op in rule["operations"]}
     (role,) = roles(objects)
-    writes = {(g, r, WRITE_OPERATIONS[v]) for g, r, v in grants(role["rules"])
-              if v in WRITE_OPERATIONS and g != "events.k8s.io"}
+    writes = {(g, r, WRITE_OPERATIONS[v]) for g, r, v in grants(role["rules"]) if v in WRITE_OPERATIONS}
     assert writes and writes <= matched
+
+
+def test_the_agents_policy_lets_it_change_only_annotations_of_pods_and_jobs_and_write_only_its_own_events(helm):
+    (policy,) = [o for o in policy_objects(helm) if o["kind"] == "ValidatingAdmissionPolicy"]
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    for field in ("object.spec == oldObject.spec", "object.metadata.labels == oldObject.metadata.labels",
+                  "object.metadata.finalizers", "object.metadata.ownerReferences"):
+        assert field in variables["onlyAnnotations"]
+    (annotations_only,) = [v for v in policy["spec"]["validations"] if "variables.onlyAnnotations" in v["expression"]]
+    assert "'leases'" in annotations_only["expression"], "a Lease's renewal rewrites its spec: not held to it"
+    # the reporting controller the agent's EventRecorder writes (agent/service/main.py)
+    (own_events,) = [v for v in policy["spec"]["validations"] if "reportingController" in v["expression"]]
+    assert own_events["expression"].count(f"== '{agent_main.EVENT_CONTROLLER}'") == 2  # the new and the old event
 
 
 @pytest.mark.parametrize(("values", "api_versions"), [
