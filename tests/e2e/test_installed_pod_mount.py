@@ -3,7 +3,8 @@ snapshot chart once, in its own namespace (the cluster-wide agent: the chart's C
 ValidatingAdmissionPolicy required), the operator chart with its podMount storage settings (it creates the
 workload namespace's checkpoint PVC), and a PersistentVolume pre-bound to that claim. The CPU
 checkpoint/restore flow then runs through them with only what the charts grant - so it shows that the
-policy lets through every write the agent needs, while it refuses the agent's writes to other objects."""
+policy lets through every write the agent needs (annotations of checkpoint pods and Jobs, its Leases, its
+Events), while it refuses the agent's writes to other objects."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from dynamo_snapshot.agent.artifact import layout, verification
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.container.criu import CriuBundle
+from dynamo_snapshot.agent.service import main as agent_main
 from dynamo_snapshot.api import names
 from dynamo_snapshot.devcluster import installed
 from dynamo_snapshot.devcluster.scenarios import Flow, checkpoint_manifest, component_selector, dgd_manifest
@@ -117,5 +119,8 @@ def test_a_checkpoint_and_a_restore_run_through_the_cluster_wide_agent_under_its
     (pod,) = flow.pods(component_selector("restored-pod-mount"))
     assert pod["metadata"]["annotations"][names.restore_status_annotation("main")] == "completed"
     assert [r for r in stack.agent_events("restore completed") if r.get("name") == restored.name]
-    # nothing the agent asked for on the way was refused by the policy
+    # its Events passed the policy too (its own reporting controller), and nothing it asked for was refused
+    events = json.loads(stack.kubectl("get", "events.events.k8s.io", "-n", stack.namespace, "-o", "json"))["items"]
+    assert {"CheckpointCompleted", "Restored"} <= {e["reason"] for e in events
+                                                   if e.get("reportingController") == agent_main.EVENT_CONTROLLER}
     assert "the snapshot agent may" not in stack.agent_log_text()
