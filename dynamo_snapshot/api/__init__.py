@@ -12,6 +12,8 @@ from dynamo_snapshot.api.checkpoint import (
     DynamoCheckpointStatus,
     Identity,
     Phase,
+    Staging,
+    StagingGPU,
     refuse_out_of_scope,
 )
 from dynamo_snapshot.api.config import (
@@ -78,6 +80,8 @@ __all__ = [
     "OwnerReference",
     "PVCStorage",
     "Phase",
+    "Staging",
+    "StagingGPU",
     "Refused",
     "S3Storage",
     "Service",

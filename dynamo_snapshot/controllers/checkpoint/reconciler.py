@@ -385,7 +385,8 @@ class _Reconcile:
             job_name=job_name or old.job_name, created_at=timestamp(self.now) if phase is Phase.READY
             else old.created_at, conditions=condition_list,
             storage_type=storage.type if storage else old.storage_type,
-            location=storage.location(checkpoint_id) if storage and checkpoint_id else old.location)
+            location=storage.location(checkpoint_id) if storage and checkpoint_id else old.location,
+            staging=old.staging)  # the staging controller's
         if status == old:
             return True
         patch = {"metadata": {"resourceVersion": self.meta.resource_version}, "status": to_dict(status)}
