@@ -91,7 +91,7 @@ REASON_FOREIGN_JOB = "JobOwnedByAnotherObject"
 DISABLED_MESSAGE = "checkpoint functionality is disabled in the operator configuration"
 
 
-def _index_by_resolved_id(obj: DynamoCheckpoint | Malformed) -> list[str]:
+def index_by_resolved_id(obj: DynamoCheckpoint | Malformed) -> list[str]:
     if isinstance(obj, Malformed):
         return []
     try:
@@ -127,7 +127,7 @@ class CheckpointController:
         self.config = config
         self.recorder = recorder
         self.clock = clock
-        self.checkpoints = checkpoint_informer(factory, namespace, {CHECKPOINT_ID_INDEX: _index_by_resolved_id})
+        self.checkpoints = checkpoint_informer(factory, namespace, {CHECKPOINT_ID_INDEX: index_by_resolved_id})
         self.jobs: Informer[Any] = factory.informer(
             JOBS, namespace=namespace, label_selector=names.LABEL_CHECKPOINT_ID,
             indexers={OWNER_INDEX: index_by_owner})
