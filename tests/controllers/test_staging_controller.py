@@ -110,6 +110,6 @@ def test_with_staging_off_the_operator_writes_no_staging(cluster, start_operator
     start_operator({"checkpoint": {"enabled": True, "staging": {"maxNodes": 0}}})
     checkpoint_id = ready_checkpoint(cluster, "ckpt")
     cluster.apply(restore_replicaset(checkpoint_id, {"pool": "gpu"}))
-    cluster.apply(checkpoint_manifest("second", model="other"))  # a later event: the operator has looked at the first again
+    cluster.apply(checkpoint_manifest("second", model="other"))  # by now the operator looked at the first again
     cluster.wait_phase("second", "Creating")
     assert staging(cluster, "ckpt") is None
