@@ -68,7 +68,8 @@ ANN_STAGED = "nvidia.com/snapshot-staged"
 # Node labels of NVIDIA's GPU feature discovery, matched against the checkpoint's GPU
 NODE_LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
 NODE_LABEL_DRIVER_VERSION = "nvidia.com/cuda.driver-version.full"
-NODE_LABELS_DRIVER_PARTS = ("nvidia.com/cuda.driver.major", "nvidia.com/cuda.driver.minor", "nvidia.com/cuda.driver.rev")
+NODE_LABELS_DRIVER_PARTS = (
+    "nvidia.com/cuda.driver.major", "nvidia.com/cuda.driver.minor", "nvidia.com/cuda.driver.rev")
 RESOURCE_GPU = "nvidia.com/gpu"
 # On a DGD's ReplicaSet: the hash of the pod template the operator wrote
 ANN_POD_TEMPLATE_HASH = "nvidia.com/dynamo-pod-template-hash"
