@@ -78,7 +78,9 @@ def staging_for(ckpt: dict[str, Any], node: str) -> str | None:
         return None
     if (ckpt.get("metadata") or {}).get("deletionTimestamp"):
         return None
-    return staging.get("artifactVersion") or None
+    version = staging.get("artifactVersion") or None
+    # a staging the operator wrote for an earlier artifact version is stale: the stored one is another
+    return version if version == artifact_version_of(ckpt) else None
 
 
 class StagingSource:
