@@ -71,6 +71,18 @@ async def ready_checkpoint(client: Client, namespace: str, name: str, checkpoint
         "staging": {"artifactVersion": version, "nodes": nodes}}}, namespace)
 
 
+async def until(check: Callable[[], Any]) -> None:
+    """Poll ``check`` (plain or async) until it holds; the API server's state has no event to wait on."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = check()
+            if hasattr(value, "__await__"):
+                value = await value
+            if value:
+                return
+            await anyio.sleep(0.1)
+
+
 class Running:
     def __init__(self, client: Client, namespace: str, cache: NodeCache, source: StagingSource | None):
         self.client, self.namespace, self.cache = client, namespace, cache
@@ -90,14 +102,13 @@ class Running:
         return json.loads(lease["metadata"]["annotations"][names.ANN_STAGED])
 
     async def wait_reported(self, entries: list[dict[str, str]]) -> None:
-        with anyio.fail_after(30):
-            while await self.reported() != entries:
-                await anyio.sleep(0.1)
+        async def reported() -> bool:
+            return await self.reported() == entries
+
+        await until(reported)
 
     async def wait_cached(self, entries: list[tuple[str, str]]) -> None:
-        with anyio.fail_after(30):
-            while self.cached() != entries:
-                await anyio.sleep(0.1)
+        await until(lambda: self.cached() == entries)
 
 
 async def run_stager(running: Running, body: Callable[[Running], Any]) -> None:
@@ -164,9 +175,7 @@ async def test_a_checkpoint_incompatible_with_this_node_is_not_staged(client, na
     await ready_checkpoint(client, namespace, "ckpt", "dddd000000000004", nodes=[NODE])
 
     async def body(r: Running) -> None:
-        with anyio.fail_after(30):
-            while not r.registry.get_sample_value("snapshot_agent_staging_total", {"result": "refused"}):
-                await anyio.sleep(0.1)
+        await until(lambda: r.registry.get_sample_value("snapshot_agent_staging_total", {"result": "refused"}))
         assert r.cached() == []
         await r.wait_reported([])
 
