@@ -73,7 +73,7 @@ async def ready_checkpoint(client: Client, namespace: str, name: str, checkpoint
 
 async def until(check: Callable[[], Any]) -> None:
     """Poll ``check`` (plain or async) until it holds; the API server's state has no event to wait on."""
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(30):
         while True:
             value = check()
             if hasattr(value, "__await__"):
