@@ -180,6 +180,18 @@ def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace)
     # It takes the leader-election Lease in its own namespace only, and renews no other Lease.
     assert can_i(kubectl, sa, "create", "leases.coordination.k8s.io", namespace)
     assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
+    assert not can_i(kubectl, sa, "list", "nodes", "")
+
+
+def test_a_restricted_operator_with_pre_staging_may_read_nodes_and_nothing_else_cluster_wide(
+        helm, kubectl, apply, namespace, other_namespace):
+    objects = helm.template(OPERATOR_CHART, namespace=namespace, release="dynamo", values={
+        "namespaceRestricted": "true", "watchNamespace": other_namespace})
+    apply(objects)
+    sa = service_account(objects)
+    assert can_i(kubectl, sa, "watch", "nodes", "") and can_i(kubectl, sa, "list", "nodes", "")
+    assert not can_i(kubectl, sa, "patch", "nodes", "")
+    assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
     assert not can_i(kubectl, sa, "update", "leases.coordination.k8s.io=kube-controller-manager", namespace)
     assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
 
@@ -242,8 +254,9 @@ def test_a_cluster_wide_operator_can_write_only_checkpoint_jobs_and_dgd_replicas
 
 def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, other_namespace):
     objects = helm.template(OPERATOR_CHART, namespace=namespace, release="dynamo", values={
-        "namespaceRestricted": "true", "watchNamespace": other_namespace})
-    assert all(o["metadata"].get("namespace") for o in objects), "restricted mode has no cluster-scoped objects"
+        "namespaceRestricted": "true", "watchNamespace": other_namespace, "checkpoint.staging.maxNodes": "0"})
+    assert all(o["metadata"].get("namespace") for o in objects), \
+        "restricted mode without pre-staging has no cluster-scoped objects"
     apply(objects)  # the Role for the watched namespace lands there, the rest in the release namespace
 
     sa = service_account(objects)
