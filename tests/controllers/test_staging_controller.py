@@ -113,3 +113,22 @@ def test_with_staging_off_the_operator_writes_no_staging(cluster, start_operator
     cluster.apply(checkpoint_manifest("second", model="other"))  # by now the operator looked at the first again
     cluster.wait_phase("second", "Creating")
     assert staging(cluster, "ckpt") is None
+
+
+def test_a_dgd_generation_restoring_from_a_checkpoint_ref_gets_it_staged_where_its_workers_fit(
+        cluster, start_operator, nodes):
+    gpu_pool = nodes("gpu", {"pool": "gpu"})
+    nodes("cpu", {"pool": "cpu"})
+    cluster.apply(agent_daemonset())
+    start_operator({"checkpoint": {"enabled": True}})
+    ready_checkpoint(cluster, "shared")
+    worker = {"componentType": "worker", "replicas": 0, "resources": {"limits": {"gpu": "1"}},
+              "extraPodSpec": {"nodeSelector": {"pool": "gpu"},
+                               "tolerations": [{"key": FAKE_TAINT["key"], "operator": "Exists"}],
+                               "mainContainer": {"image": "placeholder:1", "command": ["python3", "-m", "w"]}},
+              "checkpoint": {"enabled": True, "checkpointRef": "shared", "startupPolicy": "Immediate"}}
+    cluster.apply({"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoGraphDeployment",
+                   "metadata": {"name": "graph"},
+                   "spec": {"backendFramework": "vllm", "services": {"VllmDecodeWorker": worker}}})
+    eventually(lambda: (staging(cluster, "shared") or {}).get("nodes") == [gpu_pool],
+               what="staged where the DGD's restore pods fit")
