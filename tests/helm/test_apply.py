@@ -180,7 +180,9 @@ def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace)
     # It takes the leader-election Lease in its own namespace only, and renews no other Lease.
     assert can_i(kubectl, sa, "create", "leases.coordination.k8s.io", namespace)
     assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
-    assert not can_i(kubectl, sa, "list", "nodes", "")
+    assert not can_i(kubectl, sa, "update", "leases.coordination.k8s.io=kube-controller-manager", namespace)
+    assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
+    assert can_i(kubectl, sa, "watch", "nodes", "") and not can_i(kubectl, sa, "patch", "nodes", "")  # pre-staging
 
 
 def test_a_restricted_operator_with_pre_staging_may_read_nodes_and_nothing_else_cluster_wide(
@@ -192,8 +194,6 @@ def test_a_restricted_operator_with_pre_staging_may_read_nodes_and_nothing_else_
     assert can_i(kubectl, sa, "watch", "nodes", "") and can_i(kubectl, sa, "list", "nodes", "")
     assert not can_i(kubectl, sa, "patch", "nodes", "")
     assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
-    assert not can_i(kubectl, sa, "update", "leases.coordination.k8s.io=kube-controller-manager", namespace)
-    assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
 
 
 def _job(name: str, labels: dict[str, str] | None = None, owner_kind: str | None = None) -> str:
@@ -265,6 +265,7 @@ def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, o
     assert not can_i(kubectl, sa, "create", "jobs.batch", "default")
     assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
     assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
+    assert not can_i(kubectl, sa, "list", "nodes", "")
 
 
 def test_helm_install_uninstall_keeps_the_checkpoint_pvc(helm, kubectl, kubeconfig, namespace):
