@@ -96,3 +96,25 @@ def test_a_node_fits_when_any_consumer_fits():
     nodes = [node("a", {"pool": "x"}), node("b", {"pool": "y"}), node("c", {"pool": "z"})]
     assert choose_nodes([pod(nodeSelector={"pool": "x"}), pod(nodeSelector={"pool": "z"})], nodes,
                         limit=5) == ["a", "c"]
+
+
+def test_an_agents_staging_report_is_read_as_checkpoint_versions_and_a_garbled_one_as_nothing():
+    from dynamo_snapshot.controllers.staging.controller import staged_versions
+
+    def lease(annotation: str) -> dict:
+        return {"metadata": {"annotations": {names.ANN_STAGED: annotation}}}
+
+    assert staged_versions(lease('[{"checkpointID": "c1", "version": "1"}, {"checkpointID": "c2", "version": "3"}]')) \
+        == {("c1", "1"), ("c2", "3")}
+    for garbled in ("not json", '{"checkpointID": "c1"}', '[{"version": "1"}]', "[1]"):
+        assert staged_versions(lease(garbled)) == set(), garbled
+    assert staged_versions({"metadata": {}}) == set()
+
+
+def test_the_staging_patch_names_every_field_so_nothing_of_the_old_staging_is_left():
+    from dynamo_snapshot.api import Staging
+    from dynamo_snapshot.controllers.staging.controller import staging_patch
+
+    assert staging_patch(Staging(artifact_version="2", nodes=["a"])) == {
+        "artifactVersion": "2", "nodes": ["a"], "staged": [], "gpu": None}
+    assert staging_patch(None) is None

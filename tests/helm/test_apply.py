@@ -147,7 +147,10 @@ def test_a_cluster_wide_agent_cannot_touch_leases_that_are_not_a_checkpoints(hel
                     agent("delete", "lease", "kube-controller-manager"),
                     agent("replace", "-f", "-", input=replaced("checkpoint-job", {}))):
         assert refused.returncode != 0 and "the snapshot agent may" in refused.stderr, refused.stderr
+    staged = {names.LABEL_STAGED_NODE: "node-1", names.LABEL_CHECKPOINT_ID: ""}  # service/staging.py's report
     for allowed in (agent("create", "-f", "-", input=lease("new-checkpoint-job", other_namespace, ours)),
+                    agent("create", "-f", "-", input=lease(names.STAGED_LEASE_PREFIX + "node-1", other_namespace,
+                                                         staged)),
                     agent("replace", "-f", "-", input=replaced("checkpoint-job", ours)),
                     agent("delete", "lease", "checkpoint-job")):
         assert allowed.returncode == 0, allowed.stderr
