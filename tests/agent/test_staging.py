@@ -228,3 +228,23 @@ async def test_a_podmount_agent_does_not_stage_but_still_drops(client, namespace
 
 async def _here() -> Compatibility:
     return HERE
+
+
+@pytest.mark.parametrize(("mode", "stages"), [("agentMount", True), ("podMount", False)])
+async def test_the_agent_with_a_node_cache_watches_checkpoints_and_stages_only_from_storage_it_mounts(
+        client, tmp_path, mode, stages):
+    from dynamo_snapshot.agent.service import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"cache:\n  dir: {tmp_path / 'cache'}\n  budgetGiB: 1\n")
+    parser = main.build_parser()
+    options = main.options_from(parser.parse_args(
+        ["--node-name=n1", "--namespace=infra", f"--config={path}", f"--storage-access-mode={mode}",
+         f"--storage-base-path={tmp_path / 'pvc'}"]), parser)
+    cache = main.node_cache(options)
+    stager = main.stager_for(options, client, InformerFactory(client), cache, bundle=None, cuda=None,
+                             identity="snapshot-agent-n1", metrics=None)
+    assert (stager.source is not None) is stages
+    assert stager.lease_name == "snapshot-staged-n1" and stager.lease_namespace == "infra"
+    assert stager.checkpoints.namespace == options.watched_namespace
+    cache.close()
