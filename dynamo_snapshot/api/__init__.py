@@ -12,6 +12,8 @@ from dynamo_snapshot.api.checkpoint import (
     DynamoCheckpointStatus,
     Identity,
     Phase,
+    Staging,
+    StagingGPU,
     refuse_out_of_scope,
 )
 from dynamo_snapshot.api.config import (
@@ -82,6 +84,8 @@ __all__ = [
     "S3Storage",
     "Service",
     "ServiceCheckpoint",
+    "Staging",
+    "StagingGPU",
     "StartupPolicy",
     "StorageAccessMode",
     "StorageConfig",

@@ -78,6 +78,24 @@ def refuse_out_of_scope(spec: DynamoCheckpointSpec) -> None:
                             "(upstream disables it too); set it to false or remove spec.gpuMemoryService")
 
 
+class StagingGPU(Base):
+    """The GPU a checkpoint was taken on, from its source node's labels: pre-staging goes only to nodes alike."""
+
+    product: str = ""  # the node label nvidia.com/gpu.product
+    driver_version: str = ""  # nvidia.com/cuda.driver-version.full (or major.minor.rev)
+
+
+class Staging(Base):
+    """Pre-staging (docs/agent.md#pre-staging): the nodes whose agents fetch this version into their node
+    cache ahead of the pods that restore from it (written by the operator), and where it is staged (the
+    agents' reports, copied by the operator)."""
+
+    artifact_version: str = ""
+    nodes: list[str] = []
+    staged: list[str] = []
+    gpu: StagingGPU | None = None
+
+
 class DynamoCheckpointStatus(Base):
     phase: Phase | None = None
     checkpoint_id: str = msgspec.field(default="", name="checkpointID")
@@ -89,6 +107,7 @@ class DynamoCheckpointStatus(Base):
     observed_generation: int = 0
     storage_type: str = ""  # pvc or s3 (upstream: pvc|s3|oci), set when the checkpoint Job is created
     location: str = ""  # <basePath>/<checkpointID> on the PVC, or s3://<bucket>/<prefix>/<checkpointID>
+    staging: Staging | None = None  # a Ready checkpoint something restores from (the staging controller's)
 
 
 class DynamoCheckpoint(Base):

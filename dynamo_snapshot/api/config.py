@@ -65,9 +65,17 @@ class StorageConfig(Base):
     s3: S3Storage = msgspec.field(default_factory=S3Storage)  # type s3 only; accessMode and pvc are then unused
 
 
+class StagingConfig(Base):
+    """Pre-staging (docs/agent.md#pre-staging): how many nodes' agents fetch a Ready checkpoint ahead of the
+    pods that restore from it; 0 turns it off (and the operator then watches no Nodes)."""
+
+    max_nodes: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+
+
 class CheckpointConfig(Base):
     enabled: bool = False
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    staging: StagingConfig = msgspec.field(default_factory=StagingConfig)
     cleanup_image: str = "busybox:1.36"
 
 

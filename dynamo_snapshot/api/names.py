@@ -58,6 +58,19 @@ ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_S3_SESSION_TOKEN = "AWS_SESSION_TOKEN"
 # Where the agent keeps the versions it uploads and fetches (node-local; the chart's hostPath)
 DEFAULT_S3_LOCAL_DIRECTORY = "/var/lib/dynamo-snapshot/objects"
+# Pre-staging (docs/agent.md#pre-staging): each agent's record of what its node cache holds, a Lease in the
+# agent's namespace named STAGED_LEASE_PREFIX + node, labelled with the node, annotated with a JSON list of
+# {"checkpointID", "version"}; it also carries LABEL_CHECKPOINT_ID (empty) so the admission policy lets the
+# agent write it
+STAGED_LEASE_PREFIX = "snapshot-staged-"
+LABEL_STAGED_NODE = "nvidia.com/snapshot-staged-node"
+ANN_STAGED = "nvidia.com/snapshot-staged"
+# Node labels of NVIDIA's GPU feature discovery, matched against the checkpoint's GPU
+NODE_LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
+NODE_LABEL_DRIVER_VERSION = "nvidia.com/cuda.driver-version.full"
+NODE_LABELS_DRIVER_PARTS = (
+    "nvidia.com/cuda.driver.major", "nvidia.com/cuda.driver.minor", "nvidia.com/cuda.driver.rev")
+RESOURCE_GPU = "nvidia.com/gpu"
 # On a DGD's ReplicaSet: the hash of the pod template the operator wrote
 ANN_POD_TEMPLATE_HASH = "nvidia.com/dynamo-pod-template-hash"
 

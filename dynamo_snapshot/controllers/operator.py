@@ -14,6 +14,7 @@ from dynamo_snapshot.controllers.checkpoint.reconciler import CheckpointControll
 from dynamo_snapshot.controllers.common import EVENT_CONTROLLER
 from dynamo_snapshot.controllers.dgd.reconciler import DGDController, uses_checkpoints
 from dynamo_snapshot.controllers.pvc_controller import PVCController
+from dynamo_snapshot.controllers.staging.controller import StagingController
 from dynamo_snapshot.httpserve import ProbeServer
 from dynamo_snapshot.kube import Client, EventRecorder, InformerFactory, LeaderElector
 from dynamo_snapshot.kube.config import load_config as load_cluster_config
@@ -83,6 +84,9 @@ class Operator:
         graphs = DGDController(client, factory, self.config, recorder, namespace=namespace,
                                workers=self.options.workers)
         storage.add_users(graphs.dgds, uses_checkpoints)
+        # pre-staging watches the cluster's Nodes: only when on (checkpoint.staging.maxNodes > 0)
+        staging = (StagingController(client, factory, self.config, namespace=namespace)
+                   if self.config.checkpoint.staging.max_nodes > 0 else None)
         log.info("starting controllers", namespace=namespace or "(all)",
                  checkpointing=self.config.checkpoint.enabled,
                  storage=self.config.checkpoint.storage.access_mode.value)
@@ -93,3 +97,5 @@ class Operator:
             tg.start_soon(checkpoints.controller.run)
             tg.start_soon(storage.controller.run)
             tg.start_soon(graphs.controller.run)
+            if staging is not None:
+                tg.start_soon(staging.controller.run)

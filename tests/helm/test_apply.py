@@ -148,7 +148,10 @@ def test_a_cluster_wide_agent_cannot_touch_leases_that_are_not_a_checkpoints(hel
                     agent("delete", "lease", "kube-controller-manager"),
                     agent("replace", "-f", "-", input=replaced("checkpoint-job", {}))):
         assert refused.returncode != 0 and "the snapshot agent may" in refused.stderr, refused.stderr
+    staged = {names.LABEL_STAGED_NODE: "node-1", names.LABEL_CHECKPOINT_ID: ""}  # service/staging.py's report
     for allowed in (agent("create", "-f", "-", input=lease("new-checkpoint-job", other_namespace, ours)),
+                    agent("create", "-f", "-", input=lease(names.STAGED_LEASE_PREFIX + "node-1", other_namespace,
+                                                         staged)),
                     agent("replace", "-f", "-", input=replaced("checkpoint-job", ours)),
                     agent("delete", "lease", "checkpoint-job")):
         assert allowed.returncode == 0, allowed.stderr
@@ -231,6 +234,18 @@ def test_operator_cluster_wide(helm, kubectl, apply, namespace, other_namespace)
     assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
     assert not can_i(kubectl, sa, "update", "leases.coordination.k8s.io=kube-controller-manager", namespace)
     assert not can_i(kubectl, sa, "create", "leases.coordination.k8s.io", other_namespace)
+    assert can_i(kubectl, sa, "watch", "nodes", "") and not can_i(kubectl, sa, "patch", "nodes", "")  # pre-staging
+
+
+def test_a_restricted_operator_with_pre_staging_may_read_nodes_and_nothing_else_cluster_wide(
+        helm, kubectl, apply, namespace, other_namespace):
+    objects = helm.template(OPERATOR_CHART, namespace=namespace, release="dynamo", values={
+        "namespaceRestricted": "true", "watchNamespace": other_namespace})
+    apply(objects)
+    sa = service_account(objects)
+    assert can_i(kubectl, sa, "watch", "nodes", "") and can_i(kubectl, sa, "list", "nodes", "")
+    assert not can_i(kubectl, sa, "patch", "nodes", "")
+    assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
 
 
 def _job(name: str, labels: dict[str, str] | None = None, owner_kind: str | None = None) -> str:
@@ -291,8 +306,9 @@ def test_a_cluster_wide_operator_can_write_only_checkpoint_jobs_and_dgd_replicas
 
 def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, other_namespace):
     objects = helm.template(OPERATOR_CHART, namespace=namespace, release="dynamo", values={
-        "namespaceRestricted": "true", "watchNamespace": other_namespace})
-    assert all(o["metadata"].get("namespace") for o in objects), "restricted mode has no cluster-scoped objects"
+        "namespaceRestricted": "true", "watchNamespace": other_namespace, "checkpoint.staging.maxNodes": "0"})
+    assert all(o["metadata"].get("namespace") for o in objects), \
+        "restricted mode without pre-staging has no cluster-scoped objects"
     apply(objects)  # the Role for the watched namespace lands there, the rest in the release namespace
 
     sa = service_account(objects)
@@ -301,6 +317,7 @@ def test_operator_restricted_to_one_namespace(helm, kubectl, apply, namespace, o
     assert not can_i(kubectl, sa, "create", "jobs.batch", "default")
     assert not can_i(kubectl, sa, "watch", "dynamocheckpoints.nvidia.com", "default")
     assert can_i(kubectl, sa, "update", "leases.coordination.k8s.io=dynamo-snapshot-operator", namespace)
+    assert not can_i(kubectl, sa, "list", "nodes", "")
 
 
 def test_helm_install_uninstall_keeps_the_checkpoint_pvc(helm, kubectl, kubeconfig, namespace):

@@ -76,7 +76,11 @@ def test_cluster_wide_deployment(helm):
 ])
 def test_namespace_restricted(helm, values, watched):
     objects = render(helm, **values)
-    assert "ClusterRole" not in kinds(objects) and "ClusterRoleBinding" not in kinds(objects)
+    # only the Nodes' read for pre-staging is cluster-wide (tests/helm/test_rbac.py); without it, nothing
+    assert [o["metadata"]["name"] for o in objects if o["kind"].startswith("ClusterRole")] == \
+        [f"dynamo-operator-nodes-{watched}"] * 2
+    bare = render(helm, **values, **{"checkpoint.staging.maxNodes": "0"})
+    assert "ClusterRole" not in kinds(bare) and "ClusterRoleBinding" not in kinds(bare)
     assert operator(objects)["command"] == [*BASE_COMMAND, f"--namespace={watched}"]
     roles = {o["metadata"]["name"]: o["metadata"]["namespace"] for o in objects if o["kind"] == "Role"}
     assert roles == {"dynamo-operator": watched, "dynamo-operator-leader-election": "dynamo-system"}
@@ -91,6 +95,7 @@ def test_default_config_is_the_operator_default_but_disabled(helm):
     assert (parsed.checkpoint.storage.pvc.pvc_name, parsed.checkpoint.storage.pvc.base_path) == \
         ("snapshot-pvc", "/checkpoints")
     assert parsed.checkpoint.cleanup_image == "busybox:1.36"
+    assert parsed.checkpoint.staging.max_nodes == 3
 
 
 def test_config_block_renders_every_value(helm):

@@ -30,7 +30,10 @@ AGENT_CALLS = {
     ("coordination.k8s.io", "leases", "get"), ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "update"), ("coordination.k8s.io", "leases", "delete"),
     ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+    # the node cache's watch (service/staging.py): granted only with cache.hostPath
+    ("nvidia.com", "dynamocheckpoints", "list"), ("nvidia.com", "dynamocheckpoints", "watch"),
 }
+AGENT_CACHE_CALLS = {("nvidia.com", "dynamocheckpoints", "list"), ("nvidia.com", "dynamocheckpoints", "watch")}
 OPERATOR_CALLS = {
     ("nvidia.com", "dynamocheckpoints", "list"), ("nvidia.com", "dynamocheckpoints", "watch"),
     ("nvidia.com", "dynamocheckpoints", "create"), ("nvidia.com", "dynamocheckpoints", "patch"),
@@ -50,7 +53,10 @@ OPERATOR_CALLS = {
     ("coordination.k8s.io", "leases", "get"), ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "update"),
     ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+    # pre-staging (controllers/staging): granted only with checkpoint.staging.maxNodes > 0 (the default)
+    ("", "nodes", "list"), ("", "nodes", "watch"),
 }
+OPERATOR_STAGING_CALLS = {("", "nodes", "list"), ("", "nodes", "watch")}
 # Granted though no call names them: the API server asks for them on the caller's behalf.
 OPERATOR_IMPLIED = {
     # ownerReferences with blockOwnerDeletion, under OwnerReferencesPermissionEnforcement (OpenShift)
@@ -78,11 +84,15 @@ AGENT_MODES = {
     "podMount": {"storage.accessMode": "podMount"},
     "podMount-restricted": {"storage.accessMode": "podMount", "rbac.namespaceRestricted": "true"},
     "openshift": {"storage.accessMode": "podMount", "openshift.enabled": "true"},
+    "agentMount-cache": {"storage.pvc.size": "1Ti", "cache.hostPath": "/mnt/nvme/cache", "cache.budgetGiB": "100"},
+    "podMount-cache": {"storage.accessMode": "podMount", "cache.hostPath": "/mnt/nvme/cache", "cache.budgetGiB": "100"},
 }
 OPERATOR_MODES = {
     "cluster": {},
     "restricted": {"namespaceRestricted": "true"},
     "restricted-elsewhere": {"namespaceRestricted": "true", "watchNamespace": "team-a"},
+    "no-staging": {"checkpoint.staging.maxNodes": "0"},
+    "restricted-no-staging": {"namespaceRestricted": "true", "checkpoint.staging.maxNodes": "0"},
 }
 
 
@@ -165,6 +175,8 @@ def test_the_agent_is_granted_exactly_what_its_code_calls(helm, mode):
     objects = agent_objects(helm, mode)
     granted = set().union(*(grants(r["rules"]) for r in roles(objects)))
     expected = AGENT_CALLS | ({SCC} if mode == "openshift" else set())
+    if not mode.endswith("-cache"):
+        expected -= AGENT_CACHE_CALLS
     assert granted == expected, f"extra: {sorted(granted - expected)}; missing: {sorted(expected - granted)}"
 
 
@@ -173,6 +185,8 @@ def test_the_operator_is_granted_exactly_what_its_code_calls(helm, mode):
     objects = operator_objects(helm, mode)
     granted = set().union(*(grants(r["rules"]) for r in roles(objects)))
     expected = OPERATOR_CALLS | OPERATOR_IMPLIED
+    if mode.endswith("no-staging"):
+        expected -= OPERATOR_STAGING_CALLS
     assert granted == expected, f"extra: {sorted(granted - expected)}; missing: {sorted(expected - granted)}"
 
 
@@ -208,6 +222,22 @@ def test_a_namespace_restricted_agent_is_granted_leases_only_in_the_release_name
     assert "ClusterRole" not in kinds(objects)
     for verb in ("get", "create", "update", "delete"):
         assert granted_where(objects, "leases", verb) == [("Role", "gpu-workers", [])]
+
+
+@pytest.mark.parametrize("mode", ["agentMount-cache", "podMount-cache"])
+def test_the_node_cache_agent_only_reads_dynamocheckpoints(helm, mode):
+    objects = agent_objects(helm, mode)
+    assert {g[2] for role in roles(objects) for g in grants(role["rules"]) if g[1] == "dynamocheckpoints"} == {
+        "list", "watch"}
+    assert not [g for role in roles(objects) for g in grants(role["rules"]) if g[1].startswith("dynamocheckpoints/")]
+
+
+@pytest.mark.parametrize("mode", ["restricted", "restricted-elsewhere"])
+def test_a_namespace_restricted_operator_gets_a_cluster_role_only_to_read_nodes(helm, mode):
+    objects = operator_objects(helm, mode)
+    cluster_roles = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert [grants(r["rules"]) for r in cluster_roles] == [OPERATOR_STAGING_CALLS]
+    assert granted_where(objects, "nodes", "list") == [("ClusterRole", "*", [])]
 
 
 @pytest.mark.parametrize("mode", OPERATOR_MODES)

@@ -20,13 +20,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import prometheus_client
 import structlog
 
 from dynamo_snapshot.agent.artifact import private
-from dynamo_snapshot.agent.artifact.authn import Keyring, KeyringError
+from dynamo_snapshot.agent.artifact.authn import Keyring, KeyringError, default_keyring
+from dynamo_snapshot.agent.artifact.manifest import Compatibility
 from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.artifact.storage import StorageMode, StorageResolver
@@ -125,16 +127,21 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
                 local_directory(Path(options.storage_base_path))
             private.sweep(Path(options.restore.private_dir))  # copies a killed predecessor left mid-restore
             cache = node_cache(options)  # sweeps the fills a killed predecessor left
-            node = CriuNode(cri, bundle, storage, options.criu, cuda_step(), options.restore, options.keyring,
+            cuda = cuda_step()
+            node = CriuNode(cri, bundle, storage, options.criu, cuda, options.restore, options.keyring,
                             cache, remote=options.remote)
             recorder = EventRecorder(client, controller=EVENT_CONTROLLER, instance=identity)
             metrics = AgentMetrics(prometheus_client.REGISTRY)
             if cache is not None:
                 metrics.watch_cache(cache)
             operations = Operations(client, node, recorder, identity, metrics)
-            agent = Agent(InformerFactory(client), operations, node_name=options.node_name,
+            factory = InformerFactory(client)
+            agent = Agent(factory, operations, node_name=options.node_name,
                           namespace=options.watched_namespace, workers=options.workers,
                           drain_timeout=options.drain_timeout)
+            if cache is not None:  # pre-staging and drops of deleted checkpoints (service/staging.py)
+                stager = stager_for(options, client, factory, cache, bundle, cuda, identity, metrics)
+                tg.start_soon(stager.controller.run)
             log.info("snapshot agent starting", node=options.node_name, identity=identity,
                      runtime=f"{options.runtime_type}:{options.runtime_socket}",
                      storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path),
@@ -155,6 +162,23 @@ def node_cache(options: AgentOptions) -> NodeCache | None:
     log.info("node cache", directory=options.cache.dir, budget_bytes=options.cache.budget_bytes,
              entries=len(cache.entries()), used_bytes=cache.used_bytes)
     return cache
+
+
+def stager_for(options: AgentOptions, client: Any, factory: Any, cache: NodeCache, bundle: CriuBundle,
+               cuda: CudaStep, identity: str, metrics: Any) -> Any:
+    """The node cache's watch on DynamoCheckpoints: stage what the operator names for this node, drop what
+    is deleted. Only an agentMount agent has storage to read ahead of a pod (podMount: drops only)."""
+    from dynamo_snapshot.agent.service.staging import Stager, StagingSource
+
+    async def here() -> Compatibility:
+        state = await cuda.node_state()
+        return Compatibility.of_this_node(await anyio.to_thread.run_sync(bundle.version), state.driver_version,
+                                          state.gpus, state.gpu_models)
+
+    source = (StagingSource(Path(options.storage_base_path), options.keyring or default_keyring(), here,
+                            options.remote) if options.storage_mode is StorageMode.AGENT_MOUNT else None)
+    return Stager(client, factory, cache, node_name=options.node_name, watched_namespace=options.watched_namespace,
+                  lease_namespace=options.namespace, source=source, identity=identity, metrics=metrics)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,15 @@ class AgentMetrics:
             buckets=_SECONDS,
             registry=registry,
         )
+        self.staging = Counter(
+            "snapshot_agent_staging_total",
+            "Pre-staging of checkpoints into the node cache by result (staged, refused, postponed, failed)",
+            ["result"],
+            registry=registry,
+        )
+        self.staging_in_progress = Gauge("snapshot_agent_staging_in_progress",
+                                         "Checkpoint versions being pre-staged into the node cache now",
+                                         registry=registry)
         self._registry = registry
 
     def watch_cache(self, cache: Any) -> None:

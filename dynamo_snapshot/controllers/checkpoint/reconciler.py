@@ -91,7 +91,7 @@ REASON_FOREIGN_JOB = "JobOwnedByAnotherObject"
 DISABLED_MESSAGE = "checkpoint functionality is disabled in the operator configuration"
 
 
-def _index_by_resolved_id(obj: DynamoCheckpoint | Malformed) -> list[str]:
+def index_by_resolved_id(obj: DynamoCheckpoint | Malformed) -> list[str]:
     if isinstance(obj, Malformed):
         return []
     try:
@@ -127,7 +127,7 @@ class CheckpointController:
         self.config = config
         self.recorder = recorder
         self.clock = clock
-        self.checkpoints = checkpoint_informer(factory, namespace, {CHECKPOINT_ID_INDEX: _index_by_resolved_id})
+        self.checkpoints = checkpoint_informer(factory, namespace, {CHECKPOINT_ID_INDEX: index_by_resolved_id})
         self.jobs: Informer[Any] = factory.informer(
             JOBS, namespace=namespace, label_selector=names.LABEL_CHECKPOINT_ID,
             indexers={OWNER_INDEX: index_by_owner})
@@ -385,7 +385,8 @@ class _Reconcile:
             job_name=job_name or old.job_name, created_at=timestamp(self.now) if phase is Phase.READY
             else old.created_at, conditions=condition_list,
             storage_type=storage.type if storage else old.storage_type,
-            location=storage.location(checkpoint_id) if storage and checkpoint_id else old.location)
+            location=storage.location(checkpoint_id) if storage and checkpoint_id else old.location,
+            staging=old.staging)  # the staging controller's
         if status == old:
             return True
         patch = {"metadata": {"resourceVersion": self.meta.resource_version}, "status": to_dict(status)}

@@ -86,7 +86,14 @@ of being ignored by the operator. */}}
 {{- $s3 := $c.storage.s3 | default dict -}}
 {{- $_ := set $storage "s3" (dict "bucket" $s3.bucket "prefix" ($s3.prefix | default "")) -}}
 {{- end -}}
-{{- toYaml (dict "checkpoint" (dict "enabled" $c.enabled "storage" $storage "cleanupImage" $c.cleanupImage)) -}}
+{{- $staging := dict "maxNodes" (int (($c.staging | default dict).maxNodes | default 0)) -}}
+{{- toYaml (dict "checkpoint" (dict "enabled" $c.enabled "storage" $storage "cleanupImage" $c.cleanupImage "staging" $staging)) -}}
+{{- end -}}
+
+{{/* "true" when pre-staging is on (checkpoint.staging.maxNodes > 0): the operator watches Nodes. */}}
+{{- define "operator.stagingOn" -}}
+{{- $c := include "operator.checkpointValues" . | fromYaml -}}
+{{- if gt (int (($c.staging | default dict).maxNodes | default 0)) 0 -}}true{{- end -}}
 {{- end -}}
 
 {{/* Values that would give an operator that starts but cannot work: refuse them, naming the value. */}}
