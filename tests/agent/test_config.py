@@ -28,6 +28,12 @@ def test_criu_settings_from_the_chart_config(tmp_path: Path):
     restore = RestoreOptions.configured(settings, images_dir="/i", work_dir="/w", pid_ns_fd=3, net_ns_fd=4,
                                         external_mounts={}).argv()
     assert restore[-1] == "--skip-file-rwx-check" and "-v2" in restore
+    assert RestoreOptions.configured(settings, images_dir="/i", work_dir="/w", pid_ns_fd=None, net_ns_fd=None,
+                                     external_mounts={}).env() == {}
+    path.write_text("criu:\n  restoreHugePages: force\n")
+    forced = RestoreOptions.configured(config.load(path).criu, images_dir="/i", work_dir="/w", pid_ns_fd=None,
+                                       net_ns_fd=None, external_mounts={})
+    assert forced.env() == {"DYNAMO_CRIU_RESTORE_THP": "force"}
 
 
 def test_restore_settings_from_the_config(tmp_path: Path):
@@ -44,6 +50,7 @@ def test_restore_settings_from_the_config(tmp_path: Path):
     ("criu:\n  logLevel: 9\n", "criu.logLevel: must be 0-4"),
     ("criu:\n  tcpEstablished: 'yes'\n", "criu.tcpEstablished: expected bool"),
     ("criu:\n  networkLock: ipfw\n", "criu.networkLock"),
+    ("criu:\n  restoreHugePages: always\n", "criu.restoreHugePages: 'always' is not one of"),
     ("criu:\n  timeoutSecs: 5\n", "unknown keys timeoutSecs"),
     ("crui: {}\n", "unknown keys crui"),
     ("cache:\n  dir: /var/cache/snap\n", r"cache.budgetGiB: must be set too when the other is"),

@@ -1,7 +1,9 @@
 """The patched CRIU (images/criu/patches/0001-dynamo-parallel-pages.patch, built by hack/build-criu.sh)
 restores a process tree's private anonymous memory with parallel readers: the memory comes back byte
 for byte - random data, a never-touched hole and a read-only region - and CRIU's restore log says the
-parallel path ran. Skipped where the patched CRIU is not built (or not root)."""
+parallel path ran; with huge pages forced (the agent's ``criu.restoreHugePages``) the memory is restored in
+huge pages, which survive the restorer's move to the final address (0002-dynamo-thp-alignment.patch).
+Skipped where the patched CRIU is not built (or not root)."""
 
 from __future__ import annotations
 
@@ -108,3 +110,19 @@ def test_parallel_page_restore_brings_back_memory_with_a_hole_and_a_read_only_re
         assert int(logged.group(1)) >= (512 - 64 + 16) << 20 and logged.group(2) == "2"
     finally:
         gone(restored.pid)
+
+    # the agent's criu.restoreHugePages: force reaches CRIU, and the huge pages survive the restorer (0002)
+    forced = criu.CriuSettings(network_lock="skip", restore_huge_pages="force")
+    restored = anyio.run(lambda: tree.restore_tree(tmp_path / "ck", "mem", bundle, settings=forced))
+    try:
+        assert checksum(state, 3) == before
+        assert anon_huge_mib(restored.pid) >= 256
+    finally:
+        gone(restored.pid)
+
+
+def anon_huge_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) >> 10
+    return 0

@@ -28,6 +28,8 @@ from dynamo_snapshot.agent.errors import CriuFailed
 log = structlog.get_logger(__name__)
 
 BUNDLE_ENV = "DYN_SNAPSHOT_CRIU_BUNDLE"
+HUGE_PAGES_ENV = "DYNAMO_CRIU_RESTORE_THP"  # read by images/criu/patches/0001 (criu restore)
+HUGE_PAGES = ("image", "force", "off")
 DEFAULT_CRIU_VERSION = "4.2.1"
 # hack/build-criu.sh's inputs: the patch directory (or "none": stock CRIU) and the build cache.
 PATCHES_ENV = "CRIU_PATCHES"
@@ -101,6 +103,9 @@ class CriuSettings:
     network_lock: str = "nftables"  # "" leaves CRIU's default (iptables)
     timeout_s: int = 60
     extra_args: tuple[str, ...] = ()  # appended to every dump and restore command line, as given
+    # the project's page-restore patch: MADV_HUGEPAGE on restored VMAs, "image" (the dumped advice),
+    # "force" or "off"; "" leaves the patch's default (images/criu/patches/README.md)
+    restore_huge_pages: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,11 +199,16 @@ class RestoreOptions:
     timeout_s: int = 60
     extra_args: tuple[str, ...] = ()
     libdir: str | None = None  # see DumpOptions.libdir
+    huge_pages: str = ""  # CriuSettings.restore_huge_pages
 
     @classmethod
     def configured(cls, settings: CriuSettings, **fields: object) -> RestoreOptions:
         return cls(log_level=settings.log_level, timeout_s=settings.timeout_s, extra_args=settings.extra_args,
-                   **fields)  # type: ignore[arg-type]
+                   huge_pages=settings.restore_huge_pages, **fields)  # type: ignore[arg-type]
+
+    def env(self) -> dict[str, str]:
+        """The environment of ``criu restore`` beyond the agent's own (the patch's knobs)."""
+        return {HUGE_PAGES_ENV: self.huge_pages} if self.huge_pages else {}
 
     @classmethod
     def on_host(cls, settings: CriuSettings, images_dir: str, work_dir: str, libdir: str | None) -> RestoreOptions:
@@ -258,11 +268,15 @@ async def run(
     log_path: Path | None,
     pass_fds: Sequence[int] = (),
     on_started: Callable[[int], Awaitable[None]] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run a CRIU command line (possibly behind wrappers such as nsenter) and raise ``CriuFailed``
-    with the log's tail if it fails. ``on_started`` gets the PID of the spawned process."""
-    log.info("criu starting", action=action, argv=" ".join(argv))
-    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL, pass_fds=pass_fds) as process:
+    with the log's tail if it fails. ``on_started`` gets the PID of the spawned process; ``env`` is
+    added to the agent's environment."""
+    log.info("criu starting", action=action, argv=" ".join(argv), **({"env": dict(env)} if env else {}))
+    environment = {**os.environ, **env} if env else None
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL, pass_fds=pass_fds,
+                                        env=environment) as process:
         if on_started is not None:
             await on_started(process.pid)
         stderr = b""

@@ -292,7 +292,7 @@ class Placeholder:
                 join_namespaces={kind: _ref(fd) for kind, fd in join.items()},
             )
             argv = [*self._enter_argv(), *bundle.command(_ref(bundle_fd)), *options.argv(), *extra]
-            await criu.run("restore", argv, work_dir / options.log_file, pass_fds=opened)
+            await criu.run("restore", argv, work_dir / options.log_file, pass_fds=opened, env=options.env())
         finally:
             for fd in opened:
                 os.close(fd)

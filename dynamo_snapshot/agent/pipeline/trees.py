@@ -172,7 +172,7 @@ class TreeDestination:
         options = criu.RestoreOptions.on_host(settings, str(images), str(work_dir), plugins_dir(bundle))
         lock = manifest.get("criu", {}).get("networkLock", settings.network_lock)
         argv = [*bundle.command(), *options.argv(), *(["--network-lock", lock] if lock else []), *extra]
-        await criu.run("restore", argv, work_dir / options.log_file)
+        await criu.run("restore", argv, work_dir / options.log_file, env=options.env())
 
     def host_pid(self, workload_pid: int) -> int | None:
         return workload_pid

@@ -6,6 +6,7 @@
       networkLock: ""        # "" is CRIU's default (iptables); or nftables
       timeoutSeconds: 600    # a dump or restore is given up after this long
       extraArgs: []          # appended to every CRIU dump and restore command line
+      restoreHugePages: ""   # image, force or off: huge pages for restored memory (images/criu/patches)
     restore:
       verifyThreads: 16      # parallel SHA-256 readers of a checkpoint (default: CPUs, at most 16)
       prefetchThreads: 8     # parallel readers of the files a worker declared; 0: no prefetch
@@ -33,7 +34,7 @@ import yaml
 
 from dynamo_snapshot.agent.artifact.authn import DEFAULT_KEY_DIRECTORY, KEY_DIRECTORY_ENV
 from dynamo_snapshot.agent.artifact.private import DEFAULT_ROOT as DEFAULT_PRIVATE_DIR
-from dynamo_snapshot.agent.container.criu import CriuSettings
+from dynamo_snapshot.agent.container.criu import HUGE_PAGES, CriuSettings
 from dynamo_snapshot.agent.service.configfields import ConfigError
 from dynamo_snapshot.agent.service.configfields import bounded as _bounded
 from dynamo_snapshot.agent.service.configfields import section as _section
@@ -45,7 +46,8 @@ NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
 
 
 def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSettings:
-    section = _section(data, where, {"logLevel", "tcpEstablished", "networkLock", "timeoutSeconds", "extraArgs"})
+    section = _section(data, where, {"logLevel", "tcpEstablished", "networkLock", "timeoutSeconds", "extraArgs",
+                                     "restoreHugePages"})
     defaults = CriuSettings()
     fields: dict[str, Any] = {}
     if "logLevel" in section:
@@ -68,6 +70,12 @@ def criu_settings(data: dict[str, Any] | None, where: str = "criu") -> CriuSetti
         if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
             raise ConfigError(f"{where}.extraArgs: expected a list of strings, got {_short(extra)}")
         fields["extra_args"] = tuple(extra)
+    if "restoreHugePages" in section:
+        mode = section["restoreHugePages"] or ""
+        if not isinstance(mode, str) or mode not in ("", *HUGE_PAGES):
+            choices = ", ".join(map(repr, ("", *HUGE_PAGES)))
+            raise ConfigError(f"{where}.restoreHugePages: {_short(mode)} is not one of {choices}")
+        fields["restore_huge_pages"] = mode
     return CriuSettings(**{**defaults.__dict__, **fields})
 
 
