@@ -8,12 +8,15 @@ from pathlib import Path
 import anyio
 import pytest
 
+from dynamo_snapshot.agent import tree
 from dynamo_snapshot.agent.artifact import authn, objectstore
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact import s3 as s3client
+from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError
+from dynamo_snapshot.agent.pipeline.hooks import Hooks
 from dynamo_snapshot.devcluster import minio
 
 HERE = artifact.Compatibility(criu_version="4.2.1", kernel="6.18.44", architecture="x86_64")
@@ -241,18 +244,21 @@ class _StopsServerAfterOneRange(_Counting):
         return data
 
 
-def test_a_process_tree_checkpointed_into_the_bucket_restores_on_a_node_that_never_had_it(
-        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
-    from dynamo_snapshot.agent import tree
-    from dynamo_snapshot.agent.artifact.remote import ObjectStorage
-    from tests.agent.test_tree_restore import counting, gone, start_ticker
-
+def criu_bundle() -> criu.CriuBundle:
+    """The CRIU bundle, or a skip with the reason (the tree tests need root and CRIU)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (CRIU)")
     try:
-        bundle = criu.CriuBundle.locate()
+        return criu.CriuBundle.locate()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+def test_a_process_tree_checkpointed_into_the_bucket_restores_on_a_node_that_never_had_it(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    from tests.agent.test_tree_restore import counting, gone, start_ticker
+
+    bundle = criu_bundle()
     remote = ObjectStorage(client_for(minio_server, bucket), prefix="fleet/ckpts", concurrency=4)
     settings = criu.CriuSettings(network_lock="skip")
     proc, count = start_ticker(tmp_path)
@@ -293,17 +299,9 @@ def test_an_unconfirmed_commit_is_taken_back_whole_or_uncommitted_and_a_new_uplo
 
 def test_a_checkpoint_whose_confirmation_fails_leaves_nothing_committed_and_its_retry_lands(
         minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
-    from dynamo_snapshot.agent import tree
-    from dynamo_snapshot.agent.artifact.remote import ObjectStorage
-    from dynamo_snapshot.agent.pipeline.hooks import Hooks
     from tests.agent.test_tree_restore import gone, start_ticker
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root (CRIU)")
-    try:
-        bundle = criu.CriuBundle.locate()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    bundle = criu_bundle()
 
     class Refused(Hooks):
         async def confirm(self, directory: Path) -> None:
