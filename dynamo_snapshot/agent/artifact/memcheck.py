@@ -42,6 +42,7 @@ from dynamo_snapshot.agent.errors import ArtifactInvalid
 from dynamo_snapshot.agent.host import procfs
 
 _READ = 4 << 20
+MAX_CHECK_THREADS = 64
 
 log = structlog.get_logger(__name__)
 
@@ -247,8 +248,9 @@ def verify_memory(stored: Path, layout: PageLayout, manifest: dict[str, Any], ho
                     f"memory have SHA-256 {got}; the manifest says {want} (the page data changed on storage, "
                     f"or CRIU restored something else); refused before the restored tasks ran")
 
-        with ThreadPoolExecutor(max_workers=max(1, io_threads or default_io_threads()),
-                                thread_name_prefix="memcheck") as pool:
+        # CPU-bound (SHA-256 of memory) while nothing else runs: every CPU, not only the I/O readers
+        workers = max(io_threads or 1, min(MAX_CHECK_THREADS, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memcheck") as pool:
             list(pool.map(check, jobs))
         return sum(job[5] for job in jobs)
     finally:
