@@ -53,6 +53,9 @@ from run import (  # noqa: E402
 )
 
 from dynamo_snapshot.agent import tree  # noqa: E402
+from dynamo_snapshot.agent.artifact import authn  # noqa: E402
+from dynamo_snapshot.agent.artifact.authn import default_keyring  # noqa: E402
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache  # noqa: E402
 from dynamo_snapshot.agent.cuda import devices as cuda_devices  # noqa: E402
 from dynamo_snapshot.agent.cuda.driverstep import CudaHelperProcesses, DriverCuda  # noqa: E402
 from dynamo_snapshot.agent.host import procfs  # noqa: E402
@@ -90,6 +93,7 @@ class HfBench(Bench):
         self.base = self.work / "hf-checkpoints"
         self.logs = self.work / "hf-logs"
         self.deadline = time.monotonic() + args.budget
+        self._cache: NodeCache | None = None
 
     def save(self) -> None:
         (self.out / "hf-results.json").write_text(json.dumps(self.results, indent=2, default=str))
@@ -168,13 +172,15 @@ class HfBench(Bench):
     def restore_once(self, name: str, drop: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
         env = dict(env or {})
         io_threads = int(env.pop("io_threads", self.args.io_threads))  # a setting of the pipeline, not of CRIU
+        cache = self.staged(io_threads) if env.pop("staged", "") else None  # pre-staged in the node cache
         page_cache = drop_caches([self.model, self.base]) if drop else "warm (read by the run before)"
         saved = {key: os.environ.get(key) for key in env or {}}
         os.environ.update(env or {})  # CRIU inherits it (the patched CRIU's DYNAMO_CRIU_RESTORE_* settings)
         started = time.perf_counter()
         try:
             done = anyio.run(lambda: tree.restore_tree(self.base, CHECKPOINT, self.bundle, DriverCuda(),
-                                                       self.settings, io_threads=io_threads, overlap=True))
+                                                       self.settings, io_threads=io_threads, overlap=True,
+                                                       cache=cache))
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -188,12 +194,28 @@ class HfBench(Bench):
         answered = time.perf_counter()
         kill_and_reap(done.pid)
         result = {"page_cache": page_cache, "dropped": drop, "env": env, "io_threads": io_threads,
+                  "staged": cache is not None, "stage_s": self.results.get("stage_s"),
                   "seconds": done.seconds,
                   "pipeline_s": restored - started, "restore_to_serving_s": serving - started,
                   "restore_to_first_state_s": answered - started, "state_generate_s": state.get("generate_s"),
                   "equal": same_state(state, self.results["reference"]), "pid": ping.get("pid")}
         log(f"restore {name}", **result)
         return result
+
+    def staged(self, io_threads: int) -> NodeCache:
+        """The node cache holding the checkpoint, as an agent's pre-staging leaves it (filled once, off the
+        restore's path: the time is ``stage_s``)."""
+        if self._cache is None:
+            # on tmpfs by default: the device's one disk cannot hold the model, the checkpoint and a copy
+            self._cache = NodeCache(self.args.node_cache, 64 << 30, io_threads=io_threads)
+            started = time.perf_counter()
+            version = self.base / CHECKPOINT / "versions" / "1"
+            self._cache.fill_in_background(CHECKPOINT, "1", version, authn.open_manifest(version, default_keyring()))
+            self._cache.settle()
+            self.results["stage_s"] = time.perf_counter() - started
+            if not self._cache.entries():
+                raise RuntimeError("the node cache did not take the checkpoint (see the log)")
+        return self._cache
 
     def run(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -282,6 +304,8 @@ def table(results: dict[str, Any]) -> str:
     for name, r in results.get("restores", {}).items():
         dropped = r.get("dropped", name == "dropped")
         label = "restore, page cache dropped" if dropped else "restore, image in page cache"
+        if r.get("staged"):
+            label += f", pre-staged in the node cache (filled in {r.get('stage_s') or 0:.1f} s before)"
         if r.get("env") or r.get("io_threads") != 16:
             settings = [f"{k}={v}" for k, v in r.get("env", {}).items()] + [f"verifier threads {r.get('io_threads')}"]
             label += " (" + " ".join(settings) + ")"
@@ -320,6 +344,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-gpu-out"))
     parser.add_argument("--model", type=Path, help="model directory (default: <work>/llama3-8b-shape-<layers>l)")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--node-cache", type=Path, default=Path("/dev/shm/dynamo-snapshot-node-cache"),
+                        help="the node cache of staged=1 variants (default on tmpfs: node RAM)")
     parser.add_argument("--network-lock", default="nftables")
     parser.add_argument("--io-threads", type=int, default=16, help="restore readers (verification, prefetch)")
     parser.add_argument("--cold-timeout", type=float, default=400.0)
@@ -328,7 +354,8 @@ def main() -> None:
     parser.add_argument("--digests-after-dump", action="store_true",
                         help="checkpoint with every digest taken after the dump (the pipeline before the follower)")
     parser.add_argument("--variant", dest="variants", action="append", type=variant, default=[],
-                        help="NAME:dropped|warm[:KEY=VALUE,...] a restore to run (repeatable; io_threads=N sets the "
+                        help="NAME:dropped|warm[:KEY=VALUE,...] a restore to run (repeatable; staged=1 restores from a "
+                             "node cache filled before (pre-staging); io_threads=N sets the "
                              "pipeline's readers, other keys CRIU's environment); default: "
                              "dropped:dropped and warm:warm. dropped: with the page cache dropped first")
     args = parser.parse_args()

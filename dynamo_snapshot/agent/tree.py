@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 
 from dynamo_snapshot.agent.artifact.authn import Keyring
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.prefetch import Prefetch
 from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.container import criu
@@ -84,14 +85,16 @@ async def restore_tree(
     hooks: Hooks = NO_HOOKS,
     keyring: Keyring | None = None,
     remote: ObjectStorage | None = None,
+    cache: NodeCache | None = None,
 ) -> TreeRestore:
     """The restore pipeline onto this host. ``overlap``: CRIU starts once everything it parses is
     verified, the page data read ahead meanwhile and verified in the restored memory (tasks held
     stopped until it passed); without it, the page data is also verified on storage first.
-    ``prefetch``: files read into the page cache after the image."""
+    ``prefetch``: files read into the page cache after the image. ``cache``: a node cache to read a
+    complete verified copy from (and to fill after a restore from storage)."""
     request = rst.RestoreRequest(checkpoint_id, base, work_dir=work_dir, io_threads=io_threads, keyring=keyring,
                                  prefetch_threads=prefetch_threads, prefetch=tuple(prefetch), overlap=overlap,
-                                 remote=remote)
+                                 remote=remote, cache=cache)
     done = await rst.restore(TreeRestoreTarget(), request, bundle, cuda, hooks, settings)
     seconds = {**done.seconds, **(done.background_seconds if overlap else {})}
     pairs = list(getattr(cuda, "gpu_pairs", []))
