@@ -28,6 +28,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynamo_snapshot.agent.errors import AgentError
+
 _FAN_CLOEXEC, _FAN_NONBLOCK, _FAN_UNLIMITED_QUEUE = 0x1, 0x2, 0x10
 _FAN_MARK_ADD = 0x1
 _FAN_MODIFY, _FAN_CLOSE_WRITE, _FAN_Q_OVERFLOW, _FAN_EVENT_ON_CHILD = 0x2, 0x8, 0x4000, 0x08000000
@@ -42,8 +44,8 @@ _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ct
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
-class WatchUnavailable(OSError):
-    pass
+class WatchUnavailable(OSError, AgentError):
+    """The kernel refused the watch (errno and the call that failed): the caller does without it."""
 
 
 @dataclass(frozen=True)
