@@ -14,6 +14,7 @@ subclasses with the server's status code, reason and message, or `TransportError
 from __future__ import annotations
 
 import enum
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Generic, TypeVar
 import aiohttp
 import msgspec
 import structlog
+import yarl
 
 from dynamo_snapshot.kube.config import ClusterConfig, load_config
 from dynamo_snapshot.kube.errors import TransportError, Unauthorized, api_error
@@ -98,6 +100,7 @@ def decoder(type_: Any) -> msgspec.json.Decoder:
 
 
 _encoder = msgspec.json.Encoder()
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": kept as they are in a path
 
 
 def _params(**values: Any) -> dict[str, str]:
@@ -136,6 +139,9 @@ class Client:
             connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl else False, limit=self.max_connections)
             self._session = aiohttp.ClientSession(
                 connector=connector,
+                # The API server's answers set no cookie a client must send back (client-go keeps none): no
+                # jar to filter on every request and to fill from every response.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 headers={"User-Agent": self.user_agent, "Accept": "application/json"},
                 # No total: a large LIST may take long; a silent connection may not.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
@@ -174,7 +180,7 @@ class Client:
                 headers["Authorization"] = auth
             try:
                 async with self._get_session().request(
-                    method, self.config.server + path, params=params, data=data, headers=headers, **extra,
+                    method, self._url(path, params), data=data, headers=headers, **extra,
                 ) as response:
                     if response.status >= 400:
                         raw = await response.read()
@@ -195,6 +201,14 @@ class Client:
                     return
             except _TRANSPORT_ERRORS as err:
                 raise TransportError(method, path, err) from err
+
+    def _url(self, path: str, params: Mapping[str, str] | None) -> yarl.URL:
+        """The request's URL, encoded here once: given a string and params, aiohttp has yarl parse it, encode
+        it again and merge the query on every request. Paths are made of API names (``resources.py``)."""
+        path, _, query = path.partition("?")  # a caller's own query string is kept as given
+        url = self.config.server + urllib.parse.quote(path, safe=_PATH_SAFE)
+        query = "&".join(q for q in (query, urllib.parse.urlencode(params) if params else "") if q)
+        return yarl.URL(f"{url}?{query}" if query else url, encoded=True)
 
     async def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json", type: Any = Any) -> Any:

@@ -138,6 +138,16 @@ async def test_list_pages_and_watch(client: Client, namespace):
     assert seen == [("MODIFIED", "c0"), ("DELETED", "c1")]
 
 
+async def test_selectors_and_a_callers_own_query_reach_the_server_as_written(client: Client, namespace):
+    for name, labels in (("a", {"tier": "x", "role": "db"}), ("b", {"tier": "y"}), ("c", {"tier": "z"})):
+        await client.create(CONFIGMAPS, {"metadata": {"name": name, "labels": labels}}, namespace)
+    chosen = await client.list(CONFIGMAPS, namespace, label_selector="tier in (x,y),!role",
+                               field_selector="metadata.name!=c")
+    assert [i["metadata"]["name"] for i in chosen.items] == ["b"]
+    page = await client.request("GET", f"{CONFIGMAPS.path(namespace)}?labelSelector=tier%3Dz", params={"limit": "5"})
+    assert [i["metadata"]["name"] for i in page["items"]] == ["c"]
+
+
 async def test_event_recorder_counts_repeats_on_one_event(client: Client, namespace):
     target = await client.create(CONFIGMAPS, {"metadata": {"name": "target"}}, namespace)
     recorder = EventRecorder(client, controller="nvidia.com/test-controller", instance="test-1")
