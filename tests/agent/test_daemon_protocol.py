@@ -17,6 +17,7 @@ import anyio.lowlevel
 import pytest
 from prometheus_client import CollectorRegistry
 
+from dynamo_snapshot.agent.container.runtime import CRIError
 from dynamo_snapshot.agent.errors import ArtifactInvalid, CriuFailed, RestoreError
 from dynamo_snapshot.agent.pipeline.checkpoint import CheckpointResult, Settled
 from dynamo_snapshot.agent.pipeline.restore import RestoreResult
@@ -67,6 +68,7 @@ class FakeNode:
         self.restore_step: Callable[..., Any] | None = None
         self.restored: set[str] = set()  # containers whose control directory holds restore-complete
         self.left_source = Settled.UNTOUCHED  # what settle_source finds of a source without a verdict
+        self.runtime_silent: list[str] = []  # calls that fail once each, as a busy containerd's do
 
     async def checkpoint(self, work: CheckpointWork, hooks) -> CheckpointResult:
         self.calls.append(("checkpoint", work.container_id))
@@ -78,7 +80,14 @@ class FakeNode:
         assert self.restore_step is not None
         return await self.restore_step(work)
 
+    def _ask_runtime(self, call: str, container_id: str) -> None:
+        if call in self.runtime_silent:
+            self.runtime_silent.remove(call)
+            self.calls.append((f"{call}-unanswered", container_id))
+            raise CRIError("ContainerStatus", f"container {container_id}", "deadline exceeded")
+
     async def restore_finished(self, container_id: str) -> bool:
+        self._ask_runtime("restore-finished", container_id)
         return container_id in self.restored
 
     async def kill_workload(self, container_id: str) -> None:
@@ -91,6 +100,7 @@ class FakeNode:
         return Settled.RELEASED if completed else self.left_source
 
     async def kill_container(self, container_id: str) -> None:
+        self._ask_runtime("kill-container", container_id)
         self.calls.append(("kill-container", container_id))
 
     async def refuse_restore(self, container_id: str, reason: str) -> None:
@@ -121,11 +131,12 @@ class Harness:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def outcome_for(self, container_id: str, within_s: float = 30) -> Outcome:
+    async def outcome_for(self, container_id: str, within_s: float = 30, *, not_: Outcome | None = None) -> Outcome:
+        """The first outcome for the container (with ``not_``: the first other than that one)."""
         with anyio.fail_after(within_s):
             while True:
                 for work, outcome in self.outcomes:
-                    if work.container_id == container_id:
+                    if work.container_id == container_id and outcome is not not_:
                         return outcome
                 await self._changed.wait()
 
@@ -536,6 +547,25 @@ async def test_a_restore_interrupted_by_an_agent_restart_is_not_run_again_on_tha
         assert await harness.outcome_for("c-half") is Outcome.FAILED
     assert harness.node.calls == [("kill-container", "c-half")]
     assert (await harness.annotations(PODS, "interrupted"))[names.restore_status_annotation("main")] == "failed"
+
+
+@pytest.mark.parametrize("unanswered", [["kill-container"], ["restore-finished", "kill-container"]],
+                         ids=["kill", "finished-check-and-kill"])
+async def test_an_interrupted_restore_whose_runtime_does_not_answer_is_killed_on_a_later_look(harness, unanswered):
+    """A restarted agent on a busy node: containerd does not answer the look at the placeholder or its
+    kill. The pod is looked at again until the kill lands, instead of waiting in standby for good under
+    a `failed` that promised a fresh container."""
+    harness.node.runtime_silent = list(unanswered)
+    async with harness.agent():
+        await harness.pod("busy-node", "c-half", annotations={
+            names.restore_status_annotation("main"): "in_progress",
+            names.restore_container_id_annotation("main"): "c-half"})
+        assert await harness.outcome_for("c-half") is Outcome.RETRY
+        assert await harness.outcome_for("c-half", not_=Outcome.RETRY) is Outcome.FAILED
+    unanswered_calls = [("restore-finished-unanswered", "c-half")] if len(unanswered) == 2 else []
+    assert harness.node.calls == [*unanswered_calls, ("kill-container-unanswered", "c-half"),
+                                  ("kill-container", "c-half")]
+    assert (await harness.annotations(PODS, "busy-node"))[names.restore_status_annotation("main")] == "failed"
 
 
 async def test_a_restore_that_finished_before_an_agent_restart_is_recorded_not_undone(harness):

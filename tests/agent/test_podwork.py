@@ -53,7 +53,13 @@ def test_a_restore_pod_asks_for_a_restore_once_its_container_runs():
 @pytest.mark.parametrize("status", ["completed", "failed"])
 def test_a_container_id_is_never_restored_twice(status):
     done = {names.restore_status_annotation("main"): status, names.restore_container_id_annotation("main"): "c1"}
-    assert podwork.work_for(pod(source=False, annotations=done)) == []
+    if status == "completed":
+        assert podwork.work_for(pod(source=False, annotations=done)) == []
+    else:  # failed, yet still running: its kill did not land; it is killed again, never restored
+        (work,) = podwork.work_for(pod(source=False, annotations=done))
+        assert work.unkilled and not work.interrupted
+        refused = {**done, names.restore_refused_annotation("main"): ID}  # told so, left running
+        assert podwork.work_for(pod(source=False, annotations=refused)) == []
     # A new container (the kubelet restarted it) is a new restore.
     (work,) = podwork.work_for(pod(source=False, annotations=done, container_id="containerd://c2"))
     assert work.container_id == "c2"

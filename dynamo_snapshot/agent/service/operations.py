@@ -188,16 +188,25 @@ class Operations:
                     bound.error("could not record the refused restore on the pod", error=str(err))
                 await self._tell_refused(work, work.refused, bound)
             return Outcome.FAILED
+        if work.unkilled:
+            return Outcome.FAILED if await self._kill_placeholder(work, bound) else Outcome.RETRY
         if work.interrupted:
-            if await self.node.restore_finished(work.container_id):  # only the `completed` mark was lost
+            try:
+                finished = await self.node.restore_finished(work.container_id)
+            except AgentError as err:  # the runtime did not answer: nothing changed, look again
+                bound.warning("cannot tell whether the interrupted restore had finished; will look again",
+                              error=str(err))
+                return Outcome.RETRY
+            if finished:  # only the `completed` mark was lost
                 bound.info("the restore had finished before the agent restarted; recording it")
                 await self._completed_verdict(work, bound)
                 return Outcome.COMPLETED
             reason = (f"the restore of container {work.container} ({work.container_id}) was interrupted "
                       "(the snapshot agent restarted); restarting the container to try again")
+            killed = False
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self._restore_failed(work, reason, bound)
-            return Outcome.FAILED
+                killed = await self._restore_failed(work, reason, bound)
+            return Outcome.FAILED if killed else Outcome.RETRY
         try:
             await self._restore_status(work, names.STATUS_IN_PROGRESS)
         except NotFound:
@@ -211,11 +220,12 @@ class Operations:
         except BaseException as err:
             reason = ("the snapshot agent stopped during the restore" if not isinstance(err, Exception)
                       else _describe(err))
+            killed = False
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
-                await self._restore_failed(work, reason, bound, for_good=refused_for_good(err))
+                killed = await self._restore_failed(work, reason, bound, for_good=refused_for_good(err))
             if not isinstance(err, Exception):
                 raise
-            return Outcome.FAILED
+            return Outcome.FAILED if killed else Outcome.RETRY
         await self._completed_verdict(work, bound)
         self.metrics.observe_stages("restore", {**result.seconds, **result.background_seconds})
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
@@ -251,17 +261,27 @@ class Operations:
                 await anyio.sleep(delay)  # the API server is failing: back off before asking again
                 delay *= 2
 
-    async def _restore_failed(self, work: RestoreWork, reason: str, bound: Any, for_good: bool = False) -> None:
+    async def _restore_failed(self, work: RestoreWork, reason: str, bound: Any, for_good: bool = False) -> bool:
+        """Record the failure, then kill the placeholder (or tell it it is refused for good); False when the
+        kill did not land, so the pod is looked at again (``unkilled``) instead of waiting in standby."""
         if for_good:
             reason += ("; the container starts its workload cold instead (its restore fallback)" if work.falls_back_cold
                        else "; the pod waits without restarting (no retry can help: take the checkpoint again, "
                             "then delete this pod)")
             await self._record_restore_failure(work, reason, bound, refused=True)
             await self._tell_refused(work, reason, bound)
-            return
+            return True
         bound.error("restore failed; killing the placeholder", error=reason)
         await self._record_restore_failure(work, reason, bound)
-        await self.node.kill_container(work.container_id)
+        return await self._kill_placeholder(work, bound)
+
+    async def _kill_placeholder(self, work: RestoreWork, bound: Any) -> bool:
+        try:
+            await self.node.kill_container(work.container_id)
+        except (AgentError, OSError) as err:
+            bound.warning("could not kill the placeholder of a failed restore; will try again", error=str(err))
+            return False
+        return True
 
     async def _tell_refused(self, work: RestoreWork, reason: str, bound: Any) -> None:
         """The placeholder learns its restore is refused (restore-failed) and is left running; one the

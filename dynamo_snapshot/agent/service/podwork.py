@@ -5,7 +5,8 @@
   once, for the Job that owns it.
 * A restore pod (the checkpoint-ID label, not a source), Pending or Running, is to have each target
   container restored once it runs (snapshot-init waits in standby), unless its annotations say that
-  this very container was already restored, or already failed.
+  this very container was already restored, or already failed - a failed one that still runs (not
+  refused for good) is to be killed again: the kill that follows the failure did not land.
 
 Pure functions over plain dicts: the daemon feeds them from its informer.
 """
@@ -62,6 +63,9 @@ class RestoreWork(_ContainerWork):
     refused: str | None = None
     # The target's restore fallback (pod spec env): a refused restore starts its workload cold
     falls_back_cold: bool = False
+    # Annotated failed (not refused) for this very container, which still runs: the kill that should
+    # have followed did not land (the runtime did not answer), so the pod would wait in standby forever
+    unkilled: bool = False
 
     @property
     def key(self) -> str:
@@ -212,16 +216,19 @@ def restore_work(pod: dict[str, Any]) -> list[RestoreWork]:
             continue
         handled = annotations.get(names.restore_container_id_annotation(container)) == container_id
         status = annotations.get(names.restore_status_annotation(container))
-        if handled and status in (names.STATUS_COMPLETED, names.STATUS_FAILED):
+        refused_here = annotations.get(names.restore_refused_annotation(container)) == checkpoint_id
+        unkilled = handled and status == names.STATUS_FAILED and not refused_here
+        if handled and (status == names.STATUS_COMPLETED or (status == names.STATUS_FAILED and refused_here)):
             continue
         interrupted = handled and status == names.STATUS_IN_PROGRESS
         refused = None
-        if annotations.get(names.restore_refused_annotation(container)) == checkpoint_id:
+        if refused_here:
             refused = annotations.get(names.restore_message_annotation(container)) or "refused by the agent"
         found.append(RestoreWork(pod=_ref(pod), container=container, container_id=container_id,
                                  checkpoint_id=checkpoint_id, artifact_version=version, base_path=base_path,
                                  storage_type=storage_type(pod), interrupted=interrupted, refused=refused,
-                                 falls_back_cold=_falls_back_cold((pod.get("spec") or {}), container)))
+                                 falls_back_cold=_falls_back_cold((pod.get("spec") or {}), container),
+                                 unkilled=unkilled))
     return found
 
 
