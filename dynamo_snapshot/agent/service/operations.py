@@ -16,7 +16,8 @@ Restore (SPEC section 7):
     a fresh container (a new ID) and the restore is tried again cleanly - unless no fresh container could
     do better (``refused_for_good``): then the placeholder is told ``restore-failed`` and is not killed,
     so a DGD does not crash-loop; it starts its workload cold (startupPolicy Immediate) or keeps waiting
-    while the pod's annotation and the DGD's status say why (WaitForCheckpoint).
+    while the pod's annotation and the DGD's status say why (WaitForCheckpoint). A kill the runtime did not
+    answer (or a look at an interrupted placeholder) is RETRY: the pod is looked at again until it lands.
 
 Each returns an ``Outcome``; RETRY means nothing was touched and the pod may be looked at again later.
 """
