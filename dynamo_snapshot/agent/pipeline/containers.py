@@ -150,11 +150,22 @@ class ContainerTarget:
                 "a checkpoint needs exactly one workload process below snapshot-init"
             )
         root = kids[0]
-        tasks = {procfs.ns_pid(tid, pid): tid for pid in procfs.process_tree(root) for tid in procfs.threads(pid)}
         try:
             reread = await control.read_reread_declaration(info)
         except (ValueError, OSError) as exc:
             raise CheckpointError(f"container {info.name}: cannot read ready-for-snapshot: {exc}") from exc
+        try:
+            return self._source(info, root, reread)
+        except (FileNotFoundError, ProcessLookupError) as exc:  # a task went while /proc was read
+            raise CheckpointError(
+                f"container {info.name} ({info.id}): its workload (host PID {root}) changed while it was being "
+                f"looked at ({exc.strerror}: {exc.filename}): a process or thread exited before the "
+                "checkpoint touched anything") from exc
+
+    @staticmethod
+    def _source(info: ContainerInfo, root: int, reread: Any) -> ContainerSource:
+        """Everything /proc says of the workload below the container's init."""
+        tasks = {procfs.ns_pid(tid, pid): tid for pid in procfs.process_tree(root) for tid in procfs.threads(pid)}
         workload = Workload(
             root_pid=root,
             tasks=tasks,
