@@ -53,5 +53,8 @@ def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[minio.Min
 
 @pytest.fixture
 def bucket(minio_server: minio.Minio, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket for one test."""
+    """A fresh bucket for one test (on a server that is up: a test that stops it and fails before starting it
+    again does not take the tests after it down too)."""
+    if minio_server.process is None or minio_server.process.poll() is not None:
+        minio_server.start()
     return minio_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")

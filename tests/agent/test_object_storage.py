@@ -136,11 +136,14 @@ def test_an_interrupted_download_leaves_no_complete_looking_cache_entry_and_a_re
     upload(client, version, keyring)
     cache = tmp_path / "cache"
     unreachable = rf"of s3://{bucket}/fleet/ckpts/ck1/versions/1/\S+ failed: the endpoint could not be reached"
-    with pytest.raises(objectstore.ObjectStoreError, match=unreachable):  # whichever file was being read
-        download(_StopsServerAfterOneRange(client, minio_server), cache, keyring)  # the S3 server goes away
-    assert not (cache / "ck1" / "versions" / "1").exists()
-    assert not any((cache / "ck1" / "versions" / "tmp").iterdir())
-    minio_server.start()  # the same data directory and port: the server comes back
+    try:
+        with pytest.raises(objectstore.ObjectStoreError, match=unreachable):  # whichever file was being read
+            download(_StopsServerAfterOneRange(client, minio_server), cache, keyring)  # the S3 server goes away
+        assert not (cache / "ck1" / "versions" / "1").exists()
+        assert not any((cache / "ck1" / "versions" / "tmp").iterdir())
+    finally:
+        if minio_server.process is None:  # stopped by the download above
+            minio_server.start()  # the same data directory and port: the server comes back
     assert _files(download(client_for(minio_server, bucket), cache, keyring)) == _files(version)
 
 
