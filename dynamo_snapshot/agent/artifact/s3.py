@@ -87,7 +87,9 @@ def _store(settings: S3Settings) -> S3Store:
     return S3Store(settings.bucket, client_options=client, retry_config=retry, **config)
 
 
-UNREACHABLE = ("error sending request", "Connection refused", "dns error", "timed out", "connection closed")
+# 499 and 503: what a server shutting down (MinIO on SIGTERM) answers the requests still in flight
+UNREACHABLE = ("error sending request", "Connection refused", "dns error", "timed out", "connection closed",
+               "status code: 499", "status code: 503")
 REFUSED = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403 Forbidden", "status: 403")
 
 
