@@ -319,6 +319,16 @@ class LocalCluster:
         process = self._components[name].process
         return process is not None and process.poll() is None
 
+    def exited(self, lines: int = 8) -> list[str]:
+        """The started components that are no longer running, each with its exit status and its log's
+        last lines (what a test that waited in vain needs first)."""
+        found = []
+        for name, component in self._components.items():
+            if component.process is not None and component.process.poll() is not None:
+                found.append(f"{name} exited with status {component.process.returncode}; last lines of its log:\n"
+                             + _tail(self.root / "logs" / f"{name}.log", lines))
+        return found
+
     def start(self) -> LocalCluster:
         try:
             for name in self.components_enabled:

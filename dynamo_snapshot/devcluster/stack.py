@@ -301,24 +301,48 @@ class SnapshotStack:
             async with Client.from_config(str(kubeconfig)) as client:
                 informer = Informer(client, resource, namespace=self.namespace, label_selector=label_selector,
                                     field_selector=f"metadata.name={name}" if name else None)
-                async with anyio.create_task_group() as tg:
-                    await tg.start(informer.run)
 
-                    def met() -> bool:
-                        found[:] = [condition(informer.store.list())]
-                        return bool(found[0])
+                def met() -> bool:
+                    found[:] = [condition(informer.store.list())]
+                    return bool(found[0])
 
-                    try:
-                        with anyio.fail_after(timeout):
-                            await informer.wait_until(met)
-                    finally:
+                # the deadline outside the task group: it ends as one TimeoutError, not a group holding one
+                with anyio.fail_after(timeout):
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(informer.run)
+                        await informer.wait_until(met)
                         tg.cancel_scope.cancel()
 
         try:
             anyio.run(wait)
         except TimeoutError:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}") from None
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.explain()}") from None
         return found[0]
+
+    def explain(self, lines: int = 15) -> str:
+        """What a timed-out wait needs to be explained, bounded (CI shows the first failure in full): each
+        pod of the namespace with its phase, conditions and container states, and the last lines of the
+        agent's and the operator's logs."""
+        parts = [*(self.cluster.exited() if self.cluster is not None else []), "--- pods ---"]
+        try:
+            for pod in self.list("pods"):
+                status = pod.get("status") or {}
+                false = [f"{c.get('type')}: {c.get('reason') or ''} {c.get('message') or ''}".strip()
+                         for c in status.get("conditions") or [] if c.get("status") != "True"]
+                states = [f"{c.get('name')}={next(iter(c.get('state') or {}), '?')}"
+                          f"(restarts {c.get('restartCount', 0)})" for c in status.get("containerStatuses") or []]
+                parts.append(f"{pod['metadata']['name']} {status.get('phase')} {' '.join(states)} "
+                             f"{'; '.join(false)}"[:400])
+        except (ClusterError, subprocess.SubprocessError, ValueError) as err:
+            parts.append(f"(no pod list: {err})")
+        for what, read in (("agent", self.agent_log_text), ("operator", self.operator_log_text)):
+            try:
+                text = read()
+            except (ClusterError, subprocess.SubprocessError, OSError) as err:
+                text = f"(no log: {err})"
+            parts.append(f"--- last lines of the {what}'s log ---")
+            parts.extend(line[:400] for line in text.splitlines()[-lines:])
+        return "\n".join(parts)
 
     def wait_object(self, resource: Resource, name: str, condition: Callable[[dict[str, Any]], Any], what: str,
                     timeout: float = 300) -> dict[str, Any]:
