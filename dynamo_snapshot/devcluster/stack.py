@@ -323,7 +323,18 @@ class SnapshotStack:
         """What a timed-out wait needs to be explained, bounded (CI shows the first failure in full): each
         pod of the namespace with its phase, conditions and container states, and the last lines of the
         agent's and the operator's logs."""
-        parts = [*(self.cluster.exited() if self.cluster is not None else []), "--- pods ---"]
+        parts = [*(self.cluster.exited() if self.cluster is not None else []), "--- nodes ---"]
+        try:
+            for node in json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]:
+                # Ready that is not True, or a pressure condition that is: why nothing gets scheduled or run
+                odd = [f"{c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}".strip()
+                       for c in (node.get("status") or {}).get("conditions") or []
+                       if (c.get("type") == "Ready") != (c.get("status") == "True")]
+                taints = [f"{t.get('key')}:{t.get('effect')}" for t in (node.get("spec") or {}).get("taints") or []]
+                parts.append(f"{node['metadata']['name']} {'; '.join(odd) or 'Ready'} taints={taints}"[:600])
+        except (ClusterError, subprocess.SubprocessError, ValueError, KeyError) as err:
+            parts.append(f"(no node list: {err})")
+        parts.append("--- pods ---")
         try:
             for pod in self.list("pods"):
                 status = pod.get("status") or {}

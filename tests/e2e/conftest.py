@@ -5,6 +5,7 @@ Skips with the reason when this machine cannot run it (not root, no containerd, 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,15 +30,14 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     # The node tests' counter (it can hold an io_uring, which CRIU cannot dump) rides along in the image.
     extra = {"/opt/workloads/counter.py": WORKLOADS / "counter.py"}
     root = tmp_path_factory.mktemp("stack")
+    failed_before = request.session.testsfailed
     with SnapshotStack(root, namespace="e2e", storage_mode=mode, extra_image_files=extra,
                        installed=install).running() as s:
-        yield s
-        for what, text in (("agent", s.agent_log_text()), ("operator", s.operator_log_text())):
-            print(f"--- last lines of the {what}'s log ---\n" + "\n".join(text.splitlines()[-30:]))
-        # what a timed-out wait needs to be explained: where each pod got to, and the namespace's events
-        print("--- pods ---\n" + s.kubectl("get", "pods", "-n", s.namespace, "-o", "wide", check=False))
-        print("--- events ---\n" + s.kubectl("get", "events", "-n", s.namespace, "--sort-by=.lastTimestamp",
-                                           check=False)[-6000:])
+        yield s  # a wait that times out explains the stack's state in its message (SnapshotStack.explain)
+    if request.session.testsfailed == failed_before:
+        # a module that passed leaves no checkpoints behind (the agent-kill module writes GiBs, and pytest
+        # keeps the last runs' temporary directories); a failed one keeps them to be looked at
+        shutil.rmtree(root / "checkpoints", ignore_errors=True)
 
 
 @pytest.fixture

@@ -38,10 +38,13 @@ def _stage_records(flow: Flow, pipeline: str) -> list[dict]:
     return [r for r in flow.stack.agent_events(f"{pipeline} stage")]
 
 
-def _kill_agent_at(flow: Flow, pipeline: str, stage: str, seen_before: int, timeout: float = 240) -> str:
+def _kill_agent_at(flow: Flow, pipeline: str, stage: str, seen_before: int, timeout: float = 240,
+                   checkpoint: str | None = None) -> str:
     """SIGKILL the agent as soon as its log shows ``stage`` of a new ``pipeline`` run, start it again; the
-    stage it had entered last when it died. The log has no watch: it is read every 20 ms."""
+    stage it had entered last when it died. The log has no watch: it is read every 20 ms (and the
+    ``checkpoint``'s phase every second: one that ends before the stage is a failure to explain)."""
     deadline = time.monotonic() + timeout
+    looked = 0.0
     while time.monotonic() < deadline:
         records = _stage_records(flow, pipeline)[seen_before:]
         if any(r.get("stage") == stage for r in records):
@@ -49,6 +52,12 @@ def _kill_agent_at(flow: Flow, pipeline: str, stage: str, seen_before: int, time
             return records[-1]["stage"]
         if any(r.get("stage") == "release" for r in records) and pipeline == "checkpoint":
             pytest.fail(f"the checkpoint finished before the {stage} stage was seen")
+        if checkpoint is not None and time.monotonic() - looked > 1:
+            looked = time.monotonic()
+            status = flow.stack.get("dynamocheckpoint", checkpoint).get("status") or {}
+            if status.get("phase") in ("Ready", "Failed"):
+                pytest.fail(f"checkpoint {checkpoint} went {status['phase']} before the agent entered the {stage} "
+                            f"stage: {status.get('message')}\n{flow.stack.explain()}")
         time.sleep(0.02)
     raise TimeoutError(f"the agent never entered the {pipeline} stage {stage}\n{flow.stack.explain()}")
 
@@ -76,7 +85,7 @@ def test_an_agent_killed_during_a_checkpoint_leaves_a_truthful_verdict(flow: Flo
     name = f"killed-{stage}-{len(stack.list('dynamocheckpoints'))}"
     before = len(_stage_records(flow, "checkpoint"))
     stack.apply(checkpoint_manifest(name, heap_mib=HEAP_MIB, model=f"demo/{name}"))
-    last = _kill_agent_at(flow, "checkpoint", stage, before)
+    last = _kill_agent_at(flow, "checkpoint", stage, before, checkpoint=name)
     back = time.monotonic()
     ckpt = flow.wait_verdict(name, timeout=SETTLE_S)
     status = ckpt["status"]
