@@ -5,7 +5,8 @@ One process tree holding ``--gib`` GiB of memory is checkpointed once through th
 time with the page cache dropped and again warm:
 
     pvc     from the directory (CRIU reads the stored page files; the page data checked in memory)
-    s3      from the bucket onto an empty node-local directory (the ``fetch`` stage, then as pvc)
+    s3      from the bucket into an empty node cache (the ``fetch`` stage, chunks verified as they land;
+            then as a cache hit)
     cache   from a node-cache entry (filled by a restore before; CRIU reads the agent's verified copy)
 
 Prints one JSON line per restore and a table. Needs root, CRIU (hack/build-criu.sh) and MinIO
@@ -71,15 +72,14 @@ def gone(pid: int) -> None:
 
 def restore(work: Path, source: str, remote: ObjectStorage, cache: NodeCache, keyring: authn.Keyring,
             bundle: criu.CriuBundle, settings: criu.CriuSettings, threads: int) -> rst.RestoreResult:
-    if source == "s3":
+    base, into = work / "pvc", cache if source == "cache" else None
+    if source == "s3":  # a node that never had it: an empty node cache, fetched into
         base = work / "node"
-        shutil.rmtree(base, ignore_errors=True)
-        base.mkdir()
-    else:
-        base = work / "pvc"
+        for empty in (base, work / "s3-cache"):
+            shutil.rmtree(empty, ignore_errors=True)
+        into = NodeCache(work / "s3-cache", cache.budget_bytes, io_threads=threads)
     request = rst.RestoreRequest(ID, base, io_threads=threads, prefetch_threads=0, keyring=keyring,
-                                 remote=remote if source == "s3" else None,
-                                 cache=cache if source == "cache" else None, private_root=work / "private")
+                                 remote=remote if source == "s3" else None, cache=into, private_root=work / "private")
     return anyio.run(lambda: rst.restore(TreeRestoreTarget(), request, bundle, settings=settings))
 
 

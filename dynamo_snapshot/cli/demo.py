@@ -80,7 +80,8 @@ def _start_stack(steps: Steps, stack: SnapshotStack) -> LocalCluster:
     stack.start_snapshot()
     if stack.minio is not None:
         steps.detail(f"MinIO on {stack.minio.endpoint}, bucket {S3_BUCKET}: checkpoints go to "
-                     f"s3://{S3_BUCKET}/{S3_PREFIX}/<id>, through {stack.objects} on the node")
+                     f"s3://{S3_BUCKET}/{S3_PREFIX}/<id> (written in {stack.objects} first); restores fetch "
+                     f"into the node cache {stack.node_cache}")
     base = stack.objects if stack.minio is not None else stack.checkpoints
     steps.detail(f"agent: snapshot-agent --node-name={node.name} --storage-access-mode=agentMount "
                  f"--storage-base-path={base} (log {stack.agent_log})")

@@ -14,7 +14,8 @@ node). In podMount mode the namespace gets a hostPath PersistentVolume bound to 
 the workload pods mount at the base path, and the agent reaches it through them. In s3 mode a MinIO on
 loopback (``devcluster/minio.py``) holds the checkpoints in bucket ``S3_BUCKET`` under ``S3_PREFIX``: the
 operator is configured for it (no PVC, no DaemonSet), the agent too, with a node-local ``objects/``
-directory and its keys as files (the chart's Secret).
+directory (checkpoints before their upload), a node cache ``node-cache/`` (restores fetch into it) and
+its keys as files (the chart's Secret).
 
 ``installed=True`` replaces all of that with the real thing (``devcluster/installed.py``): the agent and
 operator images imported into the node, both charts installed with Helm, the operator as its Deployment
@@ -57,6 +58,9 @@ AGENT_RULES = [
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "delete"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
+# s3: the node cache is on (a restore fetches into it), and with it the watch of DynamoCheckpoints
+CACHE_RULES = [{"apiGroups": ["nvidia.com"], "resources": ["dynamocheckpoints"], "verbs": ["list", "watch"]}]
+S3_CACHE_GIB = 4
 
 
 class SnapshotStack:
@@ -78,7 +82,8 @@ class SnapshotStack:
         self.criu_config = criu_config or {"networkLock": "nftables", "timeoutSeconds": 300}
         self.checkpoints = self.root / "checkpoints"  # agentMount: the agent's mount; podMount: the PV's data
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.objects = self.root / "objects"  # s3: the agent's node-local directory
+        self.objects = self.root / "objects"  # s3: the agent's node-local directory (checkpoints before upload)
+        self.node_cache = self.root / "node-cache"  # s3: the agent's node cache, where restores fetch into
         self.minio: minio.Minio | None = None  # s3: the server, started with the snapshot parts
         self.cluster: LocalCluster | None = None
         self.node: KubeletNode | None = None
@@ -140,6 +145,7 @@ class SnapshotStack:
         mode, base = self.storage_mode, str(self.checkpoints) if self.storage_mode == "agentMount" else POD_BASE_PATH
         if self.minio is not None:
             settings["storage"] = self.minio.agent_storage(S3_BUCKET, S3_PREFIX, self.root / "s3-credentials")
+            settings["cache"] = {"dir": str(self.node_cache), "budgetGiB": S3_CACHE_GIB}
             mode, base = "agentMount", str(self.objects)
         config.write_text(yaml.safe_dump(settings))
         kubeconfig = cluster.kubeconfig_for(f"system:serviceaccount:{self.namespace}:{AGENT}")
@@ -160,7 +166,8 @@ class SnapshotStack:
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
             {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": AGENT, "namespace": ns}},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-             "metadata": {"name": AGENT, "namespace": ns}, "rules": AGENT_RULES},
+             "metadata": {"name": AGENT, "namespace": ns},
+             "rules": AGENT_RULES + (CACHE_RULES if self.storage_mode == "s3" else [])},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
              "metadata": {"name": AGENT, "namespace": ns},
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT},

@@ -13,6 +13,8 @@ from dynamo_snapshot.agent.artifact import authn, objectstore
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact import manifest as artifact
 from dynamo_snapshot.agent.artifact import s3 as s3client
+from dynamo_snapshot.agent.artifact.cachefiles import PARTIAL, RECORD
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError
@@ -56,15 +58,32 @@ LOCATION = objectstore.Location(prefix="fleet/ckpts", checkpoint_id="ck1")
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    """Every file of a version (a node cache entry's completion record aside)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file() and p.name != RECORD}
 
 
-def upload(client: s3client.S3Client, version: Path, keyring: authn.Keyring) -> None:
-    anyio.run(lambda: objectstore.upload_version(client, version, LOCATION, keyring, concurrency=4))
+def upload(client: s3client.S3Client, version: Path, keyring: authn.Keyring,
+           location: objectstore.Location = LOCATION) -> None:
+    anyio.run(lambda: objectstore.upload_version(client, version, location, keyring, concurrency=4))
 
 
-def download(client, cache: Path, keyring: authn.Keyring) -> Path:
-    return anyio.run(lambda: objectstore.download_version(client, LOCATION, cache, keyring, HERE, concurrency=4))
+def storage(client) -> ObjectStorage:
+    return ObjectStorage(client, prefix=LOCATION.prefix, concurrency=4)
+
+
+def download(client, cache: Path | NodeCache, keyring: authn.Keyring, checkpoint_id: str = "ck1") -> Path:
+    """A restore's fetch stage: the version into the node cache (a new one at ``cache`` when a path),
+    pinned, then let go; returns the entry's directory."""
+    node = cache if isinstance(cache, NodeCache) else NodeCache(cache, 1 << 30)
+    pinned, _ = anyio.run(lambda: storage(client).fetch(node, checkpoint_id, "1", keyring, HERE))
+    pinned.close()
+    return pinned.path
+
+
+def nothing_cached(cache: Path) -> bool:
+    """No entry and no partial fill left in the node cache directory ``cache``."""
+    return sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == [PARTIAL]
 
 
 def test_an_uploaded_version_downloads_byte_identical_and_verified(
@@ -72,12 +91,15 @@ def test_an_uploaded_version_downloads_byte_identical_and_verified(
     version = make_version(tmp_path / "pvc", keyring)
     client = client_for(minio_server, bucket)
     upload(client, version, keyring)
-    cached = download(client, tmp_path / "cache", keyring)
-    assert cached == tmp_path / "cache" / "ck1" / "versions" / "1"
+    cache = NodeCache(tmp_path / "cache", 1 << 30)
+    cached = download(client, cache, keyring)
+    assert cached == tmp_path / "cache" / "ck1" / "1"  # a node cache entry: the only node-local copy
     assert _files(cached) == _files(version)
-    assert authn.verify_listing(cached, "ck1", HERE, keyring)["checkpointID"] == "ck1"
-    assert not any((tmp_path / "cache" / "ck1" / "versions" / "tmp").iterdir())
-    assert download(client, tmp_path / "cache", keyring) == cached  # a second restore reads the cache
+    assert (cached / RECORD).is_file() and not any((tmp_path / "cache" / PARTIAL).iterdir())
+    assert [(e.checkpoint_id, e.version, e.pins) for e in cache.entries()] == [("ck1", "1", 0)]
+    reads: list[str] = []
+    assert download(_Counting(client, reads), cache, keyring) == cached  # a second restore reads the cache
+    assert reads == []
 
 
 def test_the_big_file_is_uploaded_in_multipart_parts(
@@ -98,7 +120,7 @@ def test_a_bucket_with_the_data_but_no_manifest_is_not_a_checkpoint(
     assert status == 204
     with pytest.raises(ArtifactInvalid, match=r"has no manifest.json: it is not a checkpoint"):
         download(client, tmp_path / "cache", keyring)
-    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
+    assert nothing_cached(tmp_path / "cache")
 
 
 def test_a_tampered_object_is_refused_naming_the_file(
@@ -112,7 +134,7 @@ def test_a_tampered_object_is_refused_naming_the_file(
     assert status == 200
     with pytest.raises(ArtifactInvalid, match=rf"pages-1.img has SHA-256 \w+ in bytes {3 * CHUNK}-{4 * CHUNK}"):
         download(client, tmp_path / "cache", keyring)
-    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
+    assert nothing_cached(tmp_path / "cache")
 
 
 def test_a_manifest_not_signed_by_a_known_key_is_refused_before_any_data_is_read(
@@ -139,8 +161,7 @@ def test_an_interrupted_download_leaves_no_complete_looking_cache_entry_and_a_re
     try:
         with pytest.raises(objectstore.ObjectStoreError, match=unreachable):  # whichever file was being read
             download(_StopsServerAfterOneRange(client, minio_server), cache, keyring)  # the S3 server goes away
-        assert not (cache / "ck1" / "versions" / "1").exists()
-        assert not any((cache / "ck1" / "versions" / "tmp").iterdir())
+        assert nothing_cached(cache)
     finally:
         if minio_server.process is None:  # stopped by the download above
             minio_server.start()  # the same data directory and port: the server comes back
@@ -175,7 +196,7 @@ def test_a_missing_bucket_is_a_clear_error_naming_it_for_upload_and_restore(
         upload(client, version, keyring)
     with pytest.raises(objectstore.ObjectStoreError, match=r"s3://no-such-bucket-here/.* the bucket does not exist"):
         download(client, tmp_path / "cache", keyring)
-    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
+    assert nothing_cached(tmp_path / "cache")
 
 
 def test_an_object_shorter_than_its_manifest_says_is_refused_naming_it(
@@ -188,8 +209,7 @@ def test_an_object_shorter_than_its_manifest_says_is_refused_naming_it(
     assert status == 200
     with pytest.raises(ArtifactInvalid, match=r"pages-1.img returned \d+ bytes for bytes .*shorter than the manifest"):
         download(client, tmp_path / "cache", keyring)
-    assert not (tmp_path / "cache" / "ck1" / "versions" / "1").exists()
-    assert not any((tmp_path / "cache" / "ck1" / "versions" / "tmp").iterdir())
+    assert nothing_cached(tmp_path / "cache")
 
 
 def test_an_upload_interrupted_before_the_manifest_is_not_restorable_and_a_retry_completes_it(
@@ -270,12 +290,15 @@ def test_a_process_tree_checkpointed_into_the_bucket_restores_on_a_node_that_nev
     gone(proc.pid)
     status, _ = minio_server.head(f"/{bucket}/fleet/ckpts/t3/versions/1/manifest.json")
     assert status == 200
+    cache = NodeCache(tmp_path / "node-b-cache", 1 << 30)
     restored = anyio.run(lambda: tree.restore_tree(tmp_path / "node-b", "t3", bundle, settings=settings,
-                                                   io_threads=4, keyring=keyring, remote=remote))
+                                                   io_threads=4, keyring=keyring, remote=remote, cache=cache))
     try:
         assert restored.pid == proc.pid
         assert "fetch" in restored.seconds
-        assert _files(tmp_path / "node-b" / "t3" / "versions" / "1") == _files(stored.directory)
+        assert _files(tmp_path / "node-b-cache" / "t3" / "1") == _files(stored.directory)  # fetched into the cache
+        assert not (tmp_path / "node-b" / "t3" / "versions").exists()  # and nowhere else
+        assert [(e.checkpoint_id, e.pins) for e in cache.entries()] == [("t3", 0)]  # let go after the restore
         assert counting(count)
     finally:
         gone(restored.pid)

@@ -248,3 +248,28 @@ async def test_the_agent_with_a_node_cache_watches_checkpoints_and_stages_only_f
     assert stager.lease_name == "snapshot-staged-n1" and stager.lease_namespace == "infra"
     assert stager.checkpoints.namespace == options.watched_namespace
     cache.close()
+
+
+async def test_with_object_storage_a_checkpoint_is_staged_from_the_bucket_straight_into_the_node_cache(
+        client, namespace, tmp_path, keyring, minio_server, bucket):
+    from dynamo_snapshot.agent.artifact import objectstore
+    from dynamo_snapshot.agent.artifact.remote import ObjectStorage
+    from tests.agent.test_object_storage import client_for
+
+    made = store_version(tmp_path / "source-node", "eeee000000000005", keyring)
+    s3 = client_for(minio_server, bucket)
+    await objectstore.upload_version(s3, made, objectstore.Location("fleet", "eeee000000000005"), keyring)
+    local = tmp_path / "objects"  # the agent's node-local base: checkpoints written before their upload
+    cache = NodeCache(tmp_path / "cache", 16 << 20)
+    running = Running(client, namespace, cache, StagingSource(local, keyring, _here, ObjectStorage(s3, "fleet")))
+    await ready_checkpoint(client, namespace, "in-bucket", "eeee000000000005", nodes=[NODE])
+
+    async def body(r: Running) -> None:
+        await r.wait_cached([("eeee000000000005", "1")])
+        await r.wait_reported([{"checkpointID": "eeee000000000005", "version": "1"}])
+        with cache.use("eeee000000000005", "1", authn.open_manifest(made, keyring)) as hit:
+            assert hit is not None and (hit.path / "pages-1.img").read_bytes() == (made / "pages-1.img").read_bytes()
+        assert not local.exists()  # one node-local copy: the cache's
+
+    await run_stager(running, body)
+    cache.close()

@@ -9,13 +9,15 @@ from pathlib import Path
 import anyio
 import pytest
 
+from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.service import config, main
 from dynamo_snapshot.agent.service.storageconfig import Credentials, S3Storage, credentials
 from dynamo_snapshot.api import names
 from dynamo_snapshot.devcluster import minio
 from tests.agent.test_object_storage import HERE, _files, make_version
 
-S3 = "storage:\n  type: s3\n  s3:\n"
+CACHE = "cache:\n  dir: /var/lib/dynamo-snapshot/cache\n  budgetGiB: 100\n"  # required with s3
+S3 = CACHE + "storage:\n  type: s3\n  s3:\n"
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +57,8 @@ def test_storage_is_the_pvc_unless_the_config_asks_for_s3(tmp_path: Path):
     (S3 + "    bucket: b1b\n    caBundle: /ca.pem\n    insecureSkipTLSVerify: true\n", r"caBundle or insecureSkip"),
     (S3 + "    bucket: b1b\n    partMiB: 1\n", r"storage.s3.partMiB: must be 5-5120"),
     ("storage: [s3]\n", r"storage: expected a mapping"),
+    ("storage:\n  type: s3\n  s3: {bucket: b1b}\n", r"cache.dir: required with storage.type s3 - a restore fetches"),
+    ("cache: {dir: /c}\nstorage:\n  type: s3\n  s3: {bucket: b1b}\n", r"cache.budgetGiB: must be set too"),
 ])
 def test_a_wrong_storage_setting_is_refused_naming_the_field(tmp_path: Path, text: str, complaint: str):
     with pytest.raises(config.ConfigError, match=complaint):
@@ -116,5 +120,17 @@ def test_an_agent_configured_for_s3_uploads_under_its_prefix_and_fetches_the_ver
     anyio.run(remote.upload, version, "ck1", "1", keyring)
     status, _ = minio_server.head(f"/{bucket}/team-a/ck1/versions/1/{names.MANIFEST_FILE}")
     assert status == 200
-    fetched = anyio.run(remote.fetch, tmp_path / "node-local", "ck1", "1", keyring, HERE)
-    assert _files(fetched) == _files(version)
+    cache = NodeCache(tmp_path / "cache", 1 << 30)
+    pinned, _ = anyio.run(remote.fetch, cache, "ck1", "1", keyring, HERE)
+    pinned.close()
+    assert _files(pinned.path) == _files(version)
+
+
+def test_an_s3_agent_refuses_a_node_cache_inside_the_directory_it_writes_checkpoints_in(tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "cache: {dir: /var/lib/ds/objects/cache, budgetGiB: 10}\n"
+                 "storage:\n  type: s3\n  s3: {bucket: b1b}\n")
+    with pytest.raises(SystemExit) as exited:
+        main.main(["--node-name=n", "--storage-base-path=/var/lib/ds/objects", f"--config={path}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "cache.dir: /var/lib/ds/objects/cache overlaps --storage-base-path" in err

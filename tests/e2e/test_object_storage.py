@@ -1,6 +1,7 @@
 """Object storage on the local stack, all real: MinIO on loopback as the storage (``storage.type: s3`` for the
 operator and the agent). A CPU worker is checkpointed into the bucket - the manifest, the commit point, is the
-last object written - and a DGD's worker is restored from the bucket, with the node-local copy gone first."""
+last object written - and a DGD's worker is restored from the bucket, with the node-local copy gone first: the
+version lands in the agent's node cache."""
 
 from __future__ import annotations
 
@@ -44,4 +45,6 @@ def test_a_worker_checkpointed_into_the_bucket_is_restored_from_it(flow: Flow):
     (restored,) = flow.wait_restored(component_selector("from-bucket"), 1, started)
     assert restored.instance == run.instance and restored.heap_ok
     assert "fetch" in restored.stages  # the pipeline's object-storage stage ran
-    assert (stack.objects / run.checkpoint_id / "versions" / "1" / names.MANIFEST_FILE).is_file()
+    # fetched into the node cache (budgeted, pinned while read), the one node-local copy of it
+    assert (stack.node_cache / run.checkpoint_id / "1" / names.MANIFEST_FILE).is_file()
+    assert not (stack.objects / run.checkpoint_id / "versions").exists()

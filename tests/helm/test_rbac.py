@@ -30,7 +30,7 @@ AGENT_CALLS = {
     ("coordination.k8s.io", "leases", "get"), ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "update"), ("coordination.k8s.io", "leases", "delete"),
     ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
-    # the node cache's watch (service/staging.py): granted only with cache.hostPath
+    # the node cache's watch (service/staging.py): granted only with the cache (cache.hostPath, or s3)
     ("nvidia.com", "dynamocheckpoints", "list"), ("nvidia.com", "dynamocheckpoints", "watch"),
 }
 AGENT_CACHE_CALLS = {("nvidia.com", "dynamocheckpoints", "list"), ("nvidia.com", "dynamocheckpoints", "watch")}
@@ -86,6 +86,8 @@ AGENT_MODES = {
     "openshift": {"storage.accessMode": "podMount", "openshift.enabled": "true"},
     "agentMount-cache": {"storage.pvc.size": "1Ti", "cache.hostPath": "/mnt/nvme/cache", "cache.budgetGiB": "100"},
     "podMount-cache": {"storage.accessMode": "podMount", "cache.hostPath": "/mnt/nvme/cache", "cache.budgetGiB": "100"},
+    # object storage: restores fetch into the node cache, so it is always on (its host path has a default)
+    "s3-cache": {"storage.type": "s3", "storage.s3.bucket": "ckpts", "cache.budgetGiB": "100"},
 }
 OPERATOR_MODES = {
     "cluster": {},
@@ -224,7 +226,7 @@ def test_a_namespace_restricted_agent_is_granted_leases_only_in_the_release_name
         assert granted_where(objects, "leases", verb) == [("Role", "gpu-workers", [])]
 
 
-@pytest.mark.parametrize("mode", ["agentMount-cache", "podMount-cache"])
+@pytest.mark.parametrize("mode", ["agentMount-cache", "podMount-cache", "s3-cache"])
 def test_the_node_cache_agent_only_reads_dynamocheckpoints(helm, mode):
     objects = agent_objects(helm, mode)
     assert {g[2] for role in roles(objects) for g in grants(role["rules"]) if g[1] == "dynamocheckpoints"} == {

@@ -23,7 +23,8 @@ MODES = {
     "crio-openshift": {**SIZE, "runtime.type": "crio", "openshift.enabled": "true"},
     "podMount-restricted": {"storage.accessMode": "podMount", "rbac.namespaceRestricted": "true"},
     "agentMount-node-cache": {**SIZE, "cache.hostPath": "/mnt/nvme/snapshot-cache", "cache.budgetGiB": 100},
-    "s3": {"storage.type": "s3", "storage.s3.bucket": "ckpts", "storage.s3.credentialsSecret": "s3-creds"},
+    "s3": {"storage.type": "s3", "storage.s3.bucket": "ckpts", "storage.s3.credentialsSecret": "s3-creds",
+           "cache.budgetGiB": 500},
 }
 
 
@@ -210,9 +211,17 @@ def test_criu_config_reaches_the_agent_and_rolls_it(helm, tmp_path):
     ({"storage.accessMode": "hostMount", **SIZE}, "storage.accessMode"),
     ({"storage.type": "oci", **SIZE}, "storage.type must be pvc or s3"),
     ({"storage.type": "s3"}, "storage.s3.bucket is required"),
-    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "storage.accessMode": "podMount"}, "storage.accessMode"),
-    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "storage.s3.localDirectory": "objs"},
+    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "storage.accessMode": "podMount", "cache.budgetGiB": 9},
+     "storage.accessMode"),
+    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "storage.s3.localDirectory": "objs", "cache.budgetGiB": 9},
      "storage.s3.localDirectory"),
+    ({"storage.type": "s3", "storage.s3.bucket": "b1b"}, "cache.budgetGiB is required with storage.type=s3"),
+    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "cache.budgetGiB": 9,
+      "cache.hostPath": "/var/lib/dynamo-snapshot/objects/cache"}, "cache.hostPath \"/var/lib/dynamo-snapshot/objects/"
+                                                                  "cache\" overlaps storage.s3.localDirectory"),
+    ({"storage.type": "s3", "storage.s3.bucket": "b1b", "cache.budgetGiB": 9, "cache.hostPath": "/mnt/nvme/c",
+      "storage.s3.localDirectory": "/var/lib/dynamo-snapshot"},
+     "storage.s3.localDirectory \"/var/lib/dynamo-snapshot\" overlaps"),
     ({"runtime.type": "docker", **SIZE}, "runtime.type"),
     ({"storage.pvc.basePath": "checkpoints", **SIZE}, "storage.pvc.basePath"),
     ({"storage.pvc.accessMode": "ReadOnlyMany", **SIZE}, "storage.pvc.accessMode"),
@@ -274,6 +283,10 @@ def test_s3_storage_configures_the_agent_for_the_bucket_with_the_secret_and_moun
     assert s3 is not None and (s3.bucket, s3.prefix, s3.endpoint, s3.force_path_style) == (
         "ckpts", "fleet/a", "https://minio.storage:9000", True)
     assert s3.ca_bundle == "/etc/dynamo-snapshot/s3-ca/ca.crt" and s3.ca_bundle.startswith(vols["s3-ca"][0])
+    # restores fetch into the node cache: on with s3, on its default host path, within the budget given
+    assert vols["node-cache"][1]["hostPath"] == {"path": "/var/lib/dynamo-snapshot/cache", "type": "DirectoryOrCreate"}
+    assert agent_config.load(tmp_path / "config.yaml").cache == agent_config.CacheSettings(vols["node-cache"][0],
+                                                                                           500 << 30)
 
 
 def test_size_error_says_how_to_reuse_an_existing_pvc(helm):

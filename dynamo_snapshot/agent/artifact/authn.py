@@ -169,8 +169,8 @@ def seal(directory: Path, keyring: Keyring) -> str:
     return keyring.signing_id
 
 
-def _parse_mac(directory: Path, text: bytes) -> tuple[str, str]:
-    where = directory / MAC_FILE
+def _parse_mac(where: str, text: bytes) -> tuple[str, str]:
+    where = f"{where}/{MAC_FILE}"
     try:
         algorithm, key_id, digest = text.decode("ascii").split()
     except (UnicodeDecodeError, ValueError):
@@ -186,34 +186,40 @@ def open_manifest(directory: Path, keyring: Keyring) -> dict[str, Any]:
     """The authenticated manifest of the version ``directory``, or ArtifactInvalid naming what is wrong."""
     mac = _read_below(directory, MAC_FILE, MAX_MAC_BYTES)
     data = _read_below(directory, MANIFEST, MAX_MANIFEST_BYTES)
+    return authenticate(data, mac, keyring, str(directory))
+
+
+def authenticate(data: bytes | None, mac: bytes | None, keyring: Keyring, where: str) -> AuthenticatedManifest:
+    """The manifest of the bytes ``data`` checked against the MAC file's bytes ``mac`` (None: either is
+    missing); ``where`` names the version's directory (or its object prefix) in errors."""
     if data is None:
-        raise ArtifactMissing(f"{directory / MANIFEST} is missing: the checkpoint was never completed")
+        raise ArtifactMissing(f"{where}/{MANIFEST} is missing: the checkpoint was never completed")
     if mac is None:
         raise ArtifactInvalid(
-            f"{directory} has no {MAC_FILE}: it was written before checkpoints were authenticated, or "
+            f"{where} has no {MAC_FILE}: it was written before checkpoints were authenticated, or "
             "someone removed it; it is not restored - take the checkpoint again (delete the "
             "DynamoCheckpoint and its directory, or raise its artifactVersion)"
         )
-    key_id, digest = _parse_mac(directory, mac)
+    key_id, digest = _parse_mac(where, mac)
     if key_id not in keyring.keys:
         raise ArtifactInvalid(
-            f"{directory / MAC_FILE} names key {key_id!r}, which this agent does not have (it has "
+            f"{where}/{MAC_FILE} names key {key_id!r}, which this agent does not have (it has "
             f"{', '.join(sorted(keyring.keys))}): keep retired keys in the key Secret while checkpoints use them"
         )
     if not hmac.compare_digest(keyring.mac(key_id, data), digest):
         raise ArtifactInvalid(
-            f"{directory / MANIFEST} does not match its {MAC_FILE} (key {key_id!r}): it was not written "
+            f"{where}/{MANIFEST} does not match its {MAC_FILE} (key {key_id!r}): it was not written "
             "by an agent holding the key, or was changed since; it is not restored"
         )
     try:
         manifest = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactInvalid(f"{directory / MANIFEST} is not valid JSON: {exc}") from exc
+        raise ArtifactInvalid(f"{where}/{MANIFEST} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
-        raise ArtifactInvalid(f"{directory / MANIFEST} is not a JSON object")
+        raise ArtifactInvalid(f"{where}/{MANIFEST} is not a JSON object")
     if manifest.get(KEY_FIELD) != key_id:
         raise ArtifactInvalid(
-            f"{directory / MANIFEST} field {KEY_FIELD} is {manifest.get(KEY_FIELD)!r}, but its MAC is by key {key_id!r}"
+            f"{where}/{MANIFEST} field {KEY_FIELD} is {manifest.get(KEY_FIELD)!r}, but its MAC is by key {key_id!r}"
         )
     authenticated = AuthenticatedManifest(manifest)
     authenticated.sha256 = hashlib.sha256(data).hexdigest()

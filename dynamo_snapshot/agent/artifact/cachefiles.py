@@ -5,6 +5,7 @@ disk, and how one version is written into a temporary directory.
               file of its listed size (``copies.py``), copied and synced; ``manifest.json`` and its MAC;
               every digest verified on the copy; the manifest's bytes checked against the authenticated
               SHA-256; the completion record (``COMPLETE``) written and synced last, then the directory
+              (``complete``; a fill from object storage writes the files itself: ``artifact/remote.py``)
     read      an entry's completion record, or None for anything that is not a valid one
 """
 
@@ -81,6 +82,20 @@ def write_version(tmp: Path, dir_fd: int, where: Path, manifest: dict[str, Any],
     if hashlib.sha256((tmp / authn.MANIFEST).read_bytes()).hexdigest() != record["manifestSha256"]:
         raise ArtifactInvalid(f"{where / authn.MANIFEST} changed since the restore authenticated it; "
                               "nothing is cached from it")
+    complete(tmp, record)
+
+
+def write_sidecar(tmp: Path, name: str, data: bytes) -> None:
+    """``manifest.json`` or its MAC, as authenticated, written and synced into the entry ``tmp``."""
+    fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def complete(tmp: Path, record: dict[str, Any]) -> None:
+    """The completion record, written and synced last, then the directory: only now is ``tmp`` an entry."""
     fd = os.open(tmp / RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(json.dumps(record))

@@ -5,7 +5,10 @@ node (local NVMe, the agent's only), within a byte budget, so that a restore rea
               pins are evicted until it fits the budget, else it is refused before a byte is written);
               written and verified into a temporary directory (``cachefiles.py``), then one rename into
               place. Any failure (a tampered or truncated source, a full disk) removes the temporary
-              directory: nothing half-written is ever used
+              directory: nothing half-written is ever used. ``begin`` is the same reservation for a
+              writer of its own (object storage: ``remote.py`` downloads into ``Filling.tmp``, each chunk
+              verified as it lands, and commits pinned); a second fill of a version under way is refused
+              (``FillUnderWay``, whose ``done`` a restore waits on before it pins the entry)
     use       an entry is read only when complete and bound to the manifest the restore authenticated from
               storage (the SHA-256 of that manifest's bytes equals the one recorded); a use pins it
     evict     least recently used first, never a pinned entry
@@ -24,6 +27,9 @@ cached and nobody else can write it, so the background page check is unnecessary
     with cache.use(checkpoint_id, version, manifest) as entry:   # None on a miss
         ...                                                        # entry.path: the version's files
     cache.fill(checkpoint_id, version, stored_version_dir, manifest)
+    with cache.begin(checkpoint_id, version, manifest, need) as filling:   # None: cached already
+        ...                                                        # write filling.tmp, then COMPLETE
+        pinned = filling.commit_pinned()                           # None: dropped meanwhile
 """
 
 from __future__ import annotations
@@ -58,6 +64,14 @@ class NodeCacheError(AgentError):
 
 class NodeCacheFull(NodeCacheError):
     """The version does not fit the byte budget, even with every unpinned entry evicted."""
+
+
+class FillUnderWay(NodeCacheError):
+    """Another fill of the same version is under way; ``done`` is set when it ends (either way)."""
+
+    def __init__(self, message: str, done: threading.Event):
+        super().__init__(message)
+        self.done = done
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,60 @@ class Pinned:
             self._cache._unpin(self._entry)
 
 
+class Filling:
+    """Room reserved in the budget for one version, and the temporary directory it is written into
+    (``<root>/.partial/<uuid>``): ``commit`` renames it into place (``commit_pinned``: pinned for the
+    caller), ``close`` gives the room back and removes what is left of the directory. As a context
+    manager it closes at the end, and an OSError (a full disk) or a stop on the way becomes a
+    NodeCacheError naming the version."""
+
+    def __init__(self, cache: NodeCache, key: tuple[str, str], need: int, sha256: str, drops: int):
+        self.cache, self.key, self.need, self.sha256, self.drops = cache, key, need, sha256, drops
+        self.tmp = cache.root / cachefiles.PARTIAL / uuid.uuid4().hex
+        self.record = {"checkpointID": key[0], "version": key[1], "manifestSha256": sha256, "bytes": need}
+        self._closed = False
+
+    def commit(self) -> CacheEntry | None:
+        """The entry, in place; None when its checkpoint was dropped while it was filled (nothing kept)."""
+        entry = self.cache._commit(self, pin=False)
+        return entry.public() if entry is not None else None
+
+    def commit_pinned(self) -> Pinned | None:
+        """``commit``, the entry pinned for the caller before anything can evict it."""
+        entry = self.cache._commit(self, pin=True)
+        return Pinned(self.cache, entry) if entry is not None else None
+
+    def failed(self, exc: BaseException) -> NodeCacheError:
+        root, (checkpoint_id, version) = self.cache.root, self.key
+        if isinstance(exc, cachefiles.Stopping):
+            return NodeCacheError(f"node cache {root}: the agent is stopping; nothing was cached")
+        full = " (the cache disk is full)" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else ""
+        cause = (exc.strerror if isinstance(exc, OSError) else None) or exc
+        return NodeCacheError(f"node cache {root}: filling {checkpoint_id} version {version} failed{full}: "
+                              f"{cause}; nothing was cached")
+
+    def close(self) -> None:
+        """The room given back and the temporary directory removed (gone already when committed)."""
+        if self._closed:
+            return
+        self._closed = True
+        cachefiles.remove(self.tmp)
+        with self.cache._lock:
+            done = self.cache._filling.pop(self.key)
+            self.cache._reserved -= self.need
+        done.set()
+
+    def __enter__(self) -> Filling:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if isinstance(exc, OSError | cachefiles.Stopping):
+                raise self.failed(exc) from exc
+        finally:
+            self.close()
+
+
 class NodeCache:
     def __init__(self, root: Path, budget_bytes: int, io_threads: int | None = None):
         if budget_bytes <= 0:
@@ -113,7 +181,7 @@ class NodeCache:
         self._tick = itertools.count()
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._doomed: list[_Entry] = []  # out of the index, still pinned
-        self._filling: set[tuple[str, str]] = set()
+        self._filling: dict[tuple[str, str], threading.Event] = {}  # set when that fill ends
         self._reserved = 0
         self._drops: dict[str, int] = {}  # checkpoint ID -> drops so far (a fill begun before one is discarded)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-cache-fill")
@@ -274,7 +342,8 @@ class NodeCache:
             if old is not None and old.manifest_sha256 == sha256:
                 return False
             if key in self._filling:
-                raise NodeCacheError(f"node cache {self.root}: {key[0]} version {key[1]} is being filled already")
+                raise FillUnderWay(f"node cache {self.root}: {key[0]} version {key[1]} is being filled already",
+                                   self._filling[key])
             if need > self.budget_bytes:
                 raise NodeCacheFull(
                     f"node cache {self.root}: {key[0]} version {key[1]} is {need} bytes, more than the whole "
@@ -294,11 +363,34 @@ class NodeCache:
                 if old is not None:
                     self._entries[key] = old
                 raise
-            self._filling.add(key)
+            self._filling[key] = threading.Event()
             self._reserved += need
         for entry in [*replaced, *gone]:
             self._remove_entry(entry.path)
         return True
+
+    def begin(self, checkpoint_id: str, version: str, manifest: dict[str, Any], need: int) -> Filling | None:
+        """Room for ``need`` bytes of this version of the authenticated ``manifest`` (least recently used
+        unpinned entries evicted for it) and a temporary directory to write it into; None when it is
+        cached from this manifest already. NodeCacheFull: it cannot fit; FillUnderWay: another fill of it
+        runs (wait for ``done``, then pin)."""
+        artifact_layout.ArtifactLayout(self.root, checkpoint_id, version)  # names that make directories
+        sha256 = authn.sha256_of(manifest)
+        if sha256 is None:
+            raise NodeCacheError(f"node cache {self.root}: {checkpoint_id} version {version}: the manifest was not "
+                                 "authenticated (authn.open_manifest); nothing is cached from it")
+        key = (checkpoint_id, version)
+        with self._lock:
+            drops = self._drops.get(checkpoint_id, 0)
+        if not self._reserve(key, need, sha256):
+            return None
+        filling = Filling(self, key, need, sha256, drops)
+        try:
+            filling.tmp.mkdir(mode=0o700)
+        except OSError as exc:
+            filling.close()
+            raise filling.failed(exc) from exc
+        return filling
 
     def fill(self, checkpoint_id: str, version: str, source: Path | int, manifest: dict[str, Any],
              where: Path | None = None) -> CacheEntry | None:
@@ -306,20 +398,15 @@ class NodeCache:
         ``manifest``; None when it is cached already. ArtifactInvalid names a source file that is not what
         the manifest lists; NodeCacheError a fill the cache cannot take. Either way nothing is left."""
         artifact_layout.ArtifactLayout(self.root, checkpoint_id, version)  # names that make directories
-        sha256 = authn.sha256_of(manifest)
-        if sha256 is None:
-            raise NodeCacheError(f"node cache {self.root}: {checkpoint_id} version {version}: the manifest was not "
-                                 "authenticated (authn.open_manifest); nothing is cached from it")
         where = where or (source if isinstance(source, Path) else Path(f"/proc/self/fd/{source}"))
         dir_fd = os.open(source, copies.DIRECTORY) if isinstance(source, Path) else os.dup(source)
         try:
-            return self._fill(checkpoint_id, version, dir_fd, where, manifest, sha256)
+            return self._fill(checkpoint_id, version, dir_fd, where, manifest)
         finally:
             os.close(dir_fd)
 
-    def _fill(self, checkpoint_id: str, version: str, dir_fd: int, where: Path, manifest: dict[str, Any],
-              sha256: str) -> CacheEntry | None:
-        key = (checkpoint_id, version)
+    def _fill(self, checkpoint_id: str, version: str, dir_fd: int, where: Path,
+              manifest: dict[str, Any]) -> CacheEntry | None:
         sidecars = [(name, copies.open_regular(dir_fd, name, where), limit) for name, limit in cachefiles.SIDECARS]
         try:
             sizes = {name: os.fstat(fd).st_size for name, fd, _ in sidecars}
@@ -327,54 +414,34 @@ class NodeCache:
                 if sizes[name] > limit:
                     raise ArtifactInvalid(f"{where / name} is larger than the {limit} bytes an agent reads")
             need = cachefiles.listed_bytes(manifest) + sum(sizes.values())
-            with self._lock:
-                drops = self._drops.get(checkpoint_id, 0)
-            if not self._reserve(key, need, sha256):
+            filling = self.begin(checkpoint_id, version, manifest, need)
+            if filling is None:
                 return None
-            try:
-                return self._copy_in(key, dir_fd, where, manifest, sha256, sidecars, sizes, need, drops)
-            finally:
-                with self._lock:
-                    self._filling.discard(key)
-                    self._reserved -= need
+            with filling:
+                cachefiles.write_version(filling.tmp, dir_fd, where, manifest, sidecars, sizes, filling.record,
+                                         io_threads=self.io_threads, stopping=self._stopping)
+                return filling.commit()
         finally:
             for _, fd, _ in sidecars:
                 os.close(fd)
 
-    def _copy_in(self, key: tuple[str, str], dir_fd: int, where: Path, manifest: dict[str, Any], sha256: str,
-                 sidecars: list[tuple[str, int, int]], sizes: dict[str, int], need: int,
-                 drops: int) -> CacheEntry | None:
-        tmp = self.root / cachefiles.PARTIAL / uuid.uuid4().hex
-        try:
-            tmp.mkdir(mode=0o700)
-            record = {"checkpointID": key[0], "version": key[1], "manifestSha256": sha256, "bytes": need}
-            cachefiles.write_version(tmp, dir_fd, where, manifest, sidecars, sizes, record,
-                                io_threads=self.io_threads, stopping=self._stopping)
-            return self._commit(key, tmp, need, sha256, drops)
-        except cachefiles.Stopping:
-            raise NodeCacheError(f"node cache {self.root}: the agent is stopping; nothing was cached") from None
-        except OSError as exc:
-            full = " (the cache disk is full)" if exc.errno == errno.ENOSPC else ""
-            raise NodeCacheError(f"node cache {self.root}: filling {key[0]} version {key[1]} failed{full}: "
-                                 f"{exc.strerror or exc}; nothing was cached") from exc
-        finally:
-            cachefiles.remove(tmp)  # gone by now when committed
-
-    def _commit(self, key: tuple[str, str], tmp: Path, need: int, sha256: str, drops: int) -> CacheEntry | None:
+    def _commit(self, filling: Filling, pin: bool) -> _Entry | None:
+        key = filling.key
         with self._lock:
-            if self._drops.get(key[0], 0) != drops:
+            if self._drops.get(key[0], 0) != filling.drops:
                 log.info("node cache fill discarded: the checkpoint was dropped meanwhile",
                          checkpoint_id=key[0], version=key[1])
                 return None
             parent = self.root / key[0]
             parent.mkdir(mode=0o700, exist_ok=True)
             final = parent / key[1]
-            os.rename(tmp, final)  # fails if something is there: the index said nothing was
+            os.rename(filling.tmp, final)  # fails if something is there: the index said nothing was
             cachefiles.fsync_dir(parent)
-            entry = _Entry(key[0], key[1], final, need, sha256, time.time(), next(self._tick))
+            entry = _Entry(key[0], key[1], final, filling.need, filling.sha256, time.time(), next(self._tick),
+                           pins=1 if pin else 0)
             self._entries[key] = entry
-        log.info("node cache filled", checkpoint_id=key[0], version=key[1], bytes=need)
-        return entry.public()
+        log.info("node cache filled", checkpoint_id=key[0], version=key[1], bytes=filling.need)
+        return entry
 
     def fill_in_background(self, checkpoint_id: str, version: str, source: Path,
                            manifest: dict[str, Any]) -> Future[CacheEntry | None] | None:

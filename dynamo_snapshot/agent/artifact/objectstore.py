@@ -1,4 +1,4 @@
-"""Checkpoints in object storage (S3): upload a promoted version, download one into a node-local cache.
+"""Checkpoints in object storage (S3): upload a promoted version, download one into the node cache.
 
     s3://<bucket>/<prefix>/<checkpointID>/versions/<artifactVersion>/<file>   every file of the version
     .../versions/<artifactVersion>/manifest.json.mac                          its MAC (``authn.py``)
@@ -11,18 +11,17 @@ Upload stages (``upload_version``):
     files     every listed file, ``concurrency`` at a time; big ones in parallel multipart parts
     commit    the MAC, then ``manifest.json`` (create-only): until it lands, nothing restores the version
 
-Download stages (``download_version``), into ``<cache>/<checkpointID>/versions/tmp/<uuid>/`` then one rename:
-    hit       a cached version (the final directory exists) is checked (authenticated listing) and used
-    manifest  ``manifest.json`` and its MAC, size-bounded; no manifest: "not a checkpoint"; then
-              ``authn.open_manifest`` on them - nothing else from the bucket is trusted before it passes
+Download stages, into a node cache fill's temporary directory (``remote.py`` reserves it in the budget,
+pins a complete entry, and commits it; nothing else on the node holds a fetched version):
+    manifest  ``fetch_manifest``: ``manifest.json`` and its MAC, size-bounded; no manifest: "not a
+              checkpoint"; then ``authn.authenticate`` on their bytes - nothing else from the bucket is
+              trusted before it passes
     plan      the pieces (pure: ``plan_pieces``): one per digest of the manifest (each chunk of a chunked
               file, else the whole file), paths checked to stay below the version directory
-    fetch     ``concurrency`` ranged GETs at a time (at most ``MAX_PIECE`` bytes each), hashed as they land
-              and written (pwrite) into the preallocated files; a piece whose digest differs names the
-              object and the byte range
-    promote   ``verification.verify_listing`` on the staging directory, fsync, and ``layout.promote`` (a
-              rename that never replaces): the final directory exists only when all of it is verified; on
-              any failure or cancellation the staging directory is removed
+    fetch     ``download_files``: every file created and allocated at its listed size (a disk too small
+              fails before a byte is fetched), then ``concurrency`` ranged GETs at a time (at most
+              ``MAX_PIECE`` bytes each), hashed as they land and written (pwrite); a piece whose digest
+              differs names the object and the byte range; then every file synced
 
 The S3 calls go through ``ObjectClient`` (``s3.py`` implements it with obstore); this module decides what
 to read, write and check.
@@ -31,9 +30,9 @@ to read, write and check.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -42,10 +41,9 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from dynamo_snapshot.agent.artifact import authn, verification
+from dynamo_snapshot.agent.artifact import authn
 from dynamo_snapshot.agent.artifact import fields as manifest_fields
 from dynamo_snapshot.agent.artifact.layout import ArtifactLayout
-from dynamo_snapshot.agent.artifact.manifest import Compatibility
 from dynamo_snapshot.agent.errors import ArtifactInvalid, CheckpointError, SnapshotError
 from dynamo_snapshot.api import names
 
@@ -207,33 +205,42 @@ async def withdraw_version(client: ObjectClient, location: Location, manifest: d
             tg.start_soon(client.delete, key)
 
 
-async def _fetch_manifest(client: ObjectClient, location: Location, staging: Path,
-                          keyring: authn.Keyring) -> dict[str, Any]:
+async def fetch_manifest(client: ObjectClient, location: Location,
+                         keyring: authn.Keyring) -> tuple[authn.AuthenticatedManifest, bytes, bytes]:
+    """The version's manifest, authenticated before anything else from the bucket is trusted, with the
+    exact bytes of it and of its MAC (what a node cache entry keeps)."""
     data = await client.get(location.key(MANIFEST), authn.MAX_MANIFEST_BYTES)
     if data is None:
         raise ArtifactInvalid(
             f"{client.url(location.key())}/ has no {MANIFEST}: it is not a checkpoint (its upload never "
-            "completed, or it was never taken); nothing there is restored")
+            "completed, or it was never taken, or it was deleted); nothing there is restored")
     mac = await client.get(location.key(MAC_FILE), authn.MAX_MAC_BYTES)
-    (staging / MANIFEST).write_bytes(data)
-    if mac is not None:
-        (staging / MAC_FILE).write_bytes(mac)
-    manifest = authn.open_manifest(staging, keyring)  # before anything else from the bucket is trusted
+    manifest = authn.authenticate(data, mac, keyring, client.url(location.key()))
     manifest_fields.check(manifest, client.url(location.key(MANIFEST)))
-    return manifest
+    if manifest["checkpointID"] != location.checkpoint_id:
+        raise ArtifactInvalid(f"{client.url(location.key(MANIFEST))} is of checkpoint "
+                              f"{manifest['checkpointID']!r}, not {location.checkpoint_id!r}")
+    plan_pieces(manifest, client.url(location.key(MANIFEST)))  # the paths are safe before any is created
+    assert mac is not None  # authenticate refuses a version without one
+    return manifest, data, mac
 
 
 class _Files:
-    """The staging files being written: created at full size first, written by offset."""
+    """The files being written: created and allocated at full size first (a disk too small fails here,
+    before a byte is fetched), written by offset."""
 
-    def __init__(self, staging: Path, manifest: dict[str, Any]):
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
         self.fds: dict[str, int] = {}
-        for entry in manifest["files"]:
-            path = staging / entry["path"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            os.ftruncate(fd, int(entry["size"]))
-            self.fds[entry["path"]] = fd
+        try:
+            for entry in manifest["files"]:
+                path = directory / entry["path"]
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                self.fds[entry["path"]] = fd
+                _allocate(fd, int(entry["size"]))
+        except BaseException:
+            self.close(sync=False)
+            raise
 
     def write(self, rel: str, offset: int, data: bytes) -> None:
         view, done = memoryview(data), 0
@@ -241,11 +248,25 @@ class _Files:
             done += os.pwrite(self.fds[rel], view[done:], offset + done)
 
     def close(self, sync: bool) -> None:
-        for fd in self.fds.values():
-            if sync:
-                os.fsync(fd)
-            os.close(fd)
-        self.fds.clear()
+        while self.fds:
+            _, fd = self.fds.popitem()
+            try:
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """The file's blocks reserved (``posix_fallocate``; ENOSPC when they do not fit), else only its size."""
+    if size == 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # a filesystem without fallocate: a full disk shows at the write
 
 
 async def _fetch_piece(client: ObjectClient, location: Location, piece: Piece, files: _Files,
@@ -277,34 +298,15 @@ async def _fetch_all(client: ObjectClient, location: Location, manifest: dict[st
             tg.start_soon(_fetch_piece, client, location, piece, files, limiter, sizes)
 
 
-async def download_version(client: ObjectClient, location: Location, cache: Path, keyring: authn.Keyring,
-                           here: Compatibility, concurrency: int = DEFAULT_CONCURRENCY) -> Path:
-    """The verified local copy of ``location`` in the node cache ``cache``; downloads it unless cached."""
-    layout = ArtifactLayout(cache, location.checkpoint_id, location.artifact_version)
-    if layout.final_dir.is_dir():
-        authn.verify_listing(layout.final_dir, location.checkpoint_id, here, keyring)
-        return layout.final_dir
-    staging = layout.new_staging()
-    files: _Files | None = None
+async def download_files(client: ObjectClient, location: Location, manifest: dict[str, Any], directory: Path,
+                         concurrency: int = DEFAULT_CONCURRENCY) -> None:
+    """Every file ``manifest`` (authenticated: ``fetch_manifest``) lists, fetched into the empty directory
+    ``directory`` by parallel ranged reads, each piece checked against its digest as it lands, then
+    synced. On any failure what was written stays for the caller to remove (a node cache fill's
+    temporary directory: ``remote.py``)."""
+    files = await anyio.to_thread.run_sync(_Files, directory, manifest)
     try:
-        manifest = await _fetch_manifest(client, location, staging, keyring)
-        if manifest["checkpointID"] != location.checkpoint_id:
-            raise ArtifactInvalid(f"{client.url(location.key(MANIFEST))} is of checkpoint "
-                                  f"{manifest['checkpointID']!r}, not {location.checkpoint_id!r}")
-        plan_pieces(manifest, client.url(location.key(MANIFEST)))  # the paths are safe before any is created
-        files = _Files(staging, manifest)
         await _fetch_all(client, location, manifest, files, concurrency)
-        files.close(sync=True)
-        files = None
-        verification.verify_listing(staging, location.checkpoint_id, here, manifest=manifest)
-        try:
-            return layout.promote(staging)
-        except CheckpointError:  # another download of the same version promoted first: use that one
-            if not layout.final_dir.is_dir():
-                raise
-            return layout.final_dir
+        await anyio.to_thread.run_sync(files.close, True)
     finally:
-        if files is not None:
-            files.close(sync=False)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)
+        files.close(sync=False)  # a no-op once closed

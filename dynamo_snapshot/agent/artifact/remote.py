@@ -3,11 +3,24 @@
     None           PVC storage: the version lives where the pipeline wrote it (``<base>``) and is read there
     ObjectStorage  S3: the checkpoint pipeline writes and promotes the version in a node-local ``<base>`` as
                    for a PVC, then its ``upload`` stage puts it in the bucket (manifest last:
-                   ``objectstore.upload_version``); the restore pipeline's ``fetch`` stage downloads it,
-                   verified, into the node-local ``<base>`` (``objectstore.download_version``), and everything
-                   after reads that copy exactly as it reads a PVC's
+                   ``objectstore.upload_version``); the restore pipeline's ``fetch`` stage (and pre-staging)
+                   brings it into the node cache (``fetch``, below), and everything after reads that pinned
+                   entry as it reads a cache hit
 
-The checkpoint and restore pipelines are the same for both; only these two stages differ.
+Fetch stages (``ObjectStorage.fetch``):
+    manifest  fetched and authenticated (``objectstore.fetch_manifest``), then checked for this node (ID,
+              format, compatibility: ``verification.check_manifest``) before any data is read
+    hit       the node cache's entry of this version bound to that manifest, pinned: nothing is fetched
+    reserve   room in the cache's budget (least recently used unpinned entries evicted; ``NodeCacheFull``
+              when even that is not enough, before a byte is written) and a temporary directory; a fill of
+              the same version under way (another restore, pre-staging) is waited for, then pinned
+    fetch     ``objectstore.download_files`` into it, each chunk verified as it lands
+    complete  the manifest's and MAC's exact bytes, the listing checked (sizes, nothing unlisted), the
+              completion record, one rename into place, pinned for the caller. Any failure - a tampered or
+              missing object, the server gone, a full disk (``NodeCacheError`` saying so) - removes the
+              temporary directory and gives the room back: a retry starts clean
+
+The checkpoint and restore pipelines are the same for both; only these stages differ.
 """
 
 from __future__ import annotations
@@ -16,8 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamo_snapshot.agent.artifact import authn, objectstore
+import anyio
+
+from dynamo_snapshot.agent.artifact import authn, cachefiles, objectstore, verification
 from dynamo_snapshot.agent.artifact.manifest import Compatibility
+from dynamo_snapshot.agent.artifact.nodecache import Filling, FillUnderWay, NodeCache, NodeCacheError, Pinned
+
+FETCH_ROUNDS = 3  # a pin that misses after a fill (evicted or dropped at once) is tried again this often
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,50 @@ class ObjectStorage:
         """The version's commit taken back (it was never confirmed): ``objectstore.withdraw_version``."""
         await objectstore.withdraw_version(self.client, self.location(checkpoint_id, artifact_version), manifest)
 
-    async def fetch(self, base: Path, checkpoint_id: str, artifact_version: str, keyring: authn.Keyring,
-                    here: Compatibility) -> Path:
+    async def fetch(self, cache: NodeCache, checkpoint_id: str, artifact_version: str, keyring: authn.Keyring,
+                    here: Compatibility) -> tuple[Pinned, dict[str, Any]]:
+        """The version as a pinned node cache entry (fetched into the cache unless it is there), and its
+        authenticated manifest. The caller closes the pin when it has read the entry."""
         location = self.location(checkpoint_id, artifact_version)
-        return await objectstore.download_version(self.client, location, base, keyring, here, self.concurrency)
+        manifest, data, mac = await objectstore.fetch_manifest(self.client, location, keyring)
+        where = self.describe(checkpoint_id, artifact_version).rstrip("/")
+        verification.check_manifest(manifest, checkpoint_id, here, where)
+        need = cachefiles.listed_bytes(manifest) + len(data) + len(mac)
+        for _ in range(FETCH_ROUNDS):
+            pinned = await anyio.to_thread.run_sync(cache.pin, checkpoint_id, artifact_version, manifest)
+            if pinned is not None:
+                return pinned, manifest
+            try:
+                filling = await anyio.to_thread.run_sync(cache.begin, checkpoint_id, artifact_version, manifest, need)
+            except FillUnderWay as busy:  # another restore or a pre-staging fetches it: wait, then pin
+                await anyio.to_thread.run_sync(busy.done.wait, abandon_on_cancel=True)
+                continue
+            if filling is not None:
+                return await self._fill(filling, location, manifest, data, mac, here), manifest
+        raise NodeCacheError(f"{where}: the node cache lost the version as soon as it was cached "
+                             f"({FETCH_ROUNDS} times; dropped or evicted at once); retried with the next attempt")
+
+    async def _fill(self, filling: Filling, location: objectstore.Location, manifest: dict[str, Any], data: bytes,
+                    mac: bytes, here: Compatibility) -> Pinned:
+        tmp, checkpoint_id = filling.tmp, location.checkpoint_id
+
+        def complete() -> Pinned | None:
+            cachefiles.write_sidecar(tmp, authn.MANIFEST, data)
+            cachefiles.write_sidecar(tmp, authn.MAC_FILE, mac)
+            verification.verify_listing(tmp, checkpoint_id, here, manifest=manifest)
+            cachefiles.complete(tmp, filling.record)
+            return filling.commit_pinned()
+
+        try:
+            await objectstore.download_files(self.client, location, manifest, tmp, self.concurrency)
+            pinned = await anyio.to_thread.run_sync(complete)
+        except (OSError, cachefiles.Stopping) as exc:
+            raise filling.failed(exc) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(filling.close)
+        if pinned is None:
+            raise NodeCacheError(f"{self.describe(checkpoint_id, location.artifact_version)}: checkpoint "
+                                 f"{checkpoint_id} was dropped from the node cache (deleted) while it was fetched; "
+                                 "nothing was kept")
+        return pinned

@@ -56,23 +56,7 @@ def verify_listing(
     file present with its size, nothing unlisted. Returns the manifest (``manifest``, the one
     ``authn.open_manifest`` authenticated, when given)."""
     manifest = read_manifest(directory) if manifest is None else manifest
-    manifest_fields.check(manifest, str(directory / MANIFEST))
-    if manifest.get("formatVersion") != MANIFEST_FORMAT:
-        raise ArtifactInvalid(
-            f"{directory / MANIFEST} has format version {manifest.get('formatVersion')!r}; "
-            f"this agent reads version {MANIFEST_FORMAT}"
-        )
-    if manifest.get("checkpointID") != checkpoint_id:
-        raise ArtifactInvalid(
-            f"{directory} holds checkpoint {manifest.get('checkpointID')!r}, not the requested {checkpoint_id!r}"
-        )
-    try:
-        recorded = Compatibility.from_json(manifest["compatibility"])
-    except (KeyError, TypeError) as exc:
-        raise ArtifactInvalid(f"{directory / MANIFEST} has no usable compatibility record ({exc})") from exc
-    for warning in check_compatible(recorded, here):
-        log.warning("restoring across a difference", checkpoint_id=checkpoint_id, difference=warning)
-
+    check_manifest(manifest, checkpoint_id, here, str(directory))
     listed: dict[str, dict[str, Any]] = {}
     for entry in manifest.get("files") or []:
         rel = str(entry.get("path", ""))
@@ -94,6 +78,27 @@ def verify_listing(
         if size != entry.get("size"):
             raise ArtifactInvalid(f"{path} is {size} bytes; the manifest says {entry.get('size')}")
     return manifest
+
+
+def check_manifest(manifest: dict[str, Any], checkpoint_id: str, here: Compatibility, where: str) -> None:
+    """The checks of ``verify_listing`` that need only the manifest: its fields and format, the checkpoint
+    ID, and compatibility with this node. ``where`` names the version (a directory or an object prefix)."""
+    manifest_fields.check(manifest, f"{where}/{MANIFEST}")
+    if manifest.get("formatVersion") != MANIFEST_FORMAT:
+        raise ArtifactInvalid(
+            f"{where}/{MANIFEST} has format version {manifest.get('formatVersion')!r}; "
+            f"this agent reads version {MANIFEST_FORMAT}"
+        )
+    if manifest.get("checkpointID") != checkpoint_id:
+        raise ArtifactInvalid(
+            f"{where} holds checkpoint {manifest.get('checkpointID')!r}, not the requested {checkpoint_id!r}"
+        )
+    try:
+        recorded = Compatibility.from_json(manifest["compatibility"])
+    except (KeyError, TypeError) as exc:
+        raise ArtifactInvalid(f"{where}/{MANIFEST} has no usable compatibility record ({exc})") from exc
+    for warning in check_compatible(recorded, here):
+        log.warning("restoring across a difference", checkpoint_id=checkpoint_id, difference=warning)
 
 
 def is_page_data(rel: str) -> bool:

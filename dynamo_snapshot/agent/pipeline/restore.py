@@ -1,9 +1,11 @@
 """The restore pipeline, one for every target (a placeholder container or the host: ``target.py``).
 
     resolve   the target (a placeholder: looked up once, then checked to be in standby)
-    fetch     (object storage only: ``request.remote``) the version downloaded into the node-local base,
-              each chunk checked against the authenticated manifest as it lands (a cached complete copy
-              is used as it is); the stages below then read it as they read a PVC's
+    fetch     (object storage only: ``request.remote``) the version's manifest authenticated from the
+              bucket, then the version downloaded into the node cache (``request.cache``, required) within
+              its budget, each chunk checked against that manifest as it lands, and pinned
+              (``artifact/remote.py``; an entry cached already is pinned as it is); the stages below
+              read that entry as they read any node cache hit
     verify    manifest, checkpoint ID, compatibility, every file's size; every file but the raw page
               data copied to the agent's private directory and the SHA-256 of the copies checked (what
               CRIU and the agent parse is what was verified: ``artifact/private.py``); the target's own
@@ -129,19 +131,29 @@ class _Run:
             await anyio.to_thread.run_sync(self.bundle.version), node.driver_version, node.gpus, node.gpu_models
         )
 
-    async def fetch(self, here: artifact.Compatibility, remote: ObjectStorage) -> None:
-        """Object storage: the version downloaded, verified, into the node-local base (a complete copy is used)."""
+    async def fetch(self, here: artifact.Compatibility, remote: ObjectStorage) -> dict[str, Any]:
+        """Object storage: the version as a pinned node cache entry (downloaded into it, verified, unless
+        it is there); returns the manifest authenticated from the bucket."""
         request = self.request
-        self.stored = await remote.fetch(request.base_path, request.checkpoint_id, request.artifact_version,
-                                         self.keyring, here)
+        if request.cache is None:
+            raise RestoreError(f"restoring {request.checkpoint_id} from {remote.describe_root()} needs a node cache "
+                               "(the version is fetched into it): configure cache.dir and cache.budgetGiB")
+        self.private, manifest = await remote.fetch(request.cache, request.checkpoint_id, request.artifact_version,
+                                                    self.keyring, here)
+        self.stored, self.cached = self.private.path, True
+        request.base_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # node-local: the restore's logs go there
+        return manifest
 
-    async def verify(self, dest: Destination, here: artifact.Compatibility) -> tuple[dict[str, Any], CudaState]:
+    async def verify(self, dest: Destination, here: artifact.Compatibility,
+                     fetched: dict[str, Any] | None) -> tuple[dict[str, Any], CudaState]:
         wanted, threads = self.request.checkpoint_id, self.request.io_threads
-        manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.stored, wanted, here, self.keyring)
-        self.private = await anyio.to_thread.run_sync(nodecache.restore_images, self.request.cache, self.stored,
-                                                      manifest, self.request.artifact_version,
-                                                      self.request.private_root, threads)
-        self.cached = isinstance(self.private, nodecache.Pinned)
+        manifest = fetched
+        if manifest is None:  # storage the pipeline reads in place (a PVC), or the node cache's copy of it
+            manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.stored, wanted, here, self.keyring)
+            self.private = await anyio.to_thread.run_sync(nodecache.restore_images, self.request.cache, self.stored,
+                                                          manifest, self.request.artifact_version,
+                                                          self.request.private_root, threads)
+            self.cached = isinstance(self.private, nodecache.Pinned)
         if not self.request.overlap and not self.cached:
             pages = self.pages_dir
             await anyio.to_thread.run_sync(
@@ -189,12 +201,13 @@ class _Run:
     async def stages_after_resolve(self, dest: Destination) -> tuple[dict[str, Any], int]:
         enter, leave = self.stages.enter, self.stages.leave
         here = await self.here()
+        fetched = None
         if self.request.remote is not None:
             await enter(Stage.FETCH)
-            await self.fetch(here, self.request.remote)
+            fetched = await self.fetch(here, self.request.remote)
             leave(Stage.FETCH)
         await enter(Stage.VERIFY)
-        manifest, recorded = await self.verify(dest, here)
+        manifest, recorded = await self.verify(dest, here, fetched)
         leave(Stage.VERIFY)
 
         pages: MemoryCheck | Verified = Verified()

@@ -14,7 +14,8 @@
       directory: /etc/dynamo-snapshot/keys   # the checkpoint keys (a Secret mounted only here; docs/security.md)
     cache:
       dir: ""                # the node-local checkpoint cache (local NVMe, the agent's only); "": no cache
-      budgetGiB: 0           # its byte budget; 0: no cache (artifact/nodecache.py)
+      budgetGiB: 0           # its byte budget; 0: no cache (artifact/nodecache.py). Both are required
+                             # with storage.type s3: a restore fetches the version into the cache
     storage:
       type: pvc              # or s3, with storage.s3 (bucket, prefix, endpoint, ...): storageconfig.py
 
@@ -41,6 +42,7 @@ from dynamo_snapshot.agent.service.configfields import section as _section
 from dynamo_snapshot.agent.service.configfields import short as _short
 from dynamo_snapshot.agent.service.configfields import typed as _typed
 from dynamo_snapshot.agent.service.storageconfig import StorageSettings, storage_settings
+from dynamo_snapshot.api import names
 
 NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
 
@@ -185,7 +187,12 @@ def load(path: str | Path | None) -> AgentConfig:
     try:
         top = _section(data, "(top level)", {"criu", "restore", "keys", "cache", "storage"})
         restore = restore_settings(top.get("restore"))
-        return AgentConfig(criu_settings(top.get("criu")), restore, key_directory(top.get("keys")),
-                           cache_settings(top.get("cache"), restore), storage_settings(top.get("storage")))
+        cache, storage = cache_settings(top.get("cache"), restore), storage_settings(top.get("storage"))
+        if storage.type == names.STORAGE_TYPE_S3 and not cache.enabled:
+            missing = "cache.dir" if not cache.dir else "cache.budgetGiB"
+            raise ConfigError(f"{missing}: required with storage.type s3 - a restore fetches the checkpoint from the "
+                              "bucket into the node cache, which cache.budgetGiB bounds (set cache.dir to a "
+                              "directory on local disk and cache.budgetGiB to the GiB it may hold)")
+        return AgentConfig(criu_settings(top.get("criu")), restore, key_directory(top.get("keys")), cache, storage)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

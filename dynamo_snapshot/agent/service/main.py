@@ -6,8 +6,9 @@
                    --host-proc=/host/proc --config=/etc/snapshot-agent/config.yaml --metrics-bind-address=:9090
 
 With ``storage.type: s3`` in the configuration (``storageconfig.py``) checkpoints are uploaded to and restored
-from object storage, and ``--storage-base-path`` is the node-local directory the versions are written and
-fetched into (agentMount, created at start; no PVC).
+from object storage: ``--storage-base-path`` is the node-local directory a checkpoint is written in before
+its upload (agentMount, created at start; no PVC), and a restore fetches the version into the node cache
+(``cache``, required with s3).
 
 Serves /metrics, /healthz and /readyz (ready once its pod cache is synced). SIGTERM or SIGINT stops it:
 running operations get ``--drain-timeout`` seconds to finish.
@@ -207,14 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _remote(configured: AgentConfig, mode: StorageMode, env: dict[str, str]) -> ObjectStorage | None:
+def _remote(configured: AgentConfig, mode: StorageMode, base_path: str, env: dict[str, str]) -> ObjectStorage | None:
     """The object storage the configuration asks for (None: PVC storage). Raises ConfigError."""
     s3 = configured.storage.s3
     if s3 is None:
         return None
     if mode is not StorageMode.AGENT_MOUNT:
-        raise ConfigError(f"--storage-access-mode {mode}: storage.type s3 needs agentMount (the agent writes and "
-                          "fetches versions in its node-local --storage-base-path; no pod mounts storage)")
+        raise ConfigError(f"--storage-access-mode {mode}: storage.type s3 needs agentMount (the agent writes "
+                          "versions in its node-local --storage-base-path before the upload; no pod mounts storage)")
+    cache, base = Path(configured.cache.dir), Path(base_path.rstrip("/") or "/")
+    if cache == base or base in cache.parents or cache in base.parents:
+        raise ConfigError(f"cache.dir: {cache} overlaps --storage-base-path {base} (where checkpoints are written "
+                          "before their upload); give the node cache a directory of its own")
     return object_storage(s3, credentials(s3, env))
 
 
@@ -225,7 +230,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> A
     try:
         configured = load(args.config)
         keyring = Keyring.from_directory(configured.key_directory)
-        remote = _remote(configured, mode, dict(os.environ))
+        remote = _remote(configured, mode, args.storage_base_path, dict(os.environ))
     except (ConfigError, KeyringError) as err:
         parser.error(str(err))
     if (args.namespace_restricted or (mode is StorageMode.AGENT_MOUNT and remote is None)) and not args.namespace:

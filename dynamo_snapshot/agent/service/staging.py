@@ -7,10 +7,10 @@ of the pods that restore from them, drop deleted ones, and say what the cache ho
     drop      a deleted DynamoCheckpoint, or one whose artifact version changed: ``NodeCache.drop`` of its
               checkpoint ID (a pinned entry goes when its restore ends)
     stage     a Ready checkpoint whose ``status.staging.nodes`` names this node, version
-              ``status.staging.artifactVersion``: opened on storage (the PVC the agent mounts; object
-              storage fetched into the node-local base first), authenticated and checked compatible with
-              this node (``authn.verify_listing``), then ``NodeCache.fill`` (room made by evicting least
-              recently used unpinned entries; refused if it cannot fit). ``STAGE_AT_ONCE`` at a time;
+              ``status.staging.artifactVersion``: authenticated and checked compatible with this node,
+              then brought into the cache - copied from the PVC the agent mounts (``NodeCache.fill``), or
+              fetched from the bucket straight into it (``ObjectStorage.fetch``); either way room is made
+              by evicting least recently used unpinned entries, refused if it cannot fit. ``STAGE_AT_ONCE`` at a time;
               a version cached already is not fetched again (idempotent; a restart finds the entry)
     report    the node's Lease ``snapshot-staged-<node>`` in the agent's namespace, annotated with the
               cache's entries (``nvidia.com/snapshot-staged``): written when they changed, and looked
@@ -84,21 +84,23 @@ def staging_for(ckpt: dict[str, Any], node: str) -> str | None:
 
 
 class StagingSource:
-    """Where a version is read from: the PVC under ``base_path``, or object storage fetched into it."""
+    """Where a version is read from: the PVC under ``base_path``, or object storage."""
 
     def __init__(self, base_path: Path, keyring: authn.Keyring, here: Callable[[], Awaitable[Compatibility]],
                  remote: ObjectStorage | None = None):
         self.base_path, self.keyring, self.here, self.remote = base_path, keyring, here, remote
 
-    async def open(self, checkpoint_id: str, version: str) -> tuple[Path, dict[str, Any]]:
-        """The stored version's directory and its authenticated manifest, checked compatible with this node."""
+    async def stage(self, cache: NodeCache, checkpoint_id: str, version: str) -> None:
+        """The version into ``cache``, authenticated and checked compatible with this node first: from the
+        bucket straight into the cache (``ObjectStorage.fetch``), or copied from the PVC (``NodeCache.fill``)."""
         here = await self.here()
         if self.remote is not None:
-            stored = await self.remote.fetch(self.base_path, checkpoint_id, version, self.keyring, here)
-        else:
-            stored = artifact_layout.ArtifactLayout(self.base_path, checkpoint_id, version).final_dir
+            pinned, _ = await self.remote.fetch(cache, checkpoint_id, version, self.keyring, here)
+            pinned.close()
+            return
+        stored = artifact_layout.ArtifactLayout(self.base_path, checkpoint_id, version).final_dir
         manifest = await anyio.to_thread.run_sync(authn.verify_listing, stored, checkpoint_id, here, self.keyring)
-        return stored, manifest
+        await anyio.to_thread.run_sync(cache.fill, checkpoint_id, version, stored, manifest)
 
 
 class Stager:
@@ -171,8 +173,7 @@ class Stager:
         log.info("pre-staging a checkpoint", checkpoint=name, checkpoint_id=checkpoint_id, version=version)
         self._gauge(1)
         try:
-            stored, manifest = await self.source.open(checkpoint_id, version)
-            await anyio.to_thread.run_sync(self.cache.fill, checkpoint_id, version, stored, manifest)
+            await self.source.stage(self.cache, checkpoint_id, version)
         except (ArtifactIncompatible, ArtifactInvalid) as exc:
             self._refused[(checkpoint_id, version)] = str(exc)
             log.warning("pre-staging refused: not staged on this node", checkpoint=name, error=str(exc))

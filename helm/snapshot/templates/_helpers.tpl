@@ -127,10 +127,23 @@ block-iouring.json
 {{/* Values that would render a chart that installs cleanly but cannot work: refuse them, naming the value
 and what to set instead. Every template includes this first, so the error a user sees is about the values
 whatever order Helm renders the templates in. */}}
-{{- /* "true" when the node-local checkpoint cache is on (cache.hostPath and cache.budgetGiB set). */ -}}
+{{- /* "true" when the node-local checkpoint cache is on: cache.budgetGiB set, and cache.hostPath (with
+storage.type=s3 it has a default: a restore fetches into the cache, so s3 always has one). */ -}}
 {{- define "snapshot.cacheOn" -}}
 {{- $c := .Values.cache | default dict -}}
-{{- if and $c.hostPath $c.budgetGiB -}}true{{- end -}}
+{{- if and (include "snapshot.cacheHostPath" .) $c.budgetGiB -}}true{{- end -}}
+{{- end -}}
+
+{{- /* The cache's directory on the node: cache.hostPath, else with s3 the default beside localDirectory's. */ -}}
+{{- define "snapshot.cacheHostPath" -}}
+{{- $c := .Values.cache | default dict -}}
+{{- if $c.hostPath -}}{{ clean (toString $c.hostPath) }}{{- else if include "snapshot.s3" . -}}/var/lib/dynamo-snapshot/cache{{- end -}}
+{{- end -}}
+
+{{- /* "true" when the directories $a and $b (clean, absolute) are one, or one holds the other. */ -}}
+{{- define "snapshot.overlap" -}}
+{{- $a := index . 0 -}}{{- $b := index . 1 -}}
+{{- if or (eq $a $b) (hasPrefix (printf "%s/" $a) $b) (hasPrefix (printf "%s/" $b) $a) -}}true{{- end -}}
 {{- end -}}
 
 {{- define "snapshot.cacheMountPath" -}}/var/lib/dynamo-snapshot/cache{{- end -}}
@@ -147,7 +160,7 @@ whatever order Helm renders the templates in. */}}
 {{- if and $c.hostPath (not $c.budgetGiB) -}}
 {{- fail (printf "cache.hostPath is %q but cache.budgetGiB is 0: set both for a node cache, or neither" (toString $c.hostPath)) -}}
 {{- end -}}
-{{- if and $c.budgetGiB (not $c.hostPath) -}}
+{{- if and $c.budgetGiB (not (include "snapshot.cacheHostPath" .)) -}}
 {{- fail "cache.budgetGiB is set but cache.hostPath is empty: set both for a node cache (a directory on local disk), or neither" -}}
 {{- end -}}
 {{- if $c.hostPath -}}
@@ -174,6 +187,9 @@ whatever order Helm renders the templates in. */}}
 {{- if not $s.s3.bucket -}}
 {{- fail "storage.s3.bucket is required when storage.type=s3: the bucket checkpoints are uploaded to (it must exist)" -}}
 {{- end -}}
+{{- if and (include "snapshot.s3" .) (not (.Values.cache | default dict).budgetGiB) -}}
+{{- fail "cache.budgetGiB is required with storage.type=s3: a restore fetches the checkpoint from the bucket into the node cache (cache.hostPath, default /var/lib/dynamo-snapshot/cache), and the budget is what it may hold there - set it to the GiB that directory's disk can spare (e.g. --set cache.budgetGiB=500)" -}}
+{{- end -}}
 {{- if ne $s.accessMode "agentMount" -}}
 {{- fail (printf "storage.accessMode %s cannot be used with storage.type=s3: no pod mounts storage; leave storage.accessMode at agentMount" $s.accessMode) -}}
 {{- end -}}
@@ -182,6 +198,13 @@ whatever order Helm renders the templates in. */}}
 {{- end -}}
 {{- if and $s.s3.caConfigMap $s.s3.insecureSkipTLSVerify -}}
 {{- fail "storage.s3: set caConfigMap or insecureSkipTLSVerify, not both" -}}
+{{- end -}}
+{{- $local := clean (toString $s.s3.localDirectory) -}}
+{{- if include "snapshot.overlap" (list $local (include "snapshot.cacheHostPath" .)) -}}
+{{- fail (printf "cache.hostPath %q overlaps storage.s3.localDirectory %q (where checkpoints are written before their upload): give the node cache a directory of its own" (include "snapshot.cacheHostPath" .) $local) -}}
+{{- end -}}
+{{- if include "snapshot.overlap" (list $local (include "snapshot.cacheMountPath" .)) -}}
+{{- fail (printf "storage.s3.localDirectory %q overlaps %s, where the agent sees its node cache: choose another directory" $local (include "snapshot.cacheMountPath" .)) -}}
 {{- end -}}
 {{- end -}}
 {{- if not (has $s.accessMode (list "agentMount" "podMount")) -}}
