@@ -65,6 +65,19 @@ DEFAULT_S3_LOCAL_DIRECTORY = "/var/lib/dynamo-snapshot/objects"
 STAGED_LEASE_PREFIX = "snapshot-staged-"
 LABEL_STAGED_NODE = "nvidia.com/snapshot-staged-node"
 ANN_STAGED = "nvidia.com/snapshot-staged"
+# Removing a deleted automatic checkpoint's artifacts (docs/agent.md#deleting-from-object-storage). The
+# finalizer holds every automatic DynamoCheckpoint until they are gone. With object storage the operator asks
+# with the condition CONDITION_ARTIFACTS_REMOVED (status False, reason REASON_CLEANUP_REQUESTED) once nothing
+# writes the checkpoint any more; one agent takes the Lease CLEANUP_LEASE_PREFIX + checkpoint ID in the
+# checkpoint's namespace (owned by the DynamoCheckpoint, labelled with its ID), deletes the objects and
+# writes the outcome on it: ANN_CLEANUP_STATUS (STATUS_IN_PROGRESS, STATUS_COMPLETED, STATUS_FAILED) and
+# ANN_CLEANUP_MESSAGE
+FINALIZER_CHECKPOINT_CLEANUP = "nvidia.com/checkpoint-cleanup"
+CONDITION_ARTIFACTS_REMOVED = "ArtifactsRemoved"
+REASON_CLEANUP_REQUESTED = "Requested"
+CLEANUP_LEASE_PREFIX = "checkpoint-cleanup-"
+ANN_CLEANUP_STATUS = "nvidia.com/snapshot-cleanup-status"
+ANN_CLEANUP_MESSAGE = "nvidia.com/snapshot-cleanup-message"
 # Node labels of NVIDIA's GPU feature discovery, matched against the checkpoint's GPU
 NODE_LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
 NODE_LABEL_DRIVER_VERSION = "nvidia.com/cuda.driver-version.full"

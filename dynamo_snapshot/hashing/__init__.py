@@ -2,6 +2,7 @@
 
 from dynamo_snapshot.hashing.gojson import GoStruct, marshal
 from dynamo_snapshot.hashing.ids import (
+    derived_dgd_checkpoint_id,
     dgd_checkpoint_id,
     identity_hash,
     identity_hash_input,
@@ -11,6 +12,7 @@ from dynamo_snapshot.hashing.ids import (
 
 __all__ = [
     "GoStruct",
+    "derived_dgd_checkpoint_id",
     "dgd_checkpoint_id",
     "identity_hash",
     "identity_hash_input",

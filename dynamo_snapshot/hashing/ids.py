@@ -8,9 +8,11 @@ from typing import Any
 
 import msgspec
 
+from dynamo_snapshot.api import names
 from dynamo_snapshot.hashing.gojson import GoStruct, marshal
 
-__all__ = ["dgd_checkpoint_id", "identity_hash", "identity_hash_input", "worker_hash", "worker_hash_input"]
+__all__ = ["derived_dgd_checkpoint_id", "dgd_checkpoint_id", "identity_hash", "identity_hash_input", "worker_hash",
+           "worker_hash_input"]
 
 WORKER_HASH_VERSION = "worker-v1"
 
@@ -66,6 +68,18 @@ def dgd_checkpoint_id(namespace: str, dgd_name: str, dgd_uid: str, component: st
     if worker_hash:
         fields.append(("workerHash", worker_hash))
     return _sha256_hex(marshal(GoStruct(*fields)))[:32]
+
+
+def derived_dgd_checkpoint_id(namespace: str, labels: Mapping[str, str], extra_parameters: Mapping[str, str]) -> str:
+    """The ID an automatic checkpoint in ``namespace`` carrying these labels and identity extraParameters
+    was made for (``dgd_checkpoint_id`` of its DGD's name and UID, component and worker hash); "" when one
+    of them is missing. The namespace is in the hash, so no other namespace's object derives the same ID:
+    what decides whether a checkpoint ID is this namespace's to delete from storage shared by all."""
+    dgd_name, component = labels.get(names.LABEL_DGD_NAME, ""), labels.get(names.LABEL_COMPONENT, "")
+    dgd_uid = extra_parameters.get("dgdUID", "")
+    if not (namespace and dgd_name and component and dgd_uid):
+        return ""
+    return dgd_checkpoint_id(namespace, dgd_name, dgd_uid, component, labels.get(names.LABEL_WORKER_HASH, ""))
 
 
 # Service fields that never change what runs in the container, so never change the worker hash.

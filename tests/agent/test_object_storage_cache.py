@@ -159,3 +159,63 @@ def test_a_checkpoint_dropped_while_it_is_fetched_is_not_kept_and_the_restore_fa
     with pytest.raises(NodeCacheError, match=r"ck1 was dropped from the node cache \(deleted\) while it was fetched"):
         download(DropsOnFirstRead(client, []), cache, keyring)
     assert cache.entries() == [] and nothing_cached(tmp_path / "cache")
+
+
+def test_a_restore_fetching_when_the_checkpoint_is_deleted_from_the_bucket_fails_cleanly_and_keeps_nothing(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    client = client_for(minio_server, bucket)
+    uploaded(client, tmp_path, keyring, "ck1")
+    cache = NodeCache(tmp_path / "cache", 1 << 30)
+    objects = len(minio_server.list_objects(bucket, "fleet/ckpts/ck1/"))
+
+    class DeletedAfterFirstRead(_Counting):
+        deleted = False
+
+        async def get_range(self, key: str, start: int, length: int) -> bytes:
+            data = await super().get_range(key, start, length)
+            if not self.deleted:  # the DynamoCheckpoint was deleted: an agent removes its objects
+                self.deleted = True
+                assert await objectstore.delete_checkpoint(client, LOCATION.prefix, "ck1") == objects
+            return data
+
+    with pytest.raises(objectstore.ObjectStoreError, match=rf"s3://{bucket}/fleet/ckpts/ck1/versions/1/\S+ failed: "
+                                                            r"the object is not there \(deleted meanwhile"):
+        download(DeletedAfterFirstRead(client, []), cache, keyring)
+    assert cache.entries() == [] and nothing_cached(tmp_path / "cache")
+
+
+def test_a_restore_past_its_fetch_is_unharmed_when_the_checkpoint_is_deleted_and_the_entry_goes_after_it(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    from dynamo_snapshot.agent import tree
+    from dynamo_snapshot.agent.container import criu
+    from dynamo_snapshot.agent.pipeline.hooks import Hooks
+    from dynamo_snapshot.agent.pipeline.restore import Stage
+    from tests.agent.test_object_storage import criu_bundle
+    from tests.agent.test_tree_restore import counting, gone, start_ticker
+
+    bundle = criu_bundle()
+    client = client_for(minio_server, bucket)
+    remote = storage(client)
+    settings = criu.CriuSettings(network_lock="skip")
+    proc, count = start_ticker(tmp_path)
+    anyio.run(lambda: tree.checkpoint_tree(proc.pid, tmp_path / "node-a", "ck-live", bundle, settings=settings,
+                                           keyring=keyring, remote=remote))
+    gone(proc.pid)
+    cache = NodeCache(tmp_path / "cache", 1 << 30)
+    removed: list[int] = []
+
+    class DeletedWhileRestoring(Hooks):
+        async def on_stage(self, stage) -> None:
+            if stage == Stage.CRIU:  # fetched and verified; CRIU about to read the pinned entry
+                removed.append(await remote.delete("ck-live"))
+                cache.drop("ck-live")  # what the agent does when the DynamoCheckpoint goes
+
+    restored = anyio.run(lambda: tree.restore_tree(tmp_path / "node-b", "ck-live", bundle, settings=settings,
+                                                   keyring=keyring, remote=remote, cache=cache,
+                                                   hooks=DeletedWhileRestoring()))
+    try:
+        assert removed and removed[0] > 0 and minio_server.list_objects(bucket, "fleet/ckpts/ck-live/") == []
+        assert restored.pid == proc.pid and counting(count)  # the restore finished from its pinned copy
+        assert cache.entries() == [] and not (tmp_path / "cache" / "ck-live").exists()  # gone once it ended
+    finally:
+        gone(restored.pid)

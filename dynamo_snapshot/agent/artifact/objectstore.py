@@ -67,6 +67,8 @@ class ObjectClient(Protocol):
     async def put_bytes(self, key: str, data: bytes, create_only: bool = False) -> None: ...
     async def put_file(self, key: str, path: Path) -> None: ...
     async def delete(self, key: str) -> None: ...  # a missing object is no error
+    async def list_keys(self, prefix: str) -> list[str]: ...  # every key below prefix/ (path segments)
+    async def delete_many(self, keys: list[str]) -> None: ...  # in bulk; missing objects are no error
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,30 @@ async def withdraw_version(client: ObjectClient, location: Location, manifest: d
     async with _together() as tg:
         for key in keys:
             tg.start_soon(client.delete, key)
+
+
+def checkpoint_prefix(prefix: str, checkpoint_id: str) -> str:
+    """``<prefix>/<checkpointID>``: the key prefix of every version of a checkpoint (the ID one path part)."""
+    ArtifactLayout(Path("/"), checkpoint_id)
+    return "/".join(p for p in (prefix.strip("/"), checkpoint_id) if p)
+
+
+async def delete_checkpoint(client: ObjectClient, prefix: str, checkpoint_id: str) -> int:
+    """Every object of the checkpoint - every version, and anything else below ``<prefix>/<id>/`` - and
+    nothing else: the manifests first, in one request (each version's commit point: a reader that has not
+    fetched one yet finds no checkpoint rather than half of one), then the rest. Returns how many objects
+    were deleted; raises ObjectStoreError when some are there after it (an upload still running)."""
+    root = checkpoint_prefix(prefix, checkpoint_id)
+    keys = [key for key in await client.list_keys(root) if key.startswith(root + "/")]  # a prefix of paths
+    commits = [key for key in keys if key.endswith("/" + MANIFEST)]
+    if commits:
+        await client.delete_many(commits)
+    if rest := sorted(set(keys) - set(commits)):
+        await client.delete_many(rest)
+    if left := await client.list_keys(root):
+        raise ObjectStoreError(f"{client.url(root)}/ still holds {len(left)} objects after {len(keys)} were deleted "
+                               f"(e.g. {client.url(left[0])}): something wrote there meanwhile; retried")
+    return len(keys)
 
 
 async def fetch_manifest(client: ObjectClient, location: Location,

@@ -72,6 +72,10 @@ class ObjectStorage:
         """The version's commit taken back (it was never confirmed): ``objectstore.withdraw_version``."""
         await objectstore.withdraw_version(self.client, self.location(checkpoint_id, artifact_version), manifest)
 
+    async def delete(self, checkpoint_id: str) -> int:
+        """Every object of the checkpoint (every version), nothing else: ``objectstore.delete_checkpoint``."""
+        return await objectstore.delete_checkpoint(self.client, self.prefix, checkpoint_id)
+
     async def fetch(self, cache: NodeCache, checkpoint_id: str, artifact_version: str, keyring: authn.Keyring,
                     here: Compatibility) -> tuple[Pinned, dict[str, Any]]:
         """The version as a pinned node cache entry (fetched into the cache unless it is there), and its

@@ -7,7 +7,8 @@
               release the GIL while the bytes move)
     calls     get (whole small object, None when missing), get_range, exists (HEAD), put_bytes (optionally
               create-only: a conditional PUT that refuses an existing key), put_file (multipart in
-              ``part_bytes`` parts, ``part_concurrency`` of them in flight)
+              ``part_bytes`` parts, ``part_concurrency`` of them in flight), delete, list_keys (a prefix of
+              path segments), delete_many (DeleteObjects, 1000 keys a request)
     errors    every obstore error becomes ``ObjectStoreError`` naming the ``s3://bucket/key`` and, for the
               cases users hit (credentials, missing bucket, unreachable endpoint), the setting to fix
 
@@ -98,6 +99,8 @@ def _hint(err: Exception) -> str:
     text = str(err)
     if "NoSuchBucket" in text:
         return "the bucket does not exist: create it, or fix storage.s3.bucket"
+    if isinstance(err, MISSING):
+        return "the object is not there (deleted meanwhile, with its checkpoint?)"
     if any(word in text for word in UNREACHABLE):
         return "the endpoint could not be reached: check storage.s3.endpoint and the network"
     if (isinstance(err, obx.UnauthenticatedError | obx.PermissionDeniedError | PermissionError)
@@ -188,3 +191,21 @@ class S3Client:
         except FAILED as err:
             if not self._missing(err):
                 raise self._error("deleting", key, err) from err
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Every key below ``prefix`` + "/" (obstore matches whole path segments: ``a/ck1`` not ``a/ck10``)."""
+        keys: list[str] = []
+        try:
+            async for batch in obstore.list(self.store, prefix=prefix, chunk_size=1000):
+                keys += [str(meta["path"]) for meta in batch]
+        except FAILED as err:
+            raise self._error("listing", prefix + "/", err) from err
+        return keys
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """DeleteObjects, up to 1000 keys a request."""
+        try:
+            await obstore.delete_async(self.store, keys)
+        except FAILED as err:
+            if not self._missing(err):
+                raise self._error(f"deleting {len(keys)} objects, among them", keys[0], err) from err

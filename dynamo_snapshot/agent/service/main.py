@@ -143,6 +143,12 @@ async def run_agent(options: AgentOptions, bundle: CriuBundle) -> None:
             if cache is not None:  # pre-staging and drops of deleted checkpoints (service/staging.py)
                 stager = stager_for(options, client, factory, cache, bundle, cuda, identity, metrics)
                 tg.start_soon(stager.controller.run)
+            if options.remote is not None:  # deleted checkpoints' objects removed (service/cleanup.py)
+                from dynamo_snapshot.agent.service.cleanup import Cleaner
+
+                cleaner = Cleaner(client, factory, options.remote, watched_namespace=options.watched_namespace,
+                                  identity=identity)
+                tg.start_soon(cleaner.controller.run)
             log.info("snapshot agent starting", node=options.node_name, identity=identity,
                      runtime=f"{options.runtime_type}:{options.runtime_socket}",
                      storage=f"{options.storage_mode}:{options.storage_base_path}", criu=str(bundle.path),

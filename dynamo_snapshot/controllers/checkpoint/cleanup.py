@@ -1,4 +1,5 @@
-"""The cleanup Job that removes a deleted automatic checkpoint's artifacts from storage."""
+"""The cleanup Job that removes a deleted automatic checkpoint's artifacts from a PVC (object storage:
+``finalize.ObjectCleanup``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from dynamo_snapshot.controllers.storage import Storage, StorageUnavailable
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 STORAGE_VOLUME = "checkpoint-storage"
-# Held by every automatic checkpoint until its cleanup Job has removed the artifact from storage.
-CLEANUP_FINALIZER = "nvidia.com/checkpoint-cleanup"
+# Held by every automatic checkpoint until its artifacts are removed from storage (a cleanup Job on a
+# PVC; an agent with object storage).
+CLEANUP_FINALIZER = names.FINALIZER_CHECKPOINT_CLEANUP
 
 
 class UnsafeCleanupPath(ValueError):
@@ -39,10 +41,8 @@ def cleanup_target(base_path: str, checkpoint_id: str) -> str:
 
 
 def build_cleanup_job(ckpt: DynamoCheckpoint, checkpoint_id: str, storage: Storage, image: str) -> dict[str, Any]:
-    if not storage.pvc_name:  # object storage: the operator holds no credentials to delete objects with
-        raise StorageUnavailable(f"{storage.location(checkpoint_id)} is in object storage, which the operator "
-                                 "does not delete from: remove it with a bucket lifecycle rule or "
-                                 f"`aws s3 rm --recursive {storage.location(checkpoint_id)}/`")
+    if not storage.pvc_name:  # object storage: the agents remove it (finalize.ObjectCleanup), no Job
+        raise StorageUnavailable(f"{storage.location(checkpoint_id)} is on no PVC: a cleanup Job cannot remove it")
     target = cleanup_target(storage.base_path, checkpoint_id)
     base = posixpath.normpath(storage.base_path)
     # The script checks again where the path resolves, so a symlink planted in storage cannot widen it.
