@@ -48,3 +48,21 @@ def test_a_worker_checkpointed_into_the_bucket_is_restored_from_it(flow: Flow):
     # fetched into the node cache (budgeted, pinned while read), the one node-local copy of it
     assert (stack.node_cache / run.checkpoint_id / "1" / names.MANIFEST_FILE).is_file()
     assert not (stack.objects / run.checkpoint_id / "versions").exists()
+
+
+def test_deleting_a_dgd_removes_its_automatic_checkpoint_from_the_bucket_and_nothing_else(flow: Flow):
+    stack = flow.stack
+    assert stack.minio is not None
+    started = time.time()
+    stack.apply(dgd_manifest("short-lived", replicas=0, policy="WaitForCheckpoint"))
+    name = flow.auto_checkpoint_name("short-lived")
+    run = flow.wait_checkpoint(name, started)
+    mine = f"{S3_PREFIX}/{run.checkpoint_id}/"
+    assert any(key.endswith("/" + names.MANIFEST_FILE) for key, _, _ in stack.minio.list_objects(S3_BUCKET, mine))
+    others = sorted(key for key, _, _ in stack.minio.list_objects(S3_BUCKET) if not key.startswith(mine))
+    stack.kubectl("delete", names.DGD_KUBECTL_V1ALPHA1, "short-lived", "-n", stack.namespace, "--wait=false")
+    # the agent (the only holder of the S3 credentials) removes the objects; then the operator lets it go
+    stack.kubectl("wait", f"dynamocheckpoint/{name}", "-n", stack.namespace, "--for=delete", "--timeout=120s",
+                  timeout=130)
+    assert stack.minio.list_objects(S3_BUCKET, mine) == []
+    assert sorted(key for key, _, _ in stack.minio.list_objects(S3_BUCKET)) == others  # the other checkpoints stay
