@@ -83,7 +83,8 @@ def test_killing_the_pipeline_leaves_no_promoted_checkpoint_and_no_frozen_worklo
     if stage is Stage.UPLOAD:  # only with object storage: a real MinIO
         server, bucket = request.getfixturevalue("minio_server"), request.getfixturevalue("bucket")
         config = tmp_path / "agent.yaml"
-        config.write_text(yaml.safe_dump({"storage": server.agent_storage(bucket, "p", tmp_path / "s3-keys")}))
+        config.write_text(yaml.safe_dump({"storage": server.agent_storage(bucket, "p", tmp_path / "s3-keys"),
+                                          "cache": {"dir": str(tmp_path / "cache"), "budgetGiB": 1}}))
     workload = pods.counter(heap_mib=16)
     freezer = Freezer.of_process(node.info(workload.container_id).pid)
     base = tmp_path / "checkpoints"

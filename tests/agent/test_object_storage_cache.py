@@ -168,14 +168,17 @@ def test_a_restore_fetching_when_the_checkpoint_is_deleted_from_the_bucket_fails
     cache = NodeCache(tmp_path / "cache", 1 << 30)
     objects = len(minio_server.list_objects(bucket, "fleet/ckpts/ck1/"))
 
-    class DeletedAfterFirstRead(_Counting):
-        deleted = False
+    deleted = anyio.Event()
 
+    class DeletedAfterFirstRead(_Counting):
         async def get_range(self, key: str, start: int, length: int) -> bytes:
+            if self.reads:  # every read after the first one lands once the objects are gone
+                await deleted.wait()
+                return await super().get_range(key, start, length)
             data = await super().get_range(key, start, length)
-            if not self.deleted:  # the DynamoCheckpoint was deleted: an agent removes its objects
-                self.deleted = True
-                assert await objectstore.delete_checkpoint(client, LOCATION.prefix, "ck1") == objects
+            # the DynamoCheckpoint was deleted meanwhile: an agent removes its objects
+            assert await objectstore.delete_checkpoint(client, LOCATION.prefix, "ck1") == objects
+            deleted.set()
             return data
 
     with pytest.raises(objectstore.ObjectStoreError, match=rf"s3://{bucket}/fleet/ckpts/ck1/versions/1/\S+ failed: "

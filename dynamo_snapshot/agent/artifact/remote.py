@@ -25,6 +25,7 @@ The checkpoint and restore pipelines are the same for both; only these stages di
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ class ObjectStorage:
         verification.check_manifest(manifest, checkpoint_id, here, where)
         need = cachefiles.listed_bytes(manifest) + len(data) + len(mac)
         for _ in range(FETCH_ROUNDS):
-            pinned = await anyio.to_thread.run_sync(cache.pin, checkpoint_id, artifact_version, manifest)
+            pinned = await _pinning(cache.pin, checkpoint_id, artifact_version, manifest)
             if pinned is not None:
                 return pinned, manifest
             try:
@@ -112,7 +113,7 @@ class ObjectStorage:
 
         try:
             await objectstore.download_files(self.client, location, manifest, tmp, self.concurrency)
-            pinned = await anyio.to_thread.run_sync(complete)
+            pinned = await _pinning(complete)
         except (OSError, cachefiles.Stopping) as exc:
             raise filling.failed(exc) from exc
         finally:
@@ -123,3 +124,20 @@ class ObjectStorage:
                                  f"{checkpoint_id} was dropped from the node cache (deleted) while it was fetched; "
                                  "nothing was kept")
         return pinned
+
+
+async def _pinning(pin: Callable[..., Pinned | None], *args: Any) -> Pinned | None:
+    """``pin(*args)`` on a worker thread. Cancelled meanwhile, the task waits for the thread and loses its
+    result: a pin it made is let go then, or the entry could never be evicted."""
+    made: list[Pinned | None] = []
+
+    def run() -> Pinned | None:
+        made.append(pin(*args))
+        return made[0]
+
+    try:
+        return await anyio.to_thread.run_sync(run)
+    except BaseException:
+        if made and made[0] is not None:
+            made[0].close()
+        raise
