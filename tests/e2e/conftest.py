@@ -37,7 +37,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if request.session.testsfailed == failed_before:
         # a module that passed leaves no checkpoints behind (the agent-kill module writes GiBs, and pytest
         # keeps the last runs' temporary directories); a failed one keeps them to be looked at
-        shutil.rmtree(root / "checkpoints", ignore_errors=True)
+        for written in ("checkpoints", "objects", "node-cache", "minio"):  # s3: before upload, fetched, the bucket
+            shutil.rmtree(root / written, ignore_errors=True)
 
 
 @pytest.fixture
