@@ -356,16 +356,18 @@ class Pods:
 
 
 def checkpoint(
-    node: Node, bundle: criu.CriuBundle, workload: Workload, base: Path, checkpoint_id: str = "ckpt-test"
+    node: Node, bundle: criu.CriuBundle, workload: Workload, base: Path, checkpoint_id: str = "ckpt-test",
+    namespace: str = "default",
 ) -> ckpt.CheckpointResult:
-    request = ckpt.CheckpointRequest(checkpoint_id, base)
+    request = ckpt.CheckpointRequest(checkpoint_id, base, namespace=namespace)
     return node.call(ckpt.checkpoint, ContainerTarget(node.cri, workload.container_id), request, bundle)
 
 
 def restore(
-    node: Node, bundle: criu.CriuBundle, placeholder: Workload, base: Path, checkpoint_id: str = "ckpt-test"
+    node: Node, bundle: criu.CriuBundle, placeholder: Workload, base: Path, checkpoint_id: str = "ckpt-test",
+    namespace: str = "default",
 ) -> rst.RestoreResult:
-    request = rst.RestoreRequest(checkpoint_id, base)
+    request = rst.RestoreRequest(checkpoint_id, base, namespace=namespace)
     return node.call(rst.restore, PlaceholderTarget(node.cri, placeholder.container_id), request, bundle)
 
 

@@ -31,8 +31,9 @@ def keyring(tmp_path: Path) -> authn.Keyring:
     return authn.Keyring.from_directory(tmp_path / "keys")
 
 
-def make_version(base: Path, keyring: authn.Keyring, checkpoint_id: str = "ck1") -> Path:
-    """A promoted, authenticated version: a multi-chunk page image, small files, one in a subdirectory."""
+def make_version(base: Path, keyring: authn.Keyring, checkpoint_id: str = "ck1", namespace: str = "") -> Path:
+    """A promoted, authenticated version: a multi-chunk page image, small files, one in a subdirectory
+    (taken in ``namespace``, when given)."""
     layout = artifact_layout.ArtifactLayout(base, checkpoint_id)
     staging = layout.new_staging()
     (staging / "pages-1.img").write_bytes(os.urandom(6 * CHUNK + 12345))
@@ -41,7 +42,8 @@ def make_version(base: Path, keyring: authn.Keyring, checkpoint_id: str = "ck1")
     (staging / "empty.img").write_bytes(b"")
     (staging / "sub").mkdir()
     (staging / "sub" / "core-1.img").write_bytes(os.urandom(3000))
-    fields = {"checkpointID": checkpoint_id, "compatibility": HERE.to_json(), authn.KEY_FIELD: keyring.signing_id}
+    fields = {"checkpointID": checkpoint_id, "compatibility": HERE.to_json(), authn.KEY_FIELD: keyring.signing_id,
+              **({"workload": {"namespace": namespace}} if namespace else {})}
     artifact.write_manifest(staging, fields, chunk_bytes=CHUNK)
     authn.seal(staging, keyring)
     return layout.promote(staging)

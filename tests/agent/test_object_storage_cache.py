@@ -14,6 +14,7 @@ import pytest
 
 from dynamo_snapshot.agent.artifact import authn, objectstore
 from dynamo_snapshot.agent.artifact.nodecache import NodeCache, NodeCacheError, NodeCacheFull, Pinned
+from dynamo_snapshot.agent.errors import ArtifactInvalid
 from dynamo_snapshot.devcluster import minio
 from tests.agent.test_object_storage import (
     HERE,
@@ -115,6 +116,23 @@ def test_a_full_cache_disk_is_a_clear_error_before_anything_is_fetched_and_a_ret
     assert cache.entries() == [] and cache.used_bytes == 0 and nothing_cached(small_disk / "cache")
     (small_disk / "other-files").unlink()
     assert _files(download(client, cache, keyring)) == _files(versions["ck1"])  # the retry, with room again
+
+
+def test_a_pod_of_another_namespace_is_refused_before_a_byte_of_the_checkpoint_is_fetched(
+        minio_server: minio.Minio, bucket: str, keyring: authn.Keyring, tmp_path: Path) -> None:
+    """One bucket holds every namespace's checkpoints: the authenticated manifest says whose it is."""
+    client = client_for(minio_server, bucket)
+    version = make_version(tmp_path / "source", keyring, "ck1", namespace="team-a")
+    upload(client, version, keyring, objectstore.Location(LOCATION.prefix, "ck1"))
+    cache = NodeCache(tmp_path / "cache", 1 << 30)
+    reads: list[str] = []
+    fetch = storage(_Counting(client, reads)).fetch
+    with pytest.raises(ArtifactInvalid, match="was checkpointed in namespace 'team-a': a pod of namespace 'team-b' "
+                                              "cannot restore it"):
+        anyio.run(lambda: fetch(cache, "ck1", "1", keyring, HERE, "team-b"))
+    assert reads == [] and cache.entries() == []
+    pinned, _ = anyio.run(lambda: fetch(cache, "ck1", "1", keyring, HERE, "team-a"))  # its own namespace's pod
+    pinned.close()
 
 
 def test_two_restores_of_one_version_at_once_fetch_it_once_and_read_the_same_entry(

@@ -225,3 +225,20 @@ def test_artifact_of_another_checkpoint_id_is_refused(
     with pytest.raises(ArtifactInvalid, match="holds checkpoint 'roundtrip', not the requested 'someone-else'"):
         harness.restore(node, bundle, placeholder, base, "someone-else")
     assert not (placeholder.control / "restore-complete").exists()
+
+
+def test_a_pod_of_another_namespace_cannot_restore_the_checkpoint(
+    node: harness.Node, bundle, stored: Stored, pods: harness.Pods, tmp_path: Path
+) -> None:
+    """Checkpoint IDs are not secrets and one storage may hold several namespaces' checkpoints (an
+    agent's own mount, a bucket): the manifest records the source pod's namespace, authenticated with
+    the rest, and only a pod of that namespace restores it."""
+    assert stored.result.manifest["workload"]["namespace"] == "default"
+    base = tmp_path / "checkpoints"
+    _copy_artifact(stored, base)
+    placeholder = pods.placeholder()
+    with pytest.raises(ArtifactInvalid, match="was checkpointed in namespace 'default': a pod of namespace "
+                                              "'other-team' cannot restore it"):
+        harness.restore(node, bundle, placeholder, base, CHECKPOINT_ID, namespace="other-team")
+    assert node.info(placeholder.container_id).state == "CONTAINER_RUNNING"  # refused before anything changed
+    assert not (placeholder.control / "restore-complete").exists()

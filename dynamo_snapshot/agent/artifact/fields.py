@@ -87,6 +87,7 @@ def check(manifest: dict[str, Any], where: str) -> None:
         c.typed(workload, "rootPID", "workload.rootPID", int, "a PID (integer)", required=False)
         c.list_of(workload, "pids", "workload.pids", int, "PIDs (integers)")
         c.list_of(workload, "stdio", "workload.stdio", str, "strings")
+        c.typed(workload, "namespace", "workload.namespace", str, "a namespace name", required=False)
         c.list_of(workload, "rereadAfterRestore", "workload.rereadAfterRestore", str, "absolute paths")
     recorded = c.typed(manifest, "criu", "criu", dict, "an object", required=False)
     if recorded is not None:

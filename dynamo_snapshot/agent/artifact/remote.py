@@ -78,13 +78,15 @@ class ObjectStorage:
         return await objectstore.delete_checkpoint(self.client, self.prefix, checkpoint_id)
 
     async def fetch(self, cache: NodeCache, checkpoint_id: str, artifact_version: str, keyring: authn.Keyring,
-                    here: Compatibility) -> tuple[Pinned, dict[str, Any]]:
+                    here: Compatibility, namespace: str = "") -> tuple[Pinned, dict[str, Any]]:
         """The version as a pinned node cache entry (fetched into the cache unless it is there), and its
-        authenticated manifest. The caller closes the pin when it has read the entry."""
+        authenticated manifest; refused before a byte of data is fetched when the manifest is for another
+        ``namespace`` than the restoring pod's. The caller closes the pin when it has read the entry."""
         location = self.location(checkpoint_id, artifact_version)
         manifest, data, mac = await objectstore.fetch_manifest(self.client, location, keyring)
         where = self.describe(checkpoint_id, artifact_version).rstrip("/")
         verification.check_manifest(manifest, checkpoint_id, here, where)
+        verification.check_namespace(manifest, namespace, where)
         need = cachefiles.listed_bytes(manifest) + len(data) + len(mac)
         for _ in range(FETCH_ROUNDS):
             pinned = await _pinning(cache.pin, checkpoint_id, artifact_version, manifest)

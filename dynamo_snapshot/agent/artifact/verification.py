@@ -101,6 +101,17 @@ def check_manifest(manifest: dict[str, Any], checkpoint_id: str, here: Compatibi
         log.warning("restoring across a difference", checkpoint_id=checkpoint_id, difference=warning)
 
 
+def check_namespace(manifest: dict[str, Any], namespace: str, where: str) -> None:
+    """A checkpoint restores only into a pod of the namespace it was taken in: its manifest records that
+    namespace (authenticated with the rest). One without it (taken before it was recorded, or of a host
+    tree) and a restore without a namespace (a host tree) are not checked."""
+    taken = (manifest.get("workload") or {}).get("namespace")
+    if namespace and taken and taken != namespace:
+        raise ArtifactInvalid(
+            f"{where} was checkpointed in namespace {taken!r}: a pod of namespace {namespace!r} cannot restore it "
+            "(a checkpoint belongs to its namespace; checkpoint the workload in this namespace instead)")
+
+
 def is_page_data(rel: str) -> bool:
     """CRIU's raw page contents (``pages-<n>.img``): copied into memory, never parsed by CRIU, so a
     restore may start CRIU before they are verified, as long as the restored tasks wait for it."""

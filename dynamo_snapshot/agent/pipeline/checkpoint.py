@@ -205,7 +205,7 @@ class _Run:
         request, workload = self.request, source.workload
         fields = manifest_fields(
             request.checkpoint_id, request.artifact_version, artifact.now_rfc3339(), here, workload,
-            archived, deleted, options, cuda_state.manifest_block(workload.vpid_of),
+            archived, deleted, options, cuda_state.manifest_block(workload.vpid_of), request.namespace,
         )
         write = authn.write_manifest
         manifest = await anyio.to_thread.run_sync(write, staging, fields, self.keyring, request.io_threads, hashed)

@@ -139,7 +139,7 @@ class _Run:
             raise RestoreError(f"restoring {request.checkpoint_id} from {remote.describe_root()} needs a node cache "
                                "(the version is fetched into it): configure cache.dir and cache.budgetGiB")
         self.private, manifest = await remote.fetch(request.cache, request.checkpoint_id, request.artifact_version,
-                                                    self.keyring, here)
+                                                    self.keyring, here, request.namespace)
         self.stored, self.cached = self.private.path, True
         request.base_path.mkdir(mode=0o700, parents=True, exist_ok=True)  # node-local: the restore's logs go there
         return manifest
@@ -150,6 +150,7 @@ class _Run:
         manifest = fetched
         if manifest is None:  # storage the pipeline reads in place (a PVC), or the node cache's copy of it
             manifest = await anyio.to_thread.run_sync(authn.verify_listing, self.stored, wanted, here, self.keyring)
+            verification.check_namespace(manifest, self.request.namespace, str(self.stored))
             self.private = await anyio.to_thread.run_sync(nodecache.restore_images, self.request.cache, self.stored,
                                                           manifest, self.request.artifact_version,
                                                           self.request.private_root, threads)

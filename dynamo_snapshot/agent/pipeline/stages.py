@@ -24,6 +24,7 @@ class Request:
     io_threads: int | None = None  # digest readers (default: artifact.default_io_threads)
     keyring: Keyring | None = None  # the checkpoint keys (default: authn.default_keyring(), read at the start)
     remote: ObjectStorage | None = None  # S3: base_path is node-local, the version is uploaded/fetched (remote.py)
+    namespace: str = ""  # the pod's, as the runtime confirmed it: recorded at a checkpoint, required at a restore
 
 
 class Stages(Generic[S]):

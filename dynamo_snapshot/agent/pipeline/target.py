@@ -134,8 +134,10 @@ def manifest_fields(
     deleted_paths: list[str],
     options: criu.DumpOptions,
     cuda_block: dict[str, Any],
+    namespace: str = "",
 ) -> dict[str, Any]:
-    """The manifest's fields (``write_manifest`` adds the file listing). Pure."""
+    """The manifest's fields (``write_manifest`` adds the file listing). Pure. ``namespace``: the source
+    pod's (a host tree has none), so that only pods of that namespace restore it."""
     root = workload.vpid_of(workload.root_pid)
     return {
         "checkpointID": checkpoint_id,
@@ -144,6 +146,7 @@ def manifest_fields(
         "compatibility": compatibility.to_json(),
         "workload": {
             **workload.identity,
+            **({"namespace": namespace} if namespace else {}),
             "rootPID": workload.root_pid if root is None else root,
             "pids": sorted(workload.tasks),
             "stdio": workload.stdio,

@@ -120,7 +120,7 @@ class CriuNode:
         await self._check_owned(work, info, placeholder=False)
         async with self.storage.open(info, work.checkpoint_id, work.base_path) as base:
             request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version, keyring=self.keyring,
-                                           remote=self.remote)
+                                           remote=self.remote, namespace=work.pod.namespace)
             target = ContainerTarget(self.cri, work.container_id, info)
             return await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
 
@@ -134,7 +134,7 @@ class CriuNode:
                                          io_threads=tuned.verify_threads, keyring=self.keyring,
                                          prefetch_threads=tuned.prefetch_threads,
                                          private_root=Path(tuned.private_dir), cache=self.cache,
-                                         remote=self.remote)
+                                         remote=self.remote, namespace=work.pod.namespace)
             target = PlaceholderTarget(self.cri, work.container_id, info)
             return await rst.restore(target, request, self.bundle, self.cuda, settings=self.settings)
 
