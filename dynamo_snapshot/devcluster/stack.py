@@ -17,6 +17,11 @@ operator is configured for it (no PVC, no DaemonSet), the agent too, with a node
 directory (checkpoints before their upload), a node cache ``node-cache/`` (restores fetch into it) and
 its keys as files (the chart's Secret).
 
+``node_cache_gib`` gives the agent a node cache in any mode (``node-cache/`` under the root, that budget:
+the chart's ``cache.hostPath`` and ``cache.budgetGiB``; s3 has one of ``S3_CACHE_GIB`` without it) and
+its Role the chart's read-only watch of DynamoCheckpoints; ``staging_max_nodes`` sets the operator's
+``checkpoint.staging.maxNodes`` (None: its default).
+
 ``installed=True`` replaces all of that with the real thing (``devcluster/installed.py``): the agent and
 operator images imported into the node, both charts installed with Helm, the operator as its Deployment
 and the agent as the DaemonSet's pod on the kubelet (agentMount).
@@ -58,20 +63,24 @@ AGENT_RULES = [
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "delete"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
-# s3: the node cache is on (a restore fetches into it), and with it the watch of DynamoCheckpoints
+# ... with the node cache on (the chart's cache.hostPath; always with s3): the watch of DynamoCheckpoints
 CACHE_RULES = [{"apiGroups": ["nvidia.com"], "resources": ["dynamocheckpoints"], "verbs": ["list", "watch"]}]
-S3_CACHE_GIB = 4
+S3_CACHE_GIB = 4  # s3's node cache budget unless node_cache_gib says otherwise
 
 
 class SnapshotStack:
     def __init__(self, root: Path, *, namespace: str = "dynamo-demo", storage_mode: str = "agentMount",
                  extra_image_files: dict[str, Path] | None = None, criu_config: dict[str, Any] | None = None,
-                 installed: bool = False, gpu_plugin: list[str] | None = None):
+                 installed: bool = False, gpu_plugin: list[str] | None = None, node_cache_gib: float = 0,
+                 staging_max_nodes: int | None = None):
         if storage_mode not in STORAGE_MODES:
             raise ValueError(f"storage_mode {storage_mode!r} is not one of {', '.join(STORAGE_MODES)}")
         if installed and storage_mode not in INSTALLED_MODES:
             raise ValueError(f"installed=True runs the charts in {' or '.join(INSTALLED_MODES)} mode, "
                              f"not {storage_mode}: use installed=False for {storage_mode}")
+        if installed and node_cache_gib:
+            raise ValueError("node_cache_gib configures the local agent process; installed=True runs the chart's "
+                             "(set its cache.hostPath and cache.budgetGiB there)")
         self.installed = installed
         self.root = Path(root).resolve()
         self.gpu_plugin = gpu_plugin  # the node offers nvidia.com/gpu through devcluster/gpu_plugin.py
@@ -83,7 +92,9 @@ class SnapshotStack:
         self.checkpoints = self.root / "checkpoints"  # agentMount: the agent's mount; podMount: the PV's data
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.objects = self.root / "objects"  # s3: the agent's node-local directory (checkpoints before upload)
-        self.node_cache = self.root / "node-cache"  # s3: the agent's node cache, where restores fetch into
+        self.node_cache = self.root / "node-cache"  # the agent's cache.dir (s3: where restores fetch into)
+        self.node_cache_gib = node_cache_gib or (S3_CACHE_GIB if storage_mode == "s3" else 0)  # 0: no cache
+        self.staging_max_nodes = staging_max_nodes
         self.minio: minio.Minio | None = None  # s3: the server, started with the snapshot parts
         self.cluster: LocalCluster | None = None
         self.node: KubeletNode | None = None
@@ -122,8 +133,11 @@ class SnapshotStack:
             storage = {"type": "s3", "s3": {"bucket": S3_BUCKET, "prefix": S3_PREFIX}}
         elif self.storage_mode == "podMount":
             storage["pvc"] = {"pvcName": PVC_NAME, "basePath": POD_BASE_PATH, "create": False}
+        checkpoint: dict[str, Any] = {"enabled": True, "storage": storage}
+        if self.staging_max_nodes is not None:
+            checkpoint["staging"] = {"maxNodes": self.staging_max_nodes}
         config = self.root / "operator.yaml"
-        config.write_text(yaml.safe_dump({"checkpoint": {"enabled": True, "storage": storage}}))
+        config.write_text(yaml.safe_dump({"checkpoint": checkpoint}))
         port = self.ports["operator"]
         return Component(
             "operator",
@@ -145,8 +159,9 @@ class SnapshotStack:
         mode, base = self.storage_mode, str(self.checkpoints) if self.storage_mode == "agentMount" else POD_BASE_PATH
         if self.minio is not None:
             settings["storage"] = self.minio.agent_storage(S3_BUCKET, S3_PREFIX, self.root / "s3-credentials")
-            settings["cache"] = {"dir": str(self.node_cache), "budgetGiB": S3_CACHE_GIB}
             mode, base = "agentMount", str(self.objects)
+        if self.node_cache_gib:
+            settings["cache"] = {"dir": str(self.node_cache), "budgetGiB": self.node_cache_gib}
         config.write_text(yaml.safe_dump(settings))
         kubeconfig = cluster.kubeconfig_for(f"system:serviceaccount:{self.namespace}:{AGENT}")
         port = self.ports["agent"]
@@ -167,7 +182,7 @@ class SnapshotStack:
             {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": AGENT, "namespace": ns}},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
              "metadata": {"name": AGENT, "namespace": ns},
-             "rules": AGENT_RULES + (CACHE_RULES if self.storage_mode == "s3" else [])},
+             "rules": AGENT_RULES + (CACHE_RULES if self.node_cache_gib else [])},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
              "metadata": {"name": AGENT, "namespace": ns},
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT},

@@ -1,6 +1,8 @@
 """One whole system per test module, all real: control plane, a kubelet node on containerd, the operator
 and the snapshot agent (``dynamo_snapshot.devcluster.stack``), in the module's ``STORAGE_MODE``
-(agentMount by default; s3: with MinIO), installed from the charts when the module sets ``INSTALLED = True``.
+(agentMount by default; s3: with MinIO), installed from the charts when the module sets ``INSTALLED = True``,
+with a node cache of ``NODE_CACHE_GIB`` (none by default) and the operator's ``checkpoint.staging.maxNodes``
+``STAGING_MAX_NODES`` (the operator's default unless set).
 Skips with the reason when this machine cannot run it (not root, no containerd, no CRIU, no kubelet)."""
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if mode == "s3" and (reason := minio.missing()):
         pytest.skip(f"the object-storage flow needs MinIO: {reason}")
     install = getattr(request.module, "INSTALLED", False)
+    cache_gib = getattr(request.module, "NODE_CACHE_GIB", 0)
+    max_nodes = getattr(request.module, "STAGING_MAX_NODES", None)
     # The node tests' counter (it can hold an io_uring, which CRIU cannot dump) rides along in the image.
     extra = {"/opt/workloads/counter.py": WORKLOADS / "counter.py"}
     root = tmp_path_factory.mktemp("stack")
     failed_before = request.session.testsfailed
     with SnapshotStack(root, namespace="e2e", storage_mode=mode, extra_image_files=extra,
-                       installed=install).running() as s:
+                       installed=install, node_cache_gib=cache_gib, staging_max_nodes=max_nodes).running() as s:
         yield s  # a wait that times out explains the stack's state in its message (SnapshotStack.explain)
     if request.session.testsfailed == failed_before:
         # a module that passed leaves no checkpoints behind (the agent-kill module writes GiBs, and pytest

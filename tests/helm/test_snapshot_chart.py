@@ -11,7 +11,7 @@ import yaml
 from dynamo_snapshot.agent.service import config as agent_config
 from dynamo_snapshot.api import OperatorConfig
 from dynamo_snapshot.controllers.storage import StorageUnavailable, resolve_storage
-from dynamo_snapshot.devcluster.stack import AGENT_RULES
+from dynamo_snapshot.devcluster.stack import AGENT_RULES, CACHE_RULES
 
 from .conftest import SNAPSHOT_CHART, kinds, only
 
@@ -300,6 +300,10 @@ def test_the_local_stack_grants_its_agent_what_the_chart_grants(helm):
     must be the chart's, or the local runs prove an agent the chart would not allow."""
     role = next(o for o in render(helm, **SIZE) if o["kind"] in ("Role", "ClusterRole"))
     assert role["rules"] == AGENT_RULES
+    # with the node cache on (the pre-staging module's stack): the read-only watch of DynamoCheckpoints too
+    cached = render(helm, **SIZE, **{"cache.hostPath": "/mnt/nvme/cache", "cache.budgetGiB": 1})
+    role = next(o for o in cached if o["kind"] in ("Role", "ClusterRole"))
+    assert role["rules"] == AGENT_RULES + CACHE_RULES
 
 
 def test_the_checkpoint_keys_are_a_kept_secret_mounted_only_into_the_agent(helm):
