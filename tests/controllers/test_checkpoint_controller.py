@@ -160,6 +160,22 @@ def test_deleted_job_fails_the_checkpoint(agent_mount, start_operator):
     cluster.kubectl("wait", f"job/{LLAMA_JOB}", "-n", cluster.namespace, "--for=delete", "--timeout=30s")
 
 
+def test_a_checkpoint_deleted_and_applied_again_waits_for_the_old_job_and_gets_its_own(agent_mount, start_operator):
+    """What the guide says after a failure: delete the DynamoCheckpoint and apply it again. The deleted
+    object's Job is the garbage collector's to remove, a moment later: the new object waits for that
+    (Pending, saying so), it does not fail for good on a Job it does not own."""
+    cluster = agent_mount
+    start_operator(enabled_config())
+    cluster.apply(checkpoint_manifest("again"))
+    cluster.wait_phase("again", "Creating")
+    cluster.kubectl("delete", "dynamocheckpoint", "again", "-n", cluster.namespace)
+    cluster.apply(checkpoint_manifest("again"))
+    created = cluster.wait_phase("again", "Creating")
+    job = cluster.get("job", LLAMA_JOB)
+    assert [ref["uid"] for ref in job["metadata"]["ownerReferences"]] == [created["metadata"]["uid"]]
+    assert [e["reason"] for e in cluster.events("again") if e["reason"] == "JobOwnedByAnotherObject"] == []
+
+
 def test_operator_killed_mid_flight_makes_no_second_job_and_finishes(agent_mount, start_operator):
     cluster = agent_mount
     operator = start_operator(enabled_config())

@@ -321,6 +321,13 @@ class _Reconcile:
         if not owned_by(job, self.meta.uid):
             if is_deleting(job):
                 return None  # a previous object's Job on its way out; its deletion brings us back
+            if earlier := self._earlier_incarnation(job):
+                # deleted and applied again: the garbage collector has yet to remove what the deleted object
+                # owned; the Job's deletion brings us back
+                await self._write_status(Phase.PENDING, f"waiting for Job {self.namespace}/{name}, left by the "
+                                         f"deleted DynamoCheckpoint {self.name} (uid {earlier}), to be removed by "
+                                         "the garbage collector")
+                return None
             await self._decide(Phase.FAILED, REASON_FOREIGN_JOB,
                                f"Job {self.namespace}/{name} exists but is not owned by this DynamoCheckpoint; "
                                "delete it or give this checkpoint another artifact version", created=False)
@@ -341,6 +348,15 @@ class _Reconcile:
         decided = await self._decide(verdict.phase, verdict.reason, verdict.message, job_name=name)
         if decided:
             await self.ctrl.release_job(job)
+        return None
+
+    def _earlier_incarnation(self, job: dict[str, Any]) -> str | None:
+        """The uid of an earlier DynamoCheckpoint of this name that owns ``job`` (it was deleted and this
+        one applied in its place), if one does."""
+        for ref in metadata(job).get("ownerReferences") or []:
+            ours = ref.get("kind") == names.CHECKPOINT_KIND and str(ref.get("apiVersion", "")).startswith(names.GROUP)
+            if ours and ref.get("name") == self.name and ref.get("uid") != self.meta.uid:
+                return str(ref.get("uid"))
         return None
 
     async def _release_decided_job(self) -> None:
