@@ -183,6 +183,45 @@ async def test_a_checkpoint_incompatible_with_this_node_is_not_staged(client, na
     cache.close()
 
 
+async def test_a_checkpoint_larger_than_the_whole_budget_is_refused_once_not_retried_forever(
+        client, namespace, tmp_path, keyring):
+    base = tmp_path / "pvc"
+    store_version(base, "dddd000000000007", keyring)  # 64 KiB of page data and more
+    cache = NodeCache(tmp_path / "cache", 16 << 10)
+    running = Running(client, namespace, cache, StagingSource(base, keyring, _here))
+    await ready_checkpoint(client, namespace, "ckpt", "dddd000000000007", nodes=[NODE])
+
+    async def body(r: Running) -> None:
+        await until(lambda: r.registry.get_sample_value("snapshot_agent_staging_total", {"result": "refused"}))
+        assert r.registry.get_sample_value("snapshot_agent_staging_total", {"result": "postponed"}) in (None, 0)
+        assert r.cached() == []
+        await r.wait_reported([])
+
+    await run_stager(running, body)
+    cache.close()
+
+
+async def test_a_version_a_restore_is_caching_is_waited_for_not_counted_as_a_failure(
+        client, namespace, tmp_path, keyring):
+    base = tmp_path / "pvc"
+    stored = store_version(base, "dddd000000000008", keyring)
+    cache = NodeCache(tmp_path / "cache", 16 << 20)
+    # a restore from storage filling the cache with this version (its follow-up fill) when staging asks
+    under_way = cache.begin("dddd000000000008", "1", authn.open_manifest(stored, keyring), 1 << 20)
+    running = Running(client, namespace, cache, StagingSource(base, keyring, _here))
+    await ready_checkpoint(client, namespace, "ckpt", "dddd000000000008", nodes=[NODE])
+
+    async def body(r: Running) -> None:
+        await until(lambda: r.registry.get_sample_value("snapshot_agent_staging_in_progress") == 1)
+        under_way.close()  # that fill ends (here without an entry): staging looks again and fills it
+        await r.wait_cached([("dddd000000000008", "1")])
+        assert r.registry.get_sample_value("snapshot_agent_staging_total", {"result": "failed"}) in (None, 0)
+        assert r.registry.get_sample_value("snapshot_agent_staging_total", {"result": "staged"}) == 1
+
+    await run_stager(running, body)
+    cache.close()
+
+
 async def test_a_restarted_agent_drops_entries_of_deleted_checkpoints_and_keeps_the_rest(
         client, namespace, tmp_path, keyring):
     base = tmp_path / "pvc"

@@ -66,6 +66,10 @@ class NodeCacheFull(NodeCacheError):
     """The version does not fit the byte budget, even with every unpinned entry evicted."""
 
 
+class LargerThanBudget(NodeCacheFull):
+    """The version is larger than the whole byte budget: no eviction makes room for it."""
+
+
 class FillUnderWay(NodeCacheError):
     """Another fill of the same version is under way; ``done`` is set when it ends (either way)."""
 
@@ -345,7 +349,7 @@ class NodeCache:
                 raise FillUnderWay(f"node cache {self.root}: {key[0]} version {key[1]} is being filled already",
                                    self._filling[key])
             if need > self.budget_bytes:
-                raise NodeCacheFull(
+                raise LargerThanBudget(
                     f"node cache {self.root}: {key[0]} version {key[1]} is {need} bytes, more than the whole "
                     f"budget of {self.budget_bytes} bytes; raise cache.budgetGiB to cache it")
             if any((e.checkpoint_id, e.version) == key for e in self._doomed):

@@ -33,7 +33,7 @@ import structlog
 from dynamo_snapshot.agent.artifact import authn
 from dynamo_snapshot.agent.artifact import layout as artifact_layout
 from dynamo_snapshot.agent.artifact.manifest import Compatibility
-from dynamo_snapshot.agent.artifact.nodecache import NodeCache, NodeCacheFull
+from dynamo_snapshot.agent.artifact.nodecache import FillUnderWay, LargerThanBudget, NodeCache, NodeCacheFull
 from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.errors import AgentError, ArtifactIncompatible, ArtifactInvalid
 from dynamo_snapshot.api import names
@@ -174,7 +174,11 @@ class Stager:
         self._gauge(1)
         try:
             await self.source.stage(self.cache, checkpoint_id, version)
-        except (ArtifactIncompatible, ArtifactInvalid) as exc:
+        except FillUnderWay as busy:  # a restore (or its follow-up fill) is caching it: wait, then look again
+            log.info("pre-staging joins a fill under way", checkpoint=name, checkpoint_id=checkpoint_id)
+            await anyio.to_thread.run_sync(busy.done.wait, abandon_on_cancel=True)
+            return Result(requeue=True)
+        except (ArtifactIncompatible, ArtifactInvalid, LargerThanBudget) as exc:  # until the agent is reconfigured
             self._refused[(checkpoint_id, version)] = str(exc)
             log.warning("pre-staging refused: not staged on this node", checkpoint=name, error=str(exc))
             self._count("refused")
