@@ -130,9 +130,7 @@ class Flow:
         dump_started = next(r for r in self.stack.agent_events("checkpoint dump started") if r.get("job") == job)
         events = self.stack.worker_events(completed["name"])
         ready = next(e for e in events if e["event"] == "ready-for-snapshot")
-        local = self.stack.objects if self.stack.storage_mode == "s3" else self.stack.checkpoints
-        directory = local / checkpoint_id / "versions"
-        size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.exists() else 0
+        size = int(completed.get("image_bytes") or 0)  # what the manifest lists
         return CheckpointRun(
             name=name, checkpoint_id=checkpoint_id, job=job, source_pod=completed["name"], instance=ready["instance"],
             seconds=seconds, ready_to_criu=_log_time(dump_started) - ready["time"],

@@ -15,7 +15,7 @@ from typing import Protocol
 import anyio
 import structlog
 
-from dynamo_snapshot.agent.artifact import authn
+from dynamo_snapshot.agent.artifact import authn, beneath
 from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.artifact.storage import StorageResolver
@@ -71,6 +71,23 @@ class NodeOps(Protocol):
         ...
 
 
+def _drop_uploaded(base: Path, checkpoint_id: str, version: str) -> None:
+    """Object storage: the version a checkpoint wrote below the node-local base before its upload, removed
+    once the checkpoint is confirmed (it is outside the node cache's budget; a restore on this node fetches
+    it into the cache like any other). Confined to the base, symlinks unlinked, never followed."""
+    versions = base / checkpoint_id / names.VERSIONS_DIR
+    try:
+        beneath.remove_children(base, versions, [version])
+        for parent, name in ((versions, names.STAGING_DIR), (versions.parent, names.VERSIONS_DIR)):
+            with beneath.directory(base, parent) as fd, contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=fd)  # only when empty: another attempt's files stay
+    except (OSError, beneath.UnsafePath) as exc:
+        log.warning("the uploaded version's node-local copy was not removed", checkpoint_id=checkpoint_id,
+                    version=version, error=str(exc))
+        return
+    log.info("uploaded version's node-local copy removed", checkpoint_id=checkpoint_id, version=version)
+
+
 class CriuNode:
     def __init__(self, cri: CRIClient, bundle: criu.CriuBundle, storage: StorageResolver,
                  settings: criu.CriuSettings, cuda: CudaStep | None = None,
@@ -122,7 +139,10 @@ class CriuNode:
             request = ckpt.CheckpointRequest(work.checkpoint_id, base, work.artifact_version, keyring=self.keyring,
                                            remote=self.remote, namespace=work.pod.namespace)
             target = ContainerTarget(self.cri, work.container_id, info)
-            return await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
+            result = await ckpt.checkpoint(target, request, self.bundle, self.cuda, hooks, self.settings)
+            if self.remote is not None:  # confirmed in the bucket: the node-local copy has served its purpose
+                await anyio.to_thread.run_sync(_drop_uploaded, base, work.checkpoint_id, result.directory.name)
+            return result
 
     async def restore(self, work: RestoreWork) -> rst.RestoreResult:
         self._check_storage_type(work, RestoreError)

@@ -148,7 +148,8 @@ class Operations:
         self.metrics.observe_stages("checkpoint", result.seconds)
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         overhead = hooks.ready_to_criu_s
-        bound.info("checkpoint completed", directory=str(result.directory), seconds=seconds,
+        bound.info("checkpoint completed", directory=str(result.directory), image_bytes=result.image_bytes,
+                   seconds=seconds,
                    ready_to_criu_seconds=overhead, total_seconds=round(time.monotonic() - started, 3),
                    workload_notified=result.workload_notified)
         await self.recorder.normal(job, "CheckpointCompleted",
