@@ -92,8 +92,10 @@ def test_the_pod_that_comes_later_restores_the_checkpointed_worker_from_the_node
     assert [(r["checkpoint_id"], r["version"]) for r in hits] == [(run.checkpoint_id, names.DEFAULT_ARTIFACT_VERSION)]
     assert hits[0]["path"] == str(stack.node_cache / run.checkpoint_id / names.DEFAULT_ARTIFACT_VERSION)
     (done,) = [r for r in stack.agent_events("restored") if r.get("container_id") == restored.container_id]
-    assert done["verified_bytes"] == 0 and done["verify_memory_seconds"] == 0
-    assert agent_metrics(stack)[("snapshot_agent_staging_total", (("result", "staged"),))] == 1  # not fetched again
+    assert done["verified_bytes"] == 0 and done["verify_memory_seconds"] == 0 and done["from_cache"] is True
+    metrics = agent_metrics(stack)
+    assert metrics[("snapshot_agent_staging_total", (("result", "staged"),))] == 1  # not fetched again
+    assert metrics[("snapshot_agent_restores_by_source_total", (("source", "node-cache"),))] == 1
 
 
 def test_a_deleted_checkpoint_leaves_the_node_cache_and_the_report(flow: Flow, staged):

@@ -104,6 +104,7 @@ class RestoreResult:
     seconds: dict[str, float]  # per stage, one after the other
     background_seconds: dict[str, float] = field(default_factory=dict)  # work that overlapped the stages
     prefetch: Prefetch | None = None  # the declared files, still being read: .wait() for the result
+    source: str = "storage"  # where its images were read: "node-cache" (a pinned entry; every S3 restore) or "storage"
 
 
 class _Run:
@@ -297,7 +298,7 @@ async def restore(target: RestoreTarget, request: RestoreRequest, bundle: criu.C
         nodecache.fill_after_restore(request.cache, run.stored, manifest, request.artifact_version)
     assert run.host_pid is not None
     background = {"prefetch-pages": run.pages.prefetch_seconds}
-    bound.info("restored", workload_pid=workload_pid, seconds=run.stages.rounded(),
+    bound.info("restored", workload_pid=workload_pid, seconds=run.stages.rounded(), from_cache=run.cached,
                verify_memory_seconds=round(run.pages.seconds, 3), verified_bytes=run.pages.checked_bytes)
     return RestoreResult(
         workload_pid=workload_pid,
@@ -307,4 +308,5 @@ async def restore(target: RestoreTarget, request: RestoreRequest, bundle: criu.C
         seconds=run.stages.seconds,
         background_seconds=background,
         prefetch=run.warm,
+        source="node-cache" if run.cached else "storage",
     )

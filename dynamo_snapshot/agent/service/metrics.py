@@ -48,6 +48,13 @@ class AgentMetrics:
             ["result"],
             registry=registry,
         )
+        self.restores = Counter(
+            "snapshot_agent_restores_by_source_total",
+            "Completed restores by where their images were read: node-cache (a cached copy, what a bucket's "
+            "restore fetches into, too) or storage (the PVC, copied privately)",
+            ["source"],
+            registry=registry,
+        )
         self.staging_in_progress = Gauge("snapshot_agent_staging_in_progress",
                                          "Checkpoint versions being pre-staged into the node cache now",
                                          registry=registry)

@@ -231,7 +231,8 @@ class Operations:
         await self._completed_verdict(work, bound)
         self.metrics.observe_stages("restore", {**result.seconds, **result.background_seconds})
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
-        bound.info("restore completed", workload_pid=result.workload_pid, seconds=seconds,
+        self.metrics.restores.labels(result.source).inc()
+        bound.info("restore completed", workload_pid=result.workload_pid, seconds=seconds, source=result.source,
                    total_seconds=round(time.monotonic() - started, 3))
         await self.recorder.normal(_pod_object(work.pod), "Restored",
                                    f"container {work.container} restored from checkpoint {work.checkpoint_id} "
