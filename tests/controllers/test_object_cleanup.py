@@ -23,7 +23,7 @@ from dynamo_snapshot.api import names
 from dynamo_snapshot.devcluster import minio
 from dynamo_snapshot.hashing import dgd_checkpoint_id
 from dynamo_snapshot.kube import Client, InformerFactory, load_kubeconfig
-from tests.controllers.support import checkpoint_manifest, enabled_config, now_rfc3339
+from tests.controllers.support import checkpoint_manifest, enabled_config
 from tests.controllers.test_dgd_controller import auto_checkpoint_name, confirm_checkpoint, dgd_manifest
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,8 @@ def test_deleting_the_dgd_removes_its_checkpoints_objects_from_the_bucket_throug
     kept = put_versions(server, remote, checkpoint_id[:-1] + "x")  # another checkpoint's, one letter apart
     job = cluster.get("dynamocheckpoint", name)["status"]["jobName"]
     cluster.agent_lease(job, checkpoint_id, duration=4)  # an agent still finalizes (say, uploads) under it
-    renewed = dt.datetime.fromisoformat(now_rfc3339().replace("Z", "+00:00"))
+    # the renewal the Lease records (the time is taken before kubectl's apply, which can take a second here)
+    renewed = dt.datetime.fromisoformat(cluster.get("lease", job)["spec"]["renewTime"].replace("Z", "+00:00"))
     with agent_cleaner(kubeconfig, cluster.namespace, remote):
         cluster.kubectl("delete", "dgd", "graph", "-n", cluster.namespace, "--wait=false")
         cluster.kubectl("wait", f"dynamocheckpoint/{name}", "-n", cluster.namespace, "--for=delete",
