@@ -18,6 +18,7 @@ import pytest
 
 from dynamo_snapshot.devcluster import LocalCluster, MissingBinaries
 from dynamo_snapshot.devcluster import binaries as k8s_binaries
+from dynamo_snapshot.devcluster.cluster import install_crds
 from tests.keys import ensure_session_keys
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,8 +78,7 @@ def kubectl(kubeconfig) -> Kubectl:
     if binary is None:
         pytest.skip("kubectl is not available")
     ctl = Kubectl(binary, kubeconfig)
-    ctl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
-    ctl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+    install_crds(ctl, CRD_DIR)
     return ctl
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dynamo_snapshot.devcluster import ClusterError, LocalCluster, MissingBinaries
+from dynamo_snapshot.devcluster.cluster import install_crds
 from dynamo_snapshot.hashing import identity_hash
 
 if TYPE_CHECKING:  # the devcluster extra is imported only when the demo runs
@@ -193,8 +194,7 @@ def _control_plane_only(steps: Steps, root: Path, keep: bool) -> int:
     try:
         steps.detail(f"API server {cluster.server}, kubeconfig {cluster.kubeconfig}")
         steps.step("installing the CRDs (DynamoCheckpoint, DynamoGraphDeployment)")
-        cluster.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+        install_crds(cluster.kubectl, CRD_DIR)
         columns = "custom-columns=NAME:.metadata.name,SHORT:.spec.names.shortNames"
         steps.detail(cluster.kubectl("get", "crd", "-o", columns))
         cluster.kubectl("create", "namespace", DEMO_NAMESPACE)

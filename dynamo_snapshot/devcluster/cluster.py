@@ -52,6 +52,22 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
+def install_crds(kubectl: Callable[..., object], crd_dir: Path, timeout: float = 60) -> None:
+    """Apply the CRDs of ``crd_dir`` (server-side) and wait until each is Established. ``kubectl(*args)``
+    raises when the command fails. A CRD whose status the API server has not written yet makes ``kubectl
+    wait`` fail at once ("status.conditions accessor error") instead of waiting: that is tried again."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_dir))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            kubectl("wait", "--for=condition=Established", f"--timeout={timeout:.0f}s", "-f", str(crd_dir))
+            return
+        except Exception as err:  # ClusterError here, the tests' wrapper raises its own
+            if "accessor error" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -43,7 +43,7 @@ import anyio
 import yaml
 
 from dynamo_snapshot.devcluster import images, installed, minio
-from dynamo_snapshot.devcluster.cluster import ClusterError, Component, LocalCluster, _free_port
+from dynamo_snapshot.devcluster.cluster import ClusterError, Component, LocalCluster, _free_port, install_crds
 from dynamo_snapshot.devcluster.node import KubeletNode
 from dynamo_snapshot.kube import Client, Informer, Resource
 
@@ -231,8 +231,7 @@ class SnapshotStack:
 
     def start_control_plane(self) -> LocalCluster:
         self.cluster = LocalCluster(self.root / "cluster").start()
-        self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
-        self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+        install_crds(self.cluster.kubectl, CRD_DIR)
         return self.cluster
 
     def start_node(self) -> KubeletNode:

@@ -1,17 +1,19 @@
 """Fixtures for the node-machinery tests: one real containerd + runc node per session and CRIU.
 Tests whose real parts are missing on this machine skip with the reason (``node_harness.missing``).
-The object-storage tests get a real MinIO on loopback (``minio_server``, ``bucket``)."""
+The object-storage tests get a real MinIO on loopback (``minio_server``, ``bucket``); the agent's services
+an asyncio client of the real API server (``client``, with ``pytest.mark.anyio``)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from dynamo_snapshot.agent.container import criu
 from dynamo_snapshot.devcluster import minio
+from dynamo_snapshot.kube import Client, load_kubeconfig
 from tests.agent import node_harness as harness
 
 
@@ -58,3 +60,15 @@ def bucket(minio_server: minio.Minio, request: pytest.FixtureRequest) -> str:
     if minio_server.process is None or minio_server.process.poll() is not None:
         minio_server.start()
     return minio_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def client(kubeconfig) -> AsyncIterator[Client]:
+    """A client of the session's real API server (``kubeconfig``), for ``pytest.mark.anyio`` tests."""
+    async with Client(load_kubeconfig(kubeconfig)) as c:
+        yield c

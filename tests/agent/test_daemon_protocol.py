@@ -38,7 +38,6 @@ from dynamo_snapshot.kube import (
     InformerFactory,
     NotFound,
     Resource,
-    load_kubeconfig,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -46,17 +45,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 NODE = "agent-test-node"
 IDENTITY = "snapshot-agent-test"
 CHECKPOINT_ID = "0123456789abcdef"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def client(kubeconfig) -> AsyncIterator[Client]:
-    async with Client(load_kubeconfig(kubeconfig)) as c:
-        yield c
 
 
 class FakeNode:

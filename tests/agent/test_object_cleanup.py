@@ -6,7 +6,7 @@ does not derive is refused, and nothing is removed before the operator asks."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -16,23 +16,12 @@ from dynamo_snapshot.agent.artifact.remote import ObjectStorage
 from dynamo_snapshot.agent.service.cleanup import Cleaner
 from dynamo_snapshot.api import names
 from dynamo_snapshot.hashing import dgd_checkpoint_id
-from dynamo_snapshot.kube import DYNAMO_CHECKPOINTS, LEASES, Client, InformerFactory, NotFound, load_kubeconfig
+from dynamo_snapshot.kube import DYNAMO_CHECKPOINTS, LEASES, Client, InformerFactory, NotFound
 from tests.agent.test_object_storage import client_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 PREFIX = "fleet"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def client(kubeconfig) -> AsyncIterator[Client]:
-    async with Client(load_kubeconfig(kubeconfig)) as c:
-        yield c
 
 
 async def automatic_checkpoint(client: Client, namespace: str, dgd: str, *, forged_id: str = "") -> tuple[str, str]:

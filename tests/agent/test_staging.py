@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +22,12 @@ from dynamo_snapshot.agent.artifact.nodecache import NodeCache
 from dynamo_snapshot.agent.service.metrics import AgentMetrics
 from dynamo_snapshot.agent.service.staging import Stager, StagingSource
 from dynamo_snapshot.api import names
-from dynamo_snapshot.kube import DYNAMO_CHECKPOINTS, LEASES, Client, InformerFactory, NotFound, load_kubeconfig
+from dynamo_snapshot.kube import DYNAMO_CHECKPOINTS, LEASES, Client, InformerFactory, NotFound
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 NODE = "staging-test-node"
 HERE = Compatibility.of_this_node("4.1")
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def client(kubeconfig) -> AsyncIterator[Client]:
-    async with Client(load_kubeconfig(kubeconfig)) as c:
-        yield c
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ class CheckpointResult:
 
     @property
     def image_bytes(self) -> int:
-        return sum(int(f["size"]) for f in self.manifest["files"])
+        return sum(int(f["size"]) for f in self.manifest.get("files") or [])
 
 
 class _Run:
