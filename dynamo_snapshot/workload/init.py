@@ -227,6 +227,8 @@ class Init:
             content = (self.control / RESTORE_FAILED).read_text()
         except OSError:
             return None
+        if not content.strip():
+            return None  # created, not yet written (the agent's write is atomic; another writer's may not be)
         self.refused = True
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             return str(json.loads(content).get("reason") or "no reason given")

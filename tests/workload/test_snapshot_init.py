@@ -107,6 +107,13 @@ def read_line_with(stream, needle: str) -> str:
     raise AssertionError(f"stream ended without {needle!r}")
 
 
+def tell(control_dir: Path, name: str, payload: dict) -> None:
+    """Write a control file as the agent does: whole, in one rename (snapshot-init may read it any time)."""
+    partial = control_dir / f".{name}.partial"
+    partial.write_text(json.dumps(payload))
+    partial.rename(control_dir / name)
+
+
 def py(code: str) -> list[str]:
     return [SYSTEM_PYTHON, "-c", code]
 
@@ -210,7 +217,7 @@ def test_standby_adopts_the_restored_process_and_exits_with_its_status(image_dir
         check=True,
     )
     restored = int(spawned.stdout)
-    (control_dir / "restore-complete").write_text(json.dumps({"workloadPID": restored}))
+    tell(control_dir, "restore-complete", {"workloadPID": restored})
     read_line_with(proc.stderr, f"adopted restored workload PID {restored}")
     os.kill(init, signal.SIGTERM)
     proc.wait(timeout=30)
@@ -234,7 +241,7 @@ def test_a_refused_restore_starts_the_workload_cold_where_the_pod_falls_back(ima
     proc = start(image_dir, ["/bin/sh", "-c", "echo started cold; exit 7"], env)
     assert proc.stderr is not None
     read_line_with(proc.stderr, "standby")
-    (control_dir / "restore-failed").write_text(json.dumps({"reason": "pages-1.img has SHA-256 00"}))
+    tell(control_dir, "restore-failed", {"reason": "pages-1.img has SHA-256 00"})
     read_line_with(proc.stderr, "pages-1.img has SHA-256 00; starting the workload cold")
     proc.wait(timeout=30)
     assert proc.returncode == 7
@@ -246,7 +253,7 @@ def test_a_refused_restore_keeps_a_pod_without_fallback_waiting(image_dir: Path,
     proc = start(image_dir, ["/bin/sh", "-c", "echo started cold; exit 7"], env)
     assert proc.stderr is not None
     read_line_with(proc.stderr, "standby")
-    (control_dir / "restore-failed").write_text(json.dumps({"reason": "made for driver 581"}))
+    tell(control_dir, "restore-failed", {"reason": "made for driver 581"})
     read_line_with(proc.stderr, "made for driver 581; waiting")
     os.kill(init_pid(proc), signal.SIGTERM)
     proc.wait(timeout=30)
